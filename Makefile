@@ -1,0 +1,53 @@
+# SegResMamba benchmark suite. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# pinned CPU build for machines without a GPU (the CPU index serves "+cpu" wheels; a plain PyPI torch is a multi-GB CUDA build)
+TORCH_CPU ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow test-gpu doctor bench-brats fit-demo clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	@# keep a torch that is already there (a user's CUDA build is seen through --system-site-packages)
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "using installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "GPU found: installing torch from PyPI (CUDA build)"; $(PY) -m pip install torch; \
+	else \
+		echo "no GPU: installing $(TORCH_CPU) (CPU build)"; \
+		$(PY) -m pip install --retries 1 "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(PY) -m pip install -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the suite (CPU torch without a GPU, keeps an existing torch)
+
+test: $(STAMP) ## run the fast test suite (CPU, a few minutes)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP) ## run the slow CPU tests too (long-sequence scan, longer fits)
+	$(PY) -m pytest -q -m "slow or not slow"
+
+test-gpu: $(STAMP) ## run the CUDA tests (needs a GPU)
+	$(PY) -m pytest -q -m gpu
+
+doctor: $(STAMP) ## print torch/CUDA/GPU/scan-backend facts
+	$(VENV)/bin/segresmamba doctor
+
+fit-demo: $(STAMP) ## fit + test SegResMamba for a few steps on the embedded synthetic data
+	$(VENV)/bin/segresmamba fit -c configs/trainer/cpu.yaml -c configs/model/segresmamba.yaml -c configs/data/synthetic.yaml --trainer.max_epochs 2 --trainer.logger.init_args.name demo
+	$(VENV)/bin/segresmamba test -c configs/trainer/cpu.yaml -c configs/model/segresmamba.yaml -c configs/data/synthetic.yaml --trainer.logger.init_args.name demo --ckpt_path "$$(ls -t runs/demo/version_*/checkpoints/last.ckpt | head -1)"
+
+bench-brats: fit-demo ## the main job on the embedded default data
+
+clean: ## remove runs and caches (keeps .venv and results/)
+	rm -rf runs lightning_logs .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,3 @@
+from segresmamba.cli import main
+
+main()

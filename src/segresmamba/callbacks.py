@@ -1,0 +1,236 @@
+"""Lightning callbacks that measure a run: peak memory, step time, energy/CO2, and the run record."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from segresmamba.provenance import provenance
+
+GIB = 1024**3
+
+
+def _sync(module: L.LightningModule) -> None:
+    if module.device.type == "cuda":
+        torch.cuda.synchronize(module.device)
+
+
+class PeakMemory(L.Callback):
+    """Peak CUDA memory over training (``max_memory_allocated`` and ``reserved`` after a reset), in GiB.
+
+    Not measured (None) on a CPU: process RSS is not comparable to a GPU's allocator peak.
+    """
+
+    def __init__(self) -> None:
+        self.allocated_gib: float | None = None
+        self.reserved_gib: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            self.allocated_gib = torch.cuda.max_memory_allocated(pl_module.device) / GIB
+            self.reserved_gib = torch.cuda.max_memory_reserved(pl_module.device) / GIB
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training step (data already on the device, CUDA synchronised), and of each epoch.
+
+    The median step after ``warmup`` steps is the figure reported; epoch times include data loading.
+    """
+
+    def __init__(self, warmup: int = 3) -> None:
+        self.warmup = warmup
+        self.step_s: list[float] = []
+        self.epoch_s: list[float] = []
+        self._t0 = self._e0 = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._e0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epoch_s.append(time.perf_counter() - self._e0)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        _sync(pl_module)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        _sync(pl_module)
+        self.step_s.append(time.perf_counter() - self._t0)
+
+    @property
+    def median_step_ms(self) -> float | None:
+        steps = self.step_s[self.warmup :] or self.step_s
+        return statistics.median(steps) * 1000 if steps else None
+
+
+class EnergyTracker(L.Callback):
+    """Energy (kWh) and emissions (kg CO2eq) of ``fit`` from codecarbon's ``OfflineEmissionsTracker``.
+
+    Offline: no network; the grid intensity comes from ``country_iso_code`` (ISO 3166 alpha-3). GPU
+    energy is read through NVML; CPU and RAM power are codecarbon's estimates where RAPL is unreadable.
+    codecarbon swallows its own errors, so a missing result is reported as None, never as zero.
+
+    Args:
+        country_iso_code: grid whose carbon intensity is used (e.g. "DEU", "USA", "FRA").
+        output_dir: where ``emissions.csv`` goes; defaults to the run directory.
+        measure_power_secs: sampling period.
+        tracking_mode: ``machine`` (whole host) or ``process``.
+    """
+
+    def __init__(self, country_iso_code: str = "DEU", output_dir: str | None = None, measure_power_secs: float = 15.0, tracking_mode: str = "machine") -> None:
+        if len(country_iso_code) != 3 or not country_iso_code.isalpha():
+            raise ValueError(f"country_iso_code must be an ISO 3166 alpha-3 code such as 'DEU', got {country_iso_code!r}")
+        if tracking_mode not in ("machine", "process"):
+            raise ValueError(f"tracking_mode must be 'machine' or 'process', got {tracking_mode!r}")
+        self.country_iso_code = country_iso_code.upper()
+        self.output_dir = output_dir
+        self.measure_power_secs = measure_power_secs
+        self.tracking_mode = tracking_mode
+        self.result: dict[str, Any] | None = None
+        self._tracker = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        os.environ.setdefault("CODECARBON_LOG_LEVEL", "error")
+        from codecarbon import OfflineEmissionsTracker
+
+        out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)  # codecarbon silently does nothing without it
+        self._out = out
+        self._tracker = OfflineEmissionsTracker(
+            country_iso_code=self.country_iso_code, output_dir=str(out), project_name="segresmamba",
+            measure_power_secs=self.measure_power_secs, tracking_mode=self.tracking_mode, log_level="error",
+            save_to_file=True, allow_multiple_runs=True,
+        )
+        self._tracker.start()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self._tracker is None:
+            return
+        kg = self._tracker.stop()
+        data = self._tracker.final_emissions_data
+        self._tracker = None
+        if kg is None or data is None:
+            logging.getLogger(__name__).warning("codecarbon produced no measurement; energy and CO2 are not reported")
+            return
+        self.result = {
+            "energy_kwh": float(data.energy_consumed),
+            "co2_kg": float(kg),
+            "duration_s": float(data.duration),
+            "country_iso_code": self.country_iso_code,
+            "tracking_mode": self.tracking_mode,
+            "gpu_energy_kwh": float(data.gpu_energy),
+            "cpu_energy_kwh": float(data.cpu_energy),
+            "ram_energy_kwh": float(data.ram_energy),
+            "emissions_csv": str(self._out / "emissions.csv"),
+        }
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+class RunRecorder(L.Callback):
+    """Writes ``metrics.json`` into the run directory after fit and after test.
+
+    It holds the validation Dice of every epoch, the best and last epoch (the *best* epoch is the
+    reported one, as in the paper's protocol; both are kept), test Dice, wall time, step times, peak
+    memory, energy, the resolved settings and the provenance (git SHA, versions, device, precision).
+    Written on rank 0 only.
+
+    Args:
+        path: file to write; defaults to ``<log_dir>/metrics.json``.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self.history: list[dict[str, float | None]] = []
+        self.record: dict[str, Any] = {}
+        self._fit_t0 = 0.0
+
+    def _file(self, trainer) -> Path:
+        return Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "metrics.json"
+
+    def _find(self, trainer, kind: type):
+        return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_t0 = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row.update({k: _finite(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+        self.history.append(row)
+
+    def _common(self, trainer, pl_module) -> dict[str, Any]:
+        dm = trainer.datamodule
+        hp = dict(pl_module.hparams)
+        return {
+            "model": hp.get("net"),
+            "net_kwargs": hp.get("net_kwargs") or {},
+            "params": sum(p.numel() for p in pl_module.parameters()),
+            "data": dm.describe() if dm is not None and hasattr(dm, "describe") else None,
+            "hparams": {k: v for k, v in hp.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+            "provenance": provenance(pl_module.device, str(trainer.precision)),
+        }
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        wall = time.perf_counter() - self._fit_t0
+        timer, memory, energy = (self._find(trainer, k) for k in (StepTimer, PeakMemory, EnergyTracker))
+        scored = [r for r in self.history if r.get("val/dice_mean") is not None]
+        best = max(scored, key=lambda r: r["val/dice_mean"]) if scored else None
+        self.record.update(self._common(trainer, pl_module))
+        self.record["fit"] = {
+            "epochs": trainer.current_epoch,
+            "global_steps": trainer.global_step,
+            "wall_time_s": wall,
+            "median_step_ms": timer.median_step_ms if timer else None,
+            "epoch_time_s": timer.epoch_s if timer else None,
+            "peak_memory_allocated_gib": memory.allocated_gib if memory else None,
+            "peak_memory_reserved_gib": memory.reserved_gib if memory else None,
+            "energy": energy.result if energy else None,
+            "val_history": self.history,
+            "best": best,
+            "last": self.history[-1] if self.history else None,
+            "reported": "best",
+            "interrupted": trainer.interrupted,
+        }
+        self._write(trainer)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if not self.record:
+            self.record.update(self._common(trainer, pl_module))
+        self.record["test"] = {
+            k: _finite(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
+        }
+        self.record["test"]["ckpt_path"] = trainer.ckpt_path
+        self._write(trainer)
+
+    def _write(self, trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        path = self._file(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.record, indent=2, default=str))
+        tmp.replace(path)

@@ -1,0 +1,118 @@
+"""``segresmamba fit|validate|test|predict``: the Lightning CLI over every model and dataset.
+
+Configs stack with ``-c`` (``configs/trainer/*.yaml``, ``configs/model/*.yaml``, ``configs/data/*.yaml``);
+any setting can be overridden on the command line (``--model.net unetr``, ``--trainer.max_epochs 5``).
+With no data config the embedded synthetic BraTS-like data is used. ``segresmamba doctor`` reports the
+environment (torch, CUDA, GPU, scan backends).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from segresmamba.callbacks import PeakMemory, RunRecorder, StepTimer
+from segresmamba.data.base import VolumeDataModule
+from segresmamba.task import SegmentationTask
+
+DEFAULT_DATA = "segresmamba.data.SyntheticBraTSDataModule"
+
+
+class SegResMambaCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # the data decides channels, classes, activation and the patch (= sliding-window ROI)
+        for source, target in (
+            ("in_channels", "in_channels"),
+            ("out_channels", "out_channels"),
+            ("task", "task"),
+            ("class_names", "class_names"),
+            ("patch_size", "img_size"),
+        ):
+            parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
+        gpu = torch.cuda.is_available()
+        parser.set_defaults(
+            {
+                "data": {"class_path": DEFAULT_DATA},
+                "trainer.accelerator": "auto",
+                "trainer.precision": "bf16-mixed" if gpu else "32-true",
+                "trainer.default_root_dir": "runs",
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": "runs", "name": "default"},
+                },
+            }
+        )
+        parser.add_argument("--checkpoint_monitor", type=str, default="val/dice_mean", help="metric the best checkpoint maximises")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config)
+        precision = str(config.trainer.precision)
+        accelerator = str(config.trainer.accelerator)
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise SystemExit("error: trainer.accelerator asks for a GPU but CUDA is not available on this machine")
+        if "16" in precision and "mixed" in precision and not torch.cuda.is_available():
+            warnings.warn(f"precision {precision} on a CPU runs slowly and is not what the benchmark measures", stacklevel=1)
+        logger = config.trainer.logger
+        logger_path = getattr(logger, "class_path", "") if logger not in (None, True, False) else ""
+        if "Wandb" in str(logger_path) and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+            os.environ["WANDB_MODE"] = "offline"
+            print("wandb: no WANDB_API_KEY, logging offline (sync later with `wandb sync`)", file=sys.stderr)
+
+    def instantiate_trainer(self, **kwargs):
+        monitor = self.config.get(self.subcommand, self.config).get("checkpoint_monitor", "val/dice_mean")
+        extra = [
+            ModelCheckpoint(monitor=monitor, mode="max", save_last=True, filename="best-{epoch}-{step}"),
+            LearningRateMonitor(logging_interval="epoch"),
+            PeakMemory(),
+            StepTimer(),
+            RunRecorder(),
+        ]
+        present = {type(c) for c in kwargs.get("callbacks") or []}
+        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [c for c in extra if type(c) not in present]
+        return super().instantiate_trainer(**kwargs)
+
+
+def doctor() -> int:
+    """Print the environment facts that decide what runs where."""
+    import platform
+
+    import segresmamba
+    from segresmamba.provenance import device_name, git_sha, versions
+    from segresmamba.ssm import backend_status
+
+    print(f"segresmamba {segresmamba.__version__} (git {git_sha()}), python {platform.python_version()}")
+    for pkg, ver in versions().items():
+        print(f"  {pkg:12s} {ver}")
+    print(f"device: {device_name()}")
+    if torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        print(f"  CUDA {torch.version.cuda}, compute capability sm_{cap[0]}{cap[1]}, {torch.cuda.device_count()} GPU(s)")
+    print("scan backends:")
+    for name, status in backend_status().items():
+        print(f"  {name:10s} {status}")
+    print(f"models: {', '.join(segresmamba.list_models())}")
+    return 0
+
+
+def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["doctor"]:
+        raise SystemExit(doctor())
+    SegResMambaCLI(
+        SegmentationTask,
+        VolumeDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+        args=args,
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""What every dataset hands to the task: the contract between data adapters and the LightningModule.
+
+A data module exposes ``in_channels``, ``out_channels``, ``task`` (``"multilabel"`` for overlapping
+regions read through sigmoids, e.g. BraTS TC/WT/ET; ``"multiclass"`` for mutually exclusive labels read
+through a softmax, e.g. BTCV organs), ``class_names`` (one per scored class; background is not scored in
+multiclass tasks), ``patch_size`` and ``provenance`` (``"synthetic"`` or ``"real"``). Batches are dicts:
+``image`` (B, in_channels, D, H, W) float32 and ``label``: (B, out_channels, D, H, W) 0/1 for multilabel,
+(B, 1, D, H, W) integer class indices for multiclass. Training batches are patches; validation and test
+batches are whole volumes (batch size 1), scored by sliding-window inference in the task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import lightning as L
+from monai.data import CacheDataset, DataLoader, Dataset
+from monai.transforms import Compose
+
+from segresmamba.registry import normalize_img_size
+
+Task = Literal["multilabel", "multiclass"]
+
+
+class VolumeDataModule(L.LightningDataModule):
+    """Base class: subclasses fill the item lists and the transforms; loading, caching and loaders live here.
+
+    Args:
+        patch_size: training crop (D, H, W); also the sliding-window ROI at evaluation.
+        batch_size: training patches per step (validation and test use whole volumes one at a time).
+        num_workers: DataLoader worker processes.
+        cache_rate: fraction of cases whose deterministic transforms are cached in memory
+            (MONAI ``CacheDataset``); 0 reads from disk every time.
+    """
+
+    in_channels: int
+    out_channels: int
+    task: Task
+    class_names: list[str]
+    provenance: Literal["synthetic", "real"]
+    name: str
+
+    def __init__(
+        self,
+        patch_size: int | Sequence[int] = 128,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        cache_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.patch_size = normalize_img_size(patch_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not 0.0 <= cache_rate <= 1.0:
+            raise ValueError(f"cache_rate must be within [0, 1], got {cache_rate}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.cache_rate = cache_rate
+        self._datasets: dict[str, Dataset] = {}
+
+    # -- to implement ------------------------------------------------------------------------------
+    def items(self, split: Literal["train", "val", "test"]) -> list[dict]:
+        """MONAI-style item dicts (file paths or arrays) of one split."""
+        raise NotImplementedError
+
+    def train_transforms(self) -> Compose:
+        raise NotImplementedError
+
+    def eval_transforms(self) -> Compose:
+        raise NotImplementedError
+
+    # -- shared machinery --------------------------------------------------------------------------
+    def validate(self) -> dict:
+        """Check the data before long work starts and return a summary; raise ValueError naming every bad
+        file or setting. Adapters that read files override this with per-case checks
+        (:mod:`segresmamba.data.validation`); the base only checks that every split has items."""
+        counts = {}
+        for split in ("train", "val", "test"):
+            n = len(self.items(split))  # type: ignore[arg-type]
+            if n == 0:
+                raise ValueError(f"{self.name}: the {split} split is empty")
+            counts[f"num_{split}"] = n
+        return {**self.describe(), **counts}
+
+    def describe(self) -> dict:
+        """Facts about the data that go beside every result."""
+        return {
+            "dataset": self.name,
+            "provenance": self.provenance,
+            "task": self.task,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "class_names": list(self.class_names),
+            "patch_size": list(self.patch_size),
+        }
+
+    def _dataset(self, split: str) -> Dataset:
+        if split not in self._datasets:
+            items = self.items(split)  # type: ignore[arg-type]
+            if not items:
+                raise ValueError(f"{self.name}: the {split} split is empty")
+            transform = self.train_transforms() if split == "train" else self.eval_transforms()
+            if self.cache_rate > 0:
+                ds = CacheDataset(items, transform, cache_rate=self.cache_rate, num_workers=self.num_workers or None, progress=False)
+            else:
+                ds = Dataset(items, transform)
+            self._datasets[split] = ds
+        return self._datasets[split]
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self._dataset(split),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=False,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", 1, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", 1, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", 1, shuffle=False)

@@ -1,0 +1,181 @@
+"""Tri-oriented Mamba (ToM): ToM(z) = Mamba(z_f) + Mamba(z_r) + Mamba(z_s).
+
+Xing et al., "SegMamba: Long-range Sequential Modeling Mamba For 3D Medical Image Segmentation",
+MICCAI 2024 (the tri-oriented layer); Das et al., "SegResMamba", MIDL 2025 (its use inside CMMB blocks).
+The layer follows SegMamba's "v3" Mamba: one shared input projection, three selective-scan branches
+(forward, reverse, inter-slice) each with its own causal depthwise conv, x/dt projections, A and D,
+summed before one shared output projection. The tri-orientation lives here, outside the scan kernel, so
+any scan backend serves it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segresmamba.ssm.scan import check_scan_backend, selective_scan
+
+ORIENTATIONS = ("forward", "reverse", "slice")
+
+
+def slice_interleave(x: torch.Tensor, nslices: int) -> torch.Tensor:
+    """Inter-slice order along the last axis: ``[chunk0[p], chunk1[p], ..., chunk_{n-1}[p]]`` for each p.
+
+    With the sequence flattened row-major from (D, H, W) and ``nslices == D``, this visits all depths
+    of one (h, w) position before moving on: a depth-first scan.
+    """
+    *lead, length = x.shape
+    if length % nslices:
+        raise ValueError(f"sequence length {length} is not divisible by nslices={nslices}")
+    return x.reshape(*lead, nslices, length // nslices).transpose(-1, -2).reshape(*lead, length)
+
+
+def slice_deinterleave(x: torch.Tensor, nslices: int) -> torch.Tensor:
+    """Inverse of :func:`slice_interleave`."""
+    *lead, length = x.shape
+    return x.reshape(*lead, length // nslices, nslices).transpose(-1, -2).reshape(*lead, length)
+
+
+def orient(x: torch.Tensor, orientation: str, nslices: int) -> torch.Tensor:
+    """Reorder the last (token) axis into a branch's scan order."""
+    if orientation == "forward":
+        return x
+    if orientation == "reverse":
+        return x.flip(-1)
+    if orientation == "slice":
+        return slice_interleave(x, nslices)
+    raise ValueError(f"unknown orientation {orientation!r}; choose from {ORIENTATIONS}")
+
+
+def unorient(x: torch.Tensor, orientation: str, nslices: int) -> torch.Tensor:
+    """Inverse of :func:`orient`: back to the row-major (D, H, W) token order."""
+    if orientation == "slice":
+        return slice_deinterleave(x, nslices)
+    return orient(x, orientation, nslices)
+
+
+class SelectiveSSMBranch(nn.Module):
+    """The per-direction part of a Mamba block: causal depthwise conv, x/dt projections, A, D, scan.
+
+    Initialisation follows Mamba (Gu & Dao 2023): A = -[1..d_state] per channel, dt bias = inverse
+    softplus of dt drawn log-uniformly in [dt_min, dt_max], D = 1.
+    """
+
+    def __init__(
+        self,
+        d_inner: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        dt_rank: int = 1,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        dt_init_std = dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
+        self.D._no_weight_decay = True  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, scan_backend: str) -> torch.Tensor:
+        """x, z: (B, d_inner, L) in this branch's scan order -> y (B, d_inner, L)."""
+        length = x.shape[-1]
+        x = F.silu(self.conv1d(x)[..., :length])
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # bias goes in as delta_bias
+        A = -torch.exp(self.A_log.float())
+        return selective_scan(
+            x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=scan_backend,
+        )
+
+
+class TriOrientedMamba(nn.Module):
+    """ToM layer on a 3D feature map (B, C, D, H, W) -> (B, C, D, H, W).
+
+    ``out = [x +] out_proj(sum_o unorient_o(branch_o(orient_o(in_proj(LN(x))))))`` over the
+    orientations forward, reverse and inter-slice.
+
+    Args:
+        dim: channels C of the feature map.
+        d_state: SSM state size N (Mamba default 16).
+        d_conv: causal depthwise conv width (4).
+        expand: inner width factor; d_inner = expand * dim (2).
+        dt_rank: rank of the delta projection; ``None`` gives ceil(dim / 16) as in Mamba.
+        nslices: number of chunks of the inter-slice interleave. ``None`` (default) uses the depth D of
+            the input, i.e. a true depth-first scan, matching SegMamba's 64/32/16/8 at 128^3 input;
+            ``4`` reproduces SegResMamba's released setting. The token count must be divisible by it.
+        residual: return ``x + ToM(x)`` (pre-norm residual, as in SegMamba's current code) instead of
+            ``ToM(x)``. The SegResMamba paper is silent; its vendored layer has no residual. Default True
+            for stability; the choice is an ablation setting.
+        orientations: which branches to build, a subset of ("forward", "reverse", "slice").
+        scan_backend: "auto", "torch", "mamba_ssm" or another registered backend
+            (see :mod:`segresmamba.ssm.scan`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | None = None,
+        nslices: int | None = None,
+        residual: bool = True,
+        orientations: tuple[str, ...] = ORIENTATIONS,
+        scan_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if dim < 1 or d_state < 1 or d_conv < 1 or expand < 1:
+            raise ValueError(f"dim, d_state, d_conv and expand must be >= 1, got {dim}, {d_state}, {d_conv}, {expand}")
+        if nslices is not None and nslices < 1:
+            raise ValueError(f"nslices must be None (depth-first) or >= 1, got {nslices}")
+        if not orientations or any(o not in ORIENTATIONS for o in orientations) or len(set(orientations)) != len(orientations):
+            raise ValueError(f"orientations must be distinct names from {ORIENTATIONS}, got {orientations}")
+        check_scan_backend(scan_backend)
+        self.dim, self.nslices, self.residual = dim, nslices, residual
+        self.orientations = tuple(orientations)
+        self.scan_backend = scan_backend
+        d_inner = expand * dim
+        self.d_inner = d_inner
+        dt_rank = math.ceil(dim / 16) if dt_rank is None else dt_rank
+        self.norm = nn.LayerNorm(dim)
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        self.branches = nn.ModuleDict(
+            {f"{o}_scan": SelectiveSSMBranch(d_inner, d_state=d_state, d_conv=d_conv, dt_rank=dt_rank) for o in self.orientations}
+        )
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, nslices={self.nslices or 'depth'}, residual={self.residual}, scan_backend={self.scan_backend!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[1] != self.dim:
+            raise ValueError(f"TriOrientedMamba(dim={self.dim}) expects (B, {self.dim}, D, H, W), got {tuple(x.shape)}")
+        b, c, depth, h, w = x.shape
+        nslices = depth if self.nslices is None else self.nslices
+        tokens = self.norm(x.flatten(2).transpose(1, 2))  # (B, L, C), row-major (D, H, W)
+        xz = self.in_proj(tokens).transpose(1, 2)  # (B, 2 d_inner, L)
+        summed = None
+        for orientation in self.orientations:
+            branch = self.branches[f"{orientation}_scan"]
+            xz_o = orient(xz, orientation, nslices)
+            x_o, z_o = xz_o.chunk(2, dim=1)
+            y = unorient(branch(x_o, z_o, self.scan_backend), orientation, nslices)
+            summed = y if summed is None else summed + y
+        out = self.out_proj(summed.transpose(1, 2)).transpose(1, 2).reshape(b, c, depth, h, w)
+        return x + out if self.residual else out

@@ -1,0 +1,171 @@
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segresmamba.ssm import scan as scan_mod
+from segresmamba.ssm import selective_scan, selective_scan_torch
+
+
+def sequential_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The recurrence written as plainly as possible: one token at a time."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    b, d, length = u.shape
+    h = torch.zeros(b, d, A.shape[1], dtype=u.dtype)
+    ys = []
+    for t in range(length):
+        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+def random_inputs(b, d, n, length, dtype=torch.float64, full=True):
+    g = torch.Generator().manual_seed(b * 1000 + d * 100 + n * 10 + length)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    args = {
+        "u": r(b, d, length),
+        "delta": r(b, d, length) * 0.5,
+        "A": -torch.rand(d, n, generator=g, dtype=dtype) * 3,
+        "B": r(b, n, length),
+        "C": r(b, n, length),
+    }
+    if full:
+        args.update(D=r(d), z=r(b, d, length), delta_bias=r(d) * 0.3)
+    return {k: v.requires_grad_() for k, v in args.items()}
+
+
+CASES = [
+    # batch, channels, d_state, length, segment, chunk
+    (1, 4, 16, 1, 16, 4),
+    (2, 3, 4, 37, 16, 4),  # length not a multiple of chunk or segment
+    (1, 6, 8, 100, 32, 8),
+    (3, 2, 5, 64, 64, 64),  # one segment, one chunk
+    (2, 5, 16, 203, 64, 16),
+]
+
+
+@pytest.mark.parametrize("b,d,n,length,segment,chunk", CASES)
+@pytest.mark.parametrize("softplus", [True, False])
+def test_matches_sequential_loop_outputs_and_gradients(b, d, n, length, segment, chunk, softplus):
+    args = random_inputs(b, d, n, length)
+    y = selective_scan_torch(**args, delta_softplus=softplus, segment=segment, chunk=chunk)
+    expected = sequential_scan(**args, delta_softplus=softplus)
+    torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-10)
+    grad_out = torch.randn_like(y)
+    names = list(args)
+    got = torch.autograd.grad(y, [args[k] for k in names], grad_out)
+    want = torch.autograd.grad(expected, [args[k] for k in names], grad_out)
+    for name, g, w in zip(names, got, want):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-9, msg=f"gradient of {name}")
+
+
+def test_optional_arguments_absent():
+    args = random_inputs(2, 3, 4, 21, full=False)
+    y = selective_scan_torch(**args, segment=8, chunk=4)
+    torch.testing.assert_close(y, sequential_scan(**args), rtol=1e-9, atol=1e-10)
+    y.sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in args.values())
+
+
+def test_float32_and_bfloat16_keep_dtype_and_accuracy():
+    args64 = random_inputs(1, 4, 8, 50)
+    ref = sequential_scan(**args64, delta_softplus=True)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        args = {k: v.detach().to(dtype) for k, v in args64.items()}
+        y = selective_scan_torch(**args, delta_softplus=True, segment=16, chunk=4)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.double(), ref.detach(), rtol=tol, atol=tol * 4)
+
+
+def test_bad_shapes_named():
+    args = random_inputs(1, 4, 8, 10)
+    with pytest.raises(ValueError, match="B must be"):
+        selective_scan_torch(**{**args, "B": args["B"][..., :5]})
+    with pytest.raises(ValueError, match="A must be"):
+        selective_scan_torch(**{**args, "A": args["A"][:2]})
+    with pytest.raises(ValueError, match="multiple of chunk"):
+        selective_scan_torch(**args, segment=10, chunk=4)
+
+
+def test_dispatch_names_and_fallbacks():
+    args = {k: v.detach() for k, v in random_inputs(1, 2, 4, 9).items()}
+    torch.testing.assert_close(selective_scan(**args, backend="auto"), selective_scan_torch(**args))
+    with pytest.raises(ValueError, match="unknown scan_backend 'cuda'.*torch"):
+        selective_scan(**args, backend="cuda")
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        selective_scan(**args, backend="mamba_ssm")
+    assert scan_mod.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_auto_on_cuda_falls_back_with_one_warning(monkeypatch):
+    def broken():
+        raise OSError("selective_scan_cuda.so: undefined symbol: _ZN3c10")
+
+    monkeypatch.setitem(scan_mod._BACKENDS, "mamba_ssm", scan_mod.ScanBackend("mamba_ssm", broken, cuda_only=True))
+    monkeypatch.setattr(scan_mod, "_warned", set())
+    with pytest.warns(UserWarning, match="mamba_ssm.*undefined symbol"):
+        assert scan_mod.resolve_backend("auto", torch.device("cuda")) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert scan_mod.resolve_backend("auto", torch.device("cuda")) == "torch"  # warned once only
+
+
+def test_import_survives_a_broken_mamba_ssm(tmp_path):
+    # a mamba_ssm whose extension fails to load, first on the path
+    pkg = tmp_path / "mamba_ssm"
+    (pkg / "ops").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('selective_scan_cuda: undefined symbol')\n")
+    code = textwrap.dedent(
+        """
+        import torch, segresmamba
+        from segresmamba.ssm import backend_status, selective_scan
+        status = backend_status()
+        assert "undefined symbol" in status["mamba_ssm"], status
+        assert status["torch"] == "available"
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(tmp_path)}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
+@pytest.mark.slow
+def test_long_sequence_memory_is_bounded():
+    """L = 64^3 tokens, 96 channels, 16 states: fwd + bwd without ever holding a (B, L, D, N) tensor."""
+    code = textwrap.dedent(
+        """
+        import resource, torch
+        from segresmamba.ssm import selective_scan_torch
+        b, d, n, L = 1, 96, 16, 262144
+        g = torch.Generator().manual_seed(0)
+        args = [torch.randn(b, d, L, generator=g), torch.randn(b, d, L, generator=g) * 0.5,
+                -torch.rand(d, n, generator=g), torch.randn(b, n, L, generator=g), torch.randn(b, n, L, generator=g),
+                torch.randn(d, generator=g), torch.randn(b, d, L, generator=g), torch.randn(d, generator=g)]
+        args = [a.requires_grad_() for a in args]
+        grads = [torch.zeros_like(a) for a in args]  # room for the gradients, allocated up front
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        y = selective_scan_torch(*args[:7], delta_bias=args[7], delta_softplus=True)
+        y.sum().backward()
+        assert all(torch.isfinite(a.grad).all() for a in args)
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+        print(grown)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr
+    grown = int(out.stdout.split()[-1])
+    one_full_state = 1 * 262144 * 96 * 16 * 4
+    assert grown < one_full_state, f"peak memory grew by {grown / 2**30:.2f} GiB"

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from segresmamba.ssm import TriOrientedMamba
+from segresmamba.ssm.tom import ORIENTATIONS, orient, unorient
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+@pytest.mark.parametrize("length,nslices", [(24, 4), (24, 6), (60, 5), (7, 7), (1, 1)])
+def test_orders_are_permutations_with_inverse(orientation, length, nslices):
+    idx = torch.arange(length).view(1, 1, length)
+    order = orient(idx, orientation, nslices)
+    assert sorted(order.flatten().tolist()) == list(range(length))
+    assert torch.equal(unorient(order, orientation, nslices), idx)
+
+
+def test_slice_order_with_nslices_depth_is_depth_first():
+    d, h, w = 4, 3, 5
+    idx = torch.arange(d * h * w).view(1, 1, -1)
+    order = orient(idx, "slice", d)
+    depth_first = torch.arange(d * h * w).view(d, h, w).permute(1, 2, 0).reshape(1, 1, -1)
+    assert torch.equal(order, depth_first)
+
+
+def test_slice_order_rejects_indivisible_length():
+    with pytest.raises(ValueError, match="not divisible by nslices=4"):
+        orient(torch.zeros(1, 1, 10), "slice", 4)
+
+
+@pytest.mark.parametrize("nslices", [None, 4])
+@pytest.mark.parametrize("residual", [True, False])
+def test_every_branch_parameter_gets_a_gradient(nslices, residual):
+    layer = TriOrientedMamba(8, nslices=nslices, residual=residual)
+    x = torch.randn(2, 8, 4, 4, 6, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.square().mean().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} received no gradient"
+    assert set(layer.branches) == {f"{o}_scan" for o in ORIENTATIONS}
+
+
+def test_branches_see_different_orders():
+    """Each branch must see its own order: swapping the reverse and forward weights changes the output."""
+    layer = TriOrientedMamba(4, residual=False).double()
+    x = torch.randn(1, 4, 3, 2, 2, dtype=torch.float64)
+    y = layer(x)
+    fwd, rev = layer.branches["forward_scan"], layer.branches["reverse_scan"]
+    state = {k: v.clone() for k, v in fwd.state_dict().items()}
+    fwd.load_state_dict(rev.state_dict())
+    rev.load_state_dict(state)
+    assert not torch.allclose(layer(x), y)
+
+
+def test_residual_setting():
+    layer = TriOrientedMamba(4, residual=True)
+    torch.nn.init.zeros_(layer.out_proj.weight)
+    x = torch.randn(1, 4, 2, 2, 2)
+    torch.testing.assert_close(layer(x), x)
+
+
+def test_parameter_count_formula():
+    c = 48
+    r = 3  # ceil(48 / 16)
+    expected = 2 * c + 6 * c * c + 3 * (2 * c * 4 + 2 * c + 2 * c * (r + 32) + r * 2 * c + 2 * c + 32 * c + 2 * c)
+    assert sum(p.numel() for p in TriOrientedMamba(c).parameters()) == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"dim": 0}, "must be >= 1"),
+        ({"dim": 8, "nslices": 0}, "nslices"),
+        ({"dim": 8, "scan_backend": "cuda"}, "unknown scan_backend"),
+        ({"dim": 8, "orientations": ("forward", "diagonal")}, "orientations"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TriOrientedMamba(**kwargs)
+
+
+def test_wrong_input_shape():
+    with pytest.raises(ValueError, match=r"expects \(B, 8, D, H, W\)"):
+        TriOrientedMamba(8)(torch.zeros(1, 4, 2, 2, 2))
