@@ -1,0 +1,157 @@
+"""Shared machinery of the adapters that read a dataset from disk: discovery, validation, splits."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from segresmamba.data.base import VolumeDataModule
+from segresmamba.data.phantoms import PHANTOM_MARKER
+from segresmamba.data.splits import Split
+from segresmamba.data.validation import CaseFiles, validate_cases
+
+__all__ = ["OnDiskDataModule", "phantom_marker"]
+
+
+def phantom_marker(root: str | Path) -> dict | None:
+    """The phantom writers' marker at ``root`` (``None`` when absent, i.e. real data)."""
+    path = Path(root).expanduser() / PHANTOM_MARKER
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        data = {}
+    return data if isinstance(data, dict) else {}
+
+
+class OnDiskDataModule(VolumeDataModule):
+    """A dataset read from NIfTI files under ``root``.
+
+    Subclasses implement :meth:`discover` (every labelled case, unvalidated, plus an optional labelled
+    test list) and :meth:`make_split`; this class validates the cases once (:meth:`validate`, also run
+    by :meth:`setup`) and turns the split into MONAI item dicts
+    ``{"image": path or [paths], "label": path, "case_id": str}``.
+
+    Provenance is "synthetic" when ``root`` holds a ``PHANTOM.json`` marker (written by
+    :mod:`segresmamba.data.write_phantoms`), else "real".
+
+    Args:
+        root: dataset directory.
+        fold: validation fold (see the subclass for the split scheme).
+        seed: seed of a computed split (sorted ids + ``numpy.random.default_rng(seed).permutation``).
+        split_file: where the computed split is written and read back (default under ``root/splits``).
+            An existing file is authoritative: it is read, not recomputed, and ``seed`` is then unused.
+        check_labels: also read every label volume to check its values (see
+            :mod:`segresmamba.data.validation` for the cost); header checks always run.
+        skip_bad_cases: skip cases failing validation with a warning naming each (default: one
+            ValueError listing them all).
+    """
+
+    root: Path
+
+    def __init__(
+        self,
+        root: str,
+        fold: int = 0,
+        seed: int = 0,
+        split_file: str | None = None,
+        check_labels: bool = True,
+        skip_bad_cases: bool = False,
+        patch_size: int | Sequence[int] = 128,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        cache_rate: float = 0.0,
+    ) -> None:
+        super().__init__(patch_size=patch_size, batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate)
+        if fold < 0:
+            raise ValueError(f"fold must be >= 0, got {fold}")
+        self.root = Path(root).expanduser()
+        self.fold = fold
+        self.seed = seed
+        self.split_file = split_file
+        self.check_labels = check_labels
+        self.skip_bad_cases = skip_bad_cases
+        self.provenance = "synthetic" if phantom_marker(self.root) is not None else "real"
+        self._cases: dict[str, CaseFiles] | None = None
+        self._split: Split | None = None
+
+    # -- to implement ------------------------------------------------------------------------------
+    def discover(self) -> tuple[list[CaseFiles], list[CaseFiles]]:
+        """(labelled training cases, labelled test cases or []). Raise ValueError on a missing/empty root."""
+        raise NotImplementedError
+
+    def make_split(self, case_ids: list[str]) -> Split:
+        """The split of the discovered (not yet validated) training case ids for ``self.fold``."""
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------------
+    def validate(self) -> dict:
+        """Discover and check every case (headers; label values when ``check_labels``), compute or read
+        the split, and return a summary. Raises ValueError naming each bad file, before any long work."""
+        train_cases, test_cases = self.discover()
+        split = self.make_split(sorted(c.case_id for c in train_cases))
+        used = set(split.train) | set(split.val)
+        every = [c for c in train_cases if c.case_id in used] + list(test_cases)
+        good = validate_cases(
+            every, dataset=self.name, root=self.root, check_labels=self.check_labels, skip_bad_cases=self.skip_bad_cases
+        )
+        self._cases = {c.case_id: c for c in good}
+        test_ids = [c.case_id for c in test_cases]
+        keep = lambda ids: [i for i in ids if i in self._cases]  # noqa: E731
+        self._split = Split(train=keep(split.train), val=keep(split.val), test=keep(test_ids), source=split.source)
+        for part in ("train", "val"):
+            if not getattr(self._split, part):
+                raise ValueError(f"{self.name}: the {part} split of fold {self.fold} is empty after validation ({self.root})")
+        skipped = sorted(c.case_id for c in every if c.case_id not in self._cases)
+        return {
+            **self.describe(),
+            "root": str(self.root),
+            "fold": self.fold,
+            "split_source": split.source,
+            "num_train": len(self._split.train),
+            "num_val": len(self._split.val),
+            "num_test": len(self._split.test or self._split.val),
+            "test_is_val": not self._split.test,
+            "skipped_cases": skipped,
+        }
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._split is None:
+            self.validate()
+
+    @property
+    def split(self) -> Split:
+        if self._split is None:
+            self.validate()
+        assert self._split is not None
+        return self._split
+
+    def case_ids(self, split: Literal["train", "val", "test"]) -> list[str]:
+        """Case ids of one split; ``test`` is the validation split unless a labelled test list exists."""
+        s = self.split
+        ids = {"train": s.train, "val": s.val, "test": s.test or s.val}[split]
+        return list(ids)
+
+    def _item(self, case: CaseFiles) -> dict:
+        image: str | list[str] = [str(p) for p in case.images] if len(case.images) > 1 else str(case.images[0])
+        return {"image": image, "label": str(case.label), "case_id": case.case_id}
+
+    def items(self, split: Literal["train", "val", "test"]) -> list[dict]:
+        ids = self.case_ids(split)
+        assert self._cases is not None
+        return [self._item(self._cases[i]) for i in ids]
+
+    def describe(self) -> dict:
+        facts = super().describe()
+        facts["fold"] = self.fold
+        return facts
+
+    @staticmethod
+    def _warn_unlisted(dataset: str, source: str, unlisted: Sequence[str]) -> None:
+        if unlisted:
+            shown = ", ".join(list(unlisted)[:10]) + (" ..." if len(unlisted) > 10 else "")
+            warnings.warn(f"{dataset}: {len(unlisted)} case(s) on disk are not in {source} and are not used: {shown}", stacklevel=3)
