@@ -73,3 +73,16 @@ def test_doctor():
     out = subprocess.run([sys.executable, "-m", "segresmamba", "doctor"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "scan backends:" in out.stdout and "torch" in out.stdout and "segresmamba_notom" in out.stdout
+
+
+def test_fit_on_the_real_mni152_tissue_set(tmp_path):
+    run_cli(
+        "fit", "-c", str(ROOT / "configs/trainer/cpu.yaml"), "-c", str(ROOT / "configs/model/segresmamba.yaml"),
+        "-c", str(ROOT / "configs/data/mni152_tissue.yaml"),
+        "--model.net_kwargs.feature_sizes", "[8, 16, 32, 64]", "--data.patch_size", "48", "--data.train_items", "2",
+        "--data.num_samples", "1", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", cwd=tmp_path,
+    )
+    record = json.loads((tmp_path / "runs/default/version_0/metrics.json").read_text())
+    assert record["data"]["dataset"] == "mni152_tissue" and record["data"]["provenance"] == "real"
+    assert record["fit"]["global_steps"] == 2
+    assert {"val/dice_CSF_other", "val/dice_GM", "val/dice_WM", "val/dice_mean"} <= set(record["fit"]["best"])

@@ -175,7 +175,8 @@ class RunRecorder(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_t0 = time.perf_counter()
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # not on_validation_epoch_end: callbacks run before the module's hook that logs the Dice
         if trainer.sanity_checking:
             return
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
@@ -231,6 +232,9 @@ class RunRecorder(L.Callback):
             return
         path = self._file(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # fit and test may be separate processes writing one record: keep what the other wrote
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        record.update(self.record)
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.record, indent=2, default=str))
+        tmp.write_text(json.dumps(record, indent=2, default=str))
         tmp.replace(path)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from typing import Optional
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from segresmamba.callbacks import PeakMemory, RunRecorder, StepTimer
+from segresmamba.callbacks import EnergyTracker, PeakMemory, RunRecorder, StepTimer
 from segresmamba.data.base import VolumeDataModule
 from segresmamba.task import SegmentationTask
 
@@ -48,6 +49,11 @@ class SegResMambaCLI(LightningCLI):
             }
         )
         parser.add_argument("--checkpoint_monitor", type=str, default="val/dice_mean", help="metric the best checkpoint maximises")
+        parser.add_argument("--run_record", type=Optional[str], default=None, help="metrics.json path (default: the run directory)")
+        parser.add_argument(
+            "--energy_country", type=Optional[str], default=None,
+            help="ISO 3166 alpha-3 grid (e.g. DEU) to track fit energy and CO2 with codecarbon, offline",
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)
@@ -64,14 +70,16 @@ class SegResMambaCLI(LightningCLI):
             print("wandb: no WANDB_API_KEY, logging offline (sync later with `wandb sync`)", file=sys.stderr)
 
     def instantiate_trainer(self, **kwargs):
-        monitor = self.config.get(self.subcommand, self.config).get("checkpoint_monitor", "val/dice_mean")
+        config = self.config.get(self.subcommand, self.config)
         extra = [
-            ModelCheckpoint(monitor=monitor, mode="max", save_last=True, filename="best-{epoch}-{step}"),
+            ModelCheckpoint(monitor=config.get("checkpoint_monitor"), mode="max", save_last=True, filename="best-{epoch}-{step}"),
             LearningRateMonitor(logging_interval="epoch"),
             PeakMemory(),
             StepTimer(),
-            RunRecorder(),
         ]
+        if config.get("energy_country"):
+            extra.append(EnergyTracker(country_iso_code=config.get("energy_country")))
+        extra.append(RunRecorder(path=config.get("run_record")))  # last: its on_fit_end reads the others
         present = {type(c) for c in kwargs.get("callbacks") or []}
         kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [c for c in extra if type(c) not in present]
         return super().instantiate_trainer(**kwargs)

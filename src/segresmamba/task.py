@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -150,7 +151,8 @@ class SegmentationTask(L.LightningModule):
         scores = torch.cat(self._eval_scores) if self._eval_scores else torch.empty(0, len(self.class_names))
         scores = self.all_gather(scores.to(self.device)).reshape(-1, len(self.class_names)).float().cpu()
         per_class = torch.nanmean(scores, dim=0)
-        results = {f"{prefix}/dice_{name}": float(v) for name, v in zip(self.class_names, per_class)}
+        # class names become metric keys: keep them to one path component ("CSF/other" -> "CSF_other")
+        results = {f"{prefix}/dice_{re.sub(r'[^0-9A-Za-z+-]+', '_', name)}": float(v) for name, v in zip(self.class_names, per_class)}
         results[f"{prefix}/dice_mean"] = float(torch.nanmean(per_class)) if len(per_class) else math.nan
         for key, value in results.items():
             self.log(key, value, prog_bar=key.endswith("mean"), sync_dist=False, rank_zero_only=False)

@@ -1,0 +1,253 @@
+"""Sweep runner: dataset x model x fold, each run through the same ``segresmamba fit`` + ``test``.
+
+    python -m benchmarks.sweep configs/bench/quick.yaml
+    python -m benchmarks.sweep configs/bench/brats.yaml --data-root /data/BraTS2021 --gpus 0,1
+
+A sweep YAML names the data config and its overrides, the models, the folds, the trainer settings
+(epochs or steps, precision) and where results go. Every run writes
+``<out>/<model>/fold<k>/metrics.json`` (Dice per class and mean, best and last epoch, wall time,
+peak memory, energy and CO2 from codecarbon, the paper's calculator CO2 for the same hours, resolved
+config, git SHA, versions, device). Checkpoints and logs stay under ``runs/<sweep>/``.
+
+Resumable and idempotent: a run whose ``metrics.json`` exists is skipped (``--retry-failed`` reruns
+the failed ones); a crash or out-of-memory becomes a row with ``status: error`` and the sweep goes on.
+The data is validated before the first run, so a missing or malformed data directory stops the sweep
+before any training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import queue
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.paper import calculator_co2_kg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep YAML (see ``configs/bench/*.yaml``)."""
+
+    name: str
+    data_config: str
+    models: list[str]
+    folds: list[int]
+    out: str
+    trainer_configs: list[str] = field(default_factory=lambda: ["configs/trainer/cpu.yaml"])
+    data_args: dict[str, Any] = field(default_factory=dict)
+    model_args: dict[str, Any] = field(default_factory=dict)
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+    phantom: dict[str, Any] | None = None
+    energy_country: str | None = "DEU"
+    protocol: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> Sweep:
+        path = Path(path)
+        if not path.is_file():
+            raise SystemExit(f"error: sweep file {path} not found (see configs/bench/)")
+        raw = yaml.safe_load(path.read_text()) or {}
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SystemExit(f"error: {path}: unknown keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
+        missing = [k for k in ("name", "data_config", "models", "folds", "out") if k not in raw]
+        if missing:
+            raise SystemExit(f"error: {path}: missing keys {missing}")
+        sweep = cls(**raw)
+        if not sweep.models or not sweep.folds:
+            raise SystemExit(f"error: {path}: models and folds must not be empty")
+        return sweep
+
+
+def _flags(prefix: str, values: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in values.items():
+        out += [f"--{prefix}.{key}", json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)]
+    return out
+
+
+def prepare_data(sweep: Sweep, data_root: str | None) -> dict:
+    """Write the phantom if the sweep uses one and it is missing; validate every case; return the summary."""
+    import segresmamba.data  # noqa: F401  (registers the data module classes for instantiation)
+    from jsonargparse import ArgumentParser
+
+    from segresmamba.data.base import VolumeDataModule
+
+    if sweep.phantom and not data_root:
+        from segresmamba.data import write_phantoms
+
+        spec = dict(sweep.phantom)
+        kind, out = spec.pop("kind"), ROOT / spec.pop("out")
+        if not (out / "PHANTOM.json").exists():
+            print(f"writing {kind} phantom to {out}", flush=True)
+            getattr(write_phantoms, f"write_{kind}_phantom")(out, **spec)
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(VolumeDataModule, "data")
+    cfg_file = yaml.safe_load((ROOT / sweep.data_config).read_text())
+    init_args = {**cfg_file["data"].get("init_args", {}), **sweep.data_args}
+    if data_root:
+        init_args["root"] = data_root
+    elif "root" in init_args and not Path(init_args["root"]).is_absolute():
+        init_args["root"] = str(ROOT / init_args["root"])
+    cfg = parser.parse_object({"data": {"class_path": cfg_file["data"]["class_path"], "init_args": init_args}})
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    datamodule = instantiate(cfg).data
+    summary = datamodule.validate()
+    return {"init_args": init_args, "summary": summary}
+
+
+def run_command(sweep: Sweep, model: str, fold: int, run_dir: Path, record: Path, data_init: dict, stage: str, ckpt: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "segresmamba", stage]
+    for cfg in sweep.trainer_configs:
+        cmd += ["-c", str(ROOT / cfg)]
+    model_cfg = ROOT / "configs" / "model" / f"{model}.yaml"
+    cmd += ["-c", str(model_cfg)] if model_cfg.exists() else ["--model.net", model]
+    cmd += ["-c", str(ROOT / sweep.data_config)]
+    data_args = {k: v for k, v in data_init.items()}
+    if "fold" in data_args or any(k == "fold" for k in data_init):
+        data_args["fold"] = fold
+    cmd += _flags("data.init_args", data_args)
+    cmd += _flags("model", sweep.model_args)
+    cmd += _flags("trainer", sweep.trainer_args)
+    cmd += [
+        "--trainer.default_root_dir", str(run_dir),
+        "--trainer.logger.init_args.save_dir", str(run_dir),
+        "--trainer.logger.init_args.name", stage,
+        "--run_record", str(record),
+    ]
+    if stage == "fit" and sweep.energy_country:
+        cmd += ["--energy_country", sweep.energy_country]
+    if ckpt:
+        cmd += ["--ckpt_path", ckpt]
+    return cmd
+
+
+def _best_checkpoint(run_dir: Path) -> str | None:
+    found = sorted(run_dir.glob("fit/version_*/checkpoints/best-*.ckpt"), key=os.path.getmtime)
+    if not found:
+        found = sorted(run_dir.glob("fit/version_*/checkpoints/last.ckpt"), key=os.path.getmtime)
+    return str(found[-1]) if found else None
+
+
+def execute_run(sweep: Sweep, model: str, fold: int, out_dir: Path, data: dict, gpu: str | None, log_to_file: bool) -> dict:
+    """fit then test one (model, fold); returns the final record (also written to metrics.json)."""
+    result_dir = out_dir / model / f"fold{fold}"
+    run_dir = ROOT / "runs" / sweep.name / model / f"fold{fold}"
+    result_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record_path = run_dir / "record.json"
+    record_path.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    t0 = time.perf_counter()
+    status, error = "ok", None
+    for stage in ("fit", "test"):
+        ckpt = _best_checkpoint(run_dir) if stage == "test" else None
+        if stage == "test" and ckpt is None:
+            status, error = "error", "fit produced no checkpoint"
+            break
+        cmd = run_command(sweep, model, fold, run_dir, record_path, data["init_args"], stage, ckpt)
+        log = run_dir / f"{stage}.log"
+        with open(log, "w") as fh:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh if log_to_file else None, stderr=subprocess.STDOUT if log_to_file else fh)
+        if proc.returncode != 0:
+            tail = log.read_text()[-4000:]
+            status = "error"
+            error = "CUDA out of memory" if "OutOfMemoryError" in tail or "out of memory" in tail else tail.strip().splitlines()[-1] if tail.strip() else f"exit code {proc.returncode}"
+            break
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    record.update({
+        "sweep": sweep.name, "protocol": sweep.protocol, "model": model, "fold": fold, "status": status,
+        "error": error, "run_wall_time_s": time.perf_counter() - t0, "run_dir": str(run_dir.relative_to(ROOT)),
+        "data_summary": data["summary"],
+    })
+    fit = record.get("fit") or {}
+    if fit.get("wall_time_s"):
+        record["paper_calculator_co2_kg"] = calculator_co2_kg(fit["wall_time_s"] / 3600)
+    tmp = result_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(result_dir / "metrics.json")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Run a benchmark sweep (see module docstring).")
+    p.add_argument("sweep", help="sweep YAML, e.g. configs/bench/quick.yaml")
+    p.add_argument("--data-root", default=None, help="real data directory (replaces the config's root and any phantom)")
+    p.add_argument("--out", default=None, help="results directory (default: the sweep's `out`)")
+    p.add_argument("--models", nargs="+", default=None, help="subset of the sweep's models")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids; runs are spread over them, one per GPU")
+    p.add_argument("--retry-failed", action="store_true", help="rerun runs whose metrics.json says error")
+    p.add_argument("--verbose", action="store_true", help="show each run's Lightning output instead of logging it")
+    args = p.parse_args(argv)
+    sweep = Sweep.load(args.sweep)
+    models = args.models or sweep.models
+    import segresmamba
+
+    known = segresmamba.list_models()
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise SystemExit(f"error: unknown model(s) {unknown}; known: {', '.join(known)}")
+    out_dir = Path(args.out or sweep.out)
+    out_dir = out_dir if out_dir.is_absolute() else ROOT / out_dir
+    try:
+        data = prepare_data(sweep, args.data_root)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: data check failed before training: {err}") from None
+    print(f"data: {data['summary'].get('dataset')} ({data['summary'].get('provenance')}), validated", flush=True)
+
+    runs = [(m, f) for m in models for f in sweep.folds]
+    todo = []
+    for model, fold in runs:
+        done = out_dir / model / f"fold{fold}" / "metrics.json"
+        if done.exists():
+            status = json.loads(done.read_text()).get("status")
+            if status == "ok" or not args.retry_failed:
+                print(f"skip {model} fold {fold}: finished ({status})", flush=True)
+                continue
+        todo.append((model, fold))
+    gpus = args.gpus.split(",") if args.gpus else [None]
+    free: queue.Queue = queue.Queue()
+    for g in gpus:
+        free.put(g)
+    started = time.perf_counter()
+    finished = 0
+
+    def one(job):
+        gpu = free.get()
+        try:
+            return execute_run(sweep, *job, out_dir, data, gpu, log_to_file=not args.verbose)
+        finally:
+            free.put(gpu)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(gpus)) as pool:
+        futures = {pool.submit(one, job): job for job in todo}
+        for future in concurrent.futures.as_completed(futures):
+            finished += 1
+            model, fold = futures[future]
+            rec = future.result()
+            elapsed = time.perf_counter() - started
+            eta = elapsed / finished * (len(todo) - finished)
+            dice = ((rec.get("test") or {}).get("test/dice_mean"))
+            shown = f"test Dice {dice:.3f}" if isinstance(dice, float) else (rec.get("error") or "")
+            print(f"[{finished}/{len(todo)}] {model} fold {fold}: {rec['status']} {shown} "
+                  f"({rec['run_wall_time_s']:.0f} s; ETA {eta / 60:.1f} min)", flush=True)
+    print(f"results in {out_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
