@@ -42,6 +42,8 @@ import torch
 import segresmamba
 from benchmarks.paper import paper_figures
 from segresmamba.profiling import count_macs
+from segresmamba.ssm import TriOrientedMamba
+from segresmamba.ssm.scan import resolve_backend
 from segresmamba.provenance import device_name, git_sha, versions
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "efficiency"
@@ -169,6 +171,8 @@ def profile_one(model_name: str, cfg: BenchConfig, args) -> dict:
         row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         device = torch.device("cuda" if on_gpu else "cpu")
         model.to(device)
+        if any(isinstance(m, TriOrientedMamba) for m in model.modules()):
+            row["scan_backend"] = resolve_backend("auto", device)
         if not args.skip_macs:
             macs = count_macs(model, torch.zeros(1, cfg.in_channels, *cfg.patch, device=device))
             row["gmacs"] = macs.gmacs
@@ -221,6 +225,9 @@ def write_tables(rows: list[dict], out_dir: Path, meta: dict) -> list[Path]:
         dest = out_dir / card_slug(meta["device"])
         dest.mkdir(parents=True, exist_ok=True)
         csv = dest / f"{cfg_name}.csv"
+        if csv.exists():  # a later invocation adds or replaces its models' rows, keeps the others
+            kept = pd.read_csv(csv)
+            part = pd.concat([kept[~kept.model.isin(part.model)], part], ignore_index=True)
         part.to_csv(csv, index=False, float_format="%.4g")
         cfg = CONFIGS[cfg_name]
         shown = [c for c in part.columns if c not in meta and c != "uncounted_ops"]

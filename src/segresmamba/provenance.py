@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -16,6 +17,8 @@ _PACKAGES = ("torch", "lightning", "monai", "fvcore", "codecarbon", "mamba-ssm",
 @functools.lru_cache(maxsize=1)
 def git_sha() -> str:
     """Commit of the checkout, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    if os.environ.get("SEGRESMAMBA_GIT_SHA"):  # a copy of the tree without .git (e.g. shipped to a GPU box)
+        return os.environ["SEGRESMAMBA_GIT_SHA"]
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()

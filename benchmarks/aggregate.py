@@ -1,0 +1,220 @@
+"""Aggregate sweep results into tables and the paper's figures.
+
+    python -m benchmarks.aggregate results/quick            # -> summary.csv, summary.md, fig2/fig3/macs PNGs
+
+Reads every ``<dir>/<model>/fold<k>/metrics.json``; writes ``summary.csv`` and ``summary.md`` (mean ± std
+over folds per model), ``paper_vs_ours.md`` side by side, and plots: Fig. 2 (mean Dice vs training memory),
+Fig. 3 (mean Dice vs CO2) and a MACs chart (from ``results/efficiency/<device>/`` when present). Plot
+titles name the device, the data (real or synthetic) and the protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from benchmarks.paper import paper_figures  # noqa: E402
+
+DATASET_OF = {"brats2021": "brats", "brats_synthetic": "brats", "btcv": "btcv", "msd_spleen": "spleen"}
+
+
+def load_runs(result_dir: Path) -> pd.DataFrame:
+    """One row per run (model, fold) from the metrics.json files."""
+    rows = []
+    for path in sorted(result_dir.glob("*/fold*/metrics.json")):
+        rec = json.loads(path.read_text())
+        fit, test = rec.get("fit") or {}, rec.get("test") or {}
+        best = (fit.get("best") or {})
+        energy = fit.get("energy") or {}
+        data = rec.get("data") or {}
+        prov = rec.get("provenance") or {}
+        row = {
+            "model": rec.get("model") or path.parent.parent.name,
+            "fold": rec.get("fold", int(path.parent.name.removeprefix("fold"))),
+            "status": rec.get("status", "ok"),
+            "error": rec.get("error"),
+            "dataset": data.get("dataset"),
+            "provenance": data.get("provenance"),
+            "test_dice_mean": test.get("test/dice_mean"),
+            "val_best_dice_mean": best.get("val/dice_mean"),
+            "best_epoch": best.get("epoch"),
+            "epochs": fit.get("epochs"),
+            "fit_wall_s": fit.get("wall_time_s"),
+            "step_ms": fit.get("median_step_ms"),
+            "peak_gib": fit.get("peak_memory_allocated_gib"),
+            "energy_kwh": energy.get("energy_kwh"),
+            "co2_kg": energy.get("co2_kg"),
+            "calculator_co2_kg": rec.get("paper_calculator_co2_kg"),
+            "params_m": (rec.get("params") or 0) / 1e6 or None,
+            "device": prov.get("device"),
+            "precision": prov.get("precision"),
+            "git_sha": prov.get("git_sha"),
+            "protocol": rec.get("protocol"),
+        }
+        for key, value in test.items():
+            if key.startswith("test/dice_") and key != "test/dice_mean":
+                row[key.replace("test/", "test_")] = value
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over folds per model (successful runs only), with the failures counted."""
+    ok = runs[runs.status == "ok"]
+    numeric = [c for c in ok.columns if c not in ("model", "fold") and pd.api.types.is_numeric_dtype(ok[c])]
+    grouped = ok.groupby("model")[numeric]
+    summary = grouped.mean().add_suffix("_mean").join(grouped.std().add_suffix("_std"))
+    summary["folds"] = ok.groupby("model").size()
+    summary["failed"] = runs[runs.status != "ok"].groupby("model").size()
+    summary["failed"] = summary["failed"].fillna(0).astype(int)
+    failed_only = sorted(set(runs.model) - set(ok.model))
+    for model in failed_only:
+        summary.loc[model, "failed"] = int((runs.model == model).sum())
+    for col in ("device", "precision", "git_sha", "provenance", "dataset", "protocol"):
+        summary[col] = runs.groupby("model")[col].agg(lambda s: ", ".join(sorted({str(v) for v in s if v is not None})))
+    return summary.reset_index().sort_values("test_dice_mean_mean", ascending=False, na_position="last")
+
+
+def _pm(mean, std, digits=3):
+    if pd.isna(mean):
+        return "–"
+    return f"{mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {std:.{digits}f}")
+
+
+def _meta(summary: pd.DataFrame) -> dict[str, str]:
+    def first(col):
+        vals = [v for v in summary[col].dropna().unique() if v]
+        return "; ".join(vals) if vals else "?"
+
+    return {k: first(k) for k in ("device", "precision", "git_sha", "provenance", "dataset", "protocol")}
+
+
+def write_markdown(summary: pd.DataFrame, runs: pd.DataFrame, out: Path) -> None:
+    meta = _meta(summary)
+    lines = [
+        f"# Sweep summary: {meta['dataset']} ({meta['provenance']})",
+        "",
+        f"Protocol: {meta['protocol']}. Device: {meta['device']}. Precision: {meta['precision']}. git {meta['git_sha']}.",
+        "Mean ± std over folds. Dice = test Dice of the best-validation checkpoint (whole volumes, sliding window).",
+        "",
+        "| model | folds | test mean Dice | best val mean Dice | epochs | fit wall (s) | step (ms) | peak GiB | energy (kWh) | CO2 (kg) | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary.itertuples():
+        lines.append(
+            f"| {r.model} | {int(r.folds) if not pd.isna(r.folds) else 0} | {_pm(r.test_dice_mean_mean, r.test_dice_mean_std)} | "
+            f"{_pm(r.val_best_dice_mean_mean, r.val_best_dice_mean_std)} | {_pm(getattr(r, 'epochs_mean', float('nan')), None, 0)} | "
+            f"{_pm(r.fit_wall_s_mean, None, 0)} | {_pm(r.step_ms_mean, None, 0)} | "
+            f"{_pm(getattr(r, 'peak_gib_mean', float('nan')), None, 2) if not pd.isna(getattr(r, 'peak_gib_mean', float('nan'))) else 'not measured'} | "
+            f"{_pm(r.energy_kwh_mean, None, 5)} | {_pm(r.co2_kg_mean, None, 5)} | {r.failed} |"
+        )
+    errors = runs[runs.status != "ok"]
+    if len(errors):
+        lines += ["", "Failed runs:", ""] + [f"- {e.model} fold {e.fold}: {e.error}" for e in errors.itertuples()]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+    dataset = DATASET_OF.get(meta["dataset"].split(";")[0], meta["dataset"])
+    paper = paper_figures()
+    paper = paper[(paper.dataset == dataset) & (paper.metric == "dice_mean")].set_index("model").value
+    side = ["# Paper vs ours", "", f"Paper: Das et al. 2025 ({dataset}, real data, A100). Ours: {meta['provenance']} data, {meta['protocol']}, {meta['device']}.",
+            "The two columns answer different questions when our data is synthetic; they are never mixed.", "",
+            "| model | paper mean Dice | ours mean Dice |", "|---|---:|---:|"]
+    for model in sorted(set(summary.model) | set(paper.index)):
+        ours = summary[summary.model == model]
+        ours_text = _pm(ours.test_dice_mean_mean.iloc[0], ours.test_dice_mean_std.iloc[0]) if len(ours) else "–"
+        side.append(f"| {model} | {paper.get(model, float('nan')):.4f} | {ours_text} |" if model in paper.index else f"| {model} | – | {ours_text} |")
+    (out / "paper_vs_ours.md").write_text("\n".join(side) + "\n")
+
+
+def _scatter(ax, xs, ys, labels, **kw):
+    ax.scatter(xs, ys, **kw)
+    for x, y, label in zip(xs, ys, labels):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+
+
+def plot_figures(summary: pd.DataFrame, out: Path) -> list[Path]:
+    meta = _meta(summary)
+    dataset = DATASET_OF.get(meta["dataset"].split(";")[0], meta["dataset"])
+    paper = paper_figures()
+    paper = paper[paper.dataset == dataset]
+    title_tail = f"{meta['provenance']} data · {meta['device']} · {meta['protocol']}"
+    written = []
+    for fig_name, x_col, x_label, paper_metric in (
+        ("fig2_dice_vs_memory.png", "peak_gib_mean", "peak training memory (GiB)", "train_memory"),
+        ("fig3_dice_vs_co2.png", "co2_kg_mean", "CO2 per run (kg, codecarbon)", "co2_5fold"),
+    ):
+        fig, (ax_ours, ax_paper) = plt.subplots(1, 2, figsize=(11, 4.2))
+        ours = summary.dropna(subset=["test_dice_mean_mean"])
+        if x_col in ours and ours[x_col].notna().any():
+            ours = ours.dropna(subset=[x_col])
+            _scatter(ax_ours, ours[x_col], ours.test_dice_mean_mean, ours.model, color="tab:blue")
+        else:
+            ax_ours.text(0.5, 0.5, f"{x_label}\nnot measured on this device", ha="center", va="center", transform=ax_ours.transAxes)
+        ax_ours.set(xlabel=x_label, ylabel="mean Dice (test)", title="ours")
+        pw = paper.pivot_table(index="model", columns="metric", values="value", aggfunc="first")
+        if paper_metric in pw and "dice_mean" in pw:
+            pw = pw.dropna(subset=[paper_metric, "dice_mean"])
+            _scatter(ax_paper, pw[paper_metric], pw["dice_mean"], pw.index, color="tab:gray")
+        ax_paper.set(xlabel=x_label.replace("GiB", "GB").replace("per run (kg, codecarbon)", "5 folds (kg, calculator)"),
+                     ylabel="mean Dice", title=f"paper ({dataset}, real data, A100)")
+        fig.suptitle(f"{'Fig. 2' if 'memory' in fig_name else 'Fig. 3'}-style, {dataset}: {title_tail}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / fig_name, dpi=120)
+        plt.close(fig)
+        written.append(out / fig_name)
+    return written
+
+
+def plot_macs(efficiency_csv: Path, out: Path) -> Path:
+    """Bar chart of our MACs beside the paper's, from an efficiency table."""
+    df = pd.read_csv(efficiency_csv)
+    df = df.dropna(subset=["gmacs"]).sort_values("gmacs")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    y = range(len(df))
+    ax.barh([i + 0.2 for i in y], df.gmacs, height=0.4, label="ours (fvcore + scan)")
+    if "paper_macs_g" in df:
+        ax.barh([i - 0.2 for i in y], df.paper_macs_g.fillna(0), height=0.4, color="tab:gray", label="paper")
+    ax.set_yticks(list(y), df.model)
+    ax.set_xlabel("GMACs, batch 1")
+    device = df.device.iloc[0] if "device" in df else "?"
+    ax.set_title(f"MACs, {efficiency_csv.stem} config · {device} · git {df.git_sha.iloc[0] if 'git_sha' in df else '?'}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    dest = out / f"macs_{efficiency_csv.stem}.png"
+    fig.savefig(dest, dpi=120)
+    plt.close(fig)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Tables and plots from a sweep's metrics.json files.")
+    p.add_argument("result_dir", type=Path)
+    p.add_argument("--efficiency", type=Path, default=None, help="efficiency CSV for the MACs chart")
+    args = p.parse_args(argv)
+    if not args.result_dir.is_dir():
+        raise SystemExit(f"error: {args.result_dir} is not a directory")
+    runs = load_runs(args.result_dir)
+    if runs.empty:
+        raise SystemExit(f"error: no <model>/fold<k>/metrics.json under {args.result_dir}")
+    summary = summarise(runs)
+    runs.to_csv(args.result_dir / "runs.csv", index=False)
+    summary.to_csv(args.result_dir / "summary.csv", index=False)
+    write_markdown(summary, runs, args.result_dir)
+    written = plot_figures(summary, args.result_dir)
+    if args.efficiency and args.efficiency.exists():
+        written.append(plot_macs(args.efficiency, args.result_dir))
+    print((args.result_dir / "summary.md").read_text())
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
