@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu doctor bench-brats fit-demo clean
+.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency params plots clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -42,11 +42,39 @@ test-gpu: $(STAMP) ## run the CUDA tests (needs a GPU)
 doctor: $(STAMP) ## print torch/CUDA/GPU/scan-backend facts
 	$(VENV)/bin/segresmamba doctor
 
-fit-demo: $(STAMP) ## fit + test SegResMamba for a few steps on the embedded synthetic data
+fit-demo: $(STAMP) ## fit + test SegResMamba for a few steps on the in-memory synthetic data
 	$(VENV)/bin/segresmamba fit -c configs/trainer/cpu.yaml -c configs/model/segresmamba.yaml -c configs/data/synthetic.yaml --trainer.max_epochs 2 --trainer.logger.init_args.name demo
 	$(VENV)/bin/segresmamba test -c configs/trainer/cpu.yaml -c configs/model/segresmamba.yaml -c configs/data/synthetic.yaml --trainer.logger.init_args.name demo --ckpt_path "$$(ls -t runs/demo/version_*/checkpoints/last.ckpt | head -1)"
 
-bench-brats: fit-demo ## the main job on the embedded default data
+PROFILE ?= quick
+# bench-<dataset>: PROFILE=quick runs every model for a few steps on synthetic phantoms (CPU, minutes);
+# PROFILE=paper runs the paper protocol on real data named by BRATS_DIR / BTCV_DIR / SPLEEN_DIR (GPU).
+define bench
+	@if [ "$(PROFILE)" = quick ]; then \
+		$(PY) -m benchmarks.sweep configs/bench/quick.yaml && $(PY) -m benchmarks.aggregate results/quick; \
+	elif [ "$(PROFILE)" = paper ]; then \
+		test -n "$(2)" || { echo "error: PROFILE=paper needs $(3)=/path/to/the/dataset" >&2; exit 2; }; \
+		$(PY) -m benchmarks.sweep configs/bench/$(1).yaml --data-root "$(2)" && $(PY) -m benchmarks.aggregate results/$(1); \
+	else echo "error: PROFILE must be quick or paper, got $(PROFILE)" >&2; exit 2; fi
+endef
+
+bench-brats: $(STAMP) ## the main job: quick synthetic BraTS-like sweep of all models (PROFILE=paper BRATS_DIR=... for the paper protocol)
+	$(call bench,brats,$(BRATS_DIR),BRATS_DIR)
+
+bench-btcv: $(STAMP) ## BTCV sweep (PROFILE=paper BTCV_DIR=...)
+	$(call bench,btcv,$(BTCV_DIR),BTCV_DIR)
+
+bench-spleen: $(STAMP) ## MSD Spleen sweep (PROFILE=paper SPLEEN_DIR=...)
+	$(call bench,spleen,$(SPLEEN_DIR),SPLEEN_DIR)
+
+bench-efficiency: $(STAMP) ## params, MACs, memory and times of every model at the paper configs -> results/efficiency/<device>/
+	$(PY) -m benchmarks.efficiency $(EFFICIENCY_ARGS)
+
+params: $(STAMP) ## parameter table of every model -> results/params.md
+	$(PY) -m benchmarks.params_table
+
+plots: $(STAMP) ## tables and plots of a sweep (RESULTS=results/quick)
+	$(PY) -m benchmarks.aggregate $(or $(RESULTS),results/quick)
 
 clean: ## remove runs and caches (keeps .venv and results/)
 	rm -rf runs lightning_logs .pytest_cache

@@ -22,6 +22,8 @@ import pandas as pd  # noqa: E402
 
 from benchmarks.paper import paper_figures  # noqa: E402
 
+NUMERIC = ("val_best_dice_mean", "best_epoch", "epochs", "fit_wall_s", "step_ms", "peak_gib", "energy_kwh", "co2_kg",
+           "calculator_co2_kg", "params_m")
 DATASET_OF = {"brats2021": "brats", "brats_synthetic": "brats", "btcv": "btcv", "msd_spleen": "spleen"}
 
 
@@ -62,7 +64,11 @@ def load_runs(result_dir: Path) -> pd.DataFrame:
             if key.startswith("test/dice_") and key != "test/dice_mean":
                 row[key.replace("test/", "test_")] = value
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    for col in df.columns:  # a metric that is None in every run must still be a (NaN) number column
+        if col.startswith("test_") or col in NUMERIC:
+            df[col] = pd.to_numeric(df[col], errors="coerce")
+    return df
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
@@ -188,6 +194,30 @@ def plot_macs(efficiency_csv: Path, out: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     dest = out / f"macs_{efficiency_csv.stem}.png"
+    fig.savefig(dest, dpi=120)
+    plt.close(fig)
+    return dest
+
+
+def plot_memory(efficiency_csv: Path, out: Path) -> Path:
+    """Peak training memory, ours (fp32 and bf16) beside the paper's Table 8, from an efficiency table."""
+    df = pd.read_csv(efficiency_csv)
+    cols = [c for c in ("train_peak_gib_fp32", "train_peak_gib_bf16") if c in df]
+    for c in cols:
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    df = df.dropna(subset=cols, how="all").sort_values(cols[-1])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    y = list(range(len(df)))
+    for offset, col, color in zip((0.27, 0.0), cols, ("tab:blue", "tab:cyan")):
+        ax.barh([i + offset for i in y], df[col], height=0.27, color=color, label=f"ours, {col.rsplit('_', 1)[-1]} (GiB)")
+    if "paper_train_mem_gb" in df:
+        ax.barh([i - 0.27 for i in y], df.paper_train_mem_gb.fillna(0), height=0.27, color="tab:gray", label="paper, A100 (GB)")
+    ax.set_yticks(y, df.model)
+    ax.set_xlabel("peak training memory, batch 1 (fwd + bwd + Adam)")
+    ax.set_title(f"{efficiency_csv.stem}: {df.device.iloc[0]} · torch {df.torch.iloc[0]} · git {str(df.git_sha.iloc[0])[:10]}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    dest = out / f"memory_{efficiency_csv.stem}.png"
     fig.savefig(dest, dpi=120)
     plt.close(fig)
     return dest

@@ -104,7 +104,9 @@ class VolumeDataModule(L.LightningDataModule):
                 raise ValueError(f"{self.name}: the {split} split is empty")
             transform = self.train_transforms() if split == "train" else self.eval_transforms()
             if self.cache_rate > 0:
-                ds = CacheDataset(items, transform, cache_rate=self.cache_rate, num_workers=self.num_workers or None, progress=False)
+                # one caching thread unless workers are asked for: MONAI's default (one per CPU) raced in
+                # multi-file LoadImaged + EnsureChannelFirstd and yielded channel-less volumes now and then
+                ds = CacheDataset(items, transform, cache_rate=self.cache_rate, num_workers=max(1, self.num_workers), progress=False)
             else:
                 ds = Dataset(items, transform)
             self._datasets[split] = ds

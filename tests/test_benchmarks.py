@@ -1,0 +1,161 @@
+"""Benchmark tooling on the CPU: profiler, sweep runner (resume, error rows), aggregation and plots."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from benchmarks import aggregate, efficiency, sweep
+
+
+def test_profiler_cpu_rows(tmp_path):
+    written = efficiency.main(["--configs", "spleen", "--models", "unet", "segresnet", "--patch", "32", "--out", str(tmp_path)])
+    csv = next(p for p in written if p.suffix == ".csv")
+    df = pd.read_csv(csv)
+    assert list(df.model) == ["unet", "segresnet"]
+    assert (df.params_m > 0).all() and (df.gmacs > 0).all() and (df.cpu_infer_patch_s > 0).all()
+    assert df.uncounted_ops.str.contains("aten::").all()
+    for col in ("train_peak_gib_fp32", "step_ms_bf16", "infer_volume_s_fp32"):
+        assert (df[col] == "not measured").all(), col
+    assert df.paper_macs_g.notna().any()  # the paper's columns sit beside ours
+    assert "CPU" in df.device.iloc[0] and df.git_sha.notna().all()
+    # a second invocation adds its rows and keeps the others
+    efficiency.main(["--configs", "spleen", "--models", "unet", "--patch", "32", "--out", str(tmp_path), "--skip-macs"])
+    assert sorted(pd.read_csv(csv).model) == ["segresnet", "unet"]
+
+
+def test_profiler_rejects_unknown_model(tmp_path):
+    with pytest.raises(SystemExit):
+        efficiency.main(["--models", "nosuchnet", "--out", str(tmp_path)])
+
+
+def test_scan_is_counted_and_heavy_uncounted_ops_refused():
+    import torch
+
+    from segresmamba.profiling import UncountedOpError, count_macs
+    from segresmamba.ssm import TriOrientedMamba
+
+    layer = TriOrientedMamba(8)
+    macs = count_macs(layer, torch.zeros(1, 8, 4, 4, 4))
+    scan = macs.by_operator["PythonOp.SelectiveScanFn"]
+    assert scan == 3 * 4.5 * 1 * 64 * 16 * 16  # three directions x 4.5 x B x L x d_inner x d_state
+
+    class Opaque(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return Opaque.apply(x)
+
+    with pytest.raises(UncountedOpError, match="PythonOp.Opaque"):
+        count_macs(Net(), torch.zeros(2, 3))
+
+
+def _write_sweep(tmp_path: Path, models: list[str]) -> Path:
+    spec = {
+        "name": f"test-{tmp_path.name}",
+        "protocol": "test: 1 epoch x 2 steps, 32^3",
+        "data_config": "configs/data/brats_phantom.yaml",
+        "phantom": {"kind": "brats", "out": str(tmp_path / "phantom"), "cases": 5, "size": 32, "seed": 0},
+        "data_args": {"root": str(tmp_path / "phantom"), "patch_size": 32, "batch_size": 1, "cache_rate": 0.0},
+        "models": models,
+        "folds": [0, 1],
+        "out": str(tmp_path / "results"),
+        "trainer_args": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
+        "energy_country": None,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_sweep_runs_records_errors_and_resumes(tmp_path, capsys):
+    # segresmamba needs patches >= 48: at 32 it fails, which must become an error row, not a crash
+    path = _write_sweep(tmp_path, ["unet", "segresmamba"])
+    assert sweep.main([str(path)]) == 0
+    out = tmp_path / "results"
+    for fold in (0, 1):
+        ok = json.loads((out / "unet" / f"fold{fold}" / "metrics.json").read_text())
+        assert ok["status"] == "ok" and ok["fold"] == fold
+        assert 0.0 <= ok["test"]["test/dice_mean"] <= 1.0
+        assert ok["fit"]["best"]["val/dice_mean"] is not None and ok["fit"]["last"] is not None
+        assert ok["data"]["provenance"] == "synthetic" and ok["provenance"]["git_sha"]
+        assert ok["paper_calculator_co2_kg"] > 0
+        bad = json.loads((out / "segresmamba" / f"fold{fold}" / "metrics.json").read_text())
+        assert bad["status"] == "error" and ">= 48" in bad["error"]
+    capsys.readouterr()
+
+    # resume: nothing left to do
+    sweep.main([str(path)])
+    assert capsys.readouterr().out.count("skip ") == 4
+    # an interrupted sweep: one finished run lost -> only that one runs again
+    (out / "unet" / "fold1" / "metrics.json").unlink()
+    sweep.main([str(path)])
+    text = capsys.readouterr().out
+    assert text.count("skip ") == 3 and "[1/1] unet fold 1: ok" in text
+
+    # and the aggregation of what it produced
+    aggregate.main([str(out)])
+    summary = pd.read_csv(out / "summary.csv")
+    assert set(summary.model) == {"unet", "segresmamba"}
+    assert int(summary.set_index("model").loc["segresmamba", "failed"]) == 2
+    assert "segresmamba fold 0" in (out / "summary.md").read_text()
+
+
+def test_sweep_stops_before_training_on_missing_data(tmp_path):
+    path = _write_sweep(tmp_path, ["unet"])
+    spec = yaml.safe_load(path.read_text())
+    spec.pop("phantom")
+    spec["data_args"]["root"] = str(tmp_path / "nowhere")
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit, match="data check failed before training.*nowhere"):
+        sweep.main([str(path)])
+    assert not (tmp_path / "results").exists()
+
+
+def test_sweep_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodels: [unet]\n")
+    with pytest.raises(SystemExit, match="missing keys"):
+        sweep.main([str(bad)])
+    with pytest.raises(SystemExit, match="not found"):
+        sweep.main([str(tmp_path / "absent.yaml")])
+
+
+def _fake_record(model: str, fold: int, dice: float, mem: float) -> dict:
+    return {
+        "model": model, "fold": fold, "status": "ok", "protocol": "fixture",
+        "data": {"dataset": "brats2021", "provenance": "synthetic"},
+        "provenance": {"device": "NVIDIA H200", "precision": "bf16-mixed", "git_sha": "abc123"},
+        "params": 1_000_000,
+        "fit": {"epochs": 10, "wall_time_s": 100.0, "median_step_ms": 50.0, "peak_memory_allocated_gib": mem,
+                "energy": {"energy_kwh": 0.01, "co2_kg": 0.004}, "best": {"val/dice_mean": dice, "epoch": 9}},
+        "test": {"test/dice_mean": dice, "test/dice_TC": dice, "test/dice_WT": dice, "test/dice_ET": dice},
+        "paper_calculator_co2_kg": 0.004,
+    }
+
+
+def test_aggregation_and_plots_from_fixtures(tmp_path):
+    for model, base, mem in (("segresmamba", 0.8, 3.6), ("swinunetr", 0.7, 11.4)):
+        for fold in (0, 1):
+            d = tmp_path / model / f"fold{fold}"
+            d.mkdir(parents=True)
+            (d / "metrics.json").write_text(json.dumps(_fake_record(model, fold, base + 0.02 * fold, mem)))
+    aggregate.main([str(tmp_path)])
+    summary = pd.read_csv(tmp_path / "summary.csv").set_index("model")
+    assert summary.loc["segresmamba", "test_dice_mean_mean"] == pytest.approx(0.81)
+    assert summary.loc["swinunetr", "folds"] == 2
+    md = (tmp_path / "summary.md").read_text()
+    assert "| segresmamba | 2 | 0.810 ± 0.014" in md and "synthetic" in md and "NVIDIA H200" in md
+    side = (tmp_path / "paper_vs_ours.md").read_text()
+    assert "| segresmamba | 0.8839 | 0.810 ± 0.014 |" in side
+    for name in ("fig2_dice_vs_memory.png", "fig3_dice_vs_co2.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
