@@ -114,6 +114,7 @@ def test_auto_on_cuda_falls_back_with_one_warning(monkeypatch):
         raise OSError("selective_scan_cuda.so: undefined symbol: _ZN3c10")
 
     monkeypatch.setitem(scan_mod._BACKENDS, "mamba_ssm", scan_mod.ScanBackend("mamba_ssm", broken, cuda_only=True))
+    monkeypatch.setattr(scan_mod, "AUTO_CUDA_ORDER", ["mamba_ssm", "torch"])
     monkeypatch.setattr(scan_mod, "_warned", set())
     with pytest.warns(UserWarning, match="mamba_ssm.*undefined symbol"):
         assert scan_mod.resolve_backend("auto", torch.device("cuda")) == "torch"

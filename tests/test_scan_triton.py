@@ -1,0 +1,270 @@
+"""The Triton selective scan against the float64 sequential oracle.
+
+CPU (default CI): the three-pass chunked algorithm itself, in plain PyTorch with the kernels' explicit
+backward formulas, must equal the oracle and its autograd gradients; the backend registers without
+Triton or CUDA. GPU (``-m gpu``): the kernels, fp32 and bf16, many shapes, strided inputs, the ToM layer.
+With ``TRITON_INTERPRET=1`` and Triton installed, the kernels also run on CPU through Triton's
+interpreter (small shapes).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from test_scan import sequential_scan
+
+from segresmamba.ssm import scan as scan_mod
+from segresmamba.ssm import scan_triton
+from segresmamba.ssm.scan_torch import selective_scan_torch
+from segresmamba.ssm.scan_triton import chunked_scan_reference, chunked_scan_reference_backward
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def make_inputs(b, d, n, length, softplus=True, full=True, dtype=torch.float64, seed=0):
+    """Random inputs of a stable scan: without softplus the steps are kept positive (decay < 1)."""
+    g = torch.Generator().manual_seed(seed + b * 7919 + d * 104729 + n * 31 + length)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    delta = r(b, d, length) * 0.5 if softplus else torch.rand(b, d, length, generator=g, dtype=dtype) * 0.3
+    args = {
+        "u": r(b, d, length),
+        "delta": delta,
+        "A": -torch.rand(d, n, generator=g, dtype=dtype) * 3 - 0.05,
+        "B": r(b, n, length),
+        "C": r(b, n, length),
+    }
+    if full:
+        bias = r(d) * 0.3 if softplus else torch.rand(d, generator=g, dtype=dtype) * 0.1
+        args.update(D=r(d), z=r(b, d, length), delta_bias=bias)
+    return args
+
+
+def oracle(args, softplus, grad_y):
+    """Output and every input gradient in float64 (sequential loop, or the verified torch scan when long)."""
+    leaves = {k: v.detach().double().cpu().requires_grad_() for k, v in args.items()}
+    if leaves["u"].shape[-1] <= 512:
+        y = sequential_scan(**leaves, delta_softplus=softplus)
+    else:
+        y = selective_scan_torch(**leaves, delta_softplus=softplus)
+    grads = torch.autograd.grad(y, list(leaves.values()), grad_y.double().cpu())
+    return y.detach(), dict(zip(leaves, grads))
+
+
+def rel_err(got, want, floor=1e-2):
+    """||got - want|| / ||want||, the denominator at least ``floor``."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    assert torch.isfinite(got).all(), "non-finite values"
+    return ((got - want).norm() / want.norm().clamp_min(floor)).item()
+
+
+def within(got, want, rtol, atol):
+    """||got - want|| <= rtol ||want|| + atol sqrt(numel): relative, with an absolute floor for gradients
+    that vanish exactly (dA at L = 1 is 0, where fp32 leaves a rounding residue of ~1e-7 per element)."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    assert torch.isfinite(got).all(), "non-finite values"
+    return (got - want).norm().item() <= rtol * want.norm().item() + atol * want.numel() ** 0.5
+
+
+# ------------------------------------------------------------------ CPU: the chunked algorithm itself
+
+REFERENCE_CASES = [
+    # batch, channels, d_state, length, chunk
+    (1, 4, 16, 1, 4),
+    (2, 3, 5, 37, 4),  # length not a multiple of the chunk
+    (1, 6, 8, 64, 16),  # exact multiple
+    (3, 2, 1, 29, 8),
+    (2, 5, 16, 50, 64),  # one partial chunk
+]
+
+
+@pytest.mark.parametrize("b,d,n,length,chunk", REFERENCE_CASES)
+@pytest.mark.parametrize("softplus", [True, False])
+@pytest.mark.parametrize("full", [True, False])
+def test_chunked_algorithm_matches_oracle(b, d, n, length, chunk, softplus, full):
+    args = make_inputs(b, d, n, length, softplus, full)
+    grad_y = torch.randn(b, d, length, dtype=torch.float64)
+    want_y, want = oracle(args, softplus, grad_y)
+    y, entering = chunked_scan_reference(**args, delta_softplus=softplus, chunk=chunk)
+    assert entering.shape == (b, d, -(-length // chunk), n)  # only chunk-boundary states are kept
+    torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
+    grads = chunked_scan_reference_backward(
+        *(args.get(k) for k in NAMES[:8]), softplus, grad_y, chunk=chunk
+    )
+    for name, got in zip(NAMES, grads):
+        if name in args:
+            torch.testing.assert_close(got, want[name], rtol=1e-9, atol=1e-10, msg=f"gradient of {name}")
+        else:
+            assert got is None
+
+
+def test_backend_registers_without_triton_or_cuda():
+    assert "triton" in scan_mod.scan_backends()
+    assert scan_mod.AUTO_CUDA_ORDER == ["mamba_ssm", "triton", "torch"]  # mamba_ssm measured as fast or faster
+    scan_triton.register()  # idempotent
+    assert scan_mod.AUTO_CUDA_ORDER.count("triton") == 1
+    if not torch.cuda.is_available():
+        assert scan_mod.backend_status()["triton"] != "available"
+        with pytest.raises(RuntimeError, match="needs CUDA"):
+            scan_mod.resolve_backend("triton", torch.device("cpu"))
+
+
+def test_import_survives_missing_triton(tmp_path):
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('no triton here')\n")
+    code = textwrap.dedent(
+        """
+        import segresmamba.ssm.scan_triton as st
+        from segresmamba.ssm import backend_status
+        assert not st.HAS_TRITON
+        assert "triton" in backend_status()["triton"], backend_status()
+        print("ok")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
+# ------------------------------------------------------------------ the kernels (CUDA, or the interpreter)
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" and scan_triton.HAS_TRITON
+
+
+def _poison_cuda_cache():
+    """Fill freed cached blocks with NaN so that an unwritten output element cannot pass."""
+    if torch.cuda.is_available():
+        torch.empty(64 << 20, device="cuda").fill_(float("nan"))
+
+
+def check_kernels(device, b, d, n, length, chunk, softplus=True, full=True, dtype=torch.float32, tol=2e-5, strided=False):
+    args64 = make_inputs(b, d, n, length, softplus, full, seed=11)
+    if dtype != torch.float32:  # the oracle sees the same rounded inputs
+        args64 = {k: v.to(dtype).double() if k in ("u", "delta", "B", "C", "z") else v for k, v in args64.items()}
+    grad_y = torch.randn(b, d, length, dtype=torch.float64).to(dtype).double()
+    want_y, want = oracle(args64, softplus, grad_y)
+    args = {}
+    for k, v in args64.items():
+        v = v.to(device=device, dtype=dtype if k in ("u", "delta", "B", "C", "z") else torch.float32)
+        if strided and k in ("u", "z"):  # a channel slice of a wider tensor, as ToM's x/z halves
+            v = torch.cat([v, torch.randn_like(v)], dim=1)[:, :d]
+        elif strided and k in ("delta", "B", "C"):  # (b, L, c) projected then transposed, as in ToM
+            v = v.transpose(1, 2).contiguous().transpose(1, 2)
+        args[k] = v.detach().requires_grad_()
+    _poison_cuda_cache()
+    y = scan_triton.selective_scan_triton(**args, delta_softplus=softplus, chunk=chunk)
+    assert y.dtype == dtype and y.shape == (b, d, length)
+    _poison_cuda_cache()
+    grads = torch.autograd.grad(y, list(args.values()), grad_y.to(device=device, dtype=dtype))
+    atol = tol * 0.5  # per element, on values of order 1
+    errors = {"y": rel_err(y, want_y)}
+    bad = [] if within(y, want_y, tol, atol) else ["y"]
+    for (name, leaf), got in zip(args.items(), grads):
+        assert got.dtype == leaf.dtype and got.shape == leaf.shape, name
+        errors[name] = rel_err(got, want[name])
+        if not within(got, want[name], tol, atol):
+            bad.append(name)
+    assert not bad, f"{bad} off by more than rtol {tol} / atol {atol} (relative errors: {errors})"
+
+
+KERNEL_CASES = [
+    # batch, channels, d_state, length, chunk
+    (1, 4, 16, 1, 128),  # L = 1
+    (2, 3, 5, 37, 16),  # L not a multiple of the chunk, d_state not a power of two
+    (1, 96, 16, 1000, 128),
+    (3, 8, 16, 2000, 16),  # 125 chunks: the carry crosses several of its blocks
+    (2, 7, 8, 300, 32),  # prime channel count
+    (4, 24, 16, 4097, 64),
+    (1, 2, 1, 130, 64),  # d_state 1
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,d,n,length,chunk", KERNEL_CASES)
+def test_kernels_fp32(b, d, n, length, chunk):
+    check_kernels("cuda", b, d, n, length, chunk)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,d,n,length,chunk", [(2, 3, 5, 37, 16), (1, 96, 16, 1000, 128), (1, 4, 16, 1, 128)])
+@pytest.mark.parametrize("softplus,full", [(False, True), (True, False), (False, False)])
+def test_kernels_fp32_optional_parts(b, d, n, length, chunk, softplus, full):
+    check_kernels("cuda", b, d, n, length, chunk, softplus, full)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,d,n,length,chunk", [(1, 96, 16, 1000, 128), (2, 7, 8, 300, 32)])
+def test_kernels_strided_inputs(b, d, n, length, chunk):
+    check_kernels("cuda", b, d, n, length, chunk, strided=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,d,n,length,chunk", [(1, 96, 16, 1000, 128), (2, 3, 5, 37, 16), (2, 24, 16, 4097, 128)])
+def test_kernels_half_precision(dtype, b, d, n, length, chunk):
+    # state and sums in fp32; the error is the rounding of y and of the gradients to 8 (11) bits
+    check_kernels("cuda", b, d, n, length, chunk, dtype=dtype, tol=1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.gpu
+def test_long_sequence_matches_torch_scan():
+    """64^3 tokens would take the float64 oracle too long; the verified torch scan in fp64 stands in."""
+    args = make_inputs(1, 16, 16, 65536, seed=3)
+    grad_y = torch.randn(1, 16, 65536, dtype=torch.float64)
+    cuda64 = {k: v.cuda().requires_grad_() for k, v in args.items()}
+    want_y = selective_scan_torch(**cuda64, delta_softplus=True)
+    want = torch.autograd.grad(want_y, list(cuda64.values()), grad_y.cuda())
+    cuda32 = {k: v.cuda().float().requires_grad_() for k, v in args.items()}
+    y = scan_triton.selective_scan_triton(**cuda32, delta_softplus=True)
+    got = torch.autograd.grad(y, list(cuda32.values()), grad_y.cuda().float())
+    assert rel_err(y, want_y) < 2e-5
+    for name, g, w in zip(cuda32, got, want):
+        assert rel_err(g, w) < 5e-5, name
+
+
+@pytest.mark.gpu
+def test_forward_is_deterministic():
+    args = {k: v.cuda().float() for k, v in make_inputs(2, 32, 16, 3000).items()}
+    y1 = scan_triton.selective_scan_triton(**args, delta_softplus=True)
+    y2 = scan_triton.selective_scan_triton(**args, delta_softplus=True)
+    assert torch.equal(y1, y2)
+
+
+@pytest.mark.gpu
+def test_tom_layer_triton_matches_torch_backend(monkeypatch):
+    from segresmamba.ssm import TriOrientedMamba
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the convs in full fp32 on both sides
+    torch.manual_seed(0)
+    layer = TriOrientedMamba(16, scan_backend="torch").cuda()
+    x = torch.randn(2, 16, 8, 8, 8, device="cuda", requires_grad=True)
+    out_torch = layer(x)
+    grads_torch = torch.autograd.grad(out_torch.square().sum(), [x, *layer.parameters()])
+    layer.scan_backend = "triton"
+    out_triton = layer(x)
+    grads_triton = torch.autograd.grad(out_triton.square().sum(), [x, *layer.parameters()])
+    assert rel_err(out_triton, out_torch) < 1e-5
+    for g_triton, g_torch in zip(grads_triton, grads_torch):
+        assert rel_err(g_triton, g_torch) < 1e-4
+    assert scan_mod.resolve_backend("auto", x.device) == "triton"
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("b,d,n,length,chunk", [(1, 3, 4, 1, 16), (2, 3, 5, 37, 16), (1, 4, 16, 70, 32)])
+@pytest.mark.parametrize("softplus,full", [(True, True), (False, False)])
+def test_kernels_under_interpreter(b, d, n, length, chunk, softplus, full, monkeypatch):
+    import triton.runtime.interpreter as interp
+
+    # numpy >= 2.4 refuses int() of a one-element array, which the Triton 3.6 interpreter uses for loop bounds
+    patch = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
+    check_kernels("cpu", b, d, n, length, chunk, softplus, full)
