@@ -4,8 +4,9 @@
 
 - ``"torch"``: :func:`segresmamba.ssm.scan_torch.selective_scan_torch`, runs anywhere.
 - ``"mamba_ssm"``: the CUDA kernel of the ``mamba-ssm`` package (Gu & Dao 2023), GPU only.
-- ``"auto"``: the fastest available backend for the tensor's device: ``mamba_ssm`` on CUDA when it
-  imports, else ``torch``.
+- ``"triton"``: the suite's chunk-parallel Triton kernels (:mod:`segresmamba.ssm.scan_triton`), GPU only.
+- ``"auto"``: the fastest available backend for the tensor's device, by measurement
+  (results/perf/scan.md): on CUDA ``mamba_ssm`` when it imports, then ``triton``, else ``torch``.
 
 The optional backends are probed lazily, on first use. A missing or broken ``mamba-ssm`` (not installed,
 or an extension built against another torch: "undefined symbol") never breaks ``import segresmamba``:
