@@ -116,9 +116,9 @@ def write_markdown(summary: pd.DataFrame, runs: pd.DataFrame, out: Path) -> None
     for r in summary.itertuples():
         lines.append(
             f"| {r.model} | {int(r.folds) if not pd.isna(r.folds) else 0} | {_pm(r.test_dice_mean_mean, r.test_dice_mean_std)} | "
-            f"{_pm(r.val_best_dice_mean_mean, r.val_best_dice_mean_std)} | {_pm(getattr(r, 'epochs_mean', float('nan')), None, 0)} | "
+            f"{_pm(r.val_best_dice_mean_mean, r.val_best_dice_mean_std)} | {_pm(r.epochs_mean, None, 0)} | "
             f"{_pm(r.fit_wall_s_mean, None, 0)} | {_pm(r.step_ms_mean, None, 0)} | "
-            f"{_pm(getattr(r, 'peak_gib_mean', float('nan')), None, 2) if not pd.isna(getattr(r, 'peak_gib_mean', float('nan'))) else 'not measured'} | "
+            f"{'not measured' if pd.isna(r.peak_gib_mean) else _pm(r.peak_gib_mean, None, 2)} | "
             f"{_pm(r.energy_kwh_mean, None, 5)} | {_pm(r.co2_kg_mean, None, 5)} | {r.failed} |"
         )
     errors = runs[runs.status != "ok"]

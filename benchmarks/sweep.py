@@ -115,8 +115,8 @@ def run_command(sweep: Sweep, model: str, fold: int, run_dir: Path, record: Path
     model_cfg = ROOT / "configs" / "model" / f"{model}.yaml"
     cmd += ["-c", str(model_cfg)] if model_cfg.exists() else ["--model.net", model]
     cmd += ["-c", str(ROOT / sweep.data_config)]
-    data_args = {k: v for k, v in data_init.items()}
-    if "fold" in data_args or any(k == "fold" for k in data_init):
+    data_args = dict(data_init)
+    if "fold" in data_args:
         data_args["fold"] = fold
     cmd += _flags("data.init_args", data_args)
     cmd += _flags("model", sweep.model_args)

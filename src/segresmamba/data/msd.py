@@ -3,7 +3,6 @@ Nature Communications 13:4128), read through their ``dataset.json``."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -11,7 +10,7 @@ from typing import Literal
 from monai.transforms import Compose
 
 from segresmamba.data.ondisk import OnDiskDataModule
-from segresmamba.data.splits import Split, default_split_path, load_or_create_split
+from segresmamba.data.splits import Split, default_split_path, load_or_create_split, read_json_object
 from segresmamba.data.transforms import ct_eval_transforms, ct_train_transforms
 from segresmamba.data.validation import CaseFiles, is_hidden, require_directory
 
@@ -23,14 +22,7 @@ CT_DEFAULT_WINDOW = (-175.0, 250.0)
 def read_decathlon_json(path: str | Path) -> dict:
     """Read and check a Decathlon ``dataset.json`` (``modality``, ``labels``, ``training`` list)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"dataset json {path} does not exist") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read dataset json {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"dataset json {path}: expected a json object")
+    data = read_json_object(path, "dataset json")
     for key in ("modality", "labels"):
         if not isinstance(data.get(key), dict) or not data[key]:
             raise ValueError(f"dataset json {path}: '{key}' must be a non-empty object like {{\"0\": ...}}")

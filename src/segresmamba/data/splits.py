@@ -120,15 +120,17 @@ def default_split_path(root: str | Path, dataset: str, scheme: Scheme, seed: int
     return Path(root) / "splits" / f"{dataset}_{tag}_seed{seed}.json"
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path, what: str = "split file") -> dict:
+    """A json file whose top level is an object; a missing, unreadable or wrong file is a ValueError
+    naming ``what`` and the path."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"split file {path} does not exist") from None
+        raise ValueError(f"{what} {path} does not exist") from None
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read split file {path}: {err}") from None
+        raise ValueError(f"cannot read {what} {path}: {err}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"split file {path}: expected a json object at the top level")
+        raise ValueError(f"{what} {path}: expected a json object at the top level")
     return data
 
 
@@ -166,7 +168,7 @@ def load_or_create_split(
         raise ValueError(f"fold={fold} needs split 'kfold'; a holdout split has only fold 0")
     path = Path(path) if path is not None else None
     if path is not None and path.is_file():
-        data = _read_json(path)
+        data = read_json_object(path)
         if data.get("format") != SPLIT_FORMAT:
             raise ValueError(f"split file {path}: not a {SPLIT_FORMAT} file (missing or wrong 'format')")
         if data.get("scheme") != scheme:
@@ -213,7 +215,7 @@ def read_brats_folds(path: str | Path) -> dict[str, int]:
     always stacks channels in :data:`~segresmamba.data.phantoms.BRATS_CHANNELS` order).
     """
     path = Path(path)
-    data = _read_json(path)
+    data = read_json_object(path)
     entries = data.get("training")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"folds file {path}: expected a non-empty 'training' list")
