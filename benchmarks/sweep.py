@@ -1,4 +1,5 @@
-"""Sweep runner: dataset x model x fold, each run through the same ``segresmamba fit`` + ``test``.
+"""Sweep runner: dataset x model x fold, each run one ``segresmamba fit --test_after_fit true`` (fit, then test
+of the best checkpoint, in one process), all through the same CLI as a user's runs.
 
     python -m benchmarks.sweep configs/bench/quick.yaml
     python -m benchmarks.sweep configs/bench/brats.yaml --data-root /data/BraTS2021 --gpus 0,1
@@ -108,8 +109,9 @@ def prepare_data(sweep: Sweep, data_root: str | None) -> dict:
     return {"init_args": init_args, "summary": summary}
 
 
-def run_command(sweep: Sweep, model: str, fold: int, run_dir: Path, record: Path, data_init: dict, stage: str, ckpt: str | None) -> list[str]:
-    cmd = [sys.executable, "-m", "segresmamba", stage]
+def run_command(sweep: Sweep, model: str, fold: int, run_dir: Path, record: Path, data_init: dict) -> list[str]:
+    """``segresmamba fit ... --test_after_fit true``: fit, then test the best checkpoint, in one process."""
+    cmd = [sys.executable, "-m", "segresmamba", "fit"]
     for cfg in sweep.trainer_configs:
         cmd += ["-c", str(ROOT / cfg)]
     model_cfg = ROOT / "configs" / "model" / f"{model}.yaml"
@@ -124,21 +126,13 @@ def run_command(sweep: Sweep, model: str, fold: int, run_dir: Path, record: Path
     cmd += [
         "--trainer.default_root_dir", str(run_dir),
         "--trainer.logger.init_args.save_dir", str(run_dir),
-        "--trainer.logger.init_args.name", stage,
+        "--trainer.logger.init_args.name", "fit",
         "--run_record", str(record),
+        "--test_after_fit", "true",
     ]
-    if stage == "fit" and sweep.energy_country:
+    if sweep.energy_country:
         cmd += ["--energy_country", sweep.energy_country]
-    if ckpt:
-        cmd += ["--ckpt_path", ckpt]
     return cmd
-
-
-def _best_checkpoint(run_dir: Path) -> str | None:
-    found = sorted(run_dir.glob("fit/version_*/checkpoints/best-*.ckpt"), key=os.path.getmtime)
-    if not found:
-        found = sorted(run_dir.glob("fit/version_*/checkpoints/last.ckpt"), key=os.path.getmtime)
-    return str(found[-1]) if found else None
 
 
 def execute_run(sweep: Sweep, model: str, fold: int, out_dir: Path, data: dict, gpu: str | None, log_to_file: bool) -> dict:
@@ -154,21 +148,22 @@ def execute_run(sweep: Sweep, model: str, fold: int, out_dir: Path, data: dict, 
         env["CUDA_VISIBLE_DEVICES"] = gpu
     t0 = time.perf_counter()
     status, error = "ok", None
-    for stage in ("fit", "test"):
-        ckpt = _best_checkpoint(run_dir) if stage == "test" else None
-        if stage == "test" and ckpt is None:
-            status, error = "error", "fit produced no checkpoint"
-            break
-        cmd = run_command(sweep, model, fold, run_dir, record_path, data["init_args"], stage, ckpt)
-        log = run_dir / f"{stage}.log"
-        with open(log, "w") as fh:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh if log_to_file else None, stderr=subprocess.STDOUT if log_to_file else fh)
-        if proc.returncode != 0:
-            tail = log.read_text()[-4000:]
-            status = "error"
-            error = "CUDA out of memory" if "OutOfMemoryError" in tail or "out of memory" in tail else tail.strip().splitlines()[-1] if tail.strip() else f"exit code {proc.returncode}"
-            break
+    log = run_dir / "fit.log"
+    with open(log, "w") as fh:
+        proc = subprocess.run(
+            run_command(sweep, model, fold, run_dir, record_path, data["init_args"]), cwd=ROOT, env=env,
+            stdout=fh if log_to_file else None, stderr=subprocess.STDOUT if log_to_file else fh,
+        )
+    if proc.returncode != 0:
+        tail = log.read_text()[-4000:].strip()
+        status = "error"
+        if "OutOfMemoryError" in tail or "out of memory" in tail:
+            error = "CUDA out of memory"
+        else:
+            error = tail.splitlines()[-1] if tail else f"exit code {proc.returncode}"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    if status == "ok" and not record.get("test"):
+        status, error = "error", "fit finished but no test result was recorded"
     record.update({
         "sweep": sweep.name, "protocol": sweep.protocol, "model": model, "fold": fold, "status": status,
         "error": error, "run_wall_time_s": time.perf_counter() - t0, "run_dir": str(run_dir.relative_to(ROOT)),

@@ -86,6 +86,7 @@ def test_sweep_runs_records_errors_and_resumes(tmp_path, capsys):
         ok = json.loads((out / "unet" / f"fold{fold}" / "metrics.json").read_text())
         assert ok["status"] == "ok" and ok["fold"] == fold
         assert 0.0 <= ok["test"]["test/dice_mean"] <= 1.0
+        assert "best-" in ok["test"]["ckpt_path"]  # tested on the best-validation checkpoint
         assert ok["fit"]["best"]["val/dice_mean"] is not None and ok["fit"]["last"] is not None
         assert ok["data"]["provenance"] == "synthetic" and ok["provenance"]["git_sha"]
         assert ok["paper_calculator_co2_kg"] > 0

@@ -49,6 +49,10 @@ class SegResMambaCLI(LightningCLI):
             }
         )
         parser.add_argument("--checkpoint_monitor", type=str, default="val/dice_mean", help="metric the best checkpoint maximises")
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False,
+            help="after fit, test the best checkpoint in the same process (one start-up and data setup instead of two)",
+        )
         parser.add_argument("--run_record", type=Optional[str], default=None, help="metrics.json path (default: the run directory)")
         parser.add_argument(
             "--energy_country", type=Optional[str], default=None,
@@ -83,6 +87,12 @@ class SegResMambaCLI(LightningCLI):
         present = {type(c) for c in kwargs.get("callbacks") or []}
         kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [c for c in extra if type(c) not in present]
         return super().instantiate_trainer(**kwargs)
+
+
+    def after_fit(self) -> None:
+        if self.config.fit.get("test_after_fit"):
+            best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or "last")
 
 
 def doctor() -> int:
