@@ -178,6 +178,61 @@ def execute_run(sweep: Sweep, model: str, fold: int, out_dir: Path, data: dict, 
     return record
 
 
+def _run_local(todo, sweep: Sweep, out_dir: Path, data: dict, args):
+    """Runs on this machine, one at a time per GPU in ``--gpus`` (or one at a time without GPUs)."""
+    gpus = args.gpus.split(",") if args.gpus else [None]
+    free: queue.Queue = queue.Queue()
+    for g in gpus:
+        free.put(g)
+
+    def one(job):
+        gpu = free.get()
+        try:
+            return execute_run(sweep, *job, out_dir, data, gpu, log_to_file=not args.verbose)
+        finally:
+            free.put(gpu)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(gpus)) as pool:
+        futures = {pool.submit(one, job): job for job in todo}
+        for future in concurrent.futures.as_completed(futures):
+            yield futures[future], future.result()
+
+
+def _run_submitit(todo, sweep: Sweep, out_dir: Path, data: dict, args):
+    """One job per run through submitit: SLURM where ``sbatch`` exists, else submitit's local executor.
+
+    Each job runs :func:`execute_run`, which writes the run's metrics.json on the shared file system,
+    so the same skip-finished-runs logic collects the results and resumes a sweep. A job that dies
+    without writing (killed, node failure) becomes an error row here.
+    """
+    try:
+        import submitit
+    except ImportError:
+        raise SystemExit("error: --launcher submitit needs submitit: pip install -e '.[slurm]'") from None
+    folder = Path(args.submitit_folder) if args.submitit_folder else ROOT / "runs" / sweep.name / "submitit"
+    executor = submitit.AutoExecutor(folder=str(folder))
+    executor.update_parameters(
+        name=f"segresmamba-{sweep.name}", timeout_min=args.timeout_min, gpus_per_node=args.gpus_per_job,
+        cpus_per_task=args.cpus_per_job, mem_gb=args.mem_gb,
+        **({"slurm_partition": args.slurm_partition} if args.slurm_partition else {}),
+    )
+    print(f"submitit: {executor.cluster} executor, job folder {folder}", flush=True)
+    jobs = {executor.submit(execute_run, sweep, model, fold, out_dir, data, None, True): (model, fold) for model, fold in todo}
+    pending = dict(jobs)
+    while pending:
+        for job in [j for j in pending if j.done()]:
+            model, fold = pending.pop(job)
+            try:
+                yield (model, fold), job.result()
+            except Exception as err:  # the job itself died: record it like any failed run
+                rec = {"model": model, "fold": fold, "status": "error", "error": f"job {job.job_id}: {type(err).__name__}: {err}"}
+                dest = out_dir / model / f"fold{fold}"
+                dest.mkdir(parents=True, exist_ok=True)
+                (dest / "metrics.json").write_text(json.dumps(rec, indent=2))
+                yield (model, fold), rec
+        time.sleep(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run a benchmark sweep (see module docstring).")
     p.add_argument("sweep", help="sweep YAML, e.g. configs/bench/quick.yaml")
@@ -187,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids; runs are spread over them, one per GPU")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs whose metrics.json says error")
     p.add_argument("--verbose", action="store_true", help="show each run's Lightning output instead of logging it")
+    p.add_argument("--launcher", choices=("local", "submitit"), default="local",
+                   help="local: this machine (--gpus); submitit: one SLURM job per run (local executor without SLURM)")
+    p.add_argument("--slurm-partition", default=None)
+    p.add_argument("--gpus-per-job", type=int, default=1)
+    p.add_argument("--cpus-per-job", type=int, default=8)
+    p.add_argument("--mem-gb", type=int, default=64)
+    p.add_argument("--timeout-min", type=int, default=24 * 60)
+    p.add_argument("--submitit-folder", default=None, help="job logs and pickles (default: runs/<sweep>/submitit)")
     args = p.parse_args(argv)
     sweep = Sweep.load(args.sweep)
     models = args.models or sweep.models
@@ -214,32 +277,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skip {model} fold {fold}: finished ({status})", flush=True)
                 continue
         todo.append((model, fold))
-    gpus = args.gpus.split(",") if args.gpus else [None]
-    free: queue.Queue = queue.Queue()
-    for g in gpus:
-        free.put(g)
+    runner = _run_submitit(todo, sweep, out_dir, data, args) if args.launcher == "submitit" else _run_local(todo, sweep, out_dir, data, args)
     started = time.perf_counter()
-    finished = 0
-
-    def one(job):
-        gpu = free.get()
-        try:
-            return execute_run(sweep, *job, out_dir, data, gpu, log_to_file=not args.verbose)
-        finally:
-            free.put(gpu)
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(gpus)) as pool:
-        futures = {pool.submit(one, job): job for job in todo}
-        for future in concurrent.futures.as_completed(futures):
-            finished += 1
-            model, fold = futures[future]
-            rec = future.result()
-            elapsed = time.perf_counter() - started
-            eta = elapsed / finished * (len(todo) - finished)
-            dice = ((rec.get("test") or {}).get("test/dice_mean"))
-            shown = f"test Dice {dice:.3f}" if isinstance(dice, float) else (rec.get("error") or "")
-            print(f"[{finished}/{len(todo)}] {model} fold {fold}: {rec['status']} {shown} "
-                  f"({rec['run_wall_time_s']:.0f} s; ETA {eta / 60:.1f} min)", flush=True)
+    for finished, ((model, fold), rec) in enumerate(runner, 1):
+        eta = (time.perf_counter() - started) / finished * (len(todo) - finished)
+        dice = (rec.get("test") or {}).get("test/dice_mean")
+        shown = f"test Dice {dice:.3f}" if isinstance(dice, float) else (rec.get("error") or "")
+        print(f"[{finished}/{len(todo)}] {model} fold {fold}: {rec['status']} {shown} "
+              f"({rec.get('run_wall_time_s', 0):.0f} s; ETA {eta / 60:.1f} min)", flush=True)
     print(f"results in {out_dir}", flush=True)
     return 0
 

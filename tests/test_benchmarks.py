@@ -160,3 +160,20 @@ def test_aggregation_and_plots_from_fixtures(tmp_path):
     assert "| segresmamba | 0.8839 | 0.810 ± 0.014 |" in side
     for name in ("fig2_dice_vs_memory.png", "fig3_dice_vs_co2.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_sweep_through_submitit_local_executor(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    path = _write_sweep(tmp_path, ["unet"])
+    spec = yaml.safe_load(path.read_text())
+    spec["folds"] = [0]
+    path.write_text(yaml.safe_dump(spec))
+    args = [str(path), "--launcher", "submitit", "--gpus-per-job", "0", "--cpus-per-job", "1", "--mem-gb", "4",
+            "--timeout-min", "20", "--submitit-folder", str(tmp_path / "jobs")]
+    assert sweep.main(args) == 0
+    assert "submitit: local executor" in capsys.readouterr().out
+    record = json.loads((tmp_path / "results" / "unet" / "fold0" / "metrics.json").read_text())
+    assert record["status"] == "ok" and 0.0 <= record["test"]["test/dice_mean"] <= 1.0
+    assert list((tmp_path / "jobs").glob("*_log.out"))  # submitit's job logs
+    sweep.main(args)  # the same resume logic: nothing resubmitted
+    assert "skip unet fold 0: finished (ok)" in capsys.readouterr().out
