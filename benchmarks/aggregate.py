@@ -150,7 +150,7 @@ def plot_figures(summary: pd.DataFrame, out: Path) -> list[Path]:
     dataset = DATASET_OF.get(meta["dataset"].split(";")[0], meta["dataset"])
     paper = paper_figures()
     paper = paper[paper.dataset == dataset]
-    title_tail = f"{meta['provenance']} data · {meta['device']} · {meta['protocol']}"
+    title_tail = f"{meta['provenance']} data · {meta['device']} · {meta['protocol']} · {meta['precision']} · git {meta['git_sha'][:10]}"
     written = []
     for fig_name, x_col, x_label, paper_metric in (
         ("fig2_dice_vs_memory.png", "peak_gib_mean", "peak training memory (GiB)", "train_memory"),
