@@ -86,3 +86,18 @@ def test_fit_on_the_real_mni152_tissue_set(tmp_path):
     assert record["data"]["dataset"] == "mni152_tissue" and record["data"]["provenance"] == "real"
     assert record["fit"]["global_steps"] == 2
     assert {"val/dice_CSF_other", "val/dice_GM", "val/dice_WM", "val/dice_mean"} <= set(record["fit"]["best"])
+
+
+def test_distributed_test_matches_one_process(fitted):
+    """DDP (gloo, 2 CPU processes) scores the same cases as one process: per-rank Dice is gathered, not averaged
+    per rank. Two test cases, so the distributed sampler splits them evenly (an odd count would repeat one)."""
+    ckpt = fitted / "runs/default/version_0/checkpoints/last.ckpt"
+    common = ["-c", str(ROOT / "configs/trainer/cpu.yaml"), "-c", str(ROOT / "configs/model/segresmamba.yaml"),
+              "--model.net_kwargs.feature_sizes", "[8, 16, 32, 64]", "--trainer.enable_progress_bar", "false",
+              *DATA, "--data.num_test", "2", "--ckpt_path", str(ckpt)]
+    run_cli("test", *common, "--run_record", str(fitted / "one.json"), cwd=fitted)
+    run_cli("test", *common, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--run_record", str(fitted / "two.json"), cwd=fitted)
+    one = json.loads((fitted / "one.json").read_text())["test"]
+    two = json.loads((fitted / "two.json").read_text())["test"]
+    for key in ("test/dice_mean", "test/dice_TC", "test/dice_WT", "test/dice_ET"):
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key
