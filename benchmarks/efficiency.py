@@ -166,6 +166,11 @@ def profile_one(model_name: str, cfg: BenchConfig, args) -> dict:
     """One row: every measurement of one model at one config; failures become an ``error`` field."""
     row: dict = {"model": model_name, "config": cfg.name}
     on_gpu = torch.cuda.is_available() and not args.cpu
+    # as in training (configs/trainer/gpu.yaml: benchmark: true); without it bf16 depthwise 3D convs
+    # (MedNeXt, 3D UX-Net) measured slower than fp32
+    if on_gpu:
+        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
+        row["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     try:
         model = segresmamba.create_model(model_name, cfg.in_channels, cfg.out_channels, cfg.patch)
         row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
@@ -283,6 +288,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids to spread models over (default: the current one)")
     p.add_argument("--cpu", action="store_true", help="profile on the CPU even if a GPU exists")
     p.add_argument("--patch", type=int, default=None, help="override every config's patch side (volume = 2 x patch); for quick CPU checks")
+    p.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="leave cudnn.benchmark off (the training configs turn it on; the H200 tables of git bb16966 had it off)")
     p.add_argument("--skip-macs", action="store_true")
     p.add_argument("--skip-cpu-times", action="store_true")
     p.add_argument("--worker-jobs", default=None, help=argparse.SUPPRESS)
