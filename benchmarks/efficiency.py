@@ -219,7 +219,7 @@ def _paper_columns(cfg: str) -> pd.DataFrame:
     return wide.reset_index().rename(columns={"index": "model"})
 
 
-def write_tables(rows: list[dict], out_dir: Path, meta: dict) -> list[Path]:
+def write_tables(rows: list[dict], out_dir: Path, meta: dict, configs: dict[str, BenchConfig] = CONFIGS) -> list[Path]:
     """``<out>/<device>/<config>.csv`` and ``.md``, with the paper's columns and provenance."""
     written = []
     df = pd.DataFrame(rows)
@@ -234,7 +234,7 @@ def write_tables(rows: list[dict], out_dir: Path, meta: dict) -> list[Path]:
             kept = pd.read_csv(csv)
             part = pd.concat([kept[~kept.model.isin(part.model)], part], ignore_index=True)
         part.to_csv(csv, index=False, float_format="%.4g")
-        cfg = CONFIGS[cfg_name]
+        cfg = configs[cfg_name]
         shown = [c for c in part.columns if c not in meta and c != "uncounted_ops"]
         md = [
             f"# Efficiency, {cfg_name}: {cfg.in_channels} -> {cfg.out_channels} channels, patch {'x'.join(map(str, cfg.patch))}, batch 1",
@@ -308,17 +308,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[Path]:
     raw = sys.argv[1:] if argv is None else argv
     args = parse_args(raw)
+    configs = CONFIGS if not args.patch else {
+        name: BenchConfig(name, c.in_channels, c.out_channels, (args.patch,) * 3, (2 * args.patch,) * 3, c.multilabel)
+        for name, c in CONFIGS.items()
+    }
     if args.worker_jobs:  # a worker of a multi-GPU run
         with open(args.worker_out, "a") as fh:
             for model_name, cfg_name in json.loads(args.worker_jobs):
-                fh.write(json.dumps(profile_one(model_name, CONFIGS[cfg_name], args)) + "\n")
+                fh.write(json.dumps(profile_one(model_name, configs[cfg_name], args)) + "\n")
                 fh.flush()
         return []
     if args.gpus and not torch.cuda.is_available():
         raise SystemExit("error: --gpus given but CUDA is not available")
-    if args.patch:
-        for name, cfg in list(CONFIGS.items()):
-            CONFIGS[name] = BenchConfig(name, cfg.in_channels, cfg.out_channels, (args.patch,) * 3, (2 * args.patch,) * 3, cfg.multilabel)
     jobs = [(m, c) for c in args.configs for m in args.models]
     if args.gpus and len(args.gpus.split(",")) > 1:
         passthrough = [a for a in raw if not a.startswith("--gpus") and a != args.gpus]
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         rows = []
         for i, (model_name, cfg_name) in enumerate(jobs, 1):
             print(f"[{i}/{len(jobs)}] {model_name} @ {cfg_name}", flush=True)
-            rows.append(profile_one(model_name, CONFIGS[cfg_name], args))
+            rows.append(profile_one(model_name, configs[cfg_name], args))
     on_gpu = torch.cuda.is_available() and not args.cpu
     ver = versions()
     meta = {
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     }
     if args.patch:
         meta["note"] = f"patch overridden to {args.patch}^3 (not the paper configuration)"
-    written = write_tables(rows, args.out, meta)
+    written = write_tables(rows, args.out, meta, configs)
     for path in written:
         print(f"wrote {path}")
     return written
