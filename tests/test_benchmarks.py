@@ -187,3 +187,16 @@ def test_profiler_spreads_models_over_worker_processes(tmp_path):
     assert all(r["params_m"] > 0 and "error" not in r for r in rows)
     assert all(r["train_peak_gib_fp32"] == "not measured" for r in rows)
     assert not list(tmp_path.glob(".rows-*.jsonl"))  # worker files are collected and removed
+
+
+def test_model_step_table_from_an_efficiency_table(tmp_path):
+    from benchmarks import model_step
+
+    table = Path(__file__).resolve().parents[1] / "results/efficiency/nvidia-h200/brats.csv"
+    model_step.main(["--table", str(table), "--out", str(tmp_path), "--models", "segresmamba", "swinunetr"])
+    df = pd.read_csv(tmp_path / "model_step.csv")
+    assert len(df) == 4 and set(df.precision) == {"bf16", "fp32"}
+    source = pd.read_csv(table).set_index("model")
+    row = df[(df.model == "segresmamba") & (df.precision == "bf16")].iloc[0]
+    assert row.step_ms == pytest.approx(float(source.loc["segresmamba", "step_ms_bf16"]), rel=1e-3)
+    assert row.device == "NVIDIA H200" and row.git_sha == source.loc["segresmamba", "git_sha"]
