@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 
 from benchmarks.paper import paper_figures  # noqa: E402
 
-NUMERIC = ("val_best_dice_mean", "best_epoch", "epochs", "fit_wall_s", "step_ms", "peak_gib", "energy_kwh", "co2_kg",
+NUMERIC = ("val_best_dice_mean", "untrained_dice_mean", "best_epoch", "epochs", "fit_wall_s", "step_ms", "peak_gib", "energy_kwh", "co2_kg",
            "calculator_co2_kg", "params_m")
 DATASET_OF = {"brats2021": "brats", "brats_synthetic": "brats", "btcv": "btcv", "msd_spleen": "spleen"}
 
@@ -46,6 +46,7 @@ def load_runs(result_dir: Path) -> pd.DataFrame:
             "provenance": data.get("provenance"),
             "test_dice_mean": test.get("test/dice_mean"),
             "val_best_dice_mean": best.get("val/dice_mean"),
+            "untrained_dice_mean": (fit.get("untrained") or {}).get("val/dice_mean"),
             "best_epoch": best.get("epoch"),
             "epochs": fit.get("epochs"),
             "fit_wall_s": fit.get("wall_time_s"),
@@ -110,13 +111,16 @@ def write_markdown(summary: pd.DataFrame, runs: pd.DataFrame, out: Path) -> None
         f"Protocol: {meta['protocol']}. Device: {meta['device']}. Precision: {meta['precision']}. git {meta['git_sha']}.",
         "Mean ± std over folds. Dice = test Dice of the best-validation checkpoint (whole volumes, sliding window).",
         "",
-        "| model | folds | test mean Dice | best val mean Dice | epochs | fit wall (s) | step (ms) | peak GiB | energy (kWh) | CO2 (kg) | failed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Untrained = the validation Dice of the same network before its first step (Lightning's sanity check).",
+        "",
+        "| model | folds | test mean Dice | best val mean Dice | untrained val Dice | epochs | fit wall (s) | step (ms) | peak GiB | energy (kWh) | CO2 (kg) | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary.itertuples():
         lines.append(
             f"| {r.model} | {int(r.folds) if not pd.isna(r.folds) else 0} | {_pm(r.test_dice_mean_mean, r.test_dice_mean_std)} | "
-            f"{_pm(r.val_best_dice_mean_mean, r.val_best_dice_mean_std)} | {_pm(r.epochs_mean, None, 0)} | "
+            f"{_pm(r.val_best_dice_mean_mean, r.val_best_dice_mean_std)} | {_pm(r.untrained_dice_mean_mean, None)} | "
+            f"{_pm(r.epochs_mean, None, 0)} | "
             f"{_pm(r.fit_wall_s_mean, None, 0)} | {_pm(r.step_ms_mean, None, 0)} | "
             f"{'not measured' if pd.isna(r.peak_gib_mean) else _pm(r.peak_gib_mean, None, 2)} | "
             f"{_pm(r.energy_kwh_mean, None, 5)} | {_pm(r.co2_kg_mean, None, 5)} | {r.failed} |"

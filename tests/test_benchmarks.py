@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import torch
 import pytest
 import yaml
 
@@ -87,6 +88,11 @@ def test_sweep_runs_records_errors_and_resumes(tmp_path, capsys):
         assert ok["status"] == "ok" and ok["fold"] == fold
         assert 0.0 <= ok["test"]["test/dice_mean"] <= 1.0
         assert "best-" in ok["test"]["ckpt_path"]  # tested on the best-validation checkpoint
+        # a sweep keeps only the best weights: no last.ckpt, no optimizer state
+        ckpts = sorted(Path(ok["test"]["ckpt_path"]).parent.glob("*.ckpt"))
+        assert [c.name.startswith("best-") for c in ckpts] == [True]
+        assert "optimizer_states" not in torch.load(ckpts[0], map_location="cpu", weights_only=False)
+        assert 0.0 <= ok["fit"]["untrained"]["val/dice_mean"] <= 1.0 and ok["fit"]["untrained"]["batches"] == "all"
         assert ok["fit"]["best"]["val/dice_mean"] is not None and ok["fit"]["last"] is not None
         assert ok["data"]["provenance"] == "synthetic" and ok["provenance"]["git_sha"]
         assert ok["paper_calculator_co2_kg"] > 0
@@ -108,6 +114,7 @@ def test_sweep_runs_records_errors_and_resumes(tmp_path, capsys):
     summary = pd.read_csv(out / "summary.csv")
     assert set(summary.model) == {"unet", "segresmamba"}
     assert int(summary.set_index("model").loc["segresmamba", "failed"]) == 2
+    assert "untrained val Dice" in (out / "summary.md").read_text()
     assert "segresmamba fold 0" in (out / "summary.md").read_text()
 
 

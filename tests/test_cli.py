@@ -44,6 +44,7 @@ def test_fit_writes_run_record(fitted):
     best = record["fit"]["best"]
     assert 0.0 <= best["val/dice_mean"] <= 1.0 and {"val/dice_TC", "val/dice_WT", "val/dice_ET"} <= set(best)
     assert (run / "checkpoints/last.ckpt").exists()
+    assert 0.0 <= record["fit"]["untrained"]["val/dice_mean"] <= 1.0  # the sanity check scores the untrained net
     assert (run / "config.yaml").exists()
 
 

@@ -163,6 +163,7 @@ class RunRecorder(L.Callback):
     def __init__(self, path: str | None = None) -> None:
         self.path = path
         self.history: list[dict[str, float | None]] = []
+        self.untrained: dict[str, Any] | None = None
         self.record: dict[str, Any] = {}
         self._fit_t0 = 0.0
 
@@ -177,11 +178,13 @@ class RunRecorder(L.Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         # not on_validation_epoch_end: callbacks run before the module's hook that logs the Dice
+        metrics = {k: _finite(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if trainer.sanity_checking:
+            # the sanity check scores the untrained network: the floor a trained one must clear
+            batches = trainer.num_sanity_val_steps
+            self.untrained = {**metrics, "batches": "all" if batches == float("inf") else batches}
             return
-        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
-        row.update({k: _finite(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
-        self.history.append(row)
+        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
 
     def _common(self, trainer, pl_module) -> dict[str, Any]:
         dm = trainer.datamodule
@@ -211,6 +214,7 @@ class RunRecorder(L.Callback):
             "peak_memory_reserved_gib": memory.reserved_gib if memory else None,
             "energy": energy.result if energy else None,
             "val_history": self.history,
+            "untrained": self.untrained,
             "best": best,
             "last": self.history[-1] if self.history else None,
             "reported": "best",

@@ -50,6 +50,14 @@ class SegResMambaCLI(LightningCLI):
         )
         parser.add_argument("--checkpoint_monitor", type=str, default="val/dice_mean", help="metric the best checkpoint maximises")
         parser.add_argument(
+            "--checkpoint_save_last", type=bool, default=True,
+            help="also write last.ckpt every epoch (needed to resume a fit; a sweep that only tests the best turns it off)",
+        )
+        parser.add_argument(
+            "--checkpoint_weights_only", type=bool, default=False,
+            help="checkpoints without optimizer state: a third of the size and write time (such a checkpoint cannot resume a fit)",
+        )
+        parser.add_argument(
             "--test_after_fit", type=bool, default=False,
             help="after fit, test the best checkpoint in the same process (one start-up and data setup instead of two)",
         )
@@ -76,7 +84,11 @@ class SegResMambaCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         config = self.config.get(self.subcommand, self.config)
         extra = [
-            ModelCheckpoint(monitor=config.get("checkpoint_monitor"), mode="max", save_last=True, filename="best-{epoch}-{step}"),
+            ModelCheckpoint(
+                monitor=config.get("checkpoint_monitor"), mode="max", filename="best-{epoch}-{step}",
+                save_last=config.get("checkpoint_save_last", True),
+                save_weights_only=config.get("checkpoint_weights_only", False),
+            ),
             LearningRateMonitor(logging_interval="epoch"),
             PeakMemory(),
             StepTimer(),
