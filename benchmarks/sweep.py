@@ -53,6 +53,7 @@ class Sweep:
     phantom: dict[str, Any] | None = None
     energy_country: str | None = "DEU"
     protocol: str = ""
+    runs_dir: str = "runs"  # logs and checkpoints of each run (results go to `out`); relative to the repo
 
     @classmethod
     def load(cls, path: str | Path) -> Sweep:
@@ -142,7 +143,7 @@ def run_command(sweep: Sweep, model: str, fold: int, run_dir: Path, record: Path
 def execute_run(sweep: Sweep, model: str, fold: int, out_dir: Path, data: dict, gpu: str | None, log_to_file: bool) -> dict:
     """fit then test one (model, fold); returns the final record (also written to metrics.json)."""
     result_dir = out_dir / model / f"fold{fold}"
-    run_dir = ROOT / "runs" / sweep.name / model / f"fold{fold}"
+    run_dir = ROOT / sweep.runs_dir / sweep.name / model / f"fold{fold}"
     result_dir.mkdir(parents=True, exist_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     record_path = run_dir / "record.json"
@@ -170,7 +171,7 @@ def execute_run(sweep: Sweep, model: str, fold: int, out_dir: Path, data: dict, 
         status, error = "error", "fit finished but no test result was recorded"
     record.update({
         "sweep": sweep.name, "protocol": sweep.protocol, "model": model, "fold": fold, "status": status,
-        "error": error, "run_wall_time_s": time.perf_counter() - t0, "run_dir": str(run_dir.relative_to(ROOT)),
+        "error": error, "run_wall_time_s": time.perf_counter() - t0, "run_dir": str(run_dir),
         "data_summary": data["summary"],
     })
     fit = record.get("fit") or {}
@@ -213,7 +214,7 @@ def _run_submitit(todo, sweep: Sweep, out_dir: Path, data: dict, args):
         import submitit
     except ImportError:
         raise SystemExit("error: --launcher submitit needs submitit: pip install -e '.[slurm]'") from None
-    folder = Path(args.submitit_folder) if args.submitit_folder else ROOT / "runs" / sweep.name / "submitit"
+    folder = Path(args.submitit_folder) if args.submitit_folder else ROOT / sweep.runs_dir / sweep.name / "submitit"
     executor = submitit.AutoExecutor(folder=str(folder))
     executor.update_parameters(
         name=f"segresmamba-{sweep.name}", timeout_min=args.timeout_min, gpus_per_node=args.gpus_per_job,
@@ -245,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=None, help="subset of the sweep's models")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids; runs are spread over them, one per GPU")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs whose metrics.json says error")
+    p.add_argument("--runs-dir", default=None,
+                   help="where run logs and checkpoints go (default: the sweep's runs_dir, runs/); a fast local disk or "
+                        "/dev/shm keeps checkpoint writes out of short runs' wall time")
     p.add_argument("--verbose", action="store_true", help="show each run's Lightning output instead of logging it")
     p.add_argument("--launcher", choices=("local", "submitit"), default="local",
                    help="local: this machine (--gpus); submitit: one SLURM job per run (local executor without SLURM)")
@@ -256,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--submitit-folder", default=None, help="job logs and pickles (default: runs/<sweep>/submitit)")
     args = p.parse_args(argv)
     sweep = Sweep.load(args.sweep)
+    if args.runs_dir:
+        sweep.runs_dir = args.runs_dir
     models = args.models or sweep.models
     import segresmamba
 

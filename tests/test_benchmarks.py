@@ -81,13 +81,14 @@ def _write_sweep(tmp_path: Path, models: list[str]) -> Path:
 def test_sweep_runs_records_errors_and_resumes(tmp_path, capsys):
     # segresmamba needs patches >= 48: at 32 it fails, which must become an error row, not a crash
     path = _write_sweep(tmp_path, ["unet", "segresmamba"])
-    assert sweep.main([str(path)]) == 0
+    assert sweep.main([str(path), "--runs-dir", str(tmp_path / "runs")]) == 0
     out = tmp_path / "results"
     for fold in (0, 1):
         ok = json.loads((out / "unet" / f"fold{fold}" / "metrics.json").read_text())
         assert ok["status"] == "ok" and ok["fold"] == fold
         assert 0.0 <= ok["test"]["test/dice_mean"] <= 1.0
         assert "best-" in ok["test"]["ckpt_path"]  # tested on the best-validation checkpoint
+        assert Path(ok["run_dir"]).is_relative_to(tmp_path / "runs")  # logs and checkpoints where --runs-dir says
         # a sweep keeps only the best weights: no last.ckpt, no optimizer state
         ckpts = sorted(Path(ok["test"]["ckpt_path"]).parent.glob("*.ckpt"))
         assert [c.name.startswith("best-") for c in ckpts] == [True]
