@@ -140,8 +140,15 @@ def run_command(sweep: Sweep, model: str, fold: int, run_dir: Path, record: Path
     return cmd
 
 
-def execute_run(sweep: Sweep, model: str, fold: int, out_dir: Path, data: dict, gpu: str | None, log_to_file: bool) -> dict:
-    """fit then test one (model, fold); returns the final record (also written to metrics.json)."""
+def execute_run(
+    sweep: Sweep, model: str, fold: int, out_dir: Path, data: dict, gpu: str | None, log_to_file: bool, cpu_threads: int | None = None,
+) -> dict:
+    """fit then test one (model, fold); returns the final record (also written to metrics.json).
+
+    ``cpu_threads`` caps the run's intra-op CPU threads (OMP_NUM_THREADS) unless the caller's environment sets
+    it: two runs that each start one OpenMP thread per core keep the host busy spinning, and the CPU side of a
+    short GPU run (augmentation, metric, kernel launches) then takes longer than its GPU work.
+    """
     result_dir = out_dir / model / f"fold{fold}"
     run_dir = ROOT / sweep.runs_dir / sweep.name / model / f"fold{fold}"
     result_dir.mkdir(parents=True, exist_ok=True)
@@ -151,6 +158,8 @@ def execute_run(sweep: Sweep, model: str, fold: int, out_dir: Path, data: dict, 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    if cpu_threads and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(cpu_threads)
     t0 = time.perf_counter()
     status, error = "ok", None
     log = run_dir / "fit.log"
@@ -172,7 +181,7 @@ def execute_run(sweep: Sweep, model: str, fold: int, out_dir: Path, data: dict, 
     record.update({
         "sweep": sweep.name, "protocol": sweep.protocol, "model": model, "fold": fold, "status": status,
         "error": error, "run_wall_time_s": time.perf_counter() - t0, "run_dir": str(run_dir),
-        "data_summary": data["summary"],
+        "data_summary": data["summary"], "cpu_threads": env.get("OMP_NUM_THREADS"),
     })
     fit = record.get("fit") or {}
     if fit.get("wall_time_s"):
@@ -186,6 +195,7 @@ def execute_run(sweep: Sweep, model: str, fold: int, out_dir: Path, data: dict, 
 def _run_local(todo, sweep: Sweep, out_dir: Path, data: dict, args):
     """Runs on this machine, one at a time per GPU in ``--gpus`` (or one at a time without GPUs)."""
     gpus = args.gpus.split(",") if args.gpus else [None]
+    threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // len(gpus))
     free: queue.Queue = queue.Queue()
     for g in gpus:
         free.put(g)
@@ -193,7 +203,7 @@ def _run_local(todo, sweep: Sweep, out_dir: Path, data: dict, args):
     def one(job):
         gpu = free.get()
         try:
-            return execute_run(sweep, *job, out_dir, data, gpu, log_to_file=not args.verbose)
+            return execute_run(sweep, *job, out_dir, data, gpu, log_to_file=not args.verbose, cpu_threads=threads)
         finally:
             free.put(gpu)
 
@@ -222,7 +232,8 @@ def _run_submitit(todo, sweep: Sweep, out_dir: Path, data: dict, args):
         **({"slurm_partition": args.slurm_partition} if args.slurm_partition else {}),
     )
     print(f"submitit: {executor.cluster} executor, job folder {folder}", flush=True)
-    jobs = {executor.submit(execute_run, sweep, model, fold, out_dir, data, None, True): (model, fold) for model, fold in todo}
+    jobs = {executor.submit(execute_run, sweep, model, fold, out_dir, data, None, True, args.cpus_per_job): (model, fold)
+            for model, fold in todo}
     pending = dict(jobs)
     while pending:
         for job in [j for j in pending if j.done()]:

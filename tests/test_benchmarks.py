@@ -89,6 +89,7 @@ def test_sweep_runs_records_errors_and_resumes(tmp_path, capsys):
         assert 0.0 <= ok["test"]["test/dice_mean"] <= 1.0
         assert "best-" in ok["test"]["ckpt_path"]  # tested on the best-validation checkpoint
         assert Path(ok["run_dir"]).is_relative_to(tmp_path / "runs")  # logs and checkpoints where --runs-dir says
+        assert int(ok["cpu_threads"]) >= 1  # runs side by side must not each spin one OpenMP thread per core
         # a sweep keeps only the best weights: no last.ckpt, no optimizer state
         ckpts = sorted(Path(ok["test"]["ckpt_path"]).parent.glob("*.ckpt"))
         assert [c.name.startswith("best-") for c in ckpts] == [True]
