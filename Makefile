@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency params plots clean
+.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency gpu-hours params plots clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ bench-spleen: $(STAMP) ## MSD Spleen sweep (PROFILE=paper SPLEEN_DIR=...)
 
 bench-efficiency: $(STAMP) ## params, MACs, memory and times of every model at the paper configs -> results/efficiency/<device>/
 	$(PY) -m benchmarks.efficiency $(EFFICIENCY_ARGS)
+
+gpu-hours: $(STAMP) ## GPU hours of the paper protocol from measured step times (EFFICIENCY=results/efficiency/nvidia-h200)
+	$(PY) -m benchmarks.gpu_hours $(or $(EFFICIENCY),results/efficiency/nvidia-h200)
 
 params: $(STAMP) ## parameter table of every model -> results/params.md
 	$(PY) -m benchmarks.params_table

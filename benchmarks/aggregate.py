@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -154,13 +155,15 @@ def plot_figures(summary: pd.DataFrame, out: Path) -> list[Path]:
     dataset = DATASET_OF.get(meta["dataset"].split(";")[0], meta["dataset"])
     paper = paper_figures()
     paper = paper[paper.dataset == dataset]
-    title_tail = f"{meta['provenance']} data · {meta['device']} · {meta['protocol']} · {meta['precision']} · git {meta['git_sha'][:10]}"
+    protocol = meta["protocol"] if meta["precision"] in meta["protocol"] else f"{meta['protocol']} · {meta['precision']}"
+    # the protocol line can be long: wrap it so the title stays inside the figure
+    title_tail = "\n".join(textwrap.wrap(f"{meta['provenance']} data · {meta['device']} · {protocol} · git {meta['git_sha'][:10]}", 120))
     written = []
     for fig_name, x_col, x_label, paper_metric in (
         ("fig2_dice_vs_memory.png", "peak_gib_mean", "peak training memory (GiB)", "train_memory"),
         ("fig3_dice_vs_co2.png", "co2_kg_mean", "CO2 per run (kg, codecarbon)", "co2_5fold"),
     ):
-        fig, (ax_ours, ax_paper) = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig, (ax_ours, ax_paper) = plt.subplots(1, 2, figsize=(11, 4.6))
         ours = summary.dropna(subset=["test_dice_mean_mean"])
         if x_col in ours and ours[x_col].notna().any():
             ours = ours.dropna(subset=[x_col])

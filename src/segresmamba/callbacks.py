@@ -195,7 +195,8 @@ class RunRecorder(L.Callback):
             "params": sum(p.numel() for p in pl_module.parameters()),
             "data": dm.describe() if dm is not None and hasattr(dm, "describe") else None,
             "hparams": {k: v for k, v in hp.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
-            "provenance": provenance(pl_module.device, str(trainer.precision)),
+            # the strategy's device, not the module's: on_fit_end runs after teardown has moved the module to the CPU
+            "provenance": provenance(trainer.strategy.root_device, str(trainer.precision)),
         }
 
     def on_fit_end(self, trainer, pl_module) -> None:
