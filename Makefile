@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency gpu-hours params plots clean
+.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency ddp-check gpu-hours params plots clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -69,6 +69,10 @@ bench-spleen: $(STAMP) ## MSD Spleen sweep (PROFILE=paper SPLEEN_DIR=...)
 
 bench-efficiency: $(STAMP) ## params, MACs, memory and times of every model at the paper configs -> results/efficiency/<device>/
 	$(PY) -m benchmarks.efficiency $(EFFICIENCY_ARGS)
+
+ddp-check: $(STAMP) ## DDP on 2 GPUs vs 1 GPU (2 seeds), same fold of the phantoms -> results/ddp/<card>/
+	test -f data/phantoms/brats/PHANTOM.json || $(PY) -m segresmamba.data.write_phantoms brats --out data/phantoms/brats --cases 10 --size 64 --seed 0
+	$(PY) -m benchmarks.ddp_check --devices 2 --epochs 20
 
 gpu-hours: $(STAMP) ## GPU hours of the paper protocol from measured step times (EFFICIENCY=results/efficiency/nvidia-h200)
 	$(PY) -m benchmarks.gpu_hours $(or $(EFFICIENCY),results/efficiency/nvidia-h200)

@@ -209,3 +209,39 @@ def test_model_step_table_from_an_efficiency_table(tmp_path):
     row = df[(df.model == "segresmamba") & (df.precision == "bf16")].iloc[0]
     assert row.step_ms == pytest.approx(float(source.loc["segresmamba", "step_ms_bf16"]), rel=1e-3)
     assert row.device == "NVIDIA H200" and row.git_sha == source.loc["segresmamba", "git_sha"]
+
+
+def test_ddp_check_two_gloo_processes_vs_one(tmp_path):
+    """The DDP check as on a 2-GPU host, on 2 CPU processes (gloo): same init, Dice compared to the seed spread."""
+    from benchmarks import ddp_check
+    from segresmamba.data import write_phantoms
+
+    write_phantoms.write_brats_phantom(tmp_path / "phantom", cases=5, size=32, seed=0)
+    out = tmp_path / "ddp"
+    rc = ddp_check.main([
+        "--accelerator", "cpu", "--model", "unet", "--devices", "2", "--epochs", "1", "--seeds", "0", "1", "--out", str(out),
+        "--", "--data.init_args.root", str(tmp_path / "phantom"), "--data.init_args.patch_size", "32",
+        "--data.init_args.cache_rate", "0", "--trainer.limit_train_batches", "2",
+    ])
+    assert rc == 0
+    table = pd.read_csv(out / "ddp.csv").set_index("run")
+    assert list(table.index) == ["ddp2_seed0", "one_seed0", "one_seed1"]
+    assert (table.status == "ok").all() and list(table.per_device_batch) == [1, 2, 2]
+    # same seed, same initial weights: the untrained network scores the same on 2 ranks as on one
+    assert table.loc["ddp2_seed0", "untrained_val_dice_mean"] == pytest.approx(table.loc["one_seed0", "untrained_val_dice_mean"], abs=1e-6)
+    assert table.loc["ddp2_seed0", "global_steps"] == table.loc["one_seed0", "global_steps"] == 2
+    text = (out / "ddp.md").read_text()
+    assert "2 devices vs 1" in text and ("**same:" in text or "**DIFFERENT:" in text)
+
+
+def test_ddp_check_refuses_bad_arguments(tmp_path):
+    from benchmarks import ddp_check
+
+    with pytest.raises(SystemExit, match="--devices must be >= 2"):
+        ddp_check.main(["--devices", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not divisible"):
+        ddp_check.main(["--accelerator", "cpu", "--devices", "2", "--global-batch", "3", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no configs/model/nonet.yaml"):
+        ddp_check.main(["--accelerator", "cpu", "--model", "nonet", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="needs 2 GPUs"):
+        ddp_check.main(["--accelerator", "gpu", "--devices", "2", "--out", str(tmp_path)])
