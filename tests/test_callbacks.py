@@ -22,3 +22,22 @@ def test_run_record_names_the_strategy_device_not_the_torn_down_module(monkeypat
     record = callbacks.RunRecorder()._common(trainer, module)
     assert seen == {"device": torch.device("cuda", 1), "precision": "bf16-mixed"}
     assert record["model"] == "unet" and record["params"] == 3
+
+
+def test_peak_memory_restarts_after_the_first_step_once(monkeypatch):
+    # the first step holds one-off work (cuDNN autotuning, the scan dispatch timing its backends)
+    resets = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
+    cb = callbacks.PeakMemory()
+    module = SimpleNamespace(device=torch.device("cuda", 0))
+    trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=10)
+    cb.on_train_start(trainer, module)
+    assert len(resets) == 1
+    for step in (1, 2, 3):
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, module, None, None, step - 1)
+    assert len(resets) == 2  # once after step 1, never again
+    single = callbacks.PeakMemory()
+    single.on_train_start(SimpleNamespace(global_step=0, estimated_stepping_batches=1), module)
+    single.on_train_batch_end(SimpleNamespace(global_step=1, estimated_stepping_batches=1), module, None, None, 0)
+    assert len(resets) == 3  # a one-step fit keeps its only step

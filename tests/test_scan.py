@@ -1,6 +1,7 @@
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
 import pytest
@@ -121,6 +122,60 @@ def test_auto_on_cuda_falls_back_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert scan_mod.resolve_backend("auto", torch.device("cuda")) == "torch"  # warned once only
+
+
+def _sleepy_backend(name, seconds, calls):
+    def fn(*a):
+        calls.append(name)
+        time.sleep(seconds)
+        return selective_scan_torch(*a)
+
+    return scan_mod.ScanBackend(name, lambda: fn, cuda_only=True)
+
+
+def test_auto_measures_the_gpu_backends_once_per_signature(monkeypatch):
+    calls = []
+    monkeypatch.setitem(scan_mod._BACKENDS, "slow", _sleepy_backend("slow", 0.02, calls))
+    monkeypatch.setitem(scan_mod._BACKENDS, "fast", _sleepy_backend("fast", 0.0, calls))
+    monkeypatch.setattr(scan_mod, "AUTO_CUDA_ORDER", ["slow", "fast", "torch"])
+    monkeypatch.setattr(scan_mod, "_AUTO_CHOICES", {})
+    inputs = random_inputs(1, 2, 4, 9)
+    args = tuple(inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")) + (True,)
+    # the measured choice wins over the listed order, with a warm-up and AUTO_REPEATS timed calls each
+    assert scan_mod._auto_measured(args) == "fast"
+    assert calls.count("slow") == calls.count("fast") == scan_mod.AUTO_REPEATS + 1
+    assert scan_mod._auto_measured(args) == "fast" and len(calls) == 2 * (scan_mod.AUTO_REPEATS + 1)  # cached
+    (choice,) = scan_mod.auto_choices().values()
+    assert choice["backend"] == "fast" and choice["ms"]["slow"] > choice["ms"]["fast"]
+    # a new signature (another length, or no gradients) is measured again
+    longer = tuple(torch.cat([t, t], -1) if isinstance(t, torch.Tensor) and t.dim() == 3 else t for t in args)
+    scan_mod._auto_measured(longer)
+    with torch.no_grad():
+        scan_mod._auto_measured(args)
+    assert len(scan_mod.auto_choices()) == 3
+    # the caller's tensors get no gradients from the measurement
+    assert all(t.grad is None for t in inputs.values())
+
+
+def test_measure_fastest_runs_backward_only_with_grad():
+    seen = []
+
+    def fn(a):
+        seen.append(torch.is_grad_enabled() and a[0].requires_grad)
+        return a[0] * 2
+
+    x = (torch.ones(3),)
+    scan_mod.measure_fastest({"f": fn}, x, repeats=1)
+    with torch.no_grad():
+        scan_mod.measure_fastest({"f": fn}, x, repeats=1)
+    assert seen == [True, True, False, False]
+
+
+def test_auto_order_mode_skips_measuring(monkeypatch):
+    monkeypatch.setenv("SEGRESMAMBA_SCAN_AUTO", "order")
+    assert not scan_mod._measuring_allowed()
+    monkeypatch.setenv("SEGRESMAMBA_SCAN_AUTO", "measure")
+    assert scan_mod._measuring_allowed()
 
 
 def test_import_survives_a_broken_mamba_ssm(tmp_path):

@@ -25,17 +25,28 @@ def _sync(module: L.LightningModule) -> None:
 
 
 class PeakMemory(L.Callback):
-    """Peak CUDA memory over training (``max_memory_allocated`` and ``reserved`` after a reset), in GiB.
+    """Peak CUDA memory of training steps (``max_memory_allocated`` and ``reserved``), in GiB.
 
-    Not measured (None) on a CPU: process RSS is not comparable to a GPU's allocator peak.
+    The count starts after the first training step, which alone holds one-off work: cuDNN autotuning
+    and the scan dispatch measuring its backends on copies of the scan inputs. A fit of a single step
+    reports that step. Not measured (None) on a CPU: process RSS is not comparable to a GPU's allocator peak.
     """
 
     def __init__(self) -> None:
         self.allocated_gib: float | None = None
         self.reserved_gib: float | None = None
+        self._after_first = False
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._after_first = False
         if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._after_first or trainer.global_step < 1:
+            return
+        self._after_first = True
+        if pl_module.device.type == "cuda" and trainer.estimated_stepping_batches > 1:
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -5,8 +5,13 @@
 - ``"torch"``: :func:`segresmamba.ssm.scan_torch.selective_scan_torch`, runs anywhere.
 - ``"mamba_ssm"``: the CUDA kernel of the ``mamba-ssm`` package (Gu & Dao 2023), GPU only.
 - ``"triton"``: the suite's chunk-parallel Triton kernels (:mod:`segresmamba.ssm.scan_triton`), GPU only.
-- ``"auto"``: the fastest available backend for the tensor's device, by measurement
-  (results/perf/scan.md): on CUDA ``mamba_ssm`` when it imports, then ``triton``, else ``torch``.
+- ``"auto"``: the fastest available backend for the tensors at hand. On CUDA, the first call with a new
+  signature (shape, dtypes, options, grad mode) times every available GPU backend on those very inputs
+  (forward, plus backward when gradients are on; one warm-up and three timed calls each) and keeps the
+  fastest for that signature: which one wins depends on size and precision (results/perf/scan.md).
+  Under CUDA-graph capture or ``torch.compile``, or with ``SEGRESMAMBA_SCAN_AUTO=order``, it takes the
+  first available in ``AUTO_CUDA_ORDER`` instead (``mamba_ssm``, ``triton``, then ``torch``). On a CPU
+  it is ``torch``. :func:`auto_choices` lists what was chosen and the times behind it.
 
 The optional backends are probed lazily, on first use. A missing or broken ``mamba-ssm`` (not installed,
 or an extension built against another torch: "undefined symbol") never breaks ``import segresmamba``:
@@ -15,6 +20,9 @@ or an extension built against another torch: "undefined symbol") never breaks ``
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +73,10 @@ _BACKENDS: dict[str, ScanBackend] = {
 # Order in which ``auto`` tries backends on CUDA; a faster backend registers itself at the front.
 AUTO_CUDA_ORDER: list[str] = ["mamba_ssm", "torch"]
 _warned: set[str] = set()
+# signature -> (chosen backend, {backend: ms per call}); filled by ``auto`` on CUDA
+_AUTO_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
+AUTO_REPEATS = 3
+log = logging.getLogger(__name__)
 
 
 def register_scan_backend(name: str, load: Callable[[], ScanFn], cuda_only: bool, prefer_on_cuda: bool = False) -> None:
@@ -119,6 +131,88 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
+def auto_choices(reset: bool = False) -> dict[str, dict]:
+    """What ``auto`` chose so far on CUDA: ``{signature text: {"backend": name, "ms": {name: ms}}}``;
+    ``reset`` forgets the choices (the next call of each signature measures again)."""
+    if reset:
+        _AUTO_CHOICES.clear()
+    return {_describe(key): {"backend": name, "ms": times} for key, (name, times) in _AUTO_CHOICES.items()}
+
+
+def _describe(key: tuple) -> str:
+    device, dtypes, shape, n, flags, grad = key
+    return f"cuda:{device} {'/'.join(dtypes)} (b, d, L)={shape} N={n} {flags}{' +grad' if grad else ''}"
+
+
+def _signature(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tuple:
+    flags = "".join(f for f, on in (("z", z is not None), ("D", D is not None), ("b", delta_bias is not None), ("s", delta_softplus)) if on)
+    dtypes = tuple(str(t.dtype).removeprefix("torch.") for t in (u, delta, B))
+    return (u.device.index, dtypes, tuple(u.shape), A.shape[-1], flags, torch.is_grad_enabled())
+
+
+def _call(name: str, args: tuple) -> torch.Tensor:
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus = args
+    fn = _BACKENDS[name].get()
+    assert fn is not None
+    if name == "mamba_ssm":  # the CUDA kernel wants contiguous inputs
+        u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
+        z = None if z is None else z.contiguous()
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_fastest(fns: dict[str, Callable[[tuple], torch.Tensor]], args: tuple, repeats: int = AUTO_REPEATS) -> tuple[str, dict[str, float]]:
+    """Time each ``fns[name](args)`` on copies of ``args`` (forward, and backward when grad is on);
+    returns the fastest name and the median milliseconds per call of each."""
+    grad = torch.is_grad_enabled()
+    device = args[0].device
+    times: dict[str, float] = {}
+    for name, fn in fns.items():
+        samples = []
+        for i in range(repeats + 1):  # the first call compiles / warms up and is not counted
+            copies = tuple(
+                t.detach().clone().requires_grad_(grad and t.is_floating_point()) if isinstance(t, torch.Tensor) else t for t in args
+            )
+            _sync(device)
+            t0 = time.perf_counter()
+            y = fn(copies)
+            if grad:
+                y.backward(torch.ones_like(y))
+            _sync(device)
+            if i:
+                samples.append((time.perf_counter() - t0) * 1000)
+        times[name] = sorted(samples)[len(samples) // 2]
+    return min(times, key=times.get), times
+
+
+def _auto_measured(args: tuple) -> str:
+    """``auto`` on CUDA: the fastest available GPU backend for this signature, measured once."""
+    key = _signature(*args)
+    if key in _AUTO_CHOICES:
+        return _AUTO_CHOICES[key][0]
+    first = resolve_backend("auto", args[0].device)  # also warns once about unavailable backends
+    candidates = [n for n in AUTO_CUDA_ORDER if n != "torch" and _BACKENDS[n].cuda_only and _BACKENDS[n].get() is not None]
+    if len(candidates) < 2:
+        _AUTO_CHOICES[key] = (first, {})
+        return first
+    name, times = measure_fastest({n: (lambda a, n=n: _call(n, a)) for n in candidates}, args)
+    _AUTO_CHOICES[key] = (name, times)
+    log.info("scan_backend auto: %s for %s (%s)", name, _describe(key), ", ".join(f"{k} {v:.2f} ms" for k, v in times.items()))
+    return name
+
+
+def _measuring_allowed() -> bool:
+    if os.environ.get("SEGRESMAMBA_SCAN_AUTO", "measure") == "order":
+        return False
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return not compiling and not capturing
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -132,10 +226,9 @@ def selective_scan(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Mamba-1 selective scan through the chosen backend (arguments as in :func:`selective_scan_torch`)."""
-    name = resolve_backend(backend, u.device)
-    fn = _BACKENDS[name].get()
-    assert fn is not None
-    if name == "mamba_ssm":  # the CUDA kernel wants contiguous inputs
-        u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
-        z = None if z is None else z.contiguous()
-    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if backend == "auto" and u.device.type == "cuda" and _measuring_allowed():
+        name = _auto_measured(args)
+    else:
+        name = resolve_backend(backend, u.device)
+    return _call(name, args)
