@@ -171,6 +171,17 @@ def test_measure_fastest_runs_backward_only_with_grad():
     assert seen == [True, True, False, False]
 
 
+def test_measure_fastest_leaves_out_a_failing_backend():
+    def broken(a):
+        raise RuntimeError("triton compilation failed")
+
+    with pytest.warns(UserWarning, match="'broken' failed.*compilation failed"):
+        name, times = scan_mod.measure_fastest({"broken": broken, "ok": lambda a: a[0] * 2}, (torch.ones(3),), repeats=1)
+    assert name == "ok" and list(times) == ["ok"]
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="every scan backend failed"):
+        scan_mod.measure_fastest({"broken": broken}, (torch.ones(3),), repeats=1)
+
+
 def test_auto_order_mode_skips_measuring(monkeypatch):
     monkeypatch.setenv("SEGRESMAMBA_SCAN_AUTO", "order")
     assert not scan_mod._measuring_allowed()

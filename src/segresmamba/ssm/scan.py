@@ -173,19 +173,26 @@ def measure_fastest(fns: dict[str, Callable[[tuple], torch.Tensor]], args: tuple
     times: dict[str, float] = {}
     for name, fn in fns.items():
         samples = []
-        for i in range(repeats + 1):  # the first call compiles / warms up and is not counted
-            copies = tuple(
-                t.detach().clone().requires_grad_(grad and t.is_floating_point()) if isinstance(t, torch.Tensor) else t for t in args
-            )
-            _sync(device)
-            t0 = time.perf_counter()
-            y = fn(copies)
-            if grad:
-                y.backward(torch.ones_like(y))
-            _sync(device)
-            if i:
-                samples.append((time.perf_counter() - t0) * 1000)
+        try:
+            for i in range(repeats + 1):  # the first call compiles / warms up and is not counted
+                copies = tuple(
+                    t.detach().clone().requires_grad_(grad and t.is_floating_point()) if isinstance(t, torch.Tensor) else t
+                    for t in args
+                )
+                _sync(device)
+                t0 = time.perf_counter()
+                y = fn(copies)
+                if grad:
+                    y.backward(torch.ones_like(y))
+                _sync(device)
+                if i:
+                    samples.append((time.perf_counter() - t0) * 1000)
+        except Exception as err:  # noqa: BLE001 - a backend that fails here is left out, with a warning
+            warnings.warn(f"scan backend {name!r} failed while auto measured it and is not used: {type(err).__name__}: {err}", stacklevel=2)
+            continue
         times[name] = sorted(samples)[len(samples) // 2]
+    if not times:
+        raise RuntimeError(f"every scan backend failed while auto measured them: {', '.join(fns)}")
     return min(times, key=times.get), times
 
 
