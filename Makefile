@@ -30,8 +30,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the suite (CPU torch without a GPU, keeps an existing torch)
 
-test: $(STAMP) ## run the fast test suite (CPU, a few minutes)
+test: $(STAMP) ## run the fast test suite (CPU, a few minutes), then the Triton kernels through Triton's interpreter
 	$(PY) -m pytest -q
+	@if $(PY) -c "import triton" 2>/dev/null; then TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_scan_triton.py -k interpreter; \
+	else echo "triton not installed: the kernel tests under its interpreter are skipped"; fi
 
 test-slow: $(STAMP) ## run the slow CPU tests too (long-sequence scan, longer fits)
 	$(PY) -m pytest -q -m "slow or not slow"

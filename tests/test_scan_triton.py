@@ -268,3 +268,88 @@ def test_kernels_under_interpreter(b, d, n, length, chunk, softplus, full, monke
 
     monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
     check_kernels("cpu", b, d, n, length, chunk, softplus, full)
+
+
+# ------------------------------------------------------------------ several ToM branches in one launch
+
+def check_oriented(device, branches, b, d, n, length, nslices, chunk, tol=2e-5):
+    """oriented_scan_triton against unorient(scan(orient(.))) per branch, in float64, output and every gradient."""
+    from segresmamba.ssm.tom import orient, unorient
+
+    g = torch.Generator().manual_seed(length * 13 + d)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    R = len(branches)
+    inputs = {
+        "u": r(R, b, d, length), "delta": r(R, b, d, length) * 0.5, "A": -torch.rand(R, d, n, generator=g, dtype=torch.float64) * 3 - 0.05,
+        "B": r(R, b, n, length), "C": r(R, b, n, length), "D": r(R, d), "z": r(b, d, length), "delta_bias": r(R, d) * 0.3,
+    }
+    grad_y = r(R, b, d, length)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    want = []
+    for i, o in enumerate(branches):
+        def o_(t):
+            return orient(t, o, nslices)
+
+        y = selective_scan_torch(
+            o_(leaves["u"][i]), o_(leaves["delta"][i]), leaves["A"][i], o_(leaves["B"][i]), o_(leaves["C"][i]),
+            leaves["D"][i], o_(leaves["z"]), leaves["delta_bias"][i], delta_softplus=True,
+        )
+        want.append(unorient(y, o, nslices))
+    want_y = torch.stack(want)
+    want_grads = torch.autograd.grad(want_y, list(leaves.values()), grad_y)
+    args = {k: v.to(device=device, dtype=torch.float32).requires_grad_() for k, v in inputs.items()}
+    y = scan_triton.oriented_scan_triton(**args, orientations=branches, nslices=nslices, chunk=chunk)
+    grads = torch.autograd.grad(y, list(args.values()), grad_y.to(device=device, dtype=torch.float32))
+    bad = [] if within(y, want_y, tol, tol / 2) else ["y"]
+    errors = {"y": rel_err(y, want_y)}
+    for name, got, exp in zip(args, grads, want_grads):
+        errors[name] = rel_err(got, exp)
+        if not within(got, exp, tol, tol / 2):
+            bad.append(name)
+    assert not bad, f"{bad} off (relative errors {errors})"
+
+
+ORIENTED_CASES = [
+    # orientations, batch, channels, d_state, length, nslices, chunk
+    (("forward", "reverse", "slice"), 2, 3, 4, 24, 4, 16),
+    (("reverse", "slice"), 1, 2, 5, 35, 5, 16),  # length not a multiple of the chunk
+    (("slice",), 2, 4, 16, 64, 8, 16),
+]
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("branches,b,d,n,length,nslices,chunk", ORIENTED_CASES)
+def test_oriented_scan_under_interpreter(branches, b, d, n, length, nslices, chunk, monkeypatch):
+    import triton.runtime.interpreter as interp
+
+    patch = interp._patch_lang_tensor  # as in test_kernels_under_interpreter
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
+    check_oriented("cpu", branches, b, d, n, length, nslices, chunk)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("branches,b,d,n,length,nslices,chunk", ORIENTED_CASES + [
+    (("forward", "reverse", "slice"), 1, 96, 16, 16 * 16 * 16, 16, 128),
+    (("forward", "reverse", "slice"), 2, 48, 16, 8 * 8 * 8 * 8, 8, 64),
+])
+def test_oriented_scan_kernels(branches, b, d, n, length, nslices, chunk):
+    check_oriented("cuda", branches, b, d, n, length, nslices, chunk)
+
+
+def test_oriented_scan_rejects_bad_shapes():
+    if not scan_triton.HAS_TRITON:
+        pytest.skip("needs triton")
+    u = torch.zeros(2, 1, 3, 12)
+    A = torch.zeros(2, 3, 4)
+    BC = torch.zeros(2, 1, 4, 12)
+    with pytest.raises(ValueError, match="orientations must name the 2 branches"):
+        scan_triton.oriented_scan_triton(u, u, A, BC, BC, None, None, None, ("forward",), 1)
+    with pytest.raises(ValueError, match="not divisible by nslices=5"):
+        scan_triton.oriented_scan_triton(u, u, A, BC, BC, None, None, None, ("forward", "slice"), 5)
+    with pytest.raises(ValueError, match=r"B must have shape \(2, 1, 4, 12\)"):
+        scan_triton.oriented_scan_triton(u, u, A, BC[:, :, :2], BC, None, None, None, ("forward", "slice"), 3)

@@ -239,6 +239,12 @@ if HAS_TRITON:
         return a1 * a2, a2 * x1 + x2
 
     @triton.jit
+    def _token_index(p, code, L, S, M):
+        """Address of the p-th token of a scan order (code 0 forward, 1 reverse, 2 inter-slice: S slices
+        of M tokens, ``orient(x, "slice", S)[p] = x[(p % S) * M + p // S]``), by index arithmetic."""
+        return tl.where(code == 0, p, tl.where(code == 1, L - 1 - p, (p % S) * M + p // S))
+
+    @triton.jit
     def _load_steps(delta_row, bias_ptr, ch, offs_t, mask_t, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
         """(raw, dt) for one channel's chunk; dt = 0 outside the sequence so padding is inert."""
         raw = tl.load(delta_row + offs_t, mask=mask_t, other=0.0).to(tl.float32)
@@ -253,26 +259,31 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=SIZE_ARGS)
     def _fwd_chunk_state_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, end_ptr, decay_ptr,
-        D_CH, L, N, NCHUNKS,
-        su_b, su_d, sd_b, sd_d, sA_d, sA_n, sB_b, sB_n,
+        u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, end_ptr, decay_ptr, code_ptr,
+        D_CH, L, N, NCHUNKS, NB, S, M,
+        su_b, su_d, sd_b, sd_d, sA_o, sA_d, sA_n, sB_b, sB_n, sbias_o,
         GROUP, T: tl.constexpr, BN: tl.constexpr,
         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     ):
         """Pass 1: every chunk's final state from a zero state, and its total decay."""
         pid_g, k, bb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         bb64 = bb.to(tl.int64)
+        branch = bb // NB
+        code = tl.load(code_ptr + branch)
+        A_ptr += branch * sA_o
+        bias_ptr += branch * sbias_o
         offs_t = k * T + tl.arange(0, T)
+        idx_t = _token_index(offs_t, code, L, S, M)
         offs_n = tl.arange(0, BN)
         mask_t = offs_t < L
         mask_n = offs_n < N
         mask_nt = mask_n[:, None] & mask_t[None, :]
-        Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
         ch0 = pid_g * GROUP
         for i in range(GROUP):  # GROUP divides the channel count
             ch = ch0 + i
-            u = tl.load(u_ptr + bb64 * su_b + ch * su_d + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-            _, dt = _load_steps(delta_ptr + bb64 * sd_b + ch * sd_d, bias_ptr, ch, offs_t, mask_t, HAS_BIAS, SOFTPLUS)
+            u = tl.load(u_ptr + bb64 * su_b + ch * su_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
+            _, dt = _load_steps(delta_ptr + bb64 * sd_b + ch * sd_d, bias_ptr, ch, idx_t, mask_t, HAS_BIAS, SOFTPLUS)
             A = tl.load(A_ptr + ch * sA_d + offs_n * sA_n, mask=mask_n, other=0.0).to(tl.float32)
             # the final state is a weighted sum, no scan needed: h_end = sum_t exp(A * sum_{j>t} dt_j) x_t
             # (the exponent is a suffix sum, <= 0 times A: nothing overflows)
@@ -327,28 +338,35 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=SIZE_ARGS)
     def _fwd_output_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, enter_ptr, y_ptr,
-        D_CH, L, N, NCHUNKS,
-        su_b, su_d, sd_b, sd_d, sz_b, sz_d, sy_b, sy_d, sA_d, sA_n, sB_b, sB_n, sC_b, sC_n,
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, enter_ptr, y_ptr, code_ptr,
+        D_CH, L, N, NCHUNKS, NB, S, M,
+        su_b, su_d, sd_b, sd_d, sz_b, sz_d, sy_b, sy_d, sA_o, sA_d, sA_n, sB_b, sB_n, sC_b, sC_n, sD_o, sbias_o,
         GROUP, T: tl.constexpr, BN: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     ):
         """Pass 3: rescan each chunk from its carried-in state; y = (<h, C> + D u) * silu(z)."""
         pid_g, k, bb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         bb64 = bb.to(tl.int64)
+        branch = bb // NB
+        zb64 = (bb % NB).to(tl.int64)  # z is shared by the branches of one batch element
+        code = tl.load(code_ptr + branch)
+        A_ptr += branch * sA_o
+        D_ptr += branch * sD_o
+        bias_ptr += branch * sbias_o
         offs_t = k * T + tl.arange(0, T)
+        idx_t = _token_index(offs_t, code, L, S, M)
         offs_n = tl.arange(0, BN)
         mask_t = offs_t < L
         mask_n = offs_n < N
         mask_nt = mask_n[:, None] & mask_t[None, :]
-        Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
         first = tl.arange(0, T)[None, :] == 0
         ch0 = pid_g * GROUP
         for i in range(GROUP):  # GROUP divides the channel count
             ch = ch0 + i
-            u = tl.load(u_ptr + bb64 * su_b + ch * su_d + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-            _, dt = _load_steps(delta_ptr + bb64 * sd_b + ch * sd_d, bias_ptr, ch, offs_t, mask_t, HAS_BIAS, SOFTPLUS)
+            u = tl.load(u_ptr + bb64 * su_b + ch * su_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
+            _, dt = _load_steps(delta_ptr + bb64 * sd_b + ch * sd_d, bias_ptr, ch, idx_t, mask_t, HAS_BIAS, SOFTPLUS)
             A = tl.load(A_ptr + ch * sA_d + offs_n * sA_n, mask=mask_n, other=0.0).to(tl.float32)
             h0 = tl.load(enter_ptr + ((bb64 * (NCHUNKS + 1) + k) * D_CH + ch) * N + offs_n, mask=mask_n, other=0.0)
             a = tl.exp(dt[None, :] * A[:, None])
@@ -359,15 +377,15 @@ if HAS_TRITON:
             if HAS_D:
                 out += tl.load(D_ptr + ch).to(tl.float32) * u
             if HAS_Z:
-                z = tl.load(z_ptr + bb64 * sz_b + ch * sz_d + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + zb64 * sz_b + ch * sz_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
                 out = out * z * tl.sigmoid(z)
-            tl.store(y_ptr + bb64 * sy_b + ch * sy_d + offs_t, out, mask=mask_t)
+            tl.store(y_ptr + bb64 * sy_b + ch * sy_d + idx_t, out, mask=mask_t)
 
     @triton.jit(do_not_specialize=SIZE_ARGS)
     def _bwd_chunk_state_kernel(
-        delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, first_ptr, decay_ptr,
-        D_CH, L, N, NCHUNKS,
-        sd_b, sd_d, sz_b, sz_d, sg_b, sg_d, sA_d, sA_n, sC_b, sC_n,
+        delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, first_ptr, decay_ptr, code_ptr,
+        D_CH, L, N, NCHUNKS, NB, S, M,
+        sd_b, sd_d, sz_b, sz_d, sg_b, sg_d, sA_o, sA_d, sA_n, sC_b, sC_n, sbias_o,
         GROUP, T: tl.constexpr, BN: tl.constexpr,
         HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     ):
@@ -377,19 +395,25 @@ if HAS_TRITON:
         """
         pid_g, k, bb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         bb64 = bb.to(tl.int64)
+        branch = bb // NB
+        zb64 = (bb % NB).to(tl.int64)
+        code = tl.load(code_ptr + branch)
+        A_ptr += branch * sA_o
+        bias_ptr += branch * sbias_o
         offs_t = k * T + tl.arange(0, T)
+        idx_t = _token_index(offs_t, code, L, S, M)
         offs_n = tl.arange(0, BN)
         mask_t = offs_t < L
         mask_n = offs_n < N
         mask_nt = mask_n[:, None] & mask_t[None, :]
-        Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
         ch0 = pid_g * GROUP
         for i in range(GROUP):  # GROUP divides the channel count
             ch = ch0 + i
-            _, dt = _load_steps(delta_ptr + bb64 * sd_b + ch * sd_d, bias_ptr, ch, offs_t, mask_t, HAS_BIAS, SOFTPLUS)
-            g = tl.load(dy_ptr + bb64 * sg_b + ch * sg_d + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+            _, dt = _load_steps(delta_ptr + bb64 * sd_b + ch * sd_d, bias_ptr, ch, idx_t, mask_t, HAS_BIAS, SOFTPLUS)
+            g = tl.load(dy_ptr + bb64 * sg_b + ch * sg_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
             if HAS_Z:
-                z = tl.load(z_ptr + bb64 * sz_b + ch * sz_d + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + zb64 * sz_b + ch * sz_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
                 g = g * z * tl.sigmoid(z)
             A = tl.load(A_ptr + ch * sA_d + offs_n * sA_n, mask=mask_n, other=0.0).to(tl.float32)
             upto = tl.cumsum(dt, axis=0)
@@ -402,29 +426,37 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=SIZE_ARGS)
     def _bwd_grad_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, enter_ptr, into_end_ptr,
-        du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
-        D_CH, L, N, NCHUNKS,
-        su_b, su_d, sd_b, sd_d, sz_b, sz_d, sg_b, sg_d, so_b, so_d, sA_d, sA_n, sB_b, sB_n, sC_b, sC_n,
+        du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, code_ptr,
+        D_CH, L, N, NCHUNKS, NB, S, M,
+        su_b, su_d, sd_b, sd_d, sz_b, sz_d, sg_b, sg_d, so_b, so_d, sA_o, sA_d, sA_n, sB_b, sB_n, sC_b, sC_n, sD_o, sbias_o,
         GROUP, T: tl.constexpr, BN: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     ):
         """Backward pass 3: recompute h, scan dh from the carried-in gradient, write every gradient.
 
-        du, ddelta, dz are contiguous (b, d, L); dB, dC fp32 (b, n, L) accumulated atomically;
-        dA/dD/ddelta_bias partials are one row per (batch, chunk).
+        du, ddelta, dz are contiguous (rows, d, L), dz one row per branch and batch element; dB, dC fp32
+        (rows, n, L) accumulated atomically; dA/dD/ddelta_bias partials are one row per (row, chunk).
         """
         pid_g, k, bb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         bb64 = bb.to(tl.int64)
+        branch = bb // NB
+        zb64 = (bb % NB).to(tl.int64)
+        code = tl.load(code_ptr + branch)
+        A_ptr += branch * sA_o
+        D_ptr += branch * sD_o
+        bias_ptr += branch * sbias_o
         tok = tl.arange(0, T)
         offs_t = k * T + tok
+        idx_t = _token_index(offs_t, code, L, S, M)
+        idx_next = _token_index(offs_t + 1, code, L, S, M)
         offs_n = tl.arange(0, BN)
         mask_t = offs_t < L
         mask_n = offs_n < N
         mask_nt = mask_n[:, None] & mask_t[None, :]
         # a_{t+1} for the dh recurrence: within the chunk only, the next chunk enters through into_end
         mask_next = (offs_t + 1 < L) & (tok < T - 1)
-        Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
         first = tok[None, :] == 0
         last = tok[None, :] == T - 1
         dB_acc = tl.zeros([BN, T], dtype=tl.float32)
@@ -434,10 +466,10 @@ if HAS_TRITON:
         for i in range(GROUP):  # GROUP divides the channel count
             ch = ch0 + i
             delta_row = delta_ptr + bb64 * sd_b + ch * sd_d
-            u = tl.load(u_ptr + bb64 * su_b + ch * su_d + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-            raw, dt = _load_steps(delta_row, bias_ptr, ch, offs_t, mask_t, HAS_BIAS, SOFTPLUS)
-            _, dt_next = _load_steps(delta_row, bias_ptr, ch, offs_t + 1, mask_next, HAS_BIAS, SOFTPLUS)
-            dy = tl.load(dy_ptr + bb64 * sg_b + ch * sg_d + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + bb64 * su_b + ch * su_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
+            raw, dt = _load_steps(delta_row, bias_ptr, ch, idx_t, mask_t, HAS_BIAS, SOFTPLUS)
+            _, dt_next = _load_steps(delta_row, bias_ptr, ch, idx_next, mask_next, HAS_BIAS, SOFTPLUS)
+            dy = tl.load(dy_ptr + bb64 * sg_b + ch * sg_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
             A = tl.load(A_ptr + ch * sA_d + offs_n * sA_n, mask=mask_n, other=0.0).to(tl.float32)
             state_row = (bb64 * (NCHUNKS + 1) + k) * D_CH + ch
             h0 = tl.load(enter_ptr + state_row * N + offs_n, mask=mask_n, other=0.0)
@@ -453,11 +485,11 @@ if HAS_TRITON:
             else:
                 Dc = 0.0
             if HAS_Z:
-                z = tl.load(z_ptr + bb64 * sz_b + ch * sz_d + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + zb64 * sz_b + ch * sz_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
                 sig = tl.sigmoid(z)
                 out_pre = tl.sum(h * Ct, axis=0) + Dc * u
                 dz = dy * out_pre * sig * (1.0 + z * (1.0 - sig))
-                tl.store(dz_ptr + bb64 * so_b + ch * so_d + offs_t, dz, mask=mask_t)
+                tl.store(dz_ptr + bb64 * so_b + ch * so_d + idx_t, dz, mask=mask_t)
                 g = dy * z * sig
             else:
                 g = dy
@@ -472,8 +504,8 @@ if HAS_TRITON:
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(raw)
             ddt = tl.where(mask_t, ddt, 0.0)
-            tl.store(du_ptr + bb64 * so_b + ch * so_d + offs_t, du, mask=mask_t)
-            tl.store(ddelta_ptr + bb64 * so_b + ch * so_d + offs_t, ddt, mask=mask_t)
+            tl.store(du_ptr + bb64 * so_b + ch * so_d + idx_t, du, mask=mask_t)
+            tl.store(ddelta_ptr + bb64 * so_b + ch * so_d + idx_t, ddt, mask=mask_t)
             dB_acc += dh * dtu[None, :]
             dC_acc += h * g[None, :]
             dA = tl.sum(dh * dt[None, :] * decayed_prev, axis=1)
@@ -482,7 +514,7 @@ if HAS_TRITON:
                 tl.store(dD_part_ptr + part * D_CH + ch, tl.sum(g * u, axis=0))
             if HAS_BIAS:
                 tl.store(dbias_part_ptr + part * D_CH + ch, tl.sum(ddt, axis=0))
-        state_idx = bb64 * N * L + offs_n[:, None] * L + offs_t[None, :]
+        state_idx = bb64 * N * L + offs_n[:, None] * L + idx_t[None, :]
         tl.atomic_add(dB_ptr + state_idx, dB_acc, mask=mask_nt, sem="relaxed")
         tl.atomic_add(dC_ptr + state_idx, dC_acc, mask=mask_nt, sem="relaxed")
 
@@ -515,91 +547,135 @@ def _run_carry(decay: torch.Tensor, local: torch.Tensor, reverse: bool) -> torch
     return out
 
 
+ORIENTATION_CODES = {"forward": 0, "reverse": 1, "slice": 2}
+_code_tensors: dict[tuple, torch.Tensor] = {}
+
+
+def _codes_on(device: torch.device, codes: tuple[int, ...]) -> torch.Tensor:
+    key = (device, codes)
+    if key not in _code_tensors:  # one small host-to-device copy per (device, orientation set)
+        _code_tensors[key] = torch.tensor(codes, dtype=torch.int32, device=device)
+    return _code_tensors[key]
+
+
+def _row_param(t: torch.Tensor | None) -> torch.Tensor | None:
+    """(R, d) per-branch vectors (D, delta_bias) with a unit channel stride, as the kernels index them."""
+    return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
+
+
 class SelectiveScanTritonFn(torch.autograd.Function):
-    """Chunk-parallel selective scan; saves the inputs and the chunk-entering states only."""
+    """Chunk-parallel selective scan of R branches x nb batch elements in one launch per pass.
+
+    Rows ``r * nb + i`` of u, delta (R nb, d, L) and B, C (R nb, n, L) belong to branch r, whose
+    parameters are ``A[r]`` (d, n), ``D[r]``, ``delta_bias[r]`` (d) and whose scan order is ``codes[r]``
+    (0 forward, 1 reverse, 2 inter-slice over ``nslices`` slices), applied by index arithmetic: every
+    tensor stays in its natural token order and y comes back in it. z (nb, d, L) is shared by the
+    branches. Saves the inputs and the chunk-entering states only.
+    """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, codes, nb, nslices, chunk):
         u, delta, B, C, z = (_last_dim_unit(t) for t in (u, delta, B, C, z))
-        b, d, length = u.shape
-        n = A.shape[1]
-        T, nchunks, BN, group, warps = _plan(b, d, n, length, chunk)
-        grid = (d // group, nchunks, b)
+        D, delta_bias = _row_param(D), _row_param(delta_bias)
+        rows, d, length = u.shape
+        n = A.shape[-1]
+        seg = length // nslices
+        code_t = _codes_on(u.device, codes)
+        T, nchunks, BN, group, warps = _plan(rows, d, n, length, chunk)
+        grid = (d // group, nchunks, rows)
         f32 = dict(dtype=torch.float32, device=u.device)
-        local_end = torch.empty(b, nchunks, d, n, **f32)
-        decay = torch.empty(b, nchunks, d, n, **f32)
+        local_end = torch.empty(rows, nchunks, d, n, **f32)
+        decay = torch.empty(rows, nchunks, d, n, **f32)
         bias = delta_bias if delta_bias is not None else u
+        sbias = delta_bias.stride(0) if delta_bias is not None else 0
         _fwd_chunk_state_kernel[grid](
-            u, delta, A, B, bias, local_end, decay,
-            d, length, n, nchunks,
-            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
+            u, delta, A, B, bias, local_end, decay, code_t,
+            d, length, n, nchunks, nb, nslices, seg,
+            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1), A.stride(2),
+            B.stride(0), B.stride(1), sbias,
             GROUP=group, T=T, BN=BN, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=warps,
         )
         entering = _run_carry(decay, local_end, reverse=False)
         del local_end, decay
-        y = torch.empty(b, d, length, dtype=u.dtype, device=u.device)
+        y = torch.empty(rows, d, length, dtype=u.dtype, device=u.device)
         zz = z if z is not None else u
+        DD = D if D is not None else u
         _fwd_output_kernel[grid](
-            u, delta, A, B, C, D if D is not None else u, zz, bias, entering, y,
-            d, length, n, nchunks,
+            u, delta, A, B, C, DD, zz, bias, entering, y, code_t,
+            d, length, n, nchunks, nb, nslices, seg,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
-            y.stride(0), y.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+            y.stride(0), y.stride(1), A.stride(0), A.stride(1), A.stride(2), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+            D.stride(0) if D is not None else 0, sbias,
             GROUP=group, T=T, BN=BN, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=delta_softplus, num_warps=warps,
         )
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, entering)
         ctx.delta_softplus = delta_softplus
         ctx.plan = (T, nchunks, BN, group, warps)
+        ctx.layout = (codes, nb, nslices)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         u, delta, A, B, C, D, z, delta_bias, entering = ctx.saved_tensors
         T, nchunks, BN, group, warps = ctx.plan
+        codes, nb, nslices = ctx.layout
+        branches = len(codes)
         grad_y = _last_dim_unit(grad_y)
-        b, d, length = u.shape
-        n = A.shape[1]
-        grid = (d // group, nchunks, b)
+        rows, d, length = u.shape
+        n = A.shape[-1]
+        seg = length // nslices
+        code_t = _codes_on(u.device, codes)
+        grid = (d // group, nchunks, rows)
         f32 = dict(dtype=torch.float32, device=u.device)
         has_bias, has_z, has_d = delta_bias is not None, z is not None, D is not None
         bias = delta_bias if has_bias else u
+        sbias = delta_bias.stride(0) if has_bias else 0
         zz = z if has_z else u
 
-        first = torch.empty(b, nchunks, d, n, **f32)
-        decay = torch.empty(b, nchunks, d, n, **f32)
+        first = torch.empty(rows, nchunks, d, n, **f32)
+        decay = torch.empty(rows, nchunks, d, n, **f32)
         _bwd_chunk_state_kernel[grid](
-            delta, A, C, zz, bias, grad_y, first, decay,
-            d, length, n, nchunks,
+            delta, A, C, zz, bias, grad_y, first, decay, code_t,
+            d, length, n, nchunks, nb, nslices, seg,
             delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), grad_y.stride(0), grad_y.stride(1),
-            A.stride(0), A.stride(1), C.stride(0), C.stride(1),
+            A.stride(0), A.stride(1), A.stride(2), C.stride(0), C.stride(1), sbias,
             GROUP=group, T=T, BN=BN, HAS_Z=has_z, HAS_BIAS=has_bias, SOFTPLUS=ctx.delta_softplus, num_warps=warps,
         )
         into_end = _run_carry(decay, first, reverse=True)
         del first, decay
 
-        du = torch.empty(b, d, length, dtype=u.dtype, device=u.device)
-        ddelta = torch.empty(b, d, length, dtype=delta.dtype, device=u.device)
-        dz = torch.empty(b, d, length, dtype=z.dtype, device=u.device) if has_z else du
-        dB = torch.zeros(b, n, length, **f32)
-        dC = torch.zeros(b, n, length, **f32)
-        dA_part = torch.empty(b * nchunks, d, n, **f32)
-        dD_part = torch.empty(b * nchunks, d, **f32) if has_d else dA_part
-        dbias_part = torch.empty(b * nchunks, d, **f32) if has_bias else dA_part
+        du = torch.empty(rows, d, length, dtype=u.dtype, device=u.device)
+        ddelta = torch.empty(rows, d, length, dtype=delta.dtype, device=u.device)
+        # one dz row per (branch, batch element); the branches' shares are summed below
+        dz = torch.empty(rows, d, length, dtype=z.dtype if has_z else u.dtype, device=u.device) if has_z else du
+        dB = torch.zeros(rows, n, length, **f32)
+        dC = torch.zeros(rows, n, length, **f32)
+        dA_part = torch.empty(rows * nchunks, d, n, **f32)
+        dD_part = torch.empty(rows * nchunks, d, **f32) if has_d else dA_part
+        dbias_part = torch.empty(rows * nchunks, d, **f32) if has_bias else dA_part
         _bwd_grad_kernel[grid](
             u, delta, A, B, C, D if has_d else u, zz, bias, grad_y, entering, into_end,
-            du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part,
-            d, length, n, nchunks,
+            du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part, code_t,
+            d, length, n, nchunks, nb, nslices, seg,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
             grad_y.stride(0), grad_y.stride(1), du.stride(0), du.stride(1),
-            A.stride(0), A.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+            A.stride(0), A.stride(1), A.stride(2), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+            D.stride(0) if has_d else 0, sbias,
             GROUP=group, T=T, BN=BN, HAS_D=has_d, HAS_Z=has_z, HAS_BIAS=has_bias, SOFTPLUS=ctx.delta_softplus,
             num_warps=TUNING["bwd_warps"] or warps,
             **({"maxnreg": TUNING["bwd_maxnreg"]} if TUNING["bwd_maxnreg"] else {}),
         )
+
+        def per_branch(part):  # (rows * nchunks, ...) partial rows -> (branches, ...)
+            return part.view(branches, -1, *part.shape[1:]).sum(1)
+
+        if has_z:
+            dz = dz if branches == 1 else dz.view(branches, nb, d, length).sum(0, dtype=torch.float32).to(z.dtype)
         return (
-            du, ddelta, dA_part.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-            dD_part.sum(0).to(D.dtype) if has_d else None, dz if has_z else None,
-            dbias_part.sum(0).to(delta_bias.dtype) if has_bias else None, None, None,
+            du, ddelta, per_branch(dA_part).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            per_branch(dD_part).to(D.dtype) if has_d else None, dz if has_z else None,
+            per_branch(dbias_part).to(delta_bias.dtype) if has_bias else None, None, None, None, None, None,
         )
 
 
@@ -625,7 +701,69 @@ def selective_scan_triton(
         raise RuntimeError("selective_scan_triton needs the triton package")
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     chunk = TUNING["chunk"] if chunk is None else chunk
-    return SelectiveScanTritonFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), chunk)
+    return SelectiveScanTritonFn.apply(
+        u, delta, A[None], B, C, None if D is None else D[None], z, None if delta_bias is None else delta_bias[None],
+        bool(delta_softplus), (0,), u.shape[0], 1, chunk,
+    )
+
+
+def oriented_scan_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    orientations: tuple[str, ...],
+    nslices: int,
+    delta_softplus: bool = True,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """The scans of several ToM branches in one launch per pass, each in its own token order.
+
+    Every tensor is in the natural (row-major D, H, W) token order; branch r scans it in the order
+    ``orientations[r]`` ("forward", "reverse" or "slice": the inter-slice order of
+    :func:`segresmamba.ssm.tom.slice_interleave` with ``nslices``) by index arithmetic, without permuted
+    copies, and its output comes back in the natural order: for each branch the result equals
+    ``unorient(selective_scan(orient(u_r), ...), o_r)``.
+
+    Args:
+        u, delta: (R, b, d, L). B, C: (R, b, n, L). A: (R, d, n). D, delta_bias: (R, d) or None.
+        z: (b, d, L), the gate shared by the branches (ToM's shared in_proj output), or None.
+        orientations: R names. nslices: slices of the inter-slice order (L must be divisible by it).
+        chunk: tokens per chunk (see :func:`selective_scan_triton`).
+
+    Returns:
+        y: (R, b, d, L).
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("oriented_scan_triton needs the triton package")
+    branches, b, d, length = u.shape
+    if len(orientations) != branches or any(o not in ORIENTATION_CODES for o in orientations):
+        raise ValueError(f"orientations must name the {branches} branches with {tuple(ORIENTATION_CODES)}, got {orientations}")
+    if nslices < 1 or length % nslices:
+        raise ValueError(f"sequence length {length} is not divisible by nslices={nslices}")
+    n = A.shape[-1]
+    shapes = {"delta": (delta, (branches, b, d, length)), "B": (B, (branches, b, n, length)), "C": (C, (branches, b, n, length)),
+              "A": (A, (branches, d, n))}
+    shapes.update({k: (v, (branches, d)) for k, v in (("D", D), ("delta_bias", delta_bias)) if v is not None})
+    if z is not None:
+        shapes["z"] = (z, (b, d, length))
+    for name, (t, want) in shapes.items():
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+
+    def rows(t):  # (R, b, c, L) -> (R b, c, L), a view when the first two dims are contiguous
+        return t.reshape(branches * b, *t.shape[2:])
+
+    chunk = TUNING["chunk"] if chunk is None else chunk
+    codes = tuple(ORIENTATION_CODES[o] for o in orientations)
+    y = SelectiveScanTritonFn.apply(
+        rows(u), rows(delta), A, rows(B), rows(C), D, z, delta_bias, bool(delta_softplus), codes, b, nslices, chunk,
+    )
+    return y.view(branches, b, d, length)
 
 
 def load():
