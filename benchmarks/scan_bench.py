@@ -84,6 +84,9 @@ def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+PER_BRANCH = "triton_per_branch"
+
+
 def backend_ready(name: str) -> str | None:
     """None when usable, else why not."""
     status = backend_status().get(name, "not registered")
@@ -242,12 +245,16 @@ def run(args) -> list[dict]:
                 for precision in PRECISIONS:
                     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
                     for backend in args.backends:
+                        if backend == PER_BRANCH and kind != "tom":
+                            continue  # the scan alone has no branches
+                        scan_name = "triton" if backend == PER_BRANCH else backend
                         d_inner = 2 * channels
                         case = f"C{channels} {side}^3 b{batch}" if kind == "tom" else f"d{d_inner} L{length} b{batch}"
                         row = {"kind": kind, "case": case, "backend": backend, "precision": precision,
-                               "variant": describe(scan_triton.TUNING) if backend == "triton" else "",
+                               "variant": (describe(scan_triton.TUNING) + ("" if backend == PER_BRANCH or kind != "tom" else ", fused"))
+                               if scan_name == "triton" else "",
                                "batch": batch, "channels": channels if kind == "tom" else d_inner, "side": side, "tokens": length}
-                        why_not = backend_ready(backend)
+                        why_not = backend_ready(scan_name)
                         if why_not:
                             emit({**row, "note": f"unavailable: {why_not}"[:200]})
                             continue
@@ -258,11 +265,11 @@ def run(args) -> list[dict]:
                         step = None
                         try:
                             if kind == "tom":
-                                layer = TriOrientedMamba(channels, d_state=D_STATE, scan_backend=backend).cuda()
+                                layer = TriOrientedMamba(channels, d_state=D_STATE, scan_backend=scan_name, fused=backend != PER_BRANCH).cuda()
                                 x = torch.randn(batch, channels, side, side, side, device="cuda", requires_grad=True)
                                 step = tom_step(layer, x, precision)
                             else:
-                                step = scan_step(scan_inputs(batch, d_inner, length, dtype), backend)
+                                step = scan_step(scan_inputs(batch, d_inner, length, dtype), scan_name)
                             ms, spread, peak = measure(step, slow=backend == "torch")
                             row.update(fwd_bwd_ms=round(ms, 3), spread_ms=round(spread, 3), peak_gib=round(peak, 3))
                             if kind == "scan":
@@ -309,6 +316,14 @@ def _f(value, fmt="{:.2f}") -> str:
         return "–"
 
 
+def _column(row: dict) -> str:
+    """Table column of a ToM row: Triton rows measured before the fused path existed have no "fused"
+    in their variant and were per-branch measurements."""
+    if row["backend"] == "triton" and "fused" not in str(row.get("variant", "")):
+        return PER_BRANCH
+    return row["backend"]
+
+
 def write_markdown(out: Path, rows: list[dict]) -> None:
     lines = ["# Selective-scan backends: ToM layer and scan, forward + backward", ""]
     for device in sorted({r["device"] for r in rows}):
@@ -320,14 +335,16 @@ def write_markdown(out: Path, rows: list[dict]) -> None:
             lines += ["", f"Device-to-device copy (read + write): **{_f(copy['copy_gbps'], '{:.0f}')} GB/s**."]
         lines += [
             "", "### ToM layer (TriOrientedMamba, d_state 16, expand 2), fwd+bwd median ms (peak GiB)", "",
-            "| case | precision | triton | mamba_ssm | torch | mamba_ssm / triton |", "|---|---|---:|---:|---:|---:|",
+            "triton = the fused ToM path (oriented conv and one-launch scans, no permuted copies); "
+            f"{PER_BRANCH} = the Triton scan per branch with orient/unorient copies.", "",
+            f"| case | precision | triton | {PER_BRANCH} | mamba_ssm | torch | mamba_ssm / triton |", "|---|---|---:|---:|---:|---:|---:|",
         ]
         tom = [r for r in at if r["kind"] == "tom"]
         for case in dict.fromkeys(r["case"] for r in tom):
             for precision in PRECISIONS:
                 cells, times = [], {}
-                for backend in ("triton", "mamba_ssm", "torch"):
-                    found = [r for r in tom if r["case"] == case and r["precision"] == precision and r["backend"] == backend]
+                for backend in ("triton", PER_BRANCH, "mamba_ssm", "torch"):
+                    found = [r for r in tom if r["case"] == case and r["precision"] == precision and _column(r) == backend]
                     r = found[-1] if found else None  # the latest measurement
                     if r is None:
                         cells.append("not run")
@@ -364,7 +381,8 @@ def write_markdown(out: Path, rows: list[dict]) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/perf")
-    parser.add_argument("--backends", default="triton,mamba_ssm,torch")
+    parser.add_argument("--backends", default=f"triton,{PER_BRANCH},mamba_ssm,torch",
+                        help=f"{PER_BRANCH}: the ToM layer with the Triton scan per branch (fused=False)")
     parser.add_argument("--kinds", default="tom,scan", help="tom, scan or both")
     parser.add_argument("--tune", action="store_true", help="first pick the fastest Triton launch settings (TUNE_VARIANTS)")
     parser.add_argument("--quick", action="store_true", help="first case and batch 1 only")

@@ -353,3 +353,93 @@ def test_oriented_scan_rejects_bad_shapes():
         scan_triton.oriented_scan_triton(u, u, A, BC, BC, None, None, None, ("forward", "slice"), 5)
     with pytest.raises(ValueError, match=r"B must have shape \(2, 1, 4, 12\)"):
         scan_triton.oriented_scan_triton(u, u, A, BC[:, :, :2], BC, None, None, None, ("forward", "slice"), 3)
+
+
+# ------------------------------------------------------------------ the fused ToM path (conv + scans, no copies)
+
+def _interpreter_index_patch(monkeypatch):
+    import triton.runtime.interpreter as interp
+
+    patch = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
+
+
+def check_oriented_conv(device, branches, b, d, length, nslices, k=4, tol=1e-5):
+    import torch.nn.functional as F
+
+    from segresmamba.ssm import tom_triton
+    from segresmamba.ssm.tom import orient, unorient
+
+    g = torch.Generator().manual_seed(length + d)
+    x64 = torch.randn(b, length, 2 * d, generator=g, dtype=torch.float64)  # as the in_proj output: (b, L, 2d)
+    w64 = torch.randn(len(branches), d, k, generator=g, dtype=torch.float64) * 0.5
+    c64 = torch.randn(len(branches), d, generator=g, dtype=torch.float64) * 0.1
+    gu = torch.randn(len(branches), b, d, length, generator=g, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x64, w64, c64)]
+    xs = leaves[0][..., :d].transpose(1, 2)
+    want = torch.stack([
+        unorient(F.silu(F.conv1d(orient(xs, o, nslices), leaves[1][i, :, None, :], leaves[2][i], padding=k - 1, groups=d)[..., :length]), o, nslices)
+        for i, o in enumerate(branches)
+    ])
+    want_grads = torch.autograd.grad(want, leaves, gu)
+    args = [t.to(device=device, dtype=torch.float32).requires_grad_() for t in (x64, w64, c64)]
+    u = tom_triton.oriented_conv_silu(args[0][..., :d].transpose(1, 2), args[1], args[2], branches, nslices)
+    grads = torch.autograd.grad(u, args, gu.to(device=device, dtype=torch.float32))
+    assert within(u, want, tol, tol), rel_err(u, want)
+    for name, got, exp in zip(("x", "weight", "bias"), grads, want_grads):
+        assert within(got, exp, tol, tol), (name, rel_err(got, exp))
+
+
+CONV_CASES = [
+    (("forward", "reverse", "slice"), 2, 3, 24, 4),
+    (("slice", "reverse"), 1, 17, 150, 5),  # channels and tokens not multiples of the blocks
+]
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("branches,b,d,length,nslices", CONV_CASES)
+def test_oriented_conv_under_interpreter(branches, b, d, length, nslices, monkeypatch):
+    _interpreter_index_patch(monkeypatch)
+    check_oriented_conv("cpu", branches, b, d, length, nslices)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("branches,b,d,length,nslices", CONV_CASES + [(("forward", "reverse", "slice"), 2, 96, 4096, 16)])
+def test_oriented_conv_kernels(branches, b, d, length, nslices):
+    check_oriented_conv("cuda", branches, b, d, length, nslices)
+
+
+def check_fused_tom(device, dim, shape, nslices=None, orientations=("forward", "reverse", "slice")):
+    from segresmamba.ssm import TriOrientedMamba
+
+    torch.manual_seed(0)
+    layer = TriOrientedMamba(dim, nslices=nslices, orientations=orientations, scan_backend="torch").to(device)
+    x = torch.randn(2, dim, *shape, device=device, requires_grad=True)
+    ref = layer(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *layer.parameters()])
+    layer.scan_backend = "triton"  # fused by default
+    out = layer(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+    assert rel_err(out, ref) < 1e-5
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    for name, got, want in zip(names, grads, ref_grads):
+        assert rel_err(got, want) < 1e-4, name
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("nslices,orientations", [(None, ("forward", "reverse", "slice")), (2, ("slice", "forward"))])
+def test_fused_tom_under_interpreter(nslices, orientations, monkeypatch):
+    _interpreter_index_patch(monkeypatch)
+    check_fused_tom("cpu", 4, (4, 4, 4), nslices, orientations)
+
+
+@pytest.mark.gpu
+def test_fused_tom_matches_torch_backend(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    check_fused_tom("cuda", 16, (8, 8, 8))

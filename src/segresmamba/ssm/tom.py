@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segresmamba.ssm import tom_triton
 from segresmamba.ssm.scan import check_scan_backend, selective_scan
 
 ORIENTATIONS = ("forward", "reverse", "slice")
@@ -125,6 +126,10 @@ class TriOrientedMamba(nn.Module):
         orientations: which branches to build, a subset of ("forward", "reverse", "slice").
         scan_backend: "auto", "torch", "mamba_ssm" or another registered backend
             (see :mod:`segresmamba.ssm.scan`).
+        fused: with ``scan_backend="triton"`` on a GPU, run the branches through
+            :mod:`segresmamba.ssm.tom_triton` (each branch's conv and scan in its own token order by index
+            arithmetic, all branches' scans in one launch, no permuted copies); ``False`` keeps the
+            per-branch path with orient/unorient copies. Same parameters, same result.
     """
 
     def __init__(
@@ -138,6 +143,7 @@ class TriOrientedMamba(nn.Module):
         residual: bool = True,
         orientations: tuple[str, ...] = ORIENTATIONS,
         scan_backend: str = "auto",
+        fused: bool = True,
     ) -> None:
         super().__init__()
         if dim < 1 or d_state < 1 or d_conv < 1 or expand < 1:
@@ -150,6 +156,7 @@ class TriOrientedMamba(nn.Module):
         self.dim, self.nslices, self.residual = dim, nslices, residual
         self.orientations = tuple(orientations)
         self.scan_backend = scan_backend
+        self.fused = fused
         d_inner = expand * dim
         self.d_inner = d_inner
         dt_rank = math.ceil(dim / 16) if dt_rank is None else dt_rank
@@ -161,7 +168,8 @@ class TriOrientedMamba(nn.Module):
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, nslices={self.nslices or 'depth'}, residual={self.residual}, scan_backend={self.scan_backend!r}"
+        return (f"dim={self.dim}, nslices={self.nslices or 'depth'}, residual={self.residual}, "
+                f"scan_backend={self.scan_backend!r}, fused={self.fused}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != self.dim:
@@ -169,6 +177,11 @@ class TriOrientedMamba(nn.Module):
         b, c, depth, h, w = x.shape
         nslices = depth if self.nslices is None else self.nslices
         tokens = self.norm(x.flatten(2).transpose(1, 2))  # (B, L, C), row-major (D, H, W)
+        if self.fused and self.scan_backend == "triton" and tom_triton.fused_available(x.device):
+            branches = [self.branches[f"{o}_scan"] for o in self.orientations]
+            summed = tom_triton.tri_oriented_branches(self.in_proj(tokens), branches, self.orientations, nslices)
+            out = self.out_proj(summed.transpose(1, 2)).transpose(1, 2).reshape(b, c, depth, h, w)
+            return x + out if self.residual else out
         xz = self.in_proj(tokens).transpose(1, 2)  # (B, 2 d_inner, L)
         summed = None
         for orientation in self.orientations:
