@@ -443,3 +443,23 @@ def test_fused_tom_matches_torch_backend(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     check_fused_tom("cuda", 16, (8, 8, 8))
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+def test_auto_times_fused_against_per_branch_under_interpreter(monkeypatch):
+    from segresmamba.ssm import TriOrientedMamba
+
+    _interpreter_index_patch(monkeypatch)
+    monkeypatch.setattr(scan_mod, "_AUTO_CHOICES", {})
+    monkeypatch.setattr(scan_mod, "AUTO_REPEATS", 1)
+    layer = TriOrientedMamba(4, scan_backend="auto")
+    x = torch.randn(1, 4, 4, 4, 4, requires_grad=True)
+    calls = []
+    mix = layer._mix
+    monkeypatch.setattr(layer, "_mix", lambda a, n, fused: calls.append(fused) or mix(a, n, fused))
+    first = layer._choose_fused(x, 4)
+    assert calls.count(True) == calls.count(False) == 2  # a warm-up and AUTO_REPEATS timed calls each
+    (choice,) = scan_mod.auto_choices().values()
+    assert choice["backend"] == ("triton_fused" if first else "per_branch") and set(choice["ms"]) == {"triton_fused", "per_branch"}
+    assert layer._choose_fused(x, 4) == first and len(calls) == 4  # cached for this signature
+    assert all(p.grad is None for p in layer.parameters()) and x.grad is None  # measuring leaves no gradients

@@ -140,8 +140,16 @@ def auto_choices(reset: bool = False) -> dict[str, dict]:
 
 
 def _describe(key: tuple) -> str:
+    if key[0] == "text":  # choices recorded by other layers (see record_auto_choice)
+        return key[1]
     device, dtypes, shape, n, flags, grad = key
     return f"cuda:{device} {'/'.join(dtypes)} (b, d, L)={shape} N={n} {flags}{' +grad' if grad else ''}"
+
+
+def record_auto_choice(description: str, name: str, times: dict[str, float]) -> None:
+    """Let another ``auto`` decision (e.g. the ToM layer's fused-or-not) show in :func:`auto_choices`."""
+    _AUTO_CHOICES[("text", description)] = (name, times)
+    log.info("auto: %s for %s (%s)", name, description, ", ".join(f"{k} {v:.2f} ms" for k, v in times.items()))
 
 
 def _signature(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tuple:
@@ -165,9 +173,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_fastest(fns: dict[str, Callable[[tuple], torch.Tensor]], args: tuple, repeats: int = AUTO_REPEATS) -> tuple[str, dict[str, float]]:
+def measure_fastest(
+    fns: dict[str, Callable[[tuple], torch.Tensor]], args: tuple, repeats: int | None = None, wrt: tuple = (),
+) -> tuple[str, dict[str, float]]:
     """Time each ``fns[name](args)`` on copies of ``args`` (forward, and backward when grad is on);
-    returns the fastest name and the median milliseconds per call of each."""
+    returns the fastest name and the median milliseconds per call of each.
+
+    The backward differentiates with respect to the copies and ``wrt`` (e.g. a layer's parameters)
+    through ``torch.autograd.grad``, so no ``.grad`` of the caller's tensors is touched."""
+    repeats = AUTO_REPEATS if repeats is None else repeats
     grad = torch.is_grad_enabled()
     device = args[0].device
     times: dict[str, float] = {}
@@ -183,7 +197,8 @@ def measure_fastest(fns: dict[str, Callable[[tuple], torch.Tensor]], args: tuple
                 t0 = time.perf_counter()
                 y = fn(copies)
                 if grad:
-                    y.backward(torch.ones_like(y))
+                    leaves = [t for t in copies if isinstance(t, torch.Tensor) and t.requires_grad] + [w for w in wrt if w.requires_grad]
+                    torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
                 _sync(device)
                 if i:
                     samples.append((time.perf_counter() - t0) * 1000)

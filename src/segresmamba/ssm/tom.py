@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segresmamba.ssm import scan as scan_mod
 from segresmamba.ssm import tom_triton
 from segresmamba.ssm.scan import check_scan_backend, selective_scan
 
@@ -128,8 +129,10 @@ class TriOrientedMamba(nn.Module):
             (see :mod:`segresmamba.ssm.scan`).
         fused: with ``scan_backend="triton"`` on a GPU, run the branches through
             :mod:`segresmamba.ssm.tom_triton` (each branch's conv and scan in its own token order by index
-            arithmetic, all branches' scans in one launch, no permuted copies); ``False`` keeps the
-            per-branch path with orient/unorient copies. Same parameters, same result.
+            arithmetic, all branches' scans in one launch, no permuted copies); with ``"auto"``, the first
+            call of each input signature times the fused path against the per-branch one (whose scans
+            ``auto`` picks) and keeps the faster. ``False`` keeps the per-branch path with orient/unorient
+            copies. Same parameters, same result.
     """
 
     def __init__(
@@ -176,12 +179,42 @@ class TriOrientedMamba(nn.Module):
             raise ValueError(f"TriOrientedMamba(dim={self.dim}) expects (B, {self.dim}, D, H, W), got {tuple(x.shape)}")
         b, c, depth, h, w = x.shape
         nslices = depth if self.nslices is None else self.nslices
+        out = self._mix(x, nslices, self._use_fused(x, nslices)).reshape(b, c, depth, h, w)
+        return x + out if self.residual else out
+
+    def _use_fused(self, x: torch.Tensor, nslices: int) -> bool:
+        if not self.fused or not tom_triton.fused_available(x.device):
+            return False
+        if self.scan_backend == "triton":
+            return True
+        if self.scan_backend != "auto" or x.device.type != "cuda" or not scan_mod._measuring_allowed():
+            return False
+        if scan_mod.backend_status().get("triton") != "available":
+            return False
+        return self._choose_fused(x, nslices)
+
+    def _choose_fused(self, x: torch.Tensor, nslices: int) -> bool:
+        """``auto``: time the fused path against the per-branch one once per input signature, keep the faster."""
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        description = (f"ToM dim {self.dim} x {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+                       f"{f' autocast {autocast}' if autocast else ''} nslices {nslices}{' +grad' if torch.is_grad_enabled() else ''}")
+        known = scan_mod.auto_choices().get(description)
+        if known is None:
+            name, times = scan_mod.measure_fastest(
+                {"triton_fused": lambda a: self._mix(a[0], nslices, True), "per_branch": lambda a: self._mix(a[0], nslices, False)},
+                (x,), wrt=tuple(self.parameters()),
+            )
+            scan_mod.record_auto_choice(description, name, times)
+            return name == "triton_fused"
+        return known["backend"] == "triton_fused"
+
+    def _mix(self, x: torch.Tensor, nslices: int, fused: bool) -> torch.Tensor:
+        """out_proj of the summed branch outputs, (B, C, L), without the residual."""
         tokens = self.norm(x.flatten(2).transpose(1, 2))  # (B, L, C), row-major (D, H, W)
-        if self.fused and self.scan_backend == "triton" and tom_triton.fused_available(x.device):
+        if fused:
             branches = [self.branches[f"{o}_scan"] for o in self.orientations]
             summed = tom_triton.tri_oriented_branches(self.in_proj(tokens), branches, self.orientations, nslices)
-            out = self.out_proj(summed.transpose(1, 2)).transpose(1, 2).reshape(b, c, depth, h, w)
-            return x + out if self.residual else out
+            return self.out_proj(summed.transpose(1, 2)).transpose(1, 2)
         xz = self.in_proj(tokens).transpose(1, 2)  # (B, 2 d_inner, L)
         summed = None
         for orientation in self.orientations:
@@ -190,5 +223,4 @@ class TriOrientedMamba(nn.Module):
             x_o, z_o = xz_o.chunk(2, dim=1)
             y = unorient(branch(x_o, z_o, self.scan_backend), orientation, nslices)
             summed = y if summed is None else summed + y
-        out = self.out_proj(summed.transpose(1, 2)).transpose(1, 2).reshape(b, c, depth, h, w)
-        return x + out if self.residual else out
+        return self.out_proj(summed.transpose(1, 2)).transpose(1, 2)
