@@ -223,17 +223,17 @@ def tri_oriented_branches(xz: torch.Tensor, branches, orientations: tuple[str, .
     weight = torch.stack([br.conv1d.weight[:, 0, :] for br in branches])
     conv_bias = torch.stack([br.conv1d.bias for br in branches])
     u = oriented_conv_silu(x, weight, conv_bias, orientations, nslices)  # (R, b, d, L)
+    # projections with the weights on the left keep tokens last: dt, B, C and delta come out (R, b, ., L)
+    # with unit token stride, as the scan reads them, so no transposed copy is made
     x_proj = torch.stack([br.x_proj.weight for br in branches])  # (R, rank + 2N, d)
-    x_dbl = torch.matmul(u.transpose(-1, -2), x_proj.transpose(-1, -2).unsqueeze(1))  # (R, b, L, rank + 2N)
-    dt, B, C = torch.split(x_dbl, [first.dt_rank, first.d_state, first.d_state], dim=-1)
+    x_dbl = torch.matmul(x_proj.unsqueeze(1), u)  # (R, b, rank + 2N, L)
+    dt, B, C = torch.split(x_dbl, [first.dt_rank, first.d_state, first.d_state], dim=2)
     dt_w = torch.stack([br.dt_proj.weight for br in branches])  # (R, d, rank)
-    delta = torch.matmul(dt, dt_w.transpose(-1, -2).unsqueeze(1)).transpose(-1, -2)  # (R, b, d, L)
+    delta = torch.matmul(dt_w.unsqueeze(1), dt)  # (R, b, d, L)
     A = -torch.exp(torch.stack([br.A_log for br in branches]).float())
     D = torch.stack([br.D for br in branches]).float()
     dt_bias = torch.stack([br.dt_proj.bias for br in branches]).float()
-    y = scan_triton.oriented_scan_triton(
-        u, delta, A, B.transpose(-1, -2), C.transpose(-1, -2), D, z, dt_bias, orientations, nslices, delta_softplus=True,
-    )
+    y = scan_triton.oriented_scan_triton(u, delta, A, B, C, D, z, dt_bias, orientations, nslices, delta_softplus=True)
     return y.sum(0)
 
 
