@@ -192,9 +192,40 @@ def execute_run(
     return record
 
 
+def _uses_gpu(sweep: Sweep) -> bool:
+    """Whether the sweep's trainer configs put the runs on a GPU."""
+    accelerator = None
+    for cfg in sweep.trainer_configs:
+        raw = yaml.safe_load((ROOT / cfg).read_text()) or {}
+        accelerator = (raw.get("trainer") or {}).get("accelerator", accelerator)
+    accelerator = (sweep.trainer_args or {}).get("accelerator", accelerator)
+    return str(accelerator) in ("gpu", "cuda")
+
+
+def resolve_gpus(spec: str | None, sweep: Sweep) -> list[str | None]:
+    """GPU ids the runs are spread over, one run per GPU at a time.
+
+    ``--gpus 0,1`` names them (as CUDA_VISIBLE_DEVICES values); without it a GPU sweep takes every GPU
+    this process sees (``CUDA_VISIBLE_DEVICES`` respected) and a CPU sweep runs one run at a time.
+    """
+    if spec:
+        return [g.strip() for g in spec.split(",") if g.strip()]
+    if not _uses_gpu(sweep):
+        return [None]
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        return [None]  # the runs themselves then fail with the CLI's "no GPU" message
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[:count] if len(visible) >= count else [str(i) for i in range(count)]
+
+
 def _run_local(todo, sweep: Sweep, out_dir: Path, data: dict, args):
-    """Runs on this machine, one at a time per GPU in ``--gpus`` (or one at a time without GPUs)."""
-    gpus = args.gpus.split(",") if args.gpus else [None]
+    """Runs on this machine, one at a time per GPU (see :func:`resolve_gpus`), or one at a time on a CPU."""
+    gpus = resolve_gpus(args.gpus, sweep)
+    if gpus != [None]:
+        print(f"spreading runs over GPU(s) {','.join(gpus)}", flush=True)
     threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // len(gpus))
     free: queue.Queue = queue.Queue()
     for g in gpus:
@@ -255,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None, help="real data directory (replaces the config's root and any phantom)")
     p.add_argument("--out", default=None, help="results directory (default: the sweep's `out`)")
     p.add_argument("--models", nargs="+", default=None, help="subset of the sweep's models")
-    p.add_argument("--gpus", default=None, help="comma-separated GPU ids; runs are spread over them, one per GPU")
+    p.add_argument("--gpus", default=None,
+                   help="comma-separated GPU ids to spread runs over, one per GPU (default for a GPU sweep: every visible GPU)")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs whose metrics.json says error")
     p.add_argument("--runs-dir", default=None,
                    help="where run logs and checkpoints go (default: the sweep's runs_dir, runs/); a fast local disk or "

@@ -245,3 +245,17 @@ def test_ddp_check_refuses_bad_arguments(tmp_path):
         ddp_check.main(["--accelerator", "cpu", "--model", "nonet", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="needs 2 GPUs"):
         ddp_check.main(["--accelerator", "gpu", "--devices", "2", "--out", str(tmp_path)])
+
+
+def test_gpu_sweeps_spread_over_the_gpus_they_find(tmp_path, monkeypatch):
+    gpu_sweep = sweep.Sweep.load(sweep.ROOT / "configs/bench/brats_synthetic_gpu.yaml")
+    cpu_sweep = sweep.Sweep.load(sweep.ROOT / "configs/bench/quick.yaml")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert sweep.resolve_gpus(None, gpu_sweep) == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert sweep.resolve_gpus(None, gpu_sweep) == ["4", "6"]  # the ids this process was given
+    assert sweep.resolve_gpus("1", gpu_sweep) == ["1"]  # named ones win
+    assert sweep.resolve_gpus(None, cpu_sweep) == [None]  # a CPU sweep stays one run at a time
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert sweep.resolve_gpus(None, gpu_sweep) == [None]
