@@ -146,6 +146,12 @@ def _describe(key: tuple) -> str:
     return f"cuda:{device} {'/'.join(dtypes)} (b, d, L)={shape} N={n} {flags}{' +grad' if grad else ''}"
 
 
+def recorded_auto_choice(description: str) -> str | None:
+    """The choice :func:`record_auto_choice` kept for ``description``, or None."""
+    found = _AUTO_CHOICES.get(("text", description))
+    return found[0] if found else None
+
+
 def record_auto_choice(description: str, name: str, times: dict[str, float]) -> None:
     """Let another ``auto`` decision (e.g. the ToM layer's fused-or-not) show in :func:`auto_choices`."""
     _AUTO_CHOICES[("text", description)] = (name, times)

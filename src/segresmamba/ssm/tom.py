@@ -198,7 +198,7 @@ class TriOrientedMamba(nn.Module):
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         description = (f"ToM dim {self.dim} x {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
                        f"{f' autocast {autocast}' if autocast else ''} nslices {nslices}{' +grad' if torch.is_grad_enabled() else ''}")
-        known = scan_mod.auto_choices().get(description)
+        known = scan_mod.recorded_auto_choice(description)
         if known is None:
             name, times = scan_mod.measure_fastest(
                 {"triton_fused": lambda a: self._mix(a[0], nslices, True), "per_branch": lambda a: self._mix(a[0], nslices, False)},
@@ -206,7 +206,7 @@ class TriOrientedMamba(nn.Module):
             )
             scan_mod.record_auto_choice(description, name, times)
             return name == "triton_fused"
-        return known["backend"] == "triton_fused"
+        return known == "triton_fused"
 
     def _mix(self, x: torch.Tensor, nslices: int, fused: bool) -> torch.Tensor:
         """out_proj of the summed branch outputs, (B, C, L), without the residual."""
