@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.efficiency import card_slug
+from benchmarks.sweep import threads_per_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = out / "runs"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    threads = max(1, (os.cpu_count() or 1) // args.devices)
-    env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_process(args.devices)))
 
     plan = [(f"ddp{args.devices}_seed{args.seeds[0]}", args.devices, args.seeds[0])]
     plan += [(f"one_seed{s}", 1, s) for s in args.seeds]

@@ -192,6 +192,12 @@ def execute_run(
     return record
 
 
+def threads_per_process(parallel: int) -> int:
+    """CPU threads each of ``parallel`` processes may use: the cores this process may run on, shared out."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // parallel)
+
+
 def _uses_gpu(sweep: Sweep) -> bool:
     """Whether the sweep's trainer configs put the runs on a GPU."""
     accelerator = None
@@ -226,7 +232,7 @@ def _run_local(todo, sweep: Sweep, out_dir: Path, data: dict, args):
     gpus = resolve_gpus(args.gpus, sweep)
     if gpus != [None]:
         print(f"spreading runs over GPU(s) {','.join(gpus)}", flush=True)
-    threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // len(gpus))
+    threads = threads_per_process(len(gpus))
     free: queue.Queue = queue.Queue()
     for g in gpus:
         free.put(g)

@@ -135,6 +135,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and scan_triton.HAS_TRITON
 
 
+def _interpreter_index_patch(monkeypatch):
+    """numpy >= 2.4 refuses int() of a one-element array, which the Triton 3.6 interpreter uses for loop bounds."""
+    import triton.runtime.interpreter as interp
+
+    patch = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
+
+
 def _poison_cuda_cache():
     """Fill freed cached blocks with NaN so that an unwritten output element cannot pass."""
     if torch.cuda.is_available():
@@ -257,16 +270,7 @@ def test_tom_layer_triton_matches_torch_backend(monkeypatch):
 @pytest.mark.parametrize("b,d,n,length,chunk", [(1, 3, 4, 1, 16), (2, 3, 5, 37, 16), (1, 4, 16, 70, 32)])
 @pytest.mark.parametrize("softplus,full", [(True, True), (False, False)])
 def test_kernels_under_interpreter(b, d, n, length, chunk, softplus, full, monkeypatch):
-    import triton.runtime.interpreter as interp
-
-    # numpy >= 2.4 refuses int() of a one-element array, which the Triton 3.6 interpreter uses for loop bounds
-    patch = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
+    _interpreter_index_patch(monkeypatch)
     check_kernels("cpu", b, d, n, length, chunk, softplus, full)
 
 
@@ -320,15 +324,7 @@ ORIENTED_CASES = [
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
 @pytest.mark.parametrize("branches,b,d,n,length,nslices,chunk", ORIENTED_CASES)
 def test_oriented_scan_under_interpreter(branches, b, d, n, length, nslices, chunk, monkeypatch):
-    import triton.runtime.interpreter as interp
-
-    patch = interp._patch_lang_tensor  # as in test_kernels_under_interpreter
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
+    _interpreter_index_patch(monkeypatch)
     check_oriented("cpu", branches, b, d, n, length, nslices, chunk)
 
 
@@ -356,18 +352,6 @@ def test_oriented_scan_rejects_bad_shapes():
 
 
 # ------------------------------------------------------------------ the fused ToM path (conv + scans, no copies)
-
-def _interpreter_index_patch(monkeypatch):
-    import triton.runtime.interpreter as interp
-
-    patch = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
-
 
 def check_oriented_conv(device, branches, b, d, length, nslices, k=4, tol=1e-5):
     import torch.nn.functional as F

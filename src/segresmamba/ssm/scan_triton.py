@@ -245,6 +245,15 @@ if HAS_TRITON:
         return tl.where(code == 0, p, tl.where(code == 1, L - 1 - p, (p % S) * M + p // S))
 
     @triton.jit
+    def _chunk_tile(k, code, L, N, S, M, T: tl.constexpr, BN: tl.constexpr):
+        """Scan positions of chunk k, their addresses in the branch's order, state lanes and masks."""
+        offs_t = k * T + tl.arange(0, T)
+        offs_n = tl.arange(0, BN)
+        mask_t = offs_t < L
+        mask_n = offs_n < N
+        return offs_t, _token_index(offs_t, code, L, S, M), offs_n, mask_t, mask_n, mask_n[:, None] & mask_t[None, :]
+
+    @triton.jit
     def _load_steps(delta_row, bias_ptr, ch, offs_t, mask_t, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
         """(raw, dt) for one channel's chunk; dt = 0 outside the sequence so padding is inert."""
         raw = tl.load(delta_row + offs_t, mask=mask_t, other=0.0).to(tl.float32)
@@ -272,12 +281,7 @@ if HAS_TRITON:
         code = tl.load(code_ptr + branch)
         A_ptr += branch * sA_o
         bias_ptr += branch * sbias_o
-        offs_t = k * T + tl.arange(0, T)
-        idx_t = _token_index(offs_t, code, L, S, M)
-        offs_n = tl.arange(0, BN)
-        mask_t = offs_t < L
-        mask_n = offs_n < N
-        mask_nt = mask_n[:, None] & mask_t[None, :]
+        offs_t, idx_t, offs_n, mask_t, mask_n, mask_nt = _chunk_tile(k, code, L, N, S, M, T, BN)
         Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
         ch0 = pid_g * GROUP
         for i in range(GROUP):  # GROUP divides the channel count
@@ -353,12 +357,7 @@ if HAS_TRITON:
         A_ptr += branch * sA_o
         D_ptr += branch * sD_o
         bias_ptr += branch * sbias_o
-        offs_t = k * T + tl.arange(0, T)
-        idx_t = _token_index(offs_t, code, L, S, M)
-        offs_n = tl.arange(0, BN)
-        mask_t = offs_t < L
-        mask_n = offs_n < N
-        mask_nt = mask_n[:, None] & mask_t[None, :]
+        offs_t, idx_t, offs_n, mask_t, mask_n, mask_nt = _chunk_tile(k, code, L, N, S, M, T, BN)
         Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
         Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
         first = tl.arange(0, T)[None, :] == 0
@@ -400,12 +399,7 @@ if HAS_TRITON:
         code = tl.load(code_ptr + branch)
         A_ptr += branch * sA_o
         bias_ptr += branch * sbias_o
-        offs_t = k * T + tl.arange(0, T)
-        idx_t = _token_index(offs_t, code, L, S, M)
-        offs_n = tl.arange(0, BN)
-        mask_t = offs_t < L
-        mask_n = offs_n < N
-        mask_nt = mask_n[:, None] & mask_t[None, :]
+        offs_t, idx_t, offs_n, mask_t, mask_n, mask_nt = _chunk_tile(k, code, L, N, S, M, T, BN)
         Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
         ch0 = pid_g * GROUP
         for i in range(GROUP):  # GROUP divides the channel count
@@ -445,14 +439,9 @@ if HAS_TRITON:
         A_ptr += branch * sA_o
         D_ptr += branch * sD_o
         bias_ptr += branch * sbias_o
+        offs_t, idx_t, offs_n, mask_t, mask_n, mask_nt = _chunk_tile(k, code, L, N, S, M, T, BN)
         tok = tl.arange(0, T)
-        offs_t = k * T + tok
-        idx_t = _token_index(offs_t, code, L, S, M)
         idx_next = _token_index(offs_t + 1, code, L, S, M)
-        offs_n = tl.arange(0, BN)
-        mask_t = offs_t < L
-        mask_n = offs_n < N
-        mask_nt = mask_n[:, None] & mask_t[None, :]
         # a_{t+1} for the dh recurrence: within the chunk only, the next chunk enters through into_end
         mask_next = (offs_t + 1 < L) & (tok < T - 1)
         Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
@@ -558,11 +547,6 @@ def _codes_on(device: torch.device, codes: tuple[int, ...]) -> torch.Tensor:
     return _code_tensors[key]
 
 
-def _row_param(t: torch.Tensor | None) -> torch.Tensor | None:
-    """(R, d) per-branch vectors (D, delta_bias) with a unit channel stride, as the kernels index them."""
-    return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
-
-
 class SelectiveScanTritonFn(torch.autograd.Function):
     """Chunk-parallel selective scan of R branches x nb batch elements in one launch per pass.
 
@@ -576,7 +560,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, codes, nb, nslices, chunk):
         u, delta, B, C, z = (_last_dim_unit(t) for t in (u, delta, B, C, z))
-        D, delta_bias = _row_param(D), _row_param(delta_bias)
+        D, delta_bias = _last_dim_unit(D), _last_dim_unit(delta_bias)  # (R, d): the kernels index channels directly
         rows, d, length = u.shape
         n = A.shape[-1]
         seg = length // nslices
@@ -648,7 +632,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         du = torch.empty(rows, d, length, dtype=u.dtype, device=u.device)
         ddelta = torch.empty(rows, d, length, dtype=delta.dtype, device=u.device)
         # one dz row per (branch, batch element); the branches' shares are summed below
-        dz = torch.empty(rows, d, length, dtype=z.dtype if has_z else u.dtype, device=u.device) if has_z else du
+        dz = torch.empty(rows, d, length, dtype=z.dtype, device=u.device) if has_z else du
         dB = torch.zeros(rows, n, length, **f32)
         dC = torch.zeros(rows, n, length, **f32)
         dA_part = torch.empty(rows * nchunks, d, n, **f32)

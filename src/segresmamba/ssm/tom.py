@@ -189,8 +189,6 @@ class TriOrientedMamba(nn.Module):
             return True
         if self.scan_backend != "auto" or x.device.type != "cuda" or not scan_mod._measuring_allowed():
             return False
-        if scan_mod.backend_status().get("triton") != "available":
-            return False
         return self._choose_fused(x, nslices)
 
     def _choose_fused(self, x: torch.Tensor, nslices: int) -> bool:

@@ -26,7 +26,7 @@ import os
 import torch
 
 from segresmamba.ssm import scan_triton
-from segresmamba.ssm.scan_triton import HAS_TRITON, ORIENTATION_CODES, _codes_on
+from segresmamba.ssm.scan_triton import HAS_TRITON, ORIENTATION_CODES, _codes_on, _last_dim_unit
 
 if HAS_TRITON:
     import triton
@@ -159,9 +159,7 @@ class OrientedConvSiluFn(torch.autograd.Function):
         codes, nslices = ctx.layout
         b, d, length = x.shape
         branches, _, k = weight.shape
-        grad_u = grad_u.reshape(branches * b, d, length)
-        if grad_u.stride(-1) != 1:
-            grad_u = grad_u.contiguous()
+        grad_u = _last_dim_unit(grad_u.reshape(branches * b, d, length))
         code_t = _codes_on(x.device, codes)
         nt = triton.cdiv(length, BLOCK_T)
         grid = (nt, triton.cdiv(d, BLOCK_D), branches * b)
