@@ -104,6 +104,11 @@ def _meta(summary: pd.DataFrame) -> dict[str, str]:
     return {k: first(k) for k in ("device", "precision", "git_sha", "provenance", "dataset", "protocol")}
 
 
+def _protocol_text(meta: dict[str, str]) -> str:
+    """The protocol, with the precision added unless it already names it."""
+    return meta["protocol"] if meta["precision"] in meta["protocol"] else f"{meta['protocol']}, {meta['precision']}"
+
+
 def write_markdown(summary: pd.DataFrame, runs: pd.DataFrame, out: Path) -> None:
     meta = _meta(summary)
     lines = [
@@ -134,7 +139,7 @@ def write_markdown(summary: pd.DataFrame, runs: pd.DataFrame, out: Path) -> None
     dataset = DATASET_OF.get(meta["dataset"].split(";")[0], meta["dataset"])
     paper = paper_figures()
     paper = paper[(paper.dataset == dataset) & (paper.metric == "dice_mean")].set_index("model").value
-    side = ["# Paper vs ours", "", f"Paper: Das et al. 2025 ({dataset}, real data, A100). Ours: {meta['provenance']} data, {meta['protocol']}, {meta['device']}.",
+    side = ["# Paper vs ours", "", f"Paper: Das et al. 2025 ({dataset}, real data, A100). Ours: {meta['provenance']} data, {_protocol_text(meta)}, {meta['device']}, git {meta['git_sha'][:10]}.",
             "The two columns answer different questions when our data is synthetic; they are never mixed.", "",
             "| model | paper mean Dice | ours mean Dice |", "|---|---:|---:|"]
     for model in sorted(set(summary.model) | set(paper.index)):
@@ -155,9 +160,8 @@ def plot_figures(summary: pd.DataFrame, out: Path) -> list[Path]:
     dataset = DATASET_OF.get(meta["dataset"].split(";")[0], meta["dataset"])
     paper = paper_figures()
     paper = paper[paper.dataset == dataset]
-    protocol = meta["protocol"] if meta["precision"] in meta["protocol"] else f"{meta['protocol']} · {meta['precision']}"
     # the protocol line can be long: wrap it so the title stays inside the figure
-    title_tail = "\n".join(textwrap.wrap(f"{meta['provenance']} data · {meta['device']} · {protocol} · git {meta['git_sha'][:10]}", 120))
+    title_tail = "\n".join(textwrap.wrap(f"{meta['provenance']} data · {meta['device']} · {_protocol_text(meta)} · git {meta['git_sha'][:10]}", 120))
     written = []
     for fig_name, x_col, x_label, paper_metric in (
         ("fig2_dice_vs_memory.png", "peak_gib_mean", "peak training memory (GiB)", "train_memory"),

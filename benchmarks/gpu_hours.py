@@ -73,7 +73,7 @@ def estimate(efficiency_csv: Path, precision: str = "bf16", folds: int = 5, epoc
             "energy_kwh_at_tdp": None,  # filled below
             "paper_epoch_s": paper_epoch_s,
             "paper_5fold_h": paper_epoch_s * epochs * folds / 3600 if paper_epoch_s else None,
-            "device": r.device, "git_sha": r.git_sha,
+            "device": r.device, "git_sha": r.git_sha, "data": getattr(r, "data", None),
         })
     out = pd.DataFrame(rows)
     if len(out):
@@ -96,8 +96,8 @@ def to_markdown(df: pd.DataFrame) -> str:
         f"### {proto.dataset} ({proto.note}): {first.folds} folds x {first.epochs} epochs, "
         f"{first.train_cases} training + {first.val_cases} validation cases per fold, validation every epoch",
         "",
-        f"From `{first.precision}` step and whole-volume times measured on {first.device} (git {str(first.git_sha)[:7]}); "
-        "data loading not included.",
+        f"From `{first.precision}` step and whole-volume times measured on {first.device} (git {str(first.git_sha)[:7]}) "
+        f"with {first.data or 'unrecorded inputs'}; data loading not included.",
         "",
         "| model | epoch (s) | train GPU h | validation GPU h | total GPU h | kWh at board power | paper epoch (s, A100) | paper 5-fold h |",
         "|:--|--:|--:|--:|--:|--:|--:|--:|",
