@@ -18,6 +18,10 @@ Rows (``<out>/scan.csv``, summarised in ``<out>/scan.md``):
 - ``tune`` (with ``--tune``): the Triton launch settings compared on the largest scan; the fastest
   is used for every other row and written to ``<out>/tuning.json``.
 
+With ``--profile``, the first ToM case (C = 48, 64^3, batch 1, bf16) is also run under
+``torch.profiler`` for every backend, and ``<out>/profile_tom.md`` lists the GPU kernels by their share
+of the fwd+bwd time: what bounds the layer, measured rather than guessed.
+
 Rows are merged into an existing ``scan.csv`` by (device, kind, case, backend, precision, variant), so
 backends can be measured in separate invocations.
 """
@@ -203,6 +207,65 @@ def tune(emit, common_row: dict) -> dict:
     return best
 
 
+PROFILE_TOP = 15  # kernels listed per backend
+
+
+def kernel_breakdown(step, iters: int = 5) -> tuple[list[tuple[str, float, int]], float]:
+    """GPU kernels of ``iters`` profiled calls after a warm-up: [(name, ms per call, launches per call)],
+    largest first, and the summed kernel time per call in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = per_kernel.setdefault(event.name, [0.0, 0])
+            entry[0] += event.device_time / 1e3  # microseconds -> ms
+            entry[1] += 1
+    table = sorted(((name, ms / iters, count // iters) for name, (ms, count) in per_kernel.items()), key=lambda r: -r[1])
+    return table, sum(r[1] for r in table)
+
+
+def write_profile(out: Path, backends: list[str], common: dict) -> None:
+    """``profile_tom.md``: the GPU kernels of one ToM fwd+bwd (C48 64^3 b1 bf16) for each backend."""
+    channels, side, batch, precision = 48, 64, 1, "bf16"
+    lines = [f"# ToM layer C{channels} {side}^3 b{batch} {precision}: GPU kernels of one fwd+bwd", "",
+             f"{common['device']} · git {common['git_sha']} · torch {common['torch']} · triton {common['triton']}. "
+             "torch.profiler, mean of 5 calls after a warm-up; kernel time summed (the wall time in scan.csv "
+             "also holds launch gaps). Names are cut at 90 characters.", ""]
+    for backend in backends:
+        scan_name = "triton" if backend == PER_BRANCH else backend
+        if backend_ready(scan_name) or backend == "torch":
+            continue
+        torch.manual_seed(0)
+        layer = TriOrientedMamba(channels, d_state=D_STATE, scan_backend=scan_name, fused=backend != PER_BRANCH).cuda()
+        x = torch.randn(batch, channels, side, side, side, device="cuda", requires_grad=True)
+        try:
+            table, total = kernel_breakdown(tom_step(layer, x, precision))
+        except Exception as err:
+            lines += [f"## {backend}", "", f"error: {type(err).__name__}: {err}"[:300], ""]
+            continue
+        finally:
+            layer = x = None
+            torch.cuda.empty_cache()
+        lines += [f"## {backend}: {total:.2f} ms of kernels, {sum(r[2] for r in table)} launches", "",
+                  "| kernel | ms | share | launches |", "|---|---:|---:|---:|"]
+        lines += [f"| `{name[:90]}` | {ms:.3f} | {ms / total:.1%} | {n} |" for name, ms, n in table[:PROFILE_TOP]]
+        rest = table[PROFILE_TOP:]
+        if rest:
+            lines.append(f"| {len(rest)} other kernels | {sum(r[1] for r in rest):.3f} | {sum(r[1] for r in rest) / total:.1%} | "
+                         f"{sum(r[2] for r in rest)} |")
+        lines.append("")
+        print(f"profiled {backend}: {total:.2f} ms of kernels", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile_tom.md").write_text("\n".join(lines) + "\n")
+
+
 def measure(step, slow: bool) -> tuple[float, float, float]:
     warmup, iters = (1, 3) if slow else (3, 10)
     ms, spread = cuda_time_ms(step, warmup, iters)
@@ -283,6 +346,8 @@ def run(args) -> list[dict]:
                             step = layer = x = None
                             torch.cuda.empty_cache()
                         emit(row)
+    if args.profile:
+        write_profile(Path(args.out), args.backends, common)
     return rows
 
 
@@ -386,6 +451,7 @@ def main(argv=None) -> None:
     parser.add_argument("--kinds", default="tom,scan", help="tom, scan or both")
     parser.add_argument("--tune", action="store_true", help="first pick the fastest Triton launch settings (TUNE_VARIANTS)")
     parser.add_argument("--quick", action="store_true", help="first case and batch 1 only")
+    parser.add_argument("--profile", action="store_true", help="also write profile_tom.md: kernel breakdown of C48 64^3 b1 bf16")
     args = parser.parse_args(argv)
     args.backends = [b for b in args.backends.split(",") if b]
     args.kinds = [k for k in args.kinds.split(",") if k]
