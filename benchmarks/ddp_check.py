@@ -5,6 +5,7 @@ Fits the same model on the same fold several ways through the CLI (``segresmamba
 - on ``--devices`` GPUs with DDP, per-device batch = global batch / devices, seed 0;
 - on one device with the global batch, once per seed in ``--seeds``; the spread of those runs is the noise
   a DDP run is judged against (different seeds, different augmentation draws, different sample order).
+  With as many GPUs as seeds, these fits run at once, one per GPU.
 
 DDP reshuffles which sample lands in which step (each rank draws its own shard), so equality to the last
 digit is not expected; agreement within the seed-to-seed spread (or ``--tolerance``, whichever is larger)
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -180,20 +182,29 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.setdefault("OMP_NUM_THREADS", str(threads_per_process(args.devices)))
 
-    plan = [(f"ddp{args.devices}_seed{args.seeds[0]}", args.devices, args.seeds[0])]
-    plan += [(f"one_seed{s}", 1, s) for s in args.seeds]
-    rows = []
-    for name, devices, seed in plan:
+    visible = [g for g in env.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(args.devices)))).split(",") if g]
+
+    def fit(name: str, devices: int, seed: int, gpu: str | None) -> dict:
         record = out / f"{name}.json"
         record.unlink(missing_ok=True)
         run_env = dict(env)
-        if args.accelerator == "gpu" and devices == 1:
-            run_env["CUDA_VISIBLE_DEVICES"] = run_env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        if gpu is not None:
+            run_env["CUDA_VISIBLE_DEVICES"] = gpu
         t0 = time.perf_counter()
         rc = run_fit(fit_command(args, devices, seed, runs_dir, record), out / f"{name}.log", args.timeout_min * 60, run_env)
-        rows.append(_row(name, devices, seed, args.global_batch, record, rc, time.perf_counter() - t0))
-        r = rows[-1]
-        print(f"{name}: {r['status']}, best val Dice {r.get('best_val_dice_mean')}, fit {r.get('fit_wall_s')} s", flush=True)
+        row = _row(name, devices, seed, args.global_batch, record, rc, time.perf_counter() - t0)
+        print(f"{name}: {row['status']}, best val Dice {row.get('best_val_dice_mean')}, fit {row.get('fit_wall_s')} s", flush=True)
+        return row
+
+    rows = [fit(f"ddp{args.devices}_seed{args.seeds[0]}", args.devices, args.seeds[0], None)]
+    singles = [(f"one_seed{s}", 1, s) for s in args.seeds]
+    if args.accelerator == "gpu" and len(visible) >= len(singles):
+        # the one-device fits are independent: one per GPU at once (each alone on its card, so their
+        # step times stay comparable), in the seed order of the table
+        with ThreadPoolExecutor(len(singles)) as pool:
+            rows += list(pool.map(lambda job: fit(*job[0], job[1]), zip(singles, visible)))
+    else:
+        rows += [fit(*job, visible[0] if args.accelerator == "gpu" else None) for job in singles]
     table = pd.DataFrame(rows)
     text, _, _ = verdict(table, args.tolerance)
     write_tables(table, text, args, out)
