@@ -22,6 +22,21 @@ def test_run_record_names_the_strategy_device_not_the_torn_down_module(monkeypat
     record = callbacks.RunRecorder()._common(trainer, module)
     assert seen == {"device": torch.device("cuda", 1), "precision": "bf16-mixed"}
     assert record["model"] == "unet" and record["params"] == 3
+    assert record["scan_auto_choices"] == {}  # nothing measured on the CPU
+
+
+def test_run_record_names_the_scan_backends_auto_chose(monkeypatch):
+    from segresmamba.ssm import scan
+
+    monkeypatch.setattr(callbacks, "provenance", lambda device, precision: {})
+    scan.record_auto_choice("ToM dim 48 x (1, 48, 64, 64, 64)", "triton_fused", {"triton_fused": 30.0, "per_branch": 40.0})
+    try:
+        trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), precision="32", datamodule=None)
+        module = SimpleNamespace(hparams={"net": "segresmamba"}, parameters=lambda: iter([]))
+        record = callbacks.RunRecorder()._common(trainer, module)
+    finally:
+        scan.auto_choices(reset=True)
+    assert record["scan_auto_choices"] == {"ToM dim 48 x (1, 48, 64, 64, 64)": {"backend": "triton_fused", "ms": {"triton_fused": 30.0, "per_branch": 40.0}}}
 
 
 def test_peak_memory_restarts_after_the_first_step_once(monkeypatch):

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from segresmamba.provenance import provenance
+from segresmamba.ssm.scan import auto_choices
 
 GIB = 1024**3
 
@@ -208,6 +209,8 @@ class RunRecorder(L.Callback):
             "hparams": {k: v for k, v in hp.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
             # the strategy's device, not the module's: on_fit_end runs after teardown has moved the module to the CPU
             "provenance": provenance(trainer.strategy.root_device, str(trainer.precision)),
+            # which scan backend scan_backend="auto" measured fastest, per scan signature (empty off CUDA)
+            "scan_auto_choices": auto_choices(),
         }
 
     def on_fit_end(self, trainer, pl_module) -> None:
