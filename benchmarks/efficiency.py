@@ -268,6 +268,7 @@ def write_tables(rows: list[dict], out_dir: Path, meta: dict, configs: dict[str,
 
 def _run_workers(jobs: list[tuple[str, str]], gpus: list[str], argv: list[str], out_dir: Path) -> list[dict]:
     """One subprocess per GPU, each taking every len(gpus)-th job; rows come back as JSON lines."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for i, gpu in enumerate(gpus):
         share = jobs[i :: len(gpus)]
@@ -277,12 +278,17 @@ def _run_workers(jobs: list[tuple[str, str]], gpus: list[str], argv: list[str], 
         part.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "benchmarks.efficiency", *argv, "--worker-jobs", json.dumps(share), "--worker-out", str(part)]
         procs.append((subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}), part))
-    rows = []
-    for proc, part in procs:
-        proc.wait()
+    rows, failed = [], []
+    for (proc, part), gpu in zip(procs, gpus):
+        if proc.wait() != 0:
+            failed.append(f"GPU {gpu} (exit {proc.returncode})")
         if part.exists():
             rows += [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
             part.unlink()
+    if failed:  # keep what the others measured; say which worker stopped
+        print(f"warning: profiler worker(s) failed: {', '.join(failed)}; their remaining models have no row", file=sys.stderr)
+    if not rows:
+        raise SystemExit(f"error: no profiler worker produced a row ({', '.join(failed) or 'no jobs'})")
     return rows
 
 
@@ -324,6 +330,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if args.worker_jobs:  # a worker of a multi-GPU run
         with open(args.worker_out, "a") as fh:
             for model_name, cfg_name in json.loads(args.worker_jobs):
+                print(f"[GPU {os.environ.get('CUDA_VISIBLE_DEVICES', '?')}] {model_name} @ {cfg_name}", flush=True)
                 fh.write(json.dumps(profile_one(model_name, configs[cfg_name], args)) + "\n")
                 fh.flush()
         return []

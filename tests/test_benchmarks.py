@@ -191,11 +191,12 @@ def test_sweep_through_submitit_local_executor(tmp_path, capsys):
 def test_profiler_spreads_models_over_worker_processes(tmp_path):
     """The multi-GPU path: one worker process per device id, each profiling its share (here on the CPU)."""
     jobs = [("unet", "spleen"), ("segresnet", "spleen"), ("unet", "brats")]
-    rows = efficiency._run_workers(jobs, ["0", "1"], ["--cpu", "--patch", "32", "--skip-macs", "--skip-cpu-times"], tmp_path)
+    out = tmp_path / "not" / "yet"  # the workers' folder is made for them
+    rows = efficiency._run_workers(jobs, ["0", "1"], ["--cpu", "--patch", "32", "--skip-macs", "--skip-cpu-times"], out)
     assert sorted((r["model"], r["config"]) for r in rows) == sorted(jobs)
     assert all(r["params_m"] > 0 and "error" not in r for r in rows)
     assert all(r["train_peak_gib_fp32"] == "not measured" for r in rows)
-    assert not list(tmp_path.glob(".rows-*.jsonl"))  # worker files are collected and removed
+    assert not list(out.glob(".rows-*.jsonl"))  # worker files are collected and removed
 
 
 def test_model_step_table_from_an_efficiency_table(tmp_path):
