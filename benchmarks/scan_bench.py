@@ -141,18 +141,20 @@ def scan_step(args, backend: str):
     return step
 
 
-# Triton launch settings compared by --tune on the largest scan (d_inner 96, 64^3 tokens, batch 1)
+# Triton launch settings compared by --tune on the largest scan (d_inner 96, 64^3 tokens, batch 1):
+# the default first, then one change each
 TUNE_VARIANTS = (
-    {"chunk": 128, "warps": None, "bwd_maxnreg": None},
-    {"chunk": 128, "warps": 8, "bwd_maxnreg": 128},
-    {"chunk": 64, "warps": 4, "bwd_maxnreg": 128},
-    {"chunk": 128, "warps": 8, "bwd_maxnreg": None},
-    {"chunk": 64, "warps": 4, "bwd_maxnreg": None},
+    {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": 16, "upcast": True},
+    {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": 16, "upcast": False},
+    {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": 4, "upcast": True},
+    {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": 1, "upcast": True},
+    {"chunk": 64, "warps": None, "bwd_maxnreg": None, "max_group": 16, "upcast": True},
+    {"chunk": 128, "warps": 8, "bwd_maxnreg": None, "max_group": 16, "upcast": True},
 )
 
 
 def describe(tuning: dict) -> str:
-    return " ".join(f"{k}={tuning.get(k)}" for k in ("chunk", "warps", "bwd_maxnreg"))
+    return " ".join(f"{k}={tuning.get(k)}" for k in ("chunk", "warps", "bwd_maxnreg", "max_group", "upcast"))
 
 
 def variant_error(batch: int = 2, d_inner: int = 16, length: int = 3001) -> float:

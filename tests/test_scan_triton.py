@@ -447,3 +447,37 @@ def test_auto_times_fused_against_per_branch_under_interpreter(monkeypatch):
     assert choice["backend"] == ("triton_fused" if first else "per_branch") and set(choice["ms"]) == {"triton_fused", "per_branch"}
     assert layer._choose_fused(x, 4) == first and len(calls) == 4  # cached for this signature
     assert all(p.grad is None for p in layer.parameters()) and x.grad is None  # measuring leaves no gradients
+
+
+@pytest.mark.parametrize("piece,length", [(8, 37), (16, 32), (64, 20)])  # split with a remainder, exact pieces, one partial piece
+def test_tokens_last_linear_matches_matmul(piece, length, monkeypatch):
+    from segresmamba.ssm import tom_triton
+
+    monkeypatch.setattr(tom_triton, "SPLIT_K_PIECE", piece)
+    torch.manual_seed(0)
+    weight = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 2, 7, length, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 2, 5, length, dtype=torch.float64)
+    got = tom_triton.tokens_last_linear(weight, x)
+    want = torch.matmul(weight.unsqueeze(1), x)
+    torch.testing.assert_close(got, want)
+    gw, gx = torch.autograd.grad(got, (weight, x), grad)
+    ww, wx = torch.autograd.grad(want, (weight, x), grad)
+    torch.testing.assert_close(gx, wx)
+    torch.testing.assert_close(gw, ww, rtol=1e-6, atol=1e-6)  # the weight gradient sums in fp32
+
+
+def test_tokens_last_linear_rejects_mismatched_shapes():
+    from segresmamba.ssm import tom_triton
+
+    with pytest.raises(ValueError, match="do not match"):
+        tom_triton.tokens_last_linear(torch.zeros(3, 5, 7), torch.zeros(2, 1, 7, 9))
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("upcast", [True, False])
+def test_half_precision_under_interpreter(upcast, monkeypatch):
+    """16-bit inputs, with and without the fp32 copies for the kernels: same oracle, gradients in the inputs' dtype."""
+    _interpreter_index_patch(monkeypatch)
+    monkeypatch.setitem(scan_triton.TUNING, "upcast", upcast)
+    check_kernels("cpu", 2, 3, 5, 37, 16, dtype=torch.float16, tol=1e-2)

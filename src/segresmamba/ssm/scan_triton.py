@@ -71,8 +71,12 @@ CARRY_ROWS = 64  # chunks per step of the cross-chunk carry
 CARRY_LANES = 32  # (channel, state) lanes per carry program
 # Launch settings (None: the heuristic of _plan). The backward gradient kernel holds ~10 fp32 tiles per
 # channel (150-235 registers); capping them (bwd_maxnreg=128) or 8 warps measured slower on an H200
-# (results/perf/scan.md). SEGRESMAMBA_TRITON_SCAN='{"chunk": 64}' (JSON) overrides them at import.
-TUNING = {"chunk": 128, "warps": None, "bwd_warps": None, "bwd_maxnreg": None, "max_group": MAX_CHANNEL_GROUP}
+# (results/perf/scan.md). upcast: bf16/fp16 u, delta, B, C (and dy) go to the kernels as fp32 copies,
+# since the scan alone measured 8.8 ms on bf16 inputs and 6.3 ms on fp32 ones (H200, d 96, 64^3 tokens):
+# Triton lays 16-bit tiles out 8 tokens per thread, and the backward kernel then needs more registers.
+# The 16-bit originals are what the backward saves; outputs and gradients keep the inputs' dtypes.
+# SEGRESMAMBA_TRITON_SCAN='{"chunk": 64}' (JSON) overrides them at import.
+TUNING = {"chunk": 128, "warps": None, "bwd_warps": None, "bwd_maxnreg": None, "max_group": MAX_CHANNEL_GROUP, "upcast": True}
 if os.environ.get("SEGRESMAMBA_TRITON_SCAN"):
     TUNING.update(json.loads(os.environ["SEGRESMAMBA_TRITON_SCAN"]))
 # sizes that vary between calls compile once rather than once per divisibility class
@@ -540,6 +544,13 @@ ORIENTATION_CODES = {"forward": 0, "reverse": 1, "slice": 2}
 _code_tensors: dict[tuple, torch.Tensor] = {}
 
 
+def _kernel_inputs(*tensors: torch.Tensor | None) -> tuple:
+    """fp32 copies of 16-bit tensors when ``TUNING["upcast"]`` is on; the tensors themselves otherwise."""
+    if not TUNING["upcast"]:
+        return tensors
+    return tuple(t.float() if t is not None and t.dtype in (torch.bfloat16, torch.float16) else t for t in tensors)
+
+
 def _codes_on(device: torch.device, codes: tuple[int, ...]) -> torch.Tensor:
     key = (device, codes)
     if key not in _code_tensors:  # one small host-to-device copy per (device, orientation set)
@@ -561,6 +572,9 @@ class SelectiveScanTritonFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, codes, nb, nslices, chunk):
         u, delta, B, C, z = (_last_dim_unit(t) for t in (u, delta, B, C, z))
         D, delta_bias = _last_dim_unit(D), _last_dim_unit(delta_bias)  # (R, d): the kernels index channels directly
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        out_dtype = u.dtype
+        u, delta, B, C = _kernel_inputs(u, delta, B, C)
         rows, d, length = u.shape
         n = A.shape[-1]
         seg = length // nslices
@@ -581,7 +595,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         )
         entering = _run_carry(decay, local_end, reverse=False)
         del local_end, decay
-        y = torch.empty(rows, d, length, dtype=u.dtype, device=u.device)
+        y = torch.empty(rows, d, length, dtype=out_dtype, device=u.device)
         zz = z if z is not None else u
         DD = D if D is not None else u
         _fwd_output_kernel[grid](
@@ -593,7 +607,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
             GROUP=group, T=T, BN=BN, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=delta_softplus, num_warps=warps,
         )
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, entering)
+        ctx.entering = entering  # fp32 chunk-entering states, made here: no version-counter check needed
         ctx.delta_softplus = delta_softplus
         ctx.plan = (T, nchunks, BN, group, warps)
         ctx.layout = (codes, nb, nslices)
@@ -601,11 +615,13 @@ class SelectiveScanTritonFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        u, delta, A, B, C, D, z, delta_bias, entering = ctx.saved_tensors
+        u_in, delta_in, A, B_in, C_in, D, z, delta_bias = ctx.saved_tensors
+        entering = ctx.entering
+        ctx.entering = None
         T, nchunks, BN, group, warps = ctx.plan
         codes, nb, nslices = ctx.layout
         branches = len(codes)
-        grad_y = _last_dim_unit(grad_y)
+        u, delta, B, C, grad_y = _kernel_inputs(u_in, delta_in, B_in, C_in, _last_dim_unit(grad_y))
         rows, d, length = u.shape
         n = A.shape[-1]
         seg = length // nslices
@@ -629,8 +645,8 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         into_end = _run_carry(decay, first, reverse=True)
         del first, decay
 
-        du = torch.empty(rows, d, length, dtype=u.dtype, device=u.device)
-        ddelta = torch.empty(rows, d, length, dtype=delta.dtype, device=u.device)
+        du = torch.empty(rows, d, length, dtype=u_in.dtype, device=u.device)
+        ddelta = torch.empty(rows, d, length, dtype=delta_in.dtype, device=u.device)
         # one dz row per (branch, batch element); the branches' shares are summed below
         dz = torch.empty(rows, d, length, dtype=z.dtype, device=u.device) if has_z else du
         dB = torch.zeros(rows, n, length, **f32)
@@ -657,7 +673,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         if has_z:
             dz = dz if branches == 1 else dz.view(branches, nb, d, length).sum(0, dtype=torch.float32).to(z.dtype)
         return (
-            du, ddelta, per_branch(dA_part).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            du, ddelta, per_branch(dA_part).to(A.dtype), dB.to(B_in.dtype), dC.to(C_in.dtype),
             per_branch(dD_part).to(D.dtype) if has_d else None, dz if has_z else None,
             per_branch(dbias_part).to(delta_bias.dtype) if has_bias else None, None, None, None, None, None,
         )
