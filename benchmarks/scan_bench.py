@@ -144,12 +144,11 @@ def scan_step(args, backend: str):
 # Triton launch settings compared by --tune on the largest scan (d_inner 96, 64^3 tokens, batch 1):
 # the default first, then one change each
 TUNE_VARIANTS = (
-    {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": 16, "upcast": True},
-    {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": 16, "upcast": False},
-    {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": 4, "upcast": True},
-    {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": 1, "upcast": True},
-    {"chunk": 64, "warps": None, "bwd_maxnreg": None, "max_group": 16, "upcast": True},
-    {"chunk": 128, "warps": 8, "bwd_maxnreg": None, "max_group": 16, "upcast": True},
+    {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": 16, "upcast": "all"},
+    {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": 16, "upcast": "states"},
+    {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": 16, "upcast": "none"},
+    {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": 4, "upcast": "all"},
+    {"chunk": 64, "warps": None, "bwd_maxnreg": None, "max_group": 16, "upcast": "all"},
 )
 
 

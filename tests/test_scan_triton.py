@@ -475,9 +475,15 @@ def test_tokens_last_linear_rejects_mismatched_shapes():
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
-@pytest.mark.parametrize("upcast", [True, False])
+@pytest.mark.parametrize("upcast", ["all", "states", "none"])
 def test_half_precision_under_interpreter(upcast, monkeypatch):
     """16-bit inputs, with and without the fp32 copies for the kernels: same oracle, gradients in the inputs' dtype."""
     _interpreter_index_patch(monkeypatch)
     monkeypatch.setitem(scan_triton.TUNING, "upcast", upcast)
     check_kernels("cpu", 2, 3, 5, 37, 16, dtype=torch.float16, tol=1e-2)
+
+
+def test_unknown_upcast_mode_is_refused(monkeypatch):
+    monkeypatch.setitem(scan_triton.TUNING, "upcast", "half")
+    with pytest.raises(ValueError, match="upcast"):
+        scan_triton._kernel_inputs(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1))

@@ -71,12 +71,13 @@ CARRY_ROWS = 64  # chunks per step of the cross-chunk carry
 CARRY_LANES = 32  # (channel, state) lanes per carry program
 # Launch settings (None: the heuristic of _plan). The backward gradient kernel holds ~10 fp32 tiles per
 # channel (150-235 registers); capping them (bwd_maxnreg=128) or 8 warps measured slower on an H200
-# (results/perf/scan.md). upcast: bf16/fp16 u, delta, B, C (and dy) go to the kernels as fp32 copies,
-# since the scan alone measured 8.8 ms on bf16 inputs and 6.3 ms on fp32 ones (H200, d 96, 64^3 tokens):
-# Triton lays 16-bit tiles out 8 tokens per thread, and the backward kernel then needs more registers.
-# The 16-bit originals are what the backward saves; outputs and gradients keep the inputs' dtypes.
+# (results/perf/scan.md). upcast: which bf16/fp16 inputs go to the kernels as fp32 copies: "all" (u, delta,
+# B, C and dy), "states" (B and C, the (state x token) tiles) or "none". On an H200 (d 96, 64^3 tokens) the
+# scan took 9.8 ms on bf16 inputs and 7.6 ms with "all" (7.3 ms on fp32 inputs): Triton lays 16-bit tiles
+# out 8 tokens per thread, and the backward kernel then needs more registers. The copies live only while
+# the kernels run (the backward saves the 16-bit originals); outputs and gradients keep the inputs' dtypes.
 # SEGRESMAMBA_TRITON_SCAN='{"chunk": 64}' (JSON) overrides them at import.
-TUNING = {"chunk": 128, "warps": None, "bwd_warps": None, "bwd_maxnreg": None, "max_group": MAX_CHANNEL_GROUP, "upcast": True}
+TUNING = {"chunk": 128, "warps": None, "bwd_warps": None, "bwd_maxnreg": None, "max_group": MAX_CHANNEL_GROUP, "upcast": "all"}
 if os.environ.get("SEGRESMAMBA_TRITON_SCAN"):
     TUNING.update(json.loads(os.environ["SEGRESMAMBA_TRITON_SCAN"]))
 # sizes that vary between calls compile once rather than once per divisibility class
@@ -544,11 +545,20 @@ ORIENTATION_CODES = {"forward": 0, "reverse": 1, "slice": 2}
 _code_tensors: dict[tuple, torch.Tensor] = {}
 
 
-def _kernel_inputs(*tensors: torch.Tensor | None) -> tuple:
-    """fp32 copies of 16-bit tensors when ``TUNING["upcast"]`` is on; the tensors themselves otherwise."""
-    if not TUNING["upcast"]:
-        return tensors
-    return tuple(t.float() if t is not None and t.dtype in (torch.bfloat16, torch.float16) else t for t in tensors)
+UPCAST_MODES = ("all", "states", "none")
+
+
+def _kernel_inputs(u, delta, B, C, grad_y=None) -> tuple:
+    """The tensors the kernels read: fp32 copies of the 16-bit ones that ``TUNING["upcast"]`` names."""
+    mode = TUNING["upcast"]
+    if mode not in UPCAST_MODES:
+        raise ValueError(f"TUNING['upcast'] must be one of {UPCAST_MODES}, got {mode!r}")
+
+    def up(t, on):
+        return t.float() if on and t is not None and t.dtype in (torch.bfloat16, torch.float16) else t
+
+    every = mode == "all"
+    return up(u, every), up(delta, every), up(B, mode != "none"), up(C, mode != "none"), up(grad_y, every)
 
 
 def _codes_on(device: torch.device, codes: tuple[int, ...]) -> torch.Tensor:
@@ -574,7 +584,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         D, delta_bias = _last_dim_unit(D), _last_dim_unit(delta_bias)  # (R, d): the kernels index channels directly
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         out_dtype = u.dtype
-        u, delta, B, C = _kernel_inputs(u, delta, B, C)
+        u, delta, B, C, _ = _kernel_inputs(u, delta, B, C)
         rows, d, length = u.shape
         n = A.shape[-1]
         seg = length // nslices
