@@ -44,26 +44,6 @@ def _scan_macs(inputs: list[Any], outputs: list[Any]) -> int:
     return int(SCAN_MACS_PER_ELEMENT * b * d * length * n)
 
 
-def _tokens_last_linear_macs(inputs: list[Any], outputs: list[Any]) -> int:
-    """The fused ToM path's projections: weight (R, O, I) on x (R, b, I, L), as fvcore counts a linear."""
-    from fvcore.nn.jit_handles import get_shape
-
-    r, o, i = get_shape(inputs[0])
-    _, b, _, length = get_shape(inputs[1])
-    return r * b * o * i * length
-
-
-def _oriented_conv_macs(inputs: list[Any], outputs: list[Any]) -> int:
-    """The fused ToM path's causal depthwise convs: x (b, d, L), weight (R, d, K); K MACs per output element
-    over L + K - 1 outputs, as fvcore counts the per-branch ``Conv1d`` with its causal padding (whose last
-    K - 1 outputs are dropped), so that both paths give one total."""
-    from fvcore.nn.jit_handles import get_shape
-
-    b, d, length = get_shape(inputs[0])
-    r, _, k = get_shape(inputs[1])
-    return r * b * d * (length + k - 1) * k
-
-
 def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
     from fvcore.nn.jit_handles import get_shape
 
@@ -107,8 +87,6 @@ def count_macs(model: nn.Module, inputs: torch.Tensor, strict: bool = True) -> M
         analysis = FlopCountAnalysis(model, inputs)
         for op in SCAN_OPS:
             analysis.set_op_handle(op, _scan_macs)
-        analysis.set_op_handle("prim::PythonOp.TokensLastLinearFn", _tokens_last_linear_macs)
-        analysis.set_op_handle("prim::PythonOp.OrientedConvSiluFn", _oriented_conv_macs)
         analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         with torch.no_grad():

@@ -183,7 +183,8 @@ class TriOrientedMamba(nn.Module):
         return x + out if self.residual else out
 
     def _use_fused(self, x: torch.Tensor, nslices: int) -> bool:
-        if not self.fused or not tom_triton.fused_available(x.device):
+        # a trace (fvcore's MAC count) records the per-branch path: the Triton kernels are opaque to it
+        if not self.fused or torch.jit.is_tracing() or not tom_triton.fused_available(x.device):
             return False
         if self.scan_backend == "triton":
             return True
