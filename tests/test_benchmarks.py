@@ -260,3 +260,24 @@ def test_gpu_sweeps_spread_over_the_gpus_they_find(tmp_path, monkeypatch):
     assert sweep.resolve_gpus(None, cpu_sweep) == [None]  # a CPU sweep stays one run at a time
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert sweep.resolve_gpus(None, gpu_sweep) == [None]
+
+
+def test_scan_mac_handle_reads_d_state_from_the_last_dim_of_A():
+    # the Triton scan takes A as (branches, channels, d_state); mamba-ssm's and ours as (channels, d_state)
+    from segresmamba.profiling.macs import _scan_macs
+
+    class Value:  # what fvcore's jit handles read a shape from
+        def __init__(self, *shape):
+            self.shape = shape
+
+        def type(self):
+            return self
+
+        def sizes(self):
+            return list(self.shape)
+
+        def isCompleteTensor(self):
+            return True
+
+    u = Value(3, 96, 1000)
+    assert _scan_macs([u, u, Value(96, 16)], []) == _scan_macs([u, u, Value(3, 96, 16)], []) == int(4.5 * 3 * 96 * 1000 * 16)

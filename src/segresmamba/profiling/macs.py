@@ -39,8 +39,8 @@ class UncountedOpError(RuntimeError):
 def _scan_macs(inputs: list[Any], outputs: list[Any]) -> int:
     from fvcore.nn.jit_handles import get_shape
 
-    b, d, length = get_shape(inputs[0])  # u: (batch, channels, length)
-    n = get_shape(inputs[2])[1]  # A: (channels, d_state)
+    b, d, length = get_shape(inputs[0])  # u: (rows, channels, length); rows = branches x batch when fused
+    n = get_shape(inputs[2])[-1]  # A: (channels, d_state), or (branches, channels, d_state) for the Triton scan
     return int(SCAN_MACS_PER_ELEMENT * b * d * length * n)
 
 
