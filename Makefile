@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency ddp-check gpu-hours params plots clean
+.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency bench-scan model-step ddp-check gpu-hours params plots clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -71,6 +71,12 @@ bench-spleen: $(STAMP) ## MSD Spleen sweep (PROFILE=paper SPLEEN_DIR=...)
 
 bench-efficiency: $(STAMP) ## params, MACs, memory and times of every model at the paper configs -> results/efficiency/<device>/
 	$(PY) -m benchmarks.efficiency $(EFFICIENCY_ARGS)
+
+bench-scan: $(STAMP) ## scan backends on the ToM layer and the scan alone, tuned, with a kernel profile (GPU) -> results/perf/
+	$(PY) -m benchmarks.scan_bench --tune --profile --out results/perf
+
+model-step: $(STAMP) ## whole-model training step table from an efficiency table (EFFICIENCY=results/efficiency/nvidia-h200) -> results/perf/
+	$(PY) -m benchmarks.model_step --table $(or $(EFFICIENCY),results/efficiency/nvidia-h200)/brats.csv --out results/perf
 
 ddp-check: $(STAMP) ## DDP on 2 GPUs vs 1 GPU (2 seeds), same fold of the phantoms -> results/ddp/<card>/
 	test -f data/phantoms/brats/PHANTOM.json || $(PY) -m segresmamba.data.write_phantoms brats --out data/phantoms/brats --cases 10 --size 64 --seed 0
