@@ -277,9 +277,9 @@ def _run_workers(jobs: list[tuple[str, str]], gpus: list[str], argv: list[str], 
         part = out_dir / f".rows-{i}.jsonl"
         part.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "benchmarks.efficiency", *argv, "--worker-jobs", json.dumps(share), "--worker-out", str(part)]
-        procs.append((subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}), part))
+        procs.append((subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}), part, gpu))
     rows, failed = [], []
-    for (proc, part), gpu in zip(procs, gpus):
+    for proc, part, gpu in procs:
         if proc.wait() != 0:
             failed.append(f"GPU {gpu} (exit {proc.returncode})")
         if part.exists():

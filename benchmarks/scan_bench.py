@@ -143,12 +143,13 @@ def scan_step(args, backend: str):
 
 # Triton launch settings compared by --tune on the largest scan (d_inner 96, 64^3 tokens, batch 1):
 # the default first, then one change each
+_TUNE_BASE = {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": scan_triton.MAX_CHANNEL_GROUP, "upcast": "all"}
 TUNE_VARIANTS = (
-    {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": 16, "upcast": "all"},
-    {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": 16, "upcast": "states"},
-    {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": 16, "upcast": "none"},
-    {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": 4, "upcast": "all"},
-    {"chunk": 64, "warps": None, "bwd_maxnreg": None, "max_group": 16, "upcast": "all"},
+    _TUNE_BASE,
+    {**_TUNE_BASE, "upcast": "states"},
+    {**_TUNE_BASE, "upcast": "none"},
+    {**_TUNE_BASE, "max_group": 4},
+    {**_TUNE_BASE, "chunk": 64},
 )
 
 
@@ -209,9 +210,10 @@ def tune(emit, common_row: dict) -> dict:
 
 
 PROFILE_TOP = 15  # kernels listed per backend
+PROFILE_ITERS = 5  # profiled calls, after one warm-up
 
 
-def kernel_breakdown(step, iters: int = 5) -> tuple[list[tuple[str, float, int]], float]:
+def kernel_breakdown(step, iters: int = PROFILE_ITERS) -> tuple[list[tuple[str, float, int]], float]:
     """GPU kernels of ``iters`` profiled calls after a warm-up: [(name, ms per call, launches per call)],
     largest first, and the summed kernel time per call in ms."""
     from torch.profiler import ProfilerActivity, profile
@@ -237,8 +239,8 @@ def write_profile(out: Path, backends: list[str], common: dict) -> None:
     channels, side, batch, precision = 48, 64, 1, "bf16"
     lines = [f"# ToM layer C{channels} {side}^3 b{batch} {precision}: GPU kernels of one fwd+bwd", "",
              f"{common['device']} · git {common['git_sha']} · torch {common['torch']} · triton {common['triton']}. "
-             "torch.profiler, mean of 5 calls after a warm-up; kernel time summed (the wall time in scan.csv "
-             "also holds launch gaps). Names are cut at 90 characters.", ""]
+             f"Random synthetic input and weights. torch.profiler, mean of {PROFILE_ITERS} calls after a warm-up; "
+             "kernel time summed (the wall time in scan.csv also holds launch gaps). Names are cut at 90 characters.", ""]
     for backend in backends:
         scan_name = "triton" if backend == PER_BRANCH else backend
         if backend_ready(scan_name) or backend == "torch":
@@ -396,7 +398,8 @@ def write_markdown(out: Path, rows: list[dict]) -> None:
         at = [r for r in rows if r["device"] == device]
         copy = next((r for r in at if r["kind"] == "copy"), None)
         shas = sorted({r["git_sha"] for r in at})
-        lines += [f"## {device}", "", f"git {', '.join(shas)} · torch {at[0].get('torch', '')} · triton {at[0].get('triton', '')}"]
+        lines += [f"## {device}", "", f"git {', '.join(shas)} · torch {at[0].get('torch', '')} · triton {at[0].get('triton', '')} · "
+                  "random synthetic inputs (precision per row)"]
         if copy:
             lines += ["", f"Device-to-device copy (read + write): **{_f(copy['copy_gbps'], '{:.0f}')} GB/s**."]
         lines += [

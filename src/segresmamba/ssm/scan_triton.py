@@ -70,8 +70,8 @@ MAX_CHANNEL_GROUP = 16  # channels one program walks through, reusing its B and 
 CARRY_ROWS = 64  # chunks per step of the cross-chunk carry
 CARRY_LANES = 32  # (channel, state) lanes per carry program
 # Launch settings (None: the heuristic of _plan). The backward gradient kernel holds ~10 fp32 tiles per
-# channel (150-235 registers); capping them (bwd_maxnreg=128) or 8 warps measured slower on an H200
-# (results/perf/scan.md). upcast: which bf16/fp16 inputs go to the kernels as fp32 copies: "all" (u, delta,
+# channel (255 registers, the cap, by offline sm_90a compilation); capping them (bwd_maxnreg=128) or 8 warps
+# measured slower on an H200 (results/perf/scan.md). upcast: which bf16/fp16 inputs go to the kernels as fp32 copies: "all" (u, delta,
 # B, C and dy), "states" (B and C, the (state x token) tiles) or "none". On an H200 (d 96, 64^3 tokens) the
 # scan took 9.8 ms on bf16 inputs and 7.6 ms with "all" (7.3 ms on fp32 inputs): Triton lays 16-bit tiles
 # out 8 tokens per thread, and the backward kernel then needs more registers. The copies live only while
@@ -580,11 +580,9 @@ class SelectiveScanTritonFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, codes, nb, nslices, chunk):
-        u, delta, B, C, z = (_last_dim_unit(t) for t in (u, delta, B, C, z))
+        u_in, delta_in, B_in, C_in, z = (_last_dim_unit(t) for t in (u, delta, B, C, z))
         D, delta_bias = _last_dim_unit(D), _last_dim_unit(delta_bias)  # (R, d): the kernels index channels directly
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        out_dtype = u.dtype
-        u, delta, B, C, _ = _kernel_inputs(u, delta, B, C)
+        u, delta, B, C, _ = _kernel_inputs(u_in, delta_in, B_in, C_in)
         rows, d, length = u.shape
         n = A.shape[-1]
         seg = length // nslices
@@ -605,7 +603,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         )
         entering = _run_carry(decay, local_end, reverse=False)
         del local_end, decay
-        y = torch.empty(rows, d, length, dtype=out_dtype, device=u.device)
+        y = torch.empty(rows, d, length, dtype=u_in.dtype, device=u.device)
         zz = z if z is not None else u
         DD = D if D is not None else u
         _fwd_output_kernel[grid](
@@ -617,7 +615,8 @@ class SelectiveScanTritonFn(torch.autograd.Function):
             GROUP=group, T=T, BN=BN, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=delta_softplus, num_warps=warps,
         )
-        ctx.entering = entering  # fp32 chunk-entering states, made here: no version-counter check needed
+        # the 16-bit originals, not the kernels' fp32 copies: the backward makes its own copies
+        ctx.save_for_backward(u_in, delta_in, A, B_in, C_in, D, z, delta_bias, entering)
         ctx.delta_softplus = delta_softplus
         ctx.plan = (T, nchunks, BN, group, warps)
         ctx.layout = (codes, nb, nslices)
@@ -625,9 +624,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        u_in, delta_in, A, B_in, C_in, D, z, delta_bias = ctx.saved_tensors
-        entering = ctx.entering
-        ctx.entering = None
+        u_in, delta_in, A, B_in, C_in, D, z, delta_bias, entering = ctx.saved_tensors
         T, nchunks, BN, group, warps = ctx.plan
         codes, nb, nslices = ctx.layout
         branches = len(codes)

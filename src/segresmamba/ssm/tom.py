@@ -213,13 +213,12 @@ class TriOrientedMamba(nn.Module):
         if fused:
             branches = [self.branches[f"{o}_scan"] for o in self.orientations]
             summed = tom_triton.tri_oriented_branches(self.in_proj(tokens), branches, self.orientations, nslices)
-            return self.out_proj(summed.transpose(1, 2)).transpose(1, 2)
-        xz = self.in_proj(tokens).transpose(1, 2)  # (B, 2 d_inner, L)
-        summed = None
-        for orientation in self.orientations:
-            branch = self.branches[f"{orientation}_scan"]
-            xz_o = orient(xz, orientation, nslices)
-            x_o, z_o = xz_o.chunk(2, dim=1)
-            y = unorient(branch(x_o, z_o, self.scan_backend), orientation, nslices)
-            summed = y if summed is None else summed + y
+        else:
+            xz = self.in_proj(tokens).transpose(1, 2)  # (B, 2 d_inner, L)
+            summed = None
+            for orientation in self.orientations:
+                branch = self.branches[f"{orientation}_scan"]
+                x_o, z_o = orient(xz, orientation, nslices).chunk(2, dim=1)
+                y = unorient(branch(x_o, z_o, self.scan_backend), orientation, nslices)
+                summed = y if summed is None else summed + y
         return self.out_proj(summed.transpose(1, 2)).transpose(1, 2)
