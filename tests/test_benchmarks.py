@@ -281,3 +281,10 @@ def test_scan_mac_handle_reads_d_state_from_the_last_dim_of_A():
 
     u = Value(3, 96, 1000)
     assert _scan_macs([u, u, Value(96, 16)], []) == _scan_macs([u, u, Value(3, 96, 16)], []) == int(4.5 * 3 * 96 * 1000 * 16)
+
+
+def test_efficiency_header_names_the_runs_of_merged_rows():
+    one = pd.DataFrame({"model": ["unet", "nnunet"], "git_sha": ["aaa1111", "aaa1111"]})
+    assert efficiency._runs_text(one) == "git aaa1111"
+    merged = pd.DataFrame({"model": ["unet", "nnunet", "segresmamba"], "git_sha": ["aaa1111", "aaa1111", "bbb2222"]})
+    assert efficiency._runs_text(merged) == "rows from several runs: git aaa1111: unet, nnunet; git bbb2222: segresmamba"
