@@ -40,6 +40,7 @@ import pandas as pd
 import torch
 
 import segresmamba
+from benchmarks.runs import runs_text
 from benchmarks.paper import paper_figures
 from segresmamba.profiling import count_macs
 from segresmamba.ssm import TriOrientedMamba
@@ -228,16 +229,6 @@ def _paper_columns(cfg: str) -> pd.DataFrame:
     return wide.reset_index().rename(columns={"index": "model"})
 
 
-def _runs_text(table: pd.DataFrame) -> str:
-    """The git SHA of the rows; where earlier invocations left rows in the table, which models each SHA measured."""
-    shas = list(dict.fromkeys(str(s) for s in table.git_sha))
-    if len(shas) == 1:
-        return f"git {shas[0]}"
-    return "rows from several runs: " + "; ".join(
-        f"git {sha}: {', '.join(table.model[table.git_sha.astype(str) == sha])}" for sha in shas
-    )
-
-
 def write_tables(rows: list[dict], out_dir: Path, meta: dict, configs: dict[str, BenchConfig] = CONFIGS) -> list[Path]:
     """``<out>/<device>/<config>.csv`` and ``.md``, with the paper's columns and provenance."""
     written = []
@@ -258,7 +249,7 @@ def write_tables(rows: list[dict], out_dir: Path, meta: dict, configs: dict[str,
         md = [
             f"# Efficiency, {cfg_name}: {cfg.in_channels} -> {cfg.out_channels} channels, patch {'x'.join(map(str, cfg.patch))}, batch 1",
             "",
-            f"Device: {meta['device']} · torch {meta['torch']} · CUDA {meta['cuda']} · MONAI {meta['monai']} · {_runs_text(part)}",
+            f"Device: {meta['device']} · torch {meta['torch']} · CUDA {meta['cuda']} · MONAI {meta['monai']} · {runs_text(part)}",
             "",
             "Ours: MACs by fvcore (1 multiply-add = 1) plus 4.5 MACs per (token, channel, state) per selective scan; "
             "train = fwd + bwd + Adam step on synthetic tensors (no data loading); peak = max_memory_allocated; "

@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.paper import PAPER_GPU_TDP_KW, paper_value
+from benchmarks.runs import runs_text
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def to_markdown(df: pd.DataFrame) -> str:
         f"### {proto.dataset} ({proto.note}): {first.folds} folds x {first.epochs} epochs, "
         f"{first.train_cases} training + {first.val_cases} validation cases per fold, validation every epoch",
         "",
-        f"From `{first.precision}` step and whole-volume times measured on {first.device} (git {str(first.git_sha)[:7]}) "
+        f"From `{first.precision}` step and whole-volume times measured on {first.device} ({runs_text(df)}) "
         f"with {first.data or 'unrecorded inputs'}; data loading not included.",
         "",
         "| model | epoch (s) | train GPU h | validation GPU h | total GPU h | kWh at board power | paper epoch (s, A100) | paper 5-fold h |",

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.runs import runs_text
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ("segresmamba", "segresmamba_notom", "swinunetr", "unetr", "nnunet", "segmamba")
 
@@ -46,12 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: none of {args.models} in {args.table}")
     args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "model_step.csv", index=False, float_format="%.4g")
-    shas = sorted(df.git_sha.astype(str).unique())
-    runs = "one profiler run" if len(shas) == 1 else f"{len(shas)} profiler runs (git {', '.join(shas)}), each row measured alone on one GPU"
     md = [
         f"# Whole-model training step, {config}",
         "",
-        f"From `{args.table.relative_to(ROOT) if args.table.is_absolute() else args.table}` ({runs}; cards: {', '.join(sorted(df.device.astype(str).unique()))}). "
+        f"From `{args.table.relative_to(ROOT) if args.table.is_absolute() else args.table}` ({runs_text(df.drop_duplicates('model'))}; each row measured alone on one GPU; cards: {', '.join(sorted(df.device.astype(str).unique()))}). "
         "fwd + bwd + Adam step on synthetic tensors; peak = max_memory_allocated (GiB); bf16 = autocast, fp32 weights.",
         "",
         df.to_markdown(index=False, floatfmt=".3g"),

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from benchmarks import aggregate, efficiency, sweep
+from benchmarks.runs import runs_text
 
 
 def test_profiler_cpu_rows(tmp_path):
@@ -285,6 +286,6 @@ def test_scan_mac_handle_reads_d_state_from_the_last_dim_of_A():
 
 def test_efficiency_header_names_the_runs_of_merged_rows():
     one = pd.DataFrame({"model": ["unet", "nnunet"], "git_sha": ["aaa1111", "aaa1111"]})
-    assert efficiency._runs_text(one) == "git aaa1111"
+    assert runs_text(one) == "git aaa1111"
     merged = pd.DataFrame({"model": ["unet", "nnunet", "segresmamba"], "git_sha": ["aaa1111", "aaa1111", "bbb2222"]})
-    assert efficiency._runs_text(merged) == "rows from several runs: git aaa1111: unet, nnunet; git bbb2222: segresmamba"
+    assert runs_text(merged) == "rows from several runs: git aaa1111: unet, nnunet; git bbb2222: segresmamba"
