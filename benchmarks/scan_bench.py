@@ -143,18 +143,22 @@ def scan_step(args, backend: str):
 
 # Triton launch settings compared by --tune on the largest scan (d_inner 96, 64^3 tokens, batch 1):
 # the default first, then one change each
-_TUNE_BASE = {"chunk": 128, "warps": None, "bwd_maxnreg": None, "max_group": scan_triton.MAX_CHANNEL_GROUP, "upcast": "all"}
+_TUNE_BASE = {"chunk": 128, "warps": None, "bwd_warps": None, "bwd_maxnreg": None, "max_group": scan_triton.MAX_CHANNEL_GROUP,
+              "upcast": "all"}
 TUNE_VARIANTS = (
     _TUNE_BASE,
     {**_TUNE_BASE, "upcast": "states"},
     {**_TUNE_BASE, "upcast": "none"},
-    {**_TUNE_BASE, "max_group": 4},
+    {**_TUNE_BASE, "max_group": 8},
     {**_TUNE_BASE, "chunk": 64},
+    {**_TUNE_BASE, "bwd_warps": 8},
+    {**_TUNE_BASE, "warps": 8},
+    {**_TUNE_BASE, "chunk": 256},
 )
 
 
 def describe(tuning: dict) -> str:
-    return " ".join(f"{k}={tuning.get(k)}" for k in ("chunk", "warps", "bwd_maxnreg", "max_group", "upcast"))
+    return " ".join(f"{k}={tuning.get(k)}" for k in ("chunk", "warps", "bwd_warps", "bwd_maxnreg", "max_group", "upcast"))
 
 
 def variant_error(batch: int = 2, d_inner: int = 16, length: int = 3001) -> float:

@@ -81,7 +81,7 @@ TUNING = {"chunk": 128, "warps": None, "bwd_warps": None, "bwd_maxnreg": None, "
 if os.environ.get("SEGRESMAMBA_TRITON_SCAN"):
     TUNING.update(json.loads(os.environ["SEGRESMAMBA_TRITON_SCAN"]))
 # sizes that vary between calls compile once rather than once per divisibility class
-SIZE_ARGS = ("D_CH", "L", "N", "NCHUNKS", "GROUP")
+SIZE_ARGS = ("D_CH", "N", "NCHUNKS", "GROUP")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ if HAS_TRITON:
         A_ptr += branch * sA_o
         bias_ptr += branch * sbias_o
         offs_t, idx_t, offs_n, mask_t, mask_n, mask_nt = _chunk_tile(k, code, L, N, S, M, T, BN)
-        Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
         ch0 = pid_g * GROUP
         for i in range(GROUP):  # GROUP divides the channel count
             ch = ch0 + i
@@ -363,8 +363,8 @@ if HAS_TRITON:
         D_ptr += branch * sD_o
         bias_ptr += branch * sbias_o
         offs_t, idx_t, offs_n, mask_t, mask_n, mask_nt = _chunk_tile(k, code, L, N, S, M, T, BN)
-        Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
         first = tl.arange(0, T)[None, :] == 0
         ch0 = pid_g * GROUP
         for i in range(GROUP):  # GROUP divides the channel count
@@ -405,7 +405,7 @@ if HAS_TRITON:
         A_ptr += branch * sA_o
         bias_ptr += branch * sbias_o
         offs_t, idx_t, offs_n, mask_t, mask_n, mask_nt = _chunk_tile(k, code, L, N, S, M, T, BN)
-        Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
         ch0 = pid_g * GROUP
         for i in range(GROUP):  # GROUP divides the channel count
             ch = ch0 + i
@@ -449,8 +449,8 @@ if HAS_TRITON:
         idx_next = _token_index(offs_t + 1, code, L, S, M)
         # a_{t+1} for the dh recurrence: within the chunk only, the next chunk enters through into_end
         mask_next = (offs_t + 1 < L) & (tok < T - 1)
-        Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + idx_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
         first = tok[None, :] == 0
         last = tok[None, :] == T - 1
         dB_acc = tl.zeros([BN, T], dtype=tl.float32)
@@ -488,11 +488,14 @@ if HAS_TRITON:
             else:
                 g = dy
 
+            # h and x are not needed past this point: what the gradients use of them is taken now, so
+            # that fewer (state x chunk) tiles are live across the second scan
+            dC_acc += h * g[None, :]
+            decayed_prev = h - x  # a_t h_{t-1}, without dividing by a_t
             a_next = tl.where(mask_next[None, :], tl.exp(dt_next[None, :] * A[:, None]), 0.0)
             beta = g[None, :] * Ct + tl.where(last, g_end[:, None], 0.0)
             _, dh = tl.associative_scan((a_next, beta), 1, _combine, reverse=True)
 
-            decayed_prev = h - x  # a_t h_{t-1}, without dividing by a_t
             du = g * Dc + tl.sum(dh * Bt, axis=0) * dt
             ddt = tl.sum(dh * (Bt * u[None, :] + A[:, None] * decayed_prev), axis=0)
             if SOFTPLUS:
@@ -501,14 +504,13 @@ if HAS_TRITON:
             tl.store(du_ptr + bb64 * so_b + ch * so_d + idx_t, du, mask=mask_t)
             tl.store(ddelta_ptr + bb64 * so_b + ch * so_d + idx_t, ddt, mask=mask_t)
             dB_acc += dh * dtu[None, :]
-            dC_acc += h * g[None, :]
             dA = tl.sum(dh * dt[None, :] * decayed_prev, axis=1)
             tl.store(dA_part_ptr + (part * D_CH + ch) * N + offs_n, dA, mask=mask_n)
             if HAS_D:
                 tl.store(dD_part_ptr + part * D_CH + ch, tl.sum(g * u, axis=0))
             if HAS_BIAS:
                 tl.store(dbias_part_ptr + part * D_CH + ch, tl.sum(ddt, axis=0))
-        state_idx = bb64 * N * L + offs_n[:, None] * L + idx_t[None, :]
+        state_idx = bb64 * N * L + offs_n[:, None] * L + offs_t[None, :]
         tl.atomic_add(dB_ptr + state_idx, dB_acc, mask=mask_nt, sem="relaxed")
         tl.atomic_add(dC_ptr + state_idx, dC_acc, mask=mask_nt, sem="relaxed")
 
@@ -561,6 +563,30 @@ def _kernel_inputs(u, delta, B, C, grad_y=None) -> tuple:
     return up(u, every), up(delta, every), up(B, mode != "none"), up(C, mode != "none"), up(grad_y, every)
 
 
+def _states_in_scan_order(t: torch.Tensor, codes: tuple[int, ...], nb: int, nslices: int, inverse: bool = False) -> torch.Tensor:
+    """B, C (or their gradients) of rows ``r * nb + i`` reordered along L into branch r's scan order
+    (``inverse``: back to the natural order). These (n x L) tensors are small next to the (d x L)
+    activations, and contiguous in scan order they load as token-contiguous tiles, which keeps every scan
+    inside one warp; the activations themselves stay in place and are addressed by index arithmetic."""
+    if not any(codes):
+        return t
+    rows, n, length = t.shape
+    out = torch.empty(rows, n, length, dtype=t.dtype, device=t.device)
+    for r, code in enumerate(codes):
+        src, dst = t[r * nb:(r + 1) * nb], out[r * nb:(r + 1) * nb]
+        if code == 0:
+            dst.copy_(src)
+        elif code == 1:
+            dst.copy_(src.flip(-1))
+        else:  # inter-slice: natural s * M + j <-> scan position j * S + s
+            natural, scan = (nb, n, nslices, length // nslices), (nb, n, length // nslices, nslices)
+            if inverse:
+                dst.view(natural).copy_(src.view(scan).transpose(-1, -2))
+            else:
+                dst.view(scan).copy_(src.view(natural).transpose(-1, -2))
+    return out
+
+
 def _codes_on(device: torch.device, codes: tuple[int, ...]) -> torch.Tensor:
     key = (device, codes)
     if key not in _code_tensors:  # one small host-to-device copy per (device, orientation set)
@@ -573,9 +599,10 @@ class SelectiveScanTritonFn(torch.autograd.Function):
 
     Rows ``r * nb + i`` of u, delta (R nb, d, L) and B, C (R nb, n, L) belong to branch r, whose
     parameters are ``A[r]`` (d, n), ``D[r]``, ``delta_bias[r]`` (d) and whose scan order is ``codes[r]``
-    (0 forward, 1 reverse, 2 inter-slice over ``nslices`` slices), applied by index arithmetic: every
-    tensor stays in its natural token order and y comes back in it. z (nb, d, L) is shared by the
-    branches. Saves the inputs and the chunk-entering states only.
+    (0 forward, 1 reverse, 2 inter-slice over ``nslices`` slices). The (d x L) tensors stay in their
+    natural token order, read and written by index arithmetic, and y comes back in it; only B and C
+    (n x L, with n = d_state much smaller than d) are copied into each branch's scan order for the kernels.
+    z (nb, d, L) is shared by the branches. Saves the inputs and the chunk-entering states only.
     """
 
     @staticmethod
@@ -584,6 +611,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         D, delta_bias = _last_dim_unit(D), _last_dim_unit(delta_bias)  # (R, d): the kernels index channels directly
         u, delta, B, C, _ = _kernel_inputs(u_in, delta_in, B_in, C_in)
         rows, d, length = u.shape
+        B, C = (_states_in_scan_order(t, codes, nb, nslices) for t in (B, C))
         n = A.shape[-1]
         seg = length // nslices
         code_t = _codes_on(u.device, codes)
@@ -630,6 +658,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         branches = len(codes)
         u, delta, B, C, grad_y = _kernel_inputs(u_in, delta_in, B_in, C_in, _last_dim_unit(grad_y))
         rows, d, length = u.shape
+        B, C = (_states_in_scan_order(t, codes, nb, nslices) for t in (B, C))
         n = A.shape[-1]
         seg = length // nslices
         code_t = _codes_on(u.device, codes)
@@ -679,6 +708,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
 
         if has_z:
             dz = dz if branches == 1 else dz.view(branches, nb, d, length).sum(0, dtype=torch.float32).to(z.dtype)
+        dB, dC = (_states_in_scan_order(t, codes, nb, nslices, inverse=True) for t in (dB, dC))
         return (
             du, ddelta, per_branch(dA_part).to(A.dtype), dB.to(B_in.dtype), dC.to(C_in.dtype),
             per_branch(dD_part).to(D.dtype) if has_d else None, dz if has_z else None,
@@ -733,7 +763,8 @@ def oriented_scan_triton(
     Every tensor is in the natural (row-major D, H, W) token order; branch r scans it in the order
     ``orientations[r]`` ("forward", "reverse" or "slice": the inter-slice order of
     :func:`segresmamba.ssm.tom.slice_interleave` with ``nslices``) by index arithmetic, without permuted
-    copies, and its output comes back in the natural order: for each branch the result equals
+    copies of u, delta or z (B and C, n x L, are copied into scan order), and its output comes back in the
+    natural order: for each branch the result equals
     ``unorient(selective_scan(orient(u_r), ...), o_r)``.
 
     Args:
