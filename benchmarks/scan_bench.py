@@ -149,11 +149,11 @@ TUNE_VARIANTS = (
     _TUNE_BASE,
     {**_TUNE_BASE, "upcast": "states"},
     {**_TUNE_BASE, "upcast": "none"},
-    {**_TUNE_BASE, "max_group": 8},
     {**_TUNE_BASE, "chunk": 64},
-    {**_TUNE_BASE, "bwd_warps": 8},
-    {**_TUNE_BASE, "warps": 8},
-    {**_TUNE_BASE, "chunk": 256},
+    {**_TUNE_BASE, "chunk": 64, "warps": 2},
+    {**_TUNE_BASE, "chunk": 64, "warps": 1},
+    {**_TUNE_BASE, "chunk": 32, "warps": 1},
+    {**_TUNE_BASE, "chunk": 32, "warps": 2},
 )
 
 
