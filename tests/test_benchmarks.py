@@ -289,3 +289,15 @@ def test_efficiency_header_names_the_runs_of_merged_rows():
     assert runs_text(one) == "git aaa1111"
     merged = pd.DataFrame({"model": ["unet", "nnunet", "segresmamba"], "git_sha": ["aaa1111", "aaa1111", "bbb2222"]})
     assert runs_text(merged) == "rows from several runs: git aaa1111: unet, nnunet; git bbb2222: segresmamba"
+
+
+def test_scan_tune_picks_fastest_then_lightest():
+    from benchmarks import scan_bench
+
+    # 1 is fastest; 0 is within 2 % of it and needs less memory; 2 needs the least but is too slow
+    assert scan_bench.pick_setting({0: 10.0, 1: 9.9, 2: 12.0}, {0: 1.0, 1: 2.0, 2: 0.5}) == 0
+    assert scan_bench.pick_setting({0: 10.0, 1: 9.0}, {0: 1.0, 1: 2.0}) == 1
+    # a setting that failed (inf) never wins, whatever its memory
+    assert scan_bench.pick_setting({0: float("inf"), 1: 5.0}, {0: 0.1, 1: 3.0}) == 1
+    # the library's default launch setting is the first one measured
+    assert scan_bench.TUNE_VARIANTS[0] == {k: scan_bench.scan_triton.TUNING[k] for k in scan_bench._TUNE_BASE}

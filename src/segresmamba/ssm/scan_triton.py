@@ -69,15 +69,17 @@ except ImportError:  # pragma: no cover - exercised where Triton is absent
 MAX_CHANNEL_GROUP = 16  # channels one program walks through, reusing its B and C tiles
 CARRY_ROWS = 64  # chunks per step of the cross-chunk carry
 CARRY_LANES = 32  # (channel, state) lanes per carry program
-# Launch settings (None: the heuristic of _plan). The backward gradient kernel holds ~10 fp32 tiles per
-# channel (255 registers, the cap, by offline sm_90a compilation); capping them (bwd_maxnreg=128) or 8 warps
-# measured slower on an H200 (results/perf/scan.md). upcast: which bf16/fp16 inputs go to the kernels as fp32 copies: "all" (u, delta,
-# B, C and dy), "states" (B and C, the (state x token) tiles) or "none". On an H200 (d 96, 64^3 tokens) the
-# scan took 9.8 ms on bf16 inputs and 7.6 ms with "all" (7.3 ms on fp32 inputs): Triton lays 16-bit tiles
-# out 8 tokens per thread, and the backward kernel then needs more registers. The copies live only while
-# the kernels run (the backward saves the 16-bit originals); outputs and gradients keep the inputs' dtypes.
-# SEGRESMAMBA_TRITON_SCAN='{"chunk": 64}' (JSON) overrides them at import.
-TUNING = {"chunk": 128, "warps": None, "bwd_warps": None, "bwd_maxnreg": None, "max_group": MAX_CHANNEL_GROUP, "upcast": "all"}
+# Launch settings (None: the heuristic of _plan), tuned by benchmarks/scan_bench.py --tune on an H200 (d 96,
+# 64^3 tokens, fwd+bwd, results/perf/scan.md). One warp per program over 64-token chunks: the (state x token)
+# tiles of a channel then sit in one warp, so the scans and the sums over states are register shuffles with
+# no shared-memory barrier; with 4 warps over 128 tokens the states spread over the warps and every such sum
+# crossed them (fp32 6.1 ms -> 4.9 ms; 32-token chunks are as fast and need more chunk-state memory).
+# upcast: which bf16/fp16 inputs go to the kernels as fp32 copies: "all" (u, delta, B, C and dy), "states"
+# (B and C, the (state x token) tiles) or "none"; 16-bit tiles are laid out 8 tokens per thread and the
+# backward then needs more registers (at chunk 128, 4 warps: bf16 8.2 ms with "none", 6.5 ms with "all").
+# The copies live only while the kernels run (the backward saves the 16-bit originals); outputs and
+# gradients keep the inputs' dtypes. SEGRESMAMBA_TRITON_SCAN='{"chunk": 128}' (JSON) overrides them at import.
+TUNING = {"chunk": 64, "warps": 1, "bwd_warps": None, "bwd_maxnreg": None, "max_group": MAX_CHANNEL_GROUP, "upcast": "all"}
 if os.environ.get("SEGRESMAMBA_TRITON_SCAN"):
     TUNING.update(json.loads(os.environ["SEGRESMAMBA_TRITON_SCAN"]))
 # sizes that vary between calls compile once rather than once per divisibility class
