@@ -75,14 +75,16 @@ CARRY_LANES = 32  # (channel, state) lanes per carry program
 # no shared-memory barrier; with 4 warps over 128 tokens the states spread over the warps and every such sum
 # crossed them (fp32 6.1 ms -> 4.9 ms; 32-token chunks are as fast and need more chunk-state memory).
 # upcast: which bf16/fp16 inputs go to the kernels as fp32 copies: "all" (u, delta, B, C and dy), "states"
-# (B and C, the (state x token) tiles) or "none"; 16-bit tiles are laid out 8 tokens per thread and the
-# backward then needs more registers (at chunk 128, 4 warps: bf16 8.2 ms with "none", 6.5 ms with "all").
-# The copies live only while the kernels run (the backward saves the 16-bit originals); outputs and
-# gradients keep the inputs' dtypes. SEGRESMAMBA_TRITON_SCAN='{"chunk": 128}' (JSON) overrides them at import.
-TUNING = {"chunk": 64, "warps": 1, "bwd_warps": None, "bwd_maxnreg": None, "max_group": MAX_CHANNEL_GROUP, "upcast": "all"}
+# (B and C, the (state x token) tiles) or "none". With 4-warp programs over 128 tokens the copies paid (bf16
+# 8.2 ms with "none", 6.5 ms with "all": 16-bit tiles are laid out 8 tokens per thread and the backward
+# needed more registers); with one warp over 64 tokens "none" is as fast (5.09 vs 5.15 ms) and needs no
+# copies (0.54 vs 0.85 GiB). Outputs and gradients keep the inputs' dtypes, and copies live only while the
+# kernels run. SEGRESMAMBA_TRITON_SCAN='{"chunk": 128, "warps": 4}' (JSON) overrides the settings at import.
+TUNING = {"chunk": 64, "warps": 1, "bwd_warps": None, "bwd_maxnreg": None, "max_group": MAX_CHANNEL_GROUP, "upcast": "none"}
 if os.environ.get("SEGRESMAMBA_TRITON_SCAN"):
     TUNING.update(json.loads(os.environ["SEGRESMAMBA_TRITON_SCAN"]))
-# sizes that vary between calls compile once rather than once per divisibility class
+# sizes that vary between calls compile once rather than once per divisibility class; L is left to
+# specialise, so that with L divisible by 16 the masked token-contiguous loads can be vectorised
 SIZE_ARGS = ("D_CH", "N", "NCHUNKS", "GROUP")
 
 
