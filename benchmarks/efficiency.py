@@ -202,6 +202,8 @@ def profile_one(model_name: str, cfg: BenchConfig, args) -> dict:
             if has_scan and auto_choices():
                 # what ``auto`` measured fastest at this model's scan sizes ("triton+mamba_ssm" when it varies)
                 row["scan_backend"] = "+".join(sorted({c["backend"] for c in auto_choices().values()}))
+                # every signature's choice and the times behind it (JSON), for reading a step time back
+                row["scan_auto_choices"] = json.dumps(auto_choices(), sort_keys=True)
         else:
             for precision in args.precisions:
                 for key in ("train_peak_gib", "train_reserved_gib", "step_ms", "infer_patch_ms", "infer_volume_s"):
@@ -245,7 +247,7 @@ def write_tables(rows: list[dict], out_dir: Path, meta: dict, configs: dict[str,
             part = pd.concat([kept[~kept.model.isin(part.model)], part], ignore_index=True)
         part.to_csv(csv, index=False, float_format="%.4g")
         cfg = configs[cfg_name]
-        shown = [c for c in part.columns if c not in meta and c != "uncounted_ops"]
+        shown = [c for c in part.columns if c not in meta and c not in ("uncounted_ops", "scan_auto_choices")]
         md = [
             f"# Efficiency, {cfg_name}: {cfg.in_channels} -> {cfg.out_channels} channels, patch {'x'.join(map(str, cfg.patch))}, batch 1",
             "",
