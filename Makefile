@@ -75,8 +75,8 @@ bench-efficiency: $(STAMP) ## params, MACs, memory and times of every model at t
 bench-scan: $(STAMP) ## scan backends on the ToM layer and the scan alone, tuned, with a kernel profile (GPU) -> results/perf/
 	$(PY) -m benchmarks.scan_bench --tune --profile --out results/perf
 
-model-step: $(STAMP) ## whole-model training step table from an efficiency table (EFFICIENCY=results/efficiency/nvidia-h200) -> results/perf/
-	$(PY) -m benchmarks.model_step --table $(or $(EFFICIENCY),results/efficiency/nvidia-h200)/brats.csv --out results/perf
+model-step: $(STAMP) ## whole-model training step on this GPU, eager and with ToM CUDA graphs (BraTS 128^3) -> results/perf/
+	$(PY) -m benchmarks.model_step --measure --out results/perf
 
 ddp-check: $(STAMP) ## DDP on 2 GPUs vs 1 GPU (2 seeds), same fold of the phantoms -> results/ddp/<card>/
 	test -f data/phantoms/brats/PHANTOM.json || $(PY) -m segresmamba.data.write_phantoms brats --out data/phantoms/brats --cases 10 --size 64 --seed 0

@@ -44,6 +44,7 @@ from benchmarks.runs import runs_text
 from benchmarks.paper import paper_figures
 from segresmamba.profiling import count_macs
 from segresmamba.ssm import TriOrientedMamba
+from segresmamba.ssm.cuda_graphs import graph_tom_layers, release_tom_graphs
 from segresmamba.ssm.scan import auto_choices, resolve_backend
 from segresmamba.provenance import device_name, git_sha, versions
 
@@ -94,8 +95,11 @@ def _main_output(out):
     return out[0] if isinstance(out, (list, tuple)) else out
 
 
-def cuda_train_step(model, cfg: BenchConfig, precision: str, steps: int, warmup: int) -> dict:
-    """Peak memory (GiB) and median step time (ms) of fwd + bwd + Adam step, batch 1."""
+def cuda_train_step(model, cfg: BenchConfig, precision: str, steps: int, warmup: int, cuda_graphs: bool = False) -> dict:
+    """Peak memory (GiB) and median step time (ms) of fwd + bwd + Adam step, batch 1.
+
+    ``cuda_graphs``: the small ToM layers replay CUDA graphs (:func:`segresmamba.ssm.cuda_graphs.graph_tom_layers`),
+    captured for this precision before the warm-up; their pool counts in the peak."""
     device = torch.device("cuda")
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-5)
@@ -103,6 +107,10 @@ def cuda_train_step(model, cfg: BenchConfig, precision: str, steps: int, warmup:
     x = torch.randn(1, cfg.in_channels, *cfg.patch, device=device)
     y = _target(cfg, cfg.patch, device)
     dtype = torch.bfloat16 if precision == "bf16" else None
+    graphed = []
+    if cuda_graphs:
+        release_tom_graphs(model)  # those of another precision
+        graphed = graph_tom_layers(model, x, dtype)
     times = []
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -128,6 +136,8 @@ def cuda_train_step(model, cfg: BenchConfig, precision: str, steps: int, warmup:
         f"train_reserved_gib_{precision}": torch.cuda.max_memory_reserved() / GIB,
         f"step_ms_{precision}": statistics.median(times),
     }
+    if cuda_graphs:
+        result["cuda_graph_layers"] = len(graphed)
     del optimizer
     return result
 
@@ -193,7 +203,7 @@ def profile_one(model_name: str, cfg: BenchConfig, args) -> dict:
         if on_gpu:
             for precision in args.precisions:
                 try:
-                    row.update(cuda_train_step(model, cfg, precision, args.steps, args.warmup))
+                    row.update(cuda_train_step(model, cfg, precision, args.steps, args.warmup, args.cuda_graphs))
                     row.update(cuda_inference(model, cfg, precision, args.steps, args.warmup))
                 except torch.cuda.OutOfMemoryError:
                     row[f"error_{precision}"] = "CUDA out of memory"
@@ -308,6 +318,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patch", type=int, default=None, help="override every config's patch side (volume = 2 x patch); for quick CPU checks")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="leave cudnn.benchmark off (the training configs turn it on; the H200 tables of git bb16966 had it off)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="the small ToM layers replay CUDA graphs in the training step (write to another --out: rows are keyed by model)")
     p.add_argument("--skip-macs", action="store_true")
     p.add_argument("--skip-cpu-times", action="store_true")
     p.add_argument("--worker-jobs", default=None, help=argparse.SUPPRESS)

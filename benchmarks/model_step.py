@@ -1,9 +1,12 @@
 """Whole-model training step, long format: ``results/perf/model_step.csv`` and ``.md``.
 
-The figures come from the efficiency profiler's table of one device (``results/efficiency/<device>/brats.csv``:
-fwd + bwd + Adam step, batch 1, synthetic tensors), reshaped to one row per (model, precision) so the
-models compare side by side with the scan benchmarks:
+The figures are the efficiency profiler's (fwd + bwd + Adam step, batch 1, synthetic tensors), one row per
+(model, precision, CUDA graphs or not), so the models compare side by side with the scan benchmarks.
+``--measure`` takes them on this GPU in one run: every model eagerly, then the models with ToM layers again
+with their small ToM layers replaying CUDA graphs (:mod:`segresmamba.ssm.cuda_graphs`); the profiler's own
+tables are kept under ``<out>/model_step_source/``. ``--table`` reshapes existing efficiency tables instead:
 
+    python -m benchmarks.model_step --measure
     python -m benchmarks.model_step --table results/efficiency/nvidia-h200/brats.csv
 """
 
@@ -20,6 +23,28 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ("segresmamba", "segresmamba_notom", "swinunetr", "unetr", "nnunet", "segmamba")
 
 
+def _graphs_text(layers) -> str:
+    layers = pd.to_numeric(layers, errors="coerce")
+    return "-" if pd.isna(layers) else f"{int(layers)} ToM layers"
+
+
+def measure(models: tuple[str, ...], source: Path) -> list[Path]:
+    """Efficiency tables of ``models`` on this GPU (BraTS 128^3): eager, then with ToM CUDA graphs."""
+    import torch
+
+    from benchmarks import efficiency
+
+    if not torch.cuda.is_available():
+        raise SystemExit("error: --measure needs a GPU (CUDA is not available); use --table to reshape existing tables")
+    common = ["--configs", "brats", "--skip-macs", "--skip-cpu-times"]
+    eager = next(p for p in efficiency.main([*common, "--models", *models, "--out", str(source / "eager")]) if p.suffix == ".csv")
+    with_tom = [m for m, backend in pd.read_csv(eager)[["model", "scan_backend"]].itertuples(index=False) if isinstance(backend, str)]
+    if not with_tom:
+        return [eager]
+    graphs = efficiency.main([*common, "--models", *with_tom, "--cuda-graphs", "--out", str(source / "cuda_graphs")])
+    return [eager, next(p for p in graphs if p.suffix == ".csv")]
+
+
 def reshape(table: pd.DataFrame, config: str, models: tuple[str, ...]) -> pd.DataFrame:
     rows = []
     for r in table[table.model.isin(models)].itertuples():
@@ -29,6 +54,7 @@ def reshape(table: pd.DataFrame, config: str, models: tuple[str, ...]) -> pd.Dat
                 "device": r.device, "model": r.model, "config": config, "precision": precision,
                 "peak_gib": pd.to_numeric(peak, errors="coerce"), "step_ms": pd.to_numeric(step, errors="coerce"),
                 "scan_backend": getattr(r, "scan_backend", None) if isinstance(getattr(r, "scan_backend", None), str) else "-",
+                "cuda_graphs": _graphs_text(getattr(r, "cuda_graph_layers", None)),
                 "git_sha": r.git_sha,
             })
     return pd.DataFrame(rows)
@@ -36,23 +62,34 @@ def reshape(table: pd.DataFrame, config: str, models: tuple[str, ...]) -> pd.Dat
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--table", type=Path, required=True, help="an efficiency CSV (results/efficiency/<device>/<config>.csv)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--table", type=Path, nargs="+", help="efficiency CSVs of one config (results/efficiency/<device>/<config>.csv)")
+    source.add_argument("--measure", action="store_true", help="measure on this GPU first (BraTS 128^3, eager and with ToM CUDA graphs)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "perf")
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     args = p.parse_args(argv)
-    if not args.table.is_file():
-        raise SystemExit(f"error: {args.table} not found; run `make bench-efficiency` on the GPU first")
-    config = f"{args.table.stem} 128^3 b1" if args.table.stem in ("brats", "btcv") else f"{args.table.stem} 96^3 b1"
-    df = reshape(pd.read_csv(args.table), config, tuple(args.models))
+    tables = measure(tuple(args.models), args.out / "model_step_source") if args.measure else args.table
+    missing = [str(t) for t in tables if not t.is_file()]
+    if missing:
+        raise SystemExit(f"error: {', '.join(missing)} not found; run `make bench-efficiency` on the GPU first")
+    stems = {t.stem for t in tables}
+    if len(stems) != 1:
+        raise SystemExit(f"error: the tables are of different configs ({', '.join(sorted(stems))}); give one config's tables")
+    stem = stems.pop()
+    config = f"{stem} 128^3 b1" if stem in ("brats", "btcv") else f"{stem} 96^3 b1"
+    df = pd.concat([reshape(pd.read_csv(t), config, tuple(args.models)) for t in tables], ignore_index=True)
     if df.empty:
-        raise SystemExit(f"error: none of {args.models} in {args.table}")
+        raise SystemExit(f"error: none of {args.models} in {', '.join(map(str, tables))}")
     args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "model_step.csv", index=False, float_format="%.4g")
+    shown = ", ".join(f"`{t.relative_to(ROOT) if t.is_absolute() and t.is_relative_to(ROOT) else t}`" for t in tables)
     md = [
         f"# Whole-model training step, {config}",
         "",
-        f"From `{args.table.relative_to(ROOT) if args.table.is_absolute() else args.table}` ({runs_text(df.drop_duplicates('model'))}; each row measured alone on one GPU; cards: {', '.join(sorted(df.device.astype(str).unique()))}). "
-        "fwd + bwd + Adam step on synthetic tensors; peak = max_memory_allocated (GiB); bf16 = autocast, fp32 weights.",
+        f"From {shown} ({runs_text(df.drop_duplicates(['model', 'git_sha']))}; each row measured alone on one GPU; "
+        f"cards: {', '.join(sorted(df.device.astype(str).unique()))}). "
+        "fwd + bwd + Adam step on synthetic tensors; peak = max_memory_allocated (GiB); bf16 = autocast, fp32 weights; "
+        "cuda_graphs: how many ToM layers replayed CUDA graphs (`--cuda_graphs` in training), - = all eager.",
         "",
         df.to_markdown(index=False, floatfmt=".3g"),
     ]

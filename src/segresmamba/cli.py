@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from segresmamba.callbacks import EnergyTracker, PeakMemory, RunRecorder, StepTimer
+from segresmamba.callbacks import EnergyTracker, PeakMemory, RunRecorder, StepTimer, ToMCudaGraphs
 from segresmamba.data.base import VolumeDataModule
 from segresmamba.task import SegmentationTask
 
@@ -61,6 +61,11 @@ class SegResMambaCLI(LightningCLI):
             "--test_after_fit", type=bool, default=False,
             help="after fit, test the best checkpoint in the same process (one start-up and data setup instead of two)",
         )
+        parser.add_argument(
+            "--cuda_graphs", type=bool, default=False,
+            help="replay the training forward and backward of the small ToM layers as CUDA graphs (GPU only; "
+                 "they are bound by kernel launches, see segresmamba.ssm.cuda_graphs)",
+        )
         parser.add_argument("--run_record", type=Optional[str], default=None, help="metrics.json path (default: the run directory)")
         parser.add_argument(
             "--energy_country", type=Optional[str], default=None,
@@ -73,6 +78,8 @@ class SegResMambaCLI(LightningCLI):
         accelerator = str(config.trainer.accelerator)
         if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise SystemExit("error: trainer.accelerator asks for a GPU but CUDA is not available on this machine")
+        if config.get("cuda_graphs") and not torch.cuda.is_available():
+            raise SystemExit("error: --cuda_graphs needs a GPU, and CUDA is not available on this machine")
         if "16" in precision and "mixed" in precision and not torch.cuda.is_available():
             warnings.warn(f"precision {precision} on a CPU runs slowly and is not what the benchmark measures", stacklevel=1)
         logger = config.trainer.logger
@@ -93,6 +100,8 @@ class SegResMambaCLI(LightningCLI):
             PeakMemory(),
             StepTimer(),
         ]
+        if config.get("cuda_graphs"):
+            extra.append(ToMCudaGraphs())
         if config.get("energy_country"):
             extra.append(EnergyTracker(country_iso_code=config.get("energy_country")))
         extra.append(RunRecorder(path=config.get("run_record")))  # last: its on_fit_end reads the others

@@ -1,0 +1,148 @@
+"""CUDA graphs for the ToM layers of a training step (partial-network capture).
+
+A ToM layer's forward and backward are about 140 kernel launches and some 500 PyTorch calls. On volumes of
+16^3 or 8^3 tokens the GPU finishes each kernel in microseconds, so the layer's time is the host's: about
+6 ms per forward + backward on an H200 host, whatever the layer's size. :func:`graph_tom_layers` records each
+chosen layer's forward and backward once as CUDA graphs (``torch.cuda.make_graphed_callables``) and replays
+them in training steps: one launch per graph instead of hundreds. Layers whose GPU work is larger than their
+host work gain little and would pin their temporaries in the graph pool, hence ``max_tokens``.
+
+Constraints (those of partial-network capture, checked where they can be):
+
+- static shapes: the training patch and batch size must not change after the capture;
+- the graphs replay only for the captured input (shape, dtype), in training mode with gradients on; any other
+  call of a layer runs its ordinary forward: validation, sliding-window inference, a smaller last batch;
+- the captured layers share one memory pool and must run in the order of the capture, forward then
+  backward in reverse, as an encoder does; the parameters must be updated in place (every
+  ``torch.optim`` optimizer does) and must not be replaced;
+- the ``auto`` scan choices are made in the warm-up before the capture and then stay fixed.
+
+:func:`release_tom_graphs` restores the ordinary forward and frees the graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from segresmamba.ssm.tom import TriOrientedMamba
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 32**3  # the largest ToM input measured host-bound (SegResMamba, BraTS 128^3 patches)
+
+
+def tom_input_shapes(model: nn.Module, example_input: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> list[tuple[str, torch.Size, torch.dtype]]:
+    """(name, input shape, input dtype) of every ToM layer of ``model``, in the order a forward runs them.
+
+    The forward runs in ``eval()`` without gradients (no running statistics change), under the given autocast.
+    """
+    seen: list[tuple[str, torch.Size, torch.dtype]] = []
+    hooks = [
+        module.register_forward_pre_hook(lambda mod, args, name=name: seen.append((name, args[0].shape, args[0].dtype)))
+        for name, module in model.named_modules()
+        if isinstance(module, TriOrientedMamba)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), torch.autocast(example_input.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            model(example_input)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return seen
+
+
+def graph_tom_layers(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    autocast_dtype: torch.dtype | None = None,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    warmup: int = 3,
+) -> list[str]:
+    """Capture the training forward and backward of ``model``'s ToM layers as CUDA graphs, in place.
+
+    Args:
+        model: a network on a CUDA device holding :class:`~segresmamba.ssm.TriOrientedMamba` layers.
+        example_input: one training batch of ``model``'s input (its shape is the one captured).
+        autocast_dtype: the training autocast dtype (``torch.bfloat16`` for ``bf16-mixed``), or None for fp32.
+        max_tokens: capture only layers whose input has at most this many tokens (None: all).
+        warmup: eager forward + backward passes before the capture (``make_graphed_callables``' warm-up).
+
+    Returns:
+        The names of the captured layers, in execution order (empty if none qualified).
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("graph_tom_layers needs a CUDA device; CUDA graphs do not exist on a CPU")
+    if example_input.device.type != "cuda":
+        raise ValueError(f"example_input must be on a CUDA device, got {example_input.device}")
+    params = list(model.parameters())
+    if not params or any(p.device != example_input.device for p in params):
+        raise ValueError(f"the model's parameters must all be on {example_input.device}, as the example input")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
+    if warmup < 1:
+        raise ValueError(f"warmup must be >= 1, got {warmup}")
+    modules = dict(model.named_modules())
+    chosen = [
+        (name, shape, dtype)
+        for name, shape, dtype in tom_input_shapes(model, example_input, autocast_dtype)
+        if max_tokens is None or shape[2:].numel() <= max_tokens
+    ]
+    if any("forward" in vars(modules[name]) for name, _, _ in chosen):
+        raise ValueError("these ToM layers already replay CUDA graphs; call release_tom_graphs(model) first")
+    if len({name for name, _, _ in chosen}) != len(chosen):
+        raise ValueError("a ToM layer runs more than once per forward; CUDA graphs of shared layers are not supported")
+    if not chosen:
+        return []
+    layers = tuple(modules[name] for name, _, _ in chosen)
+    samples = tuple((torch.randn(shape, dtype=dtype, device=example_input.device, requires_grad=True),) for _, shape, dtype in chosen)
+    was_training = model.training
+    model.train()
+    try:
+        # autocast's weight-cast cache cannot cross a graph boundary: the capture casts inside the graphs
+        with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None, cache_enabled=False):
+            torch.cuda.make_graphed_callables(layers, samples, num_warmup_iters=warmup)
+    finally:
+        model.train(was_training)
+    for layer, (_, shape, dtype) in zip(layers, chosen):
+        _dispatch(layer, shape, dtype)
+    names = [name for name, _, _ in chosen]
+    log.info("CUDA graphs captured for %d ToM layers: %s", len(names), ", ".join(names))
+    return names
+
+
+def _dispatch(layer: TriOrientedMamba, shape: torch.Size, dtype: torch.dtype) -> None:
+    """Replay the graphs only for calls that match the capture; run every other call eagerly."""
+    graphed = layer.forward  # the instance attribute make_graphed_callables installed
+    eager = type(layer).forward.__get__(layer)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if layer.training and torch.is_grad_enabled() and x.shape == shape and x.dtype == dtype and x.requires_grad:
+            return graphed(x)
+        return eager(x)
+
+    layer.forward = forward
+    layer.cuda_graph_input = (tuple(shape), dtype)
+
+
+def graphed_tom_layers(model: nn.Module) -> list[str]:
+    """Names of the ToM layers of ``model`` that replay CUDA graphs."""
+    return [name for name, m in model.named_modules() if isinstance(m, TriOrientedMamba) and "forward" in vars(m)]
+
+
+def release_tom_graphs(model: nn.Module) -> list[str]:
+    """Give every graphed ToM layer of ``model`` its ordinary forward back (the graphs are freed with it)."""
+    names = graphed_tom_layers(model)
+    for name in names:
+        layer = model.get_submodule(name)
+        del layer.forward
+        del layer.cuda_graph_input
+    return names
+
+
+__all__ = ["DEFAULT_MAX_TOKENS", "graph_tom_layers", "graphed_tom_layers", "release_tom_graphs", "tom_input_shapes"]

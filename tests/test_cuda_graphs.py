@@ -1,0 +1,105 @@
+"""CUDA graphs of the ToM layers: the CPU-side checks, and (on a GPU) graphed training equal to eager training."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+import segresmamba
+from segresmamba.callbacks import ToMCudaGraphs
+from segresmamba.ssm.cuda_graphs import graph_tom_layers, graphed_tom_layers, release_tom_graphs, tom_input_shapes
+
+SMALL = {"feature_sizes": [8, 16, 32, 64]}
+
+
+def small_segresmamba(device="cpu"):
+    torch.manual_seed(0)
+    return segresmamba.create_model("segresmamba", 4, 3, 48, **SMALL).to(device)
+
+
+def test_tom_input_shapes_in_forward_order_without_side_effects():
+    model = small_segresmamba().train()
+    state = copy.deepcopy(model.state_dict())
+    shapes = tom_input_shapes(model, torch.randn(1, 4, 48, 48, 48))
+    assert model.training  # the mode is restored
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # no running statistic moved
+    # per stage (features 8..64 at 24^3..3^3) its CMMB's two ToM layers: one at half the stage's side, then one at it
+    sides = [(8, 12), (8, 24), (16, 6), (16, 12), (32, 3), (32, 6), (64, 2), (64, 3)]
+    assert [tuple(s) for _, s, _ in shapes] == [(1, c, r, r, r) for c, r in sides]
+    assert len({name for name, _, _ in shapes}) == 8 and all(d == torch.float32 for _, _, d in shapes)
+    assert not any(m._forward_pre_hooks for m in model.modules())  # the discovery hooks are gone
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_graphs_need_cuda():
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        graph_tom_layers(small_segresmamba(), torch.randn(1, 4, 48, 48, 48))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="ToMCudaGraphs needs a CUDA device"):
+        ToMCudaGraphs().setup(trainer, None, "fit")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cli_flag_refused_without_gpu(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-m", "segresmamba", "fit", "--cuda_graphs", "true", "--model.net", "unet"],
+                         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0 and "--cuda_graphs needs a GPU" in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def _train_steps(model, x, y, steps, autocast):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = (model(x).float() - y).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True])
+def test_graphed_training_matches_eager(autocast):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.backends.cudnn.deterministic = True
+    x = torch.randn(1, 4, 48, 48, 48, device="cuda")
+    y = torch.randn(1, 3, 48, 48, 48, device="cuda")
+    eager = small_segresmamba("cuda")
+    for m in eager.modules():  # one scan path on both sides, so the comparison is of the graphs alone
+        if hasattr(m, "scan_backend"):
+            m.scan_backend = "triton"
+    graphed = copy.deepcopy(eager)
+    names = graph_tom_layers(graphed, x, torch.bfloat16 if autocast else None, max_tokens=None)
+    assert names == graphed_tom_layers(graphed) and len(names) == 8
+    want = _train_steps(eager, x, y, 3, autocast)
+    got = _train_steps(graphed, x, y, 3, autocast)
+    assert got == pytest.approx(want, rel=1e-3 if autocast else 1e-5)  # the same losses over 3 updated steps
+    for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
+        assert torch.allclose(p, q, rtol=1e-2 if autocast else 1e-4, atol=1e-5), name
+    # another shape, eval mode and no-grad calls run eagerly and still work
+    graphed.eval()
+    with torch.no_grad():
+        assert graphed(torch.randn(1, 4, 96, 96, 96, device="cuda")).shape == (1, 3, 96, 96, 96)
+    graphed.train()
+    assert _train_steps(graphed, torch.randn(2, 4, 48, 48, 48, device="cuda"), y, 1, autocast)[0] > 0
+    assert release_tom_graphs(graphed) == names and graphed_tom_layers(graphed) == []
+
+
+@pytest.mark.gpu
+def test_max_tokens_selects_the_small_layers():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = small_segresmamba("cuda")
+    names = graph_tom_layers(model, torch.randn(1, 4, 48, 48, 48, device="cuda"), max_tokens=12**3)
+    assert len(names) == 7  # the one 24^3 layer is left eager
+    with pytest.raises(ValueError, match="already replay CUDA graphs"):
+        graph_tom_layers(model, torch.randn(1, 4, 48, 48, 48, device="cuda"), max_tokens=12**3)
