@@ -80,11 +80,20 @@ def test_graphed_training_matches_eager(autocast):
     graphed = copy.deepcopy(eager)
     names = graph_tom_layers(graphed, x, torch.bfloat16 if autocast else None, max_tokens=None)
     assert names == graphed_tom_layers(graphed) and len(names) == 8
+    # one step's gradients: the graphs compute what the eager layers compute
+    for model in (eager, graphed):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            (model(x).float() - y).square().mean().backward()
+    tol = dict(rtol=2e-2, atol=1e-4) if autocast else dict(rtol=1e-3, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
+        assert torch.allclose(q.grad, p.grad, **tol), name
+        p.grad = q.grad = None
+    # then training: the graphs read the parameters the optimizer updates in place. The scan's dB and dC
+    # are summed by atomic adds, so two runs differ in the last bits and Adam carries that along.
     want = _train_steps(eager, x, y, 3, autocast)
     got = _train_steps(graphed, x, y, 3, autocast)
-    assert got == pytest.approx(want, rel=1e-3 if autocast else 1e-5)  # the same losses over 3 updated steps
-    for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
-        assert torch.allclose(p, q, rtol=1e-2 if autocast else 1e-4, atol=1e-5), name
+    assert got == pytest.approx(want, rel=1e-2 if autocast else 1e-3)
+    assert got[-1] < got[0]
     # another shape, eval mode and no-grad calls run eagerly and still work
     graphed.eval()
     with torch.no_grad():
