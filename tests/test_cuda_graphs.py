@@ -84,9 +84,12 @@ def test_graphed_training_matches_eager(autocast):
     for model in (eager, graphed):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             (model(x).float() - y).square().mean().backward()
-    tol = dict(rtol=2e-2, atol=1e-4) if autocast else dict(rtol=1e-3, atol=1e-6)
+    # measured against the whole gradient's norm: the biases of convs that a norm layer follows have a zero
+    # gradient in exact arithmetic, so theirs is rounding noise that differs between any two runs
+    total = torch.cat([p.grad.flatten() for p in eager.parameters()]).norm()
+    rtol = 2e-2 if autocast else 1e-4
     for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
-        assert torch.allclose(q.grad, p.grad, **tol), name
+        assert (q.grad - p.grad).norm() <= rtol * total, name
         p.grad = q.grad = None
     # then training: the graphs read the parameters the optimizer updates in place. The scan's dB and dC
     # are summed by atomic adds, so two runs differ in the last bits and Adam carries that along.
