@@ -80,17 +80,20 @@ def test_graphed_training_matches_eager(autocast):
     graphed = copy.deepcopy(eager)
     names = graph_tom_layers(graphed, x, torch.bfloat16 if autocast else None, max_tokens=None)
     assert names == graphed_tom_layers(graphed) and len(names) == 8
-    # one step's gradients: the graphs compute what the eager layers compute
-    for model in (eager, graphed):
+    # one step's gradients: the graphs compute what the eager layers compute, to within the spread of two eager
+    # runs (the scan sums dB and dC by atomic adds, and the normalisation layers amplify those last bits upstream)
+    def step_grads(model):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             (model(x).float() - y).square().mean().backward()
-    # measured against the whole gradient's norm: the biases of convs that a norm layer follows have a zero
-    # gradient in exact arithmetic, so theirs is rounding noise that differs between any two runs
-    total = torch.cat([p.grad.flatten() for p in eager.parameters()]).norm()
-    rtol = 2e-2 if autocast else 1e-4
-    for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
-        assert (q.grad - p.grad).norm() <= rtol * total, name
-        p.grad = q.grad = None
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    first, second, graph = step_grads(eager), step_grads(eager), step_grads(graphed)
+    total = torch.cat([g.flatten() for g in first]).norm()
+    floor = (2e-2 if autocast else 1e-5) * total
+    for (name, _), a, b, g in zip(eager.named_parameters(), first, second, graph):
+        assert (g - a).norm() <= 4 * (b - a).norm() + floor, name
     # then training: the graphs read the parameters the optimizer updates in place. The scan's dB and dC
     # are summed by atomic adds, so two runs differ in the last bits and Adam carries that along.
     want = _train_steps(eager, x, y, 3, autocast)
