@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency bench-scan model-step ddp-check gpu-hours params plots clean
+.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency bench-scan model-step step-profile ddp-check gpu-hours params plots clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -77,6 +77,9 @@ bench-scan: $(STAMP) ## scan backends on the ToM layer and the scan alone, tuned
 
 model-step: $(STAMP) ## whole-model training step on this GPU, eager and with ToM CUDA graphs (BraTS 128^3) -> results/perf/
 	$(PY) -m benchmarks.model_step --measure --out results/perf
+
+step-profile: $(STAMP) ## GPU kernel time against wall time of a SegResMamba training step, eager and with ToM CUDA graphs -> results/perf/
+	$(PY) -m benchmarks.step_profile --model $(or $(MODEL),segresmamba) --config brats --out results/perf
 
 ddp-check: $(STAMP) ## DDP on 2 GPUs vs 1 GPU (2 seeds), same fold of the phantoms -> results/ddp/<card>/
 	test -f data/phantoms/brats/PHANTOM.json || $(PY) -m segresmamba.data.write_phantoms brats --out data/phantoms/brats --cases 10 --size 64 --seed 0

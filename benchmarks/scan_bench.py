@@ -417,7 +417,7 @@ def write_markdown(out: Path, rows: list[dict]) -> None:
             lines += ["", f"Device-to-device copy (read + write): **{_f(copy['copy_gbps'], '{:.0f}')} GB/s**."]
         lines += [
             "", "### ToM layer (TriOrientedMamba, d_state 16, expand 2), fwd+bwd median ms (peak GiB)", "",
-            "triton = the fused ToM path (oriented conv and one-launch scans, no permuted copies); "
+            "triton = the fused ToM path (oriented conv and one-launch scans, no permuted copies of the channel x token activations); "
             f"{PER_BRANCH} = the Triton scan per branch with orient/unorient copies.", "",
             f"| case | precision | triton | {PER_BRANCH} | mamba_ssm | torch | mamba_ssm / triton |", "|---|---|---:|---:|---:|---:|---:|",
         ]

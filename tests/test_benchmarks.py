@@ -301,3 +301,11 @@ def test_scan_tune_picks_fastest_then_lightest():
     assert scan_bench.pick_setting({0: float("inf"), 1: 5.0}, {0: 0.1, 1: 3.0}) == 1
     # the library's default launch setting is the first one measured
     assert scan_bench.TUNE_VARIANTS[0] == {k: scan_bench.scan_triton.TUNING[k] for k in scan_bench._TUNE_BASE}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_step_profile_refuses_a_cpu():
+    from benchmarks import step_profile
+
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        step_profile.main(["--model", "segresmamba"])
