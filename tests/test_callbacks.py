@@ -23,6 +23,7 @@ def test_run_record_names_the_strategy_device_not_the_torn_down_module(monkeypat
     assert seen == {"device": torch.device("cuda", 1), "precision": "bf16-mixed"}
     assert record["model"] == "unet" and record["params"] == 3
     assert record["scan_auto_choices"] == {}  # nothing measured on the CPU
+    assert record["cuda_graph_layers"] is None  # no ToMCudaGraphs callback
 
 
 def test_run_record_names_the_scan_backends_auto_chose(monkeypatch):

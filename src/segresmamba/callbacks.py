@@ -211,7 +211,7 @@ class RunRecorder(L.Callback):
         return Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "metrics.json"
 
     def _find(self, trainer, kind: type):
-        return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
+        return next((c for c in getattr(trainer, "callbacks", ()) if isinstance(c, kind)), None)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_t0 = time.perf_counter()
