@@ -129,10 +129,10 @@ class TriOrientedMamba(nn.Module):
             (see :mod:`segresmamba.ssm.scan`).
         fused: with ``scan_backend="triton"`` on a GPU, run the branches through
             :mod:`segresmamba.ssm.tom_triton` (each branch's conv and scan in its own token order by index
-            arithmetic, all branches' scans in one launch, no permuted copies); with ``"auto"``, the first
-            call of each input signature times the fused path against the per-branch one (whose scans
-            ``auto`` picks) and keeps the faster. ``False`` keeps the per-branch path with orient/unorient
-            copies. Same parameters, same result.
+            arithmetic, all branches' scans in one launch, no permuted copies of the (channels x tokens)
+            activations); with ``"auto"``, the first call of each input signature times the fused path
+            against the per-branch one (whose scans ``auto`` picks) and keeps the faster. ``False`` keeps
+            the per-branch path with orient/unorient copies. Same parameters, same result.
     """
 
     def __init__(

@@ -1,8 +1,9 @@
-"""The ToM layer's branch work on the GPU without permuted copies of its activations.
+"""The ToM layer's branch work on the GPU without permuted copies of its (channels x tokens) activations.
 
 :class:`segresmamba.ssm.tom.TriOrientedMamba` computes, per orientation o (forward, reverse, inter-slice),
-``unorient(scan(silu(conv_o(orient(x)))), o)``. Here every tensor stays in the natural (D, H, W) token
-order and the orientations are index arithmetic inside the kernels:
+``unorient(scan(silu(conv_o(orient(x)))), o)``. Here the activations stay in the natural (D, H, W) token
+order and the orientations are index arithmetic inside the kernels (only the scan's small B and C, d_state
+channels, are copied into each branch's order: see :func:`segresmamba.ssm.scan_triton.oriented_scan_triton`):
 
 - :func:`oriented_conv_silu`: the causal depthwise conv of every branch along its own scan order, with
   the SiLU fused, reading the in_proj output in place (any strides) and writing ``(R, b, d, L)``;
