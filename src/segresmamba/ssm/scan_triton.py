@@ -255,7 +255,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _chunk_tile(k, code, L, N, S, M, T: tl.constexpr, BN: tl.constexpr):
-        """Scan positions of chunk k, their addresses in the branch's order, state lanes and masks."""
+        """Scan positions of chunk k, their addresses in the branch's order, state lanes and masks.
+
+        B and C (and dB, dC) arrive in the branch's scan order and are addressed by the positions; the
+        (d x L) tensors stay in the natural order and are addressed by ``_token_index`` of them."""
         offs_t = k * T + tl.arange(0, T)
         offs_n = tl.arange(0, BN)
         mask_t = offs_t < L
