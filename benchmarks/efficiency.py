@@ -332,6 +332,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown model(s) {unknown}; known: {', '.join(known)}")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.cuda_graphs and (args.cpu or not torch.cuda.is_available()):
+        p.error("--cuda-graphs needs a GPU (CUDA graphs do not exist on a CPU)")
     return args
 
 

@@ -309,3 +309,26 @@ def test_step_profile_refuses_a_cpu():
 
     with pytest.raises(SystemExit, match="needs a GPU"):
         step_profile.main(["--model", "segresmamba"])
+
+
+def test_efficiency_refuses_cuda_graphs_on_a_cpu(capsys):
+    with pytest.raises(SystemExit):
+        efficiency.parse_args(["--cpu", "--cuda-graphs", "--models", "unet"])
+    assert "--cuda-graphs needs a GPU" in capsys.readouterr().err
+
+
+def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
+    from benchmarks import model_step
+
+    source = Path(__file__).resolve().parents[1] / "results/perf/model_step_source"
+    tables = [str(source / mode / "nvidia-h200/brats.csv") for mode in ("eager", "cuda_graphs")]
+    model_step.main(["--table", *tables, "--out", str(tmp_path), "--models", "segresmamba", "swinunetr"])
+    df = pd.read_csv(tmp_path / "model_step.csv")
+    mine = df[(df.model == "segresmamba") & (df.precision == "bf16")].set_index("cuda_graphs")
+    assert set(mine.index) == {"-", "7 ToM layers"} and (df[df.model == "swinunetr"].cuda_graphs == "-").all()
+    assert mine.loc["7 ToM layers", "step_ms"] < mine.loc["-", "step_ms"]
+    assert "7 ToM layers" in (tmp_path / "model_step.md").read_text()
+    # tables of two configs are refused
+    (tmp_path / "spleen.csv").write_text(Path(tables[0]).read_text())
+    with pytest.raises(SystemExit, match="different configs"):
+        model_step.main(["--table", tables[0], str(tmp_path / "spleen.csv"), "--out", str(tmp_path)])
