@@ -95,11 +95,9 @@ def _main_output(out):
     return out[0] if isinstance(out, (list, tuple)) else out
 
 
-def cuda_train_step(model, cfg: BenchConfig, precision: str, steps: int, warmup: int, cuda_graphs: bool = False) -> dict:
-    """Peak memory (GiB) and median step time (ms) of fwd + bwd + Adam step, batch 1.
-
-    ``cuda_graphs``: the small ToM layers replay CUDA graphs (:func:`segresmamba.ssm.cuda_graphs.graph_tom_layers`),
-    captured for this precision before the warm-up; their pool counts in the peak."""
+def train_step(model, cfg: BenchConfig, precision: str):
+    """``(step, x, autocast dtype)``: one fwd + bwd + Adam step of ``model`` on fixed synthetic tensors of
+    batch 1 (x is the input it trains on), as every profiler here measures it."""
     device = torch.device("cuda")
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-5)
@@ -107,6 +105,23 @@ def cuda_train_step(model, cfg: BenchConfig, precision: str, steps: int, warmup:
     x = torch.randn(1, cfg.in_channels, *cfg.patch, device=device)
     y = _target(cfg, cfg.patch, device)
     dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def step():
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = loss_fn(_main_output(model(x)).float(), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, x, dtype
+
+
+def cuda_train_step(model, cfg: BenchConfig, precision: str, steps: int, warmup: int, cuda_graphs: bool = False) -> dict:
+    """Peak memory (GiB) and median step time (ms) of fwd + bwd + Adam step, batch 1.
+
+    ``cuda_graphs``: the small ToM layers replay CUDA graphs (:func:`segresmamba.ssm.cuda_graphs.graph_tom_layers`),
+    captured for this precision before the warm-up; their pool counts in the peak."""
+    step, x, dtype = train_step(model, cfg, precision)
     graphed = []
     if cuda_graphs:
         release_tom_graphs(model)  # those of another precision
@@ -121,12 +136,7 @@ def cuda_train_step(model, cfg: BenchConfig, precision: str, steps: int, warmup:
             torch.cuda.reset_peak_memory_stats()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model(x)
-            loss = loss_fn(_main_output(out).float(), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step()
         end.record()
         torch.cuda.synchronize()
         if i >= warmup:
@@ -138,7 +148,6 @@ def cuda_train_step(model, cfg: BenchConfig, precision: str, steps: int, warmup:
     }
     if cuda_graphs:
         result["cuda_graph_layers"] = len(graphed)
-    del optimizer
     return result
 
 

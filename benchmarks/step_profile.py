@@ -21,31 +21,13 @@ from pathlib import Path
 import torch
 
 import segresmamba
-from benchmarks.efficiency import CONFIGS, _loss_fn, _main_output, _target
+from benchmarks.efficiency import CONFIGS, train_step
 from benchmarks.scan_bench import kernel_breakdown
 from segresmamba.provenance import provenance
 from segresmamba.ssm.cuda_graphs import graph_tom_layers, release_tom_graphs
 
 MODES = ("eager", "cuda_graphs")
 TOP = 15
-
-
-def step_fn(model, cfg, precision: str):
-    """One training step on fixed synthetic tensors: fwd + bwd + Adam, batch 1."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randn(1, cfg.in_channels, *cfg.patch, device="cuda")
-    y = _target(cfg, cfg.patch, torch.device("cuda"))
-    loss_fn = _loss_fn(cfg)
-    dtype = torch.bfloat16 if precision == "bf16" else None
-
-    def step():
-        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = loss_fn(_main_output(model(x)).float(), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step, x, dtype
 
 
 def wall_ms(step, steps: int) -> float:
@@ -63,8 +45,8 @@ def profile(model_name: str, config: str, precision: str, modes: list[str], step
     cfg = CONFIGS[config]
     torch.backends.cudnn.benchmark = True  # as the training configs
     torch.manual_seed(0)
-    model = segresmamba.create_model(model_name, cfg.in_channels, cfg.out_channels, cfg.patch).cuda().train()
-    step, x, dtype = step_fn(model, cfg, precision)
+    model = segresmamba.create_model(model_name, cfg.in_channels, cfg.out_channels, cfg.patch).cuda()
+    step, x, dtype = train_step(model, cfg, precision)
     prov = provenance(torch.device("cuda"), precision)
     lines = [f"# Training step of {model_name}, {config} {'x'.join(map(str, cfg.patch))} b1 {precision}: GPU kernels against wall time", "",
              f"{prov['device']} · git {prov['git_sha']} · torch {prov['versions'].get('torch')} · triton {prov['versions'].get('triton')} · "
