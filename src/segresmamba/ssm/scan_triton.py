@@ -577,21 +577,11 @@ def _states_in_scan_order(t: torch.Tensor, codes: tuple[int, ...], nb: int, nsli
     inside one warp; the activations themselves stay in place and are addressed by index arithmetic."""
     if not any(codes):
         return t
-    rows, n, length = t.shape
-    out = torch.empty(rows, n, length, dtype=t.dtype, device=t.device)
-    for r, code in enumerate(codes):
-        src, dst = t[r * nb:(r + 1) * nb], out[r * nb:(r + 1) * nb]
-        if code == 0:
-            dst.copy_(src)
-        elif code == 1:
-            dst.copy_(src.flip(-1))
-        else:  # inter-slice: natural s * M + j <-> scan position j * S + s
-            natural, scan = (nb, n, nslices, length // nslices), (nb, n, length // nslices, nslices)
-            if inverse:
-                dst.view(natural).copy_(src.view(scan).transpose(-1, -2))
-            else:
-                dst.view(scan).copy_(src.view(natural).transpose(-1, -2))
-    return out
+    from segresmamba.ssm.tom import orient, unorient  # tom imports this module
+
+    names = {code: name for name, code in ORIENTATION_CODES.items()}
+    reorder = unorient if inverse else orient
+    return torch.cat([reorder(t[r * nb:(r + 1) * nb], names[code], nslices) for r, code in enumerate(codes)])
 
 
 def _codes_on(device: torch.device, codes: tuple[int, ...]) -> torch.Tensor:
