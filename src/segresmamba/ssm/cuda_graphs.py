@@ -127,7 +127,6 @@ def _dispatch(layer: TriOrientedMamba, shape: torch.Size, dtype: torch.dtype) ->
         return eager(x)
 
     layer.forward = forward
-    layer.cuda_graph_input = (tuple(shape), dtype)
 
 
 def graphed_tom_layers(model: nn.Module) -> list[str]:
@@ -141,7 +140,6 @@ def release_tom_graphs(model: nn.Module) -> list[str]:
     for name in names:
         layer = model.get_submodule(name)
         del layer.forward
-        del layer.cuda_graph_input
     return names
 
 
