@@ -53,10 +53,10 @@ PROFILE ?= quick
 # PROFILE=paper runs the paper protocol on real data named by BRATS_DIR / BTCV_DIR / SPLEEN_DIR (GPU).
 define bench
 	@if [ "$(PROFILE)" = quick ]; then \
-		$(PY) -m benchmarks.sweep configs/bench/quick.yaml && $(PY) -m benchmarks.aggregate results/quick; \
+		$(PY) -m segresmamba.bench.sweep configs/bench/quick.yaml && $(PY) -m segresmamba.bench.aggregate results/quick; \
 	elif [ "$(PROFILE)" = paper ]; then \
 		test -n "$(2)" || { echo "error: PROFILE=paper needs $(3)=/path/to/the/dataset" >&2; exit 2; }; \
-		$(PY) -m benchmarks.sweep configs/bench/$(1).yaml --data-root "$(2)" && $(PY) -m benchmarks.aggregate results/$(1); \
+		$(PY) -m segresmamba.bench.sweep configs/bench/$(1).yaml --data-root "$(2)" && $(PY) -m segresmamba.bench.aggregate results/$(1); \
 	else echo "error: PROFILE must be quick or paper, got $(PROFILE)" >&2; exit 2; fi
 endef
 
@@ -70,29 +70,29 @@ bench-spleen: $(STAMP) ## MSD Spleen sweep (PROFILE=paper SPLEEN_DIR=...)
 	$(call bench,spleen,$(SPLEEN_DIR),SPLEEN_DIR)
 
 bench-efficiency: $(STAMP) ## params, MACs, memory and times of every model at the paper configs -> results/efficiency/<device>/
-	$(PY) -m benchmarks.efficiency $(EFFICIENCY_ARGS)
+	$(PY) -m segresmamba.bench.efficiency $(EFFICIENCY_ARGS)
 
 bench-scan: $(STAMP) ## scan backends on the ToM layer and the scan alone, tuned, with a kernel profile (GPU) -> results/perf/
-	$(PY) -m benchmarks.scan_bench --tune --profile --out results/perf
+	$(PY) -m perf.scan_bench --tune --profile --out results/perf
 
 model-step: $(STAMP) ## whole-model training step on this GPU, eager and with ToM CUDA graphs (BraTS 128^3) -> results/perf/
-	$(PY) -m benchmarks.model_step --measure --out results/perf
+	$(PY) -m perf.model_step --measure --out results/perf
 
 step-profile: $(STAMP) ## GPU kernel time against wall time of a SegResMamba training step, eager and with ToM CUDA graphs -> results/perf/
-	$(PY) -m benchmarks.step_profile --model $(or $(MODEL),segresmamba) --config brats --out results/perf
+	$(PY) -m perf.step_profile --model $(or $(MODEL),segresmamba) --config brats --out results/perf
 
 ddp-check: $(STAMP) ## DDP on 2 GPUs vs 1 GPU (2 seeds), same fold of the phantoms -> results/ddp/<card>/
 	test -f data/phantoms/brats/PHANTOM.json || $(PY) -m segresmamba.data.write_phantoms brats --out data/phantoms/brats --cases 10 --size 64 --seed 0
-	$(PY) -m benchmarks.ddp_check --devices 2 --epochs 20
+	$(PY) -m perf.ddp_check --devices 2 --epochs 20
 
 gpu-hours: $(STAMP) ## GPU hours of the paper protocol from measured step times (EFFICIENCY=results/efficiency/nvidia-h200)
-	$(PY) -m benchmarks.gpu_hours $(or $(EFFICIENCY),results/efficiency/nvidia-h200)
+	$(PY) -m segresmamba.bench.gpu_hours $(or $(EFFICIENCY),results/efficiency/nvidia-h200)
 
 params: $(STAMP) ## parameter table of every model -> results/params.md
-	$(PY) -m benchmarks.params_table
+	$(PY) -m segresmamba.bench.params_table
 
 plots: $(STAMP) ## tables and plots of a sweep (RESULTS=results/quick)
-	$(PY) -m benchmarks.aggregate $(or $(RESULTS),results/quick)
+	$(PY) -m segresmamba.bench.aggregate $(or $(RESULTS),results/quick)
 
 clean: ## remove runs and caches (keeps .venv and results/)
 	rm -rf runs lightning_logs .pytest_cache

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import baselines  # noqa: F401  (registers the baselines)
-from baselines.nnunet import plan_nnunet
+
+from segresmamba.models.nnunet import plan_nnunet
 from segresmamba import create_model, list_models
 
 BASELINES = ("mednext", "nnunet", "segmamba", "segresnet", "swinunetr", "unet", "unetr", "uxnet3d")

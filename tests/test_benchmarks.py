@@ -8,8 +8,8 @@ import torch
 import pytest
 import yaml
 
-from benchmarks import aggregate, efficiency, sweep
-from benchmarks.runs import runs_text
+from segresmamba.bench import aggregate, efficiency, sweep
+from segresmamba.bench.runs import runs_text
 
 
 def test_profiler_cpu_rows(tmp_path):
@@ -201,7 +201,7 @@ def test_profiler_spreads_models_over_worker_processes(tmp_path):
 
 
 def test_model_step_table_from_an_efficiency_table(tmp_path):
-    from benchmarks import model_step
+    from perf import model_step
 
     table = Path(__file__).resolve().parents[1] / "results/efficiency/nvidia-h200/brats.csv"
     model_step.main(["--table", str(table), "--out", str(tmp_path), "--models", "segresmamba", "swinunetr"])
@@ -215,7 +215,7 @@ def test_model_step_table_from_an_efficiency_table(tmp_path):
 
 def test_ddp_check_two_gloo_processes_vs_one(tmp_path):
     """The DDP check as on a 2-GPU host, on 2 CPU processes (gloo): same init, Dice compared to the seed spread."""
-    from benchmarks import ddp_check
+    from perf import ddp_check
     from segresmamba.data import write_phantoms
 
     write_phantoms.write_brats_phantom(tmp_path / "phantom", cases=5, size=32, seed=0)
@@ -237,7 +237,7 @@ def test_ddp_check_two_gloo_processes_vs_one(tmp_path):
 
 
 def test_ddp_check_refuses_bad_arguments(tmp_path):
-    from benchmarks import ddp_check
+    from perf import ddp_check
 
     with pytest.raises(SystemExit, match="--devices must be >= 2"):
         ddp_check.main(["--devices", "1", "--out", str(tmp_path)])
@@ -292,7 +292,7 @@ def test_efficiency_header_names_the_runs_of_merged_rows():
 
 
 def test_scan_tune_picks_fastest_then_lightest():
-    from benchmarks import scan_bench
+    from perf import scan_bench
 
     # 1 is fastest; 0 is within 2 % of it and needs less memory; 2 needs the least but is too slow
     assert scan_bench.pick_setting({0: 10.0, 1: 9.9, 2: 12.0}, {0: 1.0, 1: 2.0, 2: 0.5}) == 0
@@ -305,7 +305,7 @@ def test_scan_tune_picks_fastest_then_lightest():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
 def test_step_profile_refuses_a_cpu():
-    from benchmarks import step_profile
+    from perf import step_profile
 
     with pytest.raises(SystemExit, match="needs a GPU"):
         step_profile.main(["--model", "segresmamba"])
@@ -318,7 +318,7 @@ def test_efficiency_refuses_cuda_graphs_on_a_cpu(capsys):
 
 
 def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
-    from benchmarks import model_step
+    from perf import model_step
 
     source = Path(__file__).resolve().parents[1] / "results/perf/model_step_source"
     tables = [str(source / mode / "nvidia-h200/brats.csv") for mode in ("eager", "cuda_graphs")]

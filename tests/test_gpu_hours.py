@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from benchmarks import gpu_hours
+from segresmamba.bench import gpu_hours
 
 
 def _table(path, rows):

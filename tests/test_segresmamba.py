@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import segresmamba
-from segresmamba.nets import SegResMamba
+from segresmamba.models import SegResMamba
 
 SMALL = {"feature_sizes": (8, 16, 32, 64)}
 

@@ -69,7 +69,7 @@ except ImportError:  # pragma: no cover - exercised where Triton is absent
 MAX_CHANNEL_GROUP = 16  # channels one program walks through, reusing its B and C tiles
 CARRY_ROWS = 64  # chunks per step of the cross-chunk carry
 CARRY_LANES = 32  # (channel, state) lanes per carry program
-# Launch settings (None: the heuristic of _plan), tuned by benchmarks/scan_bench.py --tune on an H200 (d 96,
+# Launch settings (None: the heuristic of _plan), tuned by perf/scan_bench.py --tune on an H200 (d 96,
 # 64^3 tokens, fwd+bwd, results/perf/scan.md). One warp per program over 64-token chunks: the (state x token)
 # tiles of a channel then sit in one warp, so the scans and the sums over states are register shuffles with
 # no shared-memory barrier; with 4 warps over 128 tokens the states spread over the warps and every such sum

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from monai.networks.nets import DynUNet
 
-from baselines.common import check_divisible, check_positive
+from segresmamba.models.common import check_divisible, check_positive
 from segresmamba.registry import register_model
 
 MIN_FEATURE_MAP_SIZE = 4  # nnU-Net: never pool an axis below 4 voxels
@@ -103,7 +103,7 @@ class NnUNet(DynUNet):
         return out
 
 
-@register_model("nnunet")
+@register_model("nnunet", stride=None, min_side=8, deep_supervision=True, citation="Isensee et al., nnU-Net, Nature Methods 2021", paper_params_m=31.19)
 def nnunet(
     in_channels: int,
     out_channels: int,

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from baselines.blocks import LayerNorm3d, UnetrStyleDecoder, UXBlock
-from baselines.common import check_divisible, check_fraction, check_positive, check_positive_each
+from segresmamba.models.blocks import LayerNorm3d, UnetrStyleDecoder, UXBlock
+from segresmamba.models.common import check_divisible, check_fraction, check_positive, check_positive_each
 from segresmamba.registry import register_model
 
 TOTAL_STRIDE = 16  # stride-2 stem, then three stride-2 downsamples
@@ -73,7 +73,7 @@ class UXNetEncoder(nn.Module):
 
 class UXNet3D(nn.Module):
     """3D UX-Net: :class:`UXNetEncoder` with the UNETR-style decoder
-    (:class:`~baselines.blocks.UnetrStyleDecoder`).
+    (:class:`~segresmamba.models.blocks.UnetrStyleDecoder`).
 
     With the defaults (the authors' BTCV/FLARE model: widths 48..384, depths 2/2/2/2, depthwise 7^3,
     grouped pointwise MLP x4, decoder hidden size 768): 53.01 M parameters for 1 -> 14 channels, the
@@ -113,7 +113,7 @@ class UXNet3D(nn.Module):
         return self.decoder(x, self.encoder(x))
 
 
-@register_model("uxnet3d")
+@register_model("uxnet3d", stride=16, citation="Lee et al., 3D UX-Net, ICLR 2023", paper_params_m=53.01)
 def uxnet3d(
     in_channels: int,
     out_channels: int,

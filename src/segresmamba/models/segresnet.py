@@ -7,11 +7,11 @@ from collections.abc import Sequence
 
 from monai.networks.nets import SegResNet
 
-from baselines.common import check_divisible, check_fraction, check_positive, check_positive_each
+from segresmamba.models.common import check_divisible, check_fraction, check_positive, check_positive_each
 from segresmamba.registry import register_model
 
 
-@register_model("segresnet")
+@register_model("segresnet", stride=8, citation="Myronenko, 3D MRI brain tumor segmentation using autoencoder regularization, BrainLes 2018")
 def segresnet(
     in_channels: int,
     out_channels: int,

@@ -1,6 +1,6 @@
 """Parameter counts of every registered model in the three dataset configurations, beside the paper's.
 
-    python -m benchmarks.params_table [--out results]
+    python -m segresmamba.bench.params_table [--out results]
 
 Writes ``<out>/params.csv`` and ``<out>/params.md``. Models are only built (no forward pass), so this
 runs in seconds on a CPU. The paper's figures (SegResMamba, Table 7, "BTCV configuration") are read from
@@ -19,7 +19,7 @@ import torch
 from segresmamba import create_model, list_models
 from segresmamba.provenance import git_sha
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 PAPER_CSV = REPO / "results" / "paper" / "table7_params_flops.csv"
 
 # (name, in_channels, out_channels, patch side): the configurations the paper measures (its §3.1, Table 8)

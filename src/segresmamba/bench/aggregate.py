@@ -1,6 +1,6 @@
 """Aggregate sweep results into tables and the paper's figures.
 
-    python -m benchmarks.aggregate results/quick            # -> summary.csv, summary.md, fig2/fig3/macs PNGs
+    python -m segresmamba.bench.aggregate results/quick            # -> summary.csv, summary.md, fig2/fig3/macs PNGs
 
 Reads every ``<dir>/<model>/fold<k>/metrics.json``; writes ``summary.csv`` and ``summary.md`` (mean ± std
 over folds per model), ``paper_vs_ours.md`` side by side, and plots: Fig. 2 (mean Dice vs training memory),
@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from benchmarks.paper import paper_figures  # noqa: E402
+from segresmamba.bench.paper import paper_figures  # noqa: E402
 
 NUMERIC = ("val_best_dice_mean", "untrained_dice_mean", "best_epoch", "epochs", "fit_wall_s", "step_ms", "peak_gib", "energy_kwh", "co2_kg",
            "calculator_co2_kg", "params_m")

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 
 from monai.networks.nets import UNETR
 
-from baselines.common import check_divisible, check_fraction, check_positive
+from segresmamba.models.common import check_divisible, check_fraction, check_positive
 from segresmamba.registry import register_model
 
 PATCH_SIZE = 16  # UNETR's ViT tokenises 16^3 patches; fixed by the architecture
 
 
-@register_model("unetr")
+@register_model("unetr", stride=16, citation="Hatamizadeh et al., UNETR, WACV 2022", paper_params_m=93.01)
 def unetr(
     in_channels: int,
     out_channels: int,

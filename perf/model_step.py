@@ -6,8 +6,8 @@ The figures are the efficiency profiler's (fwd + bwd + Adam step, batch 1, synth
 with their small ToM layers replaying CUDA graphs (:mod:`segresmamba.ssm.cuda_graphs`); the profiler's own
 tables are kept under ``<out>/model_step_source/``. ``--table`` reshapes existing efficiency tables instead:
 
-    python -m benchmarks.model_step --measure
-    python -m benchmarks.model_step --table results/efficiency/nvidia-h200/brats.csv
+    python -m perf.model_step --measure
+    python -m perf.model_step --table results/efficiency/nvidia-h200/brats.csv
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.runs import runs_text
+from segresmamba.bench.runs import runs_text
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ("segresmamba", "segresmamba_notom", "swinunetr", "unetr", "nnunet", "segmamba")
@@ -32,7 +32,7 @@ def measure(models: tuple[str, ...], source: Path) -> list[Path]:
     """Efficiency tables of ``models`` on this GPU (BraTS 128^3): eager, then with ToM CUDA graphs."""
     import torch
 
-    from benchmarks import efficiency
+    from segresmamba.bench import efficiency
 
     if not torch.cuda.is_available():
         raise SystemExit("error: --measure needs a GPU (CUDA is not available); use --table to reshape existing tables")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
+PAPER_DIR = Path(__file__).resolve().parents[3] / "results" / "paper"
 # ML CO2 Impact calculator inputs behind the paper's Table 6 / Fig. 3 (paper-spec section 2.5)
 PAPER_GPU_TDP_KW = 0.25  # A100 PCIe
 PAPER_GRID_KG_PER_KWH = 0.61  # AWS eu-central-1

@@ -4,7 +4,7 @@ A step whose wall time is well above the sum of its GPU kernels is bound by the 
 Python), not by the GPU; CUDA graphs then help and faster kernels do not. One run, one device, each mode
 after the other on the same model and batch (synthetic tensors, fwd + bwd + Adam step, batch 1):
 
-    python -m benchmarks.step_profile --model segresmamba --config brats --out results/perf
+    python -m perf.step_profile --model segresmamba --config brats --out results/perf
 
 writes ``step_profile_<model>_<config>.md``: per mode (``eager``; ``cuda_graphs``: the small ToM layers
 replaying CUDA graphs, :mod:`segresmamba.ssm.cuda_graphs`), the median wall time of a step, the GPU kernel
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 import segresmamba
-from benchmarks.efficiency import CONFIGS, train_step
-from benchmarks.scan_bench import kernel_breakdown
+from segresmamba.bench.efficiency import CONFIGS, train_step
+from perf.scan_bench import kernel_breakdown
 from segresmamba.provenance import provenance
 from segresmamba.ssm.cuda_graphs import graph_tom_layers, release_tom_graphs
 

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 
 from monai.networks.nets import UNet
 
-from baselines.common import check_divisible, check_fraction, check_positive_each
+from segresmamba.models.common import check_divisible, check_fraction, check_positive_each
 from segresmamba.registry import register_model
 
 
-@register_model("unet")
+@register_model("unet", stride=16, citation="Kerfoot et al., STACOM 2018 (residual U-Net); Ronneberger et al., MICCAI 2015", paper_params_m=4.89)
 def unet(
     in_channels: int,
     out_channels: int,

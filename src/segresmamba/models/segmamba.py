@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from baselines.blocks import ChannelMLP, GatedSpatialConv, UnetrStyleDecoder
-from baselines.common import check_divisible, check_positive, check_positive_each
+from segresmamba.models.blocks import ChannelMLP, GatedSpatialConv, UnetrStyleDecoder
+from segresmamba.models.common import check_divisible, check_positive, check_positive_each
 from segresmamba.registry import register_model
 from segresmamba.ssm import TriOrientedMamba
 
@@ -69,7 +69,7 @@ class SegMambaEncoder(nn.Module):
 
 class SegMamba(nn.Module):
     """SegMamba: :class:`SegMambaEncoder` with the UNETR-style decoder of 3D UX-Net
-    (:class:`~baselines.blocks.UnetrStyleDecoder`, hidden size 768).
+    (:class:`~segresmamba.models.blocks.UnetrStyleDecoder`, hidden size 768).
 
     Follows the authors' code, which differs from the paper's figures: a dense (not depthwise) stem conv,
     an additive GSC, and no feature-level uncertainty estimation (FUE) module on the skips. With the
@@ -103,7 +103,7 @@ class SegMamba(nn.Module):
         return self.decoder(x, self.encoder(x))
 
 
-@register_model("segmamba")
+@register_model("segmamba", stride=16, citation="Xing et al., SegMamba, MICCAI 2024", paper_params_m=67.36)
 def segmamba(
     in_channels: int,
     out_channels: int,

@@ -1,6 +1,6 @@
 """Selective-scan backends on the GPU: the ToM layer and the scan alone, time, memory and bandwidth.
 
-    python -m benchmarks.scan_bench --out results/perf [--backends triton,mamba_ssm,torch] [--tune] [--quick]
+    python -m perf.scan_bench --out results/perf [--backends triton,mamba_ssm,torch] [--tune] [--quick]
 
 Rows (``<out>/scan.csv``, summarised in ``<out>/scan.md``):
 

@@ -1,8 +1,8 @@
 """Sweep runner: dataset x model x fold, each run one ``segresmamba fit --test_after_fit true`` (fit, then test
 of the best checkpoint, in one process), all through the same CLI as a user's runs.
 
-    python -m benchmarks.sweep configs/bench/quick.yaml
-    python -m benchmarks.sweep configs/bench/brats.yaml --data-root /data/BraTS2021 --gpus 0,1
+    python -m segresmamba.bench.sweep configs/bench/quick.yaml
+    python -m segresmamba.bench.sweep configs/bench/brats.yaml --data-root /data/BraTS2021 --gpus 0,1
 
 A sweep YAML names the data config and its overrides, the models, the folds, the trainer settings
 (epochs or steps, precision) and where results go. Every run writes
@@ -32,9 +32,9 @@ from typing import Any
 
 import yaml
 
-from benchmarks.paper import calculator_co2_kg
+from segresmamba.bench.paper import calculator_co2_kg
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @dataclass

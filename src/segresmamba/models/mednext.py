@@ -8,14 +8,14 @@ from collections.abc import Sequence
 from monai.networks.nets.mednext import create_mednext
 from torch import nn
 
-from baselines.common import DeepSupervisionList, check_divisible
+from segresmamba.models.common import DeepSupervisionList, check_divisible
 from segresmamba.registry import register_model
 
 VARIANTS = ("S", "B", "M", "L")
 TOTAL_STRIDE = 16  # four 2x downsampling blocks
 
 
-@register_model("mednext")
+@register_model("mednext", stride=16, deep_supervision=True, citation="Roy et al., MedNeXt, MICCAI 2023")
 def mednext(
     in_channels: int,
     out_channels: int,

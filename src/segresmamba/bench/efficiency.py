@@ -3,9 +3,9 @@
 For every registered model at the paper's configurations (BTCV 1->14 at 128^3, BraTS 4->3 at 128^3,
 Spleen 1->2 at 96^3, batch 1)::
 
-    python -m benchmarks.efficiency                       # all models, all configs, this machine's device
-    python -m benchmarks.efficiency --configs brats --models segresmamba swinunetr
-    python -m benchmarks.efficiency --gpus 0,1            # one model per GPU at a time
+    python -m segresmamba.bench.efficiency                       # all models, all configs, this machine's device
+    python -m segresmamba.bench.efficiency --configs brats --models segresmamba swinunetr
+    python -m segresmamba.bench.efficiency --gpus 0,1            # one model per GPU at a time
 
 Measured (nnU-Net benchmarking practice: synthetic tensors already on the device, so no data loading;
 warm-up steps first; CUDA synchronised):
@@ -40,15 +40,15 @@ import pandas as pd
 import torch
 
 import segresmamba
-from benchmarks.runs import runs_text
-from benchmarks.paper import paper_figures
+from segresmamba.bench.runs import runs_text
+from segresmamba.bench.paper import paper_figures
 from segresmamba.profiling import count_macs
 from segresmamba.ssm import TriOrientedMamba
 from segresmamba.ssm.cuda_graphs import graph_tom_layers, release_tom_graphs
 from segresmamba.ssm.scan import auto_choices, resolve_backend
 from segresmamba.provenance import device_name, git_sha, versions
 
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "efficiency"
+RESULTS = Path(__file__).resolve().parents[3] / "results" / "efficiency"
 GIB = 1024**3
 NOT_MEASURED = "not measured"
 
@@ -241,7 +241,7 @@ def _paper_columns(cfg: str) -> pd.DataFrame:
     wide = figs.pivot_table(index="model", columns="metric", values="value", aggfunc="first")
     rename = {"macs": "paper_macs_g", "train_memory": "paper_train_mem_gb", "inference_time": "paper_infer_s"}
     wide = wide[[c for c in rename if c in wide.columns]].rename(columns=rename)
-    table7 = pd.read_csv(Path(__file__).resolve().parents[1] / "results/paper/table7_params_flops.csv")
+    table7 = pd.read_csv(Path(__file__).resolve().parents[3] / "results/paper/table7_params_flops.csv")
     if cfg == "btcv":
         t7 = table7.set_index(table7.columns[0])
         params_col = next(c for c in t7.columns if "param" in c.lower())
@@ -298,7 +298,7 @@ def _run_workers(jobs: list[tuple[str, str]], gpus: list[str], argv: list[str], 
             continue
         part = out_dir / f".rows-{i}.jsonl"
         part.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "benchmarks.efficiency", *argv, "--worker-jobs", json.dumps(share), "--worker-out", str(part)]
+        cmd = [sys.executable, "-m", "segresmamba.bench.efficiency", *argv, "--worker-jobs", json.dumps(share), "--worker-out", str(part)]
         procs.append((subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}), part, gpu))
     rows, failed = [], []
     for proc, part, gpu in procs:

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 
 from monai.networks.nets import SwinUNETR
 
-from baselines.common import check_divisible, check_fraction, check_positive
+from segresmamba.models.common import check_divisible, check_fraction, check_positive
 from segresmamba.registry import register_model
 
 TOTAL_STRIDE = 32  # patch size 2, then four 2x patch-merging stages
 
 
-@register_model("swinunetr")
+@register_model("swinunetr", stride=32, citation="Hatamizadeh et al., Swin UNETR, BrainLes 2021", paper_params_m=62.19)
 def swinunetr(
     in_channels: int,
     out_channels: int,

@@ -12,8 +12,8 @@ digit is not expected; agreement within the seed-to-seed spread (or ``--toleranc
 is. Writes ``<out>/ddp.csv`` and ``ddp.md`` with Dice per class, untrained Dice, fit wall time, median
 step, peak memory per device and provenance; every run's metrics.json stays beside them.
 
-    python -m benchmarks.ddp_check --devices 2 --out results/ddp/nvidia-h200          # GPUs 0,1
-    python -m benchmarks.ddp_check --accelerator cpu --devices 2 ...                   # gloo, for tests
+    python -m perf.ddp_check --devices 2 --out results/ddp/nvidia-h200          # GPUs 0,1
+    python -m perf.ddp_check --accelerator cpu --devices 2 ...                   # gloo, for tests
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.efficiency import card_slug
-from benchmarks.sweep import threads_per_process
+from segresmamba.bench.efficiency import card_slug
+from segresmamba.bench.sweep import threads_per_process
 
 ROOT = Path(__file__).resolve().parents[1]
 

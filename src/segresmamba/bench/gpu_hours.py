@@ -11,7 +11,7 @@ one validation case = sliding-window inference over a typical whole volume) and 
 Data loading and augmentation are not in either figure (the profiler feeds tensors already on the GPU), so
 a real run costs more wherever the loader cannot keep up; the estimate is a floor for the GPU's own work.
 
-    python -m benchmarks.gpu_hours results/efficiency/nvidia-h200 [--precision bf16] [--folds 5] [--epochs 200]
+    python -m segresmamba.bench.gpu_hours results/efficiency/nvidia-h200 [--precision bf16] [--folds 5] [--epochs 200]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.paper import PAPER_GPU_TDP_KW, paper_value
-from benchmarks.runs import runs_text
+from segresmamba.bench.paper import PAPER_GPU_TDP_KW, paper_value
+from segresmamba.bench.runs import runs_text
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def estimate(efficiency_csv: Path, precision: str = "bf16", folds: int = 5, epoc
     step_col, volume_col = f"step_ms_{precision}", f"infer_volume_s_{precision}"
     missing = [c for c in (step_col, volume_col, "model", "device", "git_sha") if c not in table]
     if missing:
-        raise ValueError(f"{efficiency_csv}: columns {missing} missing; was it written by benchmarks.efficiency?")
+        raise ValueError(f"{efficiency_csv}: columns {missing} missing; was it written by segresmamba.bench.efficiency?")
     proto = PROTOCOLS[config]
     n_val = round(proto.cases / folds)
     n_train = proto.cases - n_val
@@ -113,7 +113,7 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("efficiency_dir", type=Path, help="folder with <config>.csv from benchmarks.efficiency")
+    p.add_argument("efficiency_dir", type=Path, help="folder with <config>.csv from segresmamba.bench.efficiency")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=200)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     pd.concat(tables).to_csv(out / "gpu_hours.csv", index=False)
     text = ("# GPU hours of the paper protocol, estimated from measured step times\n\n"
             "Estimate = folds x epochs x (training cases x step time + validation cases x whole-volume inference "
-            "time), batch 1; see `benchmarks/gpu_hours.py`. kWh at board power is an upper bound for the GPU alone.\n\n")
+            "time), batch 1; see `src/segresmamba/bench/gpu_hours.py`. kWh at board power is an upper bound for the GPU alone.\n\n")
     text += "\n".join(to_markdown(t) for t in tables)
     (out / "gpu_hours.md").write_text(text)
     print(f"wrote {out / 'gpu_hours.md'}")

@@ -11,7 +11,7 @@ from monai.networks.layers.factories import Act
 from monai.utils import UpsampleMode
 from torch import nn
 
-from segresmamba.nets.blocks import CMMB, Downsample, SkipAdapter
+from segresmamba.models.blocks import CMMB, Downsample, SkipAdapter
 from segresmamba.registry import normalize_img_size, register_model
 
 
@@ -19,7 +19,7 @@ class SegResMamba(nn.Module):
     """Residual-conv encoder with tri-oriented Mamba blocks and a light SegResNet-style decoder.
 
     Encoder: a 7^3 stride-2 stem, then four stages, each one CMMB (two ToM layers, see
-    :class:`~segresmamba.nets.blocks.CMMB`) followed by an IN + MLP skip adapter; between stages the
+    :class:`~segresmamba.models.blocks.CMMB`) followed by an IN + MLP skip adapter; between stages the
     paper's extra conv before a stride-2 downsample. Decoder (MONAI SegResNet, Myronenko 2018): per level a
     1x1x1 conv halving the channels, trilinear x2 upsampling, the skip *added*, one residual block
     (GroupNorm 8, ReLU). Head: ConvTranspose 2^3 stride 2 back to the input resolution.
@@ -114,13 +114,13 @@ class SegResMamba(nn.Module):
         return self.head(x)
 
 
-@register_model("segresmamba")
+@register_model("segresmamba", stride=16, min_side=48, citation="Das et al., SegResMamba, MIDL 2025", paper_params_m=119.98)
 def segresmamba(in_channels: int, out_channels: int, img_size: Sequence[int], **kwargs) -> SegResMamba:
     """SegResMamba as in the paper: two ToM layers per CMMB."""
     return SegResMamba(in_channels, out_channels, img_size, use_tom=True, **kwargs)
 
 
-@register_model("segresmamba_notom")
+@register_model("segresmamba_notom", stride=16, min_side=48, citation="Das et al., SegResMamba, MIDL 2025 (released code: ToM built, never called)")
 def segresmamba_notom(in_channels: int, out_channels: int, img_size: Sequence[int], **kwargs) -> SegResMamba:
     """SegResMamba as released by the authors: ToM built but never run (the paper's "without ToM")."""
     if kwargs.pop("tom_kwargs", None):
