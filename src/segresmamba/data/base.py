@@ -18,6 +18,7 @@ import lightning as L
 from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose
 
+from segresmamba.data.external import pair_test_dir, read_test_dir
 from segresmamba.registry import normalize_img_size
 
 Task = Literal["multilabel", "multiclass"]
@@ -32,6 +33,8 @@ class VolumeDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         cache_rate: fraction of cases whose deterministic transforms are cached in memory
             (MONAI ``CacheDataset``); 0 reads from disk every time.
+        test_dir: labelled external scans (``imagesTs/`` + ``labelsTs/``, nnU-Net layout) that replace the
+            test split, read through :meth:`external_eval_transforms` (see :mod:`segresmamba.data.external`).
     """
 
     in_channels: int
@@ -47,6 +50,7 @@ class VolumeDataModule(L.LightningDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         cache_rate: float = 0.0,
+        test_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.patch_size = normalize_img_size(patch_size)
@@ -59,6 +63,9 @@ class VolumeDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.cache_rate = cache_rate
+        self.test_dir = test_dir
+        if test_dir is not None:
+            pair_test_dir(test_dir)  # the file layout is checked now; headers and labels when the test split is read
         self._datasets: dict[str, Dataset] = {}
 
     # -- to implement ------------------------------------------------------------------------------
@@ -71,6 +78,18 @@ class VolumeDataModule(L.LightningDataModule):
 
     def eval_transforms(self) -> Compose:
         raise NotImplementedError
+
+    def external_eval_transforms(self) -> Compose:
+        """The chain that reads a ``test_dir`` scan from disk into what :meth:`eval_transforms` yields for the
+        module's own cases (training grid spacing, the training intensity normalisation)."""
+        raise ValueError(f"{self.name}: test_dir is not supported by this dataset (it defines no external_eval_transforms)")
+
+    def external_test_items(self) -> list[dict]:
+        """The validated cases of ``test_dir`` as items (label values checked for multiclass tasks)."""
+        if self.test_dir is None:
+            raise ValueError(f"{self.name}: no test_dir is set")
+        values = range(self.out_channels) if self.task == "multiclass" else None
+        return read_test_dir(self.test_dir, dataset=self.name, channels=self.in_channels, label_values=values)
 
     # -- shared machinery --------------------------------------------------------------------------
     def validate(self) -> dict:
@@ -95,14 +114,19 @@ class VolumeDataModule(L.LightningDataModule):
             "out_channels": self.out_channels,
             "class_names": list(self.class_names),
             "patch_size": list(self.patch_size),
+            **({"test_dir": str(self.test_dir)} if self.test_dir is not None else {}),
         }
 
     def _dataset(self, split: str) -> Dataset:
         if split not in self._datasets:
-            items = self.items(split)  # type: ignore[arg-type]
+            external = split == "test" and self.test_dir is not None
+            items = self.external_test_items() if external else self.items(split)  # type: ignore[arg-type]
             if not items:
                 raise ValueError(f"{self.name}: the {split} split is empty")
-            transform = self.train_transforms() if split == "train" else self.eval_transforms()
+            if external:
+                transform = self.external_eval_transforms()
+            else:
+                transform = self.train_transforms() if split == "train" else self.eval_transforms()
             if self.cache_rate > 0:
                 # one caching thread unless workers are asked for: MONAI's default (one per CPU) raced in
                 # multi-file LoadImaged + EnsureChannelFirstd and yielded channel-less volumes now and then

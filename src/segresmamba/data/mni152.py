@@ -11,9 +11,10 @@ from typing import Literal
 import nibabel as nib
 import numpy as np
 import torch
-from monai.transforms import Compose, EnsureTyped
+from monai.transforms import Compose, EnsureTyped, NormalizeIntensityd
 
 from segresmamba.data.base import VolumeDataModule
+from segresmamba.data.external import external_eval_transforms
 from segresmamba.data.transforms import patch_augmentations
 
 __all__ = ["MNI152TissueDataModule", "mni152_tissue_volumes"]
@@ -93,7 +94,9 @@ class MNI152TissueDataModule(VolumeDataModule):
         train_items: training items per epoch (each gives ``num_samples`` patches).
         num_samples: patches per item.
         patch_size: training patch and sliding-window ROI (64 at 2 mm; 96 or 128 at 1 mm on a GPU).
-        batch_size, num_workers, cache_rate: see :class:`~segresmamba.data.base.VolumeDataModule`.
+        batch_size, num_workers, cache_rate, test_dir: see :class:`~segresmamba.data.base.VolumeDataModule`;
+            scans in ``test_dir`` are resampled to ``resolution`` mm and normalised as the training slabs
+            (:meth:`intensity_normalisation`).
     """
 
     in_channels = 1
@@ -116,8 +119,11 @@ class MNI152TissueDataModule(VolumeDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         cache_rate: float = 0.0,
+        test_dir: str | None = None,
     ) -> None:
-        super().__init__(patch_size=patch_size, batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate)
+        super().__init__(
+            patch_size=patch_size, batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate, test_dir=test_dir
+        )
         if axis not in _AXIS_CODES:
             raise ValueError(f"axis must be 'anterior-posterior' or 'superior-inferior' (never left-right), got {axis!r}")
         if num_blocks < 2:
@@ -138,6 +144,7 @@ class MNI152TissueDataModule(VolumeDataModule):
         self.train_items = train_items
         self.num_samples = num_samples
         self._blocks: dict[str, list[tuple[np.ndarray, np.ndarray, tuple[int, int]]]] | None = None
+        self.brain_intensity: tuple[float, float] | None = None  # (mean, std) of the training slabs' brain voxels
 
     # -- the volume and its slabs ------------------------------------------------------------------
     def _array_axis(self, affine: np.ndarray) -> int:
@@ -176,8 +183,8 @@ class MNI152TissueDataModule(VolumeDataModule):
             return np.ascontiguousarray(arr[tuple(index)])
 
         brain = np.concatenate([take(image, a, b)[take(label, a, b) > 0] for a, b in train_ranges])
-        mean, std = float(brain.mean()), float(brain.std()) or 1.0
-        norm = (image - mean) / std
+        self.brain_intensity = (float(brain.mean()), float(brain.std()) or 1.0)
+        norm = np.asarray(Compose(self.intensity_normalisation())({"image": image})["image"], dtype=np.float32)
         self.axis_index = axis
         self.slabs = {"val": (v0, v1), "train": train_ranges, "all": bounds}
         self._blocks = {
@@ -230,6 +237,18 @@ class MNI152TissueDataModule(VolumeDataModule):
                 EnsureTyped(keys="label", dtype=torch.int64, track_meta=False),
             ]
         )
+
+    def intensity_normalisation(self) -> list:
+        """The intensity normalisation of training, as MONAI transforms on ``image``: z-score with the mean
+        and standard deviation of the training slabs' brain voxels (applied to the whole template, and to
+        external test scans in :meth:`external_eval_transforms`)."""
+        if self.brain_intensity is None:
+            self._build()
+        mean, std = self.brain_intensity
+        return [NormalizeIntensityd(keys="image", subtrahend=mean, divisor=std)]
+
+    def external_eval_transforms(self) -> Compose:
+        return external_eval_transforms((float(self.resolution),) * 3, self.intensity_normalisation())
 
     def eval_transforms(self) -> Compose:
         return Compose(

@@ -70,7 +70,8 @@ class MSDDataModule(OnDiskDataModule):
         intensity_window: (low, high) mapped to [0, 1] with clipping, or ``None`` (see above).
         num_samples: patches per volume per step.
         seed, split_file, check_labels, skip_bad_cases: see :class:`~segresmamba.data.ondisk.OnDiskDataModule`.
-        patch_size, batch_size, num_workers, cache_rate: see :class:`~segresmamba.data.base.VolumeDataModule`.
+        patch_size, batch_size, num_workers, cache_rate, test_dir: see
+            :class:`~segresmamba.data.base.VolumeDataModule`; ``test_dir`` scans go through the evaluation chain.
     """
 
     task = "multiclass"
@@ -94,11 +95,12 @@ class MSDDataModule(OnDiskDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         cache_rate: float = 0.0,
+        test_dir: str | None = None,
     ) -> None:
         super().__init__(
             root=root, fold=fold, seed=seed, split_file=split_file, check_labels=check_labels,
             skip_bad_cases=skip_bad_cases, patch_size=patch_size, batch_size=batch_size,
-            num_workers=num_workers, cache_rate=cache_rate,
+            num_workers=num_workers, cache_rate=cache_rate, test_dir=test_dir,
         )
         if split not in ("holdout", "kfold"):
             raise ValueError(f"split must be 'holdout' or 'kfold', got {split!r}")
@@ -184,3 +186,6 @@ class MSDDataModule(OnDiskDataModule):
 
     def eval_transforms(self) -> Compose:
         return ct_eval_transforms(self.spacing, self.intensity_window)
+
+    def external_eval_transforms(self) -> Compose:
+        return self.eval_transforms()  # it reads files already

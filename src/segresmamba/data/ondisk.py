@@ -65,8 +65,11 @@ class OnDiskDataModule(VolumeDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         cache_rate: float = 0.0,
+        test_dir: str | None = None,
     ) -> None:
-        super().__init__(patch_size=patch_size, batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate)
+        super().__init__(
+            patch_size=patch_size, batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate, test_dir=test_dir
+        )
         if fold < 0:
             raise ValueError(f"fold must be >= 0, got {fold}")
         self.root = Path(root).expanduser()
