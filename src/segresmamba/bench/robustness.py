@@ -1,0 +1,395 @@
+"""Robustness to acquisition shifts on real MRI: does a trained net still segment a scan from another scanner?
+
+    python -m segresmamba.bench.robustness configs/bench/robustness_quick.yaml     # CPU, minutes
+    python -m segresmamba.bench.robustness configs/bench/robustness_gpu.yaml       # one GPU call, < 10 min
+    make bench-robustness PROFILE=quick|gpu
+
+or from Python: ``run_robustness("configs/bench/robustness_quick.yaml")``.
+
+What it does, through the same CLI and sweep path as every other result:
+
+1. Writes the held-out slab of the embedded MNI152 template (``mni152_tissue``, slab ``fold``; a real T1
+   MRI template, the training slabs are the rest) as a NIfTI test set with its true affine ("clean"), and
+   once per acquisition shift of :mod:`segresmamba.data.shifts` (voxel size and anisotropy, orientation,
+   larger field of view padded with air, bias field, gamma, noise, all combined), each shift applied once
+   with a fixed seed, in the ``imagesTs/`` + ``labelsTs/`` layout of :mod:`segresmamba.data.external`.
+2. Trains every model x recipe once on the training slabs: :func:`segresmamba.bench.sweep.run_sweep` (one
+   ``segresmamba fit`` per run, tested on the in-memory clean slab with the final weights).
+3. Tests the final checkpoint (``last.ckpt``, never one chosen on a validation score) of each run on the
+   clean set and every shifted set: ``segresmamba test ... --data.init_args.test_dir <set> --ckpt_path
+   last.ckpt`` (the CLI's own entry point, called in this process once per set to spare the start-up).
+   Scores are taken in each scan's own space (the evaluation inverts resampling and orientation) when the
+   task does so, Dice and HD95 per case and class (``<set>_test_cases.csv`` beside each record).
+4. Writes ``robustness.csv`` (one row per model and recipe: clean Dice, Dice per shift, mean shifted Dice,
+   shifted / clean ratio, worst shift, HD95 clean and shifted, provenance), ``robustness_sets.csv`` (one row
+   per model, recipe and test set), ``robustness.md`` and ``robustness.png`` to
+   ``results/robustness/<card>/``; ``<card>`` is the GPU's name (``nvidia-h200``) or ``cpu``.
+
+The failure this exposes (reference: a net trained by the suite predicting the air around a head as
+foreground on a scan from another scanner) shows as a low ratio on the ``field_of_view``, ``noise`` and
+``all`` sets. The issue's target for the GPU profile: with the ``nnunet`` recipe, shifted Dice >= 0.9 x
+clean Dice for ``nnunet`` and ``segresmamba``.
+
+A robustness file is a sweep file (:class:`segresmamba.bench.sweep.Sweep`; ``dataset: mni152_tissue``) with
+one more block::
+
+    robustness: {shifts: [resolution, orientation, ...], shift_seed: 0}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from segresmamba.bench.configs import instantiate_datamodule  # noqa: E402
+from segresmamba.bench.project import resolve  # noqa: E402
+from segresmamba.bench.sweep import Run, Sweep, run_command, run_sweep  # noqa: E402
+from segresmamba.data.external import write_test_case  # noqa: E402
+from segresmamba.data.shifts import SHIFTS, apply_shift  # noqa: E402
+
+__all__ = [
+    "CLEAN",
+    "DATA_TEXT",
+    "held_out_slab",
+    "load_robustness",
+    "robustness_table",
+    "run_robustness",
+    "test_checkpoint",
+    "write_outputs",
+    "write_test_sets",
+]
+
+CLEAN = "clean"
+DATA_TEXT = "real (MNI152 template)"
+
+
+# -- the test sets ---------------------------------------------------------------------------------
+
+
+def held_out_slab(datamodule) -> tuple[nib.Nifti1Image, nib.Nifti1Image, str]:
+    """The held-out (test) slab of an :class:`~segresmamba.data.mni152.MNI152TissueDataModule` as stored
+    NIfTI: raw template intensities and labels, cut from the template with its true affine; and the
+    module's case id for it."""
+    from segresmamba.data.mni152 import mni152_tissue_volumes
+
+    datamodule.setup("test")
+    image, label, affine = mni152_tissue_volumes(datamodule.resolution)
+    v0, v1 = datamodule.slabs["val"]
+    index = [slice(None)] * 3
+    index[datamodule.axis_index] = slice(v0, v1)
+    cut = tuple(index)
+    case_id = datamodule.items("test")[0]["case_id"]
+    return nib.Nifti1Image(image, affine).slicer[cut], nib.Nifti1Image(label, affine).slicer[cut], case_id
+
+
+def write_test_sets(
+    image: nib.Nifti1Image, label: nib.Nifti1Image, case_id: str, root: str | Path, shifts: Sequence[str], seed: int
+) -> dict[str, Path]:
+    """``{set name: test_dir}``: the clean volume and one shifted copy per shift, each a one-case test set
+    under ``root/<set>/``; ``root/sets.json`` describes each (shift, what it mimics, seed, shape, voxel
+    size, orientation)."""
+    unknown = [s for s in shifts if s not in SHIFTS]
+    if unknown:
+        raise ValueError(f"unknown shift(s) {unknown}; known: {', '.join(SHIFTS)}")
+    root = Path(root)
+    sets, facts = {}, {}
+    for name in [CLEAN, *shifts]:
+        shifted = (image, label) if name == CLEAN else apply_shift(name, image, label, seed=seed)
+        write_test_case(root / name, case_id, *shifted)
+        sets[name] = root / name
+        facts[name] = {
+            "mimics": "the held-out slab as stored" if name == CLEAN else SHIFTS[name].mimics,
+            "seed": None if name == CLEAN else seed,
+            "shape": list(shifted[0].shape),
+            "voxel_mm": [round(float(v), 3) for v in nib.affines.voxel_sizes(shifted[0].affine)],
+            "orientation": "".join(nib.aff2axcodes(shifted[0].affine)),
+        }
+    (root / "sets.json").write_text(json.dumps(facts, indent=2))
+    return sets
+
+
+# -- the runs --------------------------------------------------------------------------------------
+
+
+def load_robustness(path: str | Path, runs_dir: str | None = None) -> tuple[Sweep, list[str], int]:
+    """(the training sweep, the shifts, the shift seed) of a robustness file; ValueError naming the file
+    and the key at fault. The sweep part is written beside the runs as ``sweep.yaml`` and read by
+    :meth:`Sweep.load` (every check of a sweep applies)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"robustness file {path} not found (see configs/bench/robustness_*.yaml)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("robustness"), dict):
+        raise ValueError(f"{path}: needs a `robustness: {{shifts: [...], shift_seed: 0}}` block beside the sweep keys")
+    block = raw.pop("robustness")
+    shifts, seed = block.get("shifts", list(SHIFTS)), block.get("shift_seed", 0)
+    if not isinstance(shifts, list) or not shifts or any(s not in SHIFTS for s in shifts):
+        raise ValueError(f"{path}: robustness.shifts must be a non-empty list of {', '.join(SHIFTS)}; got {shifts}")
+    if raw.get("dataset") != "mni152_tissue":
+        raise ValueError(f"{path}: the robustness benchmark trains on dataset mni152_tissue, got {raw.get('dataset')!r}")
+    if runs_dir:
+        raw["runs_dir"] = str(runs_dir)
+    sweep_file = resolve(raw.get("runs_dir", "runs")) / str(raw.get("name", "robustness")) / "sweep.yaml"
+    sweep_file.parent.mkdir(parents=True, exist_ok=True)
+    sweep_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        sweep = Sweep.load(sweep_file)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return sweep, list(shifts), int(seed)
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """The newest ``last.ckpt`` under a run's folder (the final weights of its fit)."""
+    found = sorted(run_dir.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ValueError(f"no last.ckpt under {run_dir}: the robustness sweep needs checkpoint_save_last: true")
+    return found[-1]
+
+
+def test_checkpoint(sweep: Sweep, run: Run, checkpoint: Path, test_sets: dict[str, Path], records: Path) -> list[dict]:
+    """``segresmamba test`` of ``checkpoint`` on each test set with the run's own settings; one record per
+    set (``records/<set>.json``, with ``test_set``, ``status`` and ``error`` added)."""
+    from segresmamba.cli import main as cli_main
+
+    config_file = resolve(sweep.runs_dir) / sweep.name / run.path() / "run.yaml"
+    base = run_command(sweep, run, config_file)
+    args = ["test", *base[base.index("fit") + 1:]]
+    records.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, test_dir in test_sets.items():
+        record_path = records / f"{name}.json"
+        record_path.unlink(missing_ok=True)
+        status, error = "ok", None
+        try:
+            cli_main([
+                *args, "--data.init_args.test_dir", str(test_dir), "--ckpt_path", str(checkpoint),
+                "--run_record", str(record_path), "--trainer.logger.init_args.name", f"robustness_{name}",
+                "--trainer.enable_progress_bar", "false",
+            ])
+        except (Exception, SystemExit) as err:  # a failed set becomes an error row; the others still run
+            status, error = "error", f"{type(err).__name__}: {err}"
+            traceback.print_exc()
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        if status == "ok" and not record.get("test"):
+            status, error = "error", "the test finished but recorded no result"
+        record.update({"model": run.model, "recipe": record.get("recipe") or run.recipe, "fold": run.fold,
+                       "test_set": name, "status": status, "error": error, "checkpoint": str(checkpoint)})
+        record_path.write_text(json.dumps(record, indent=2, default=str))
+        out.append(record)
+    return out
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+
+def _set_rows(records: Sequence[dict]) -> pd.DataFrame:
+    rows = []
+    for rec in records:
+        test, prov = rec.get("test") or {}, rec.get("provenance") or {}
+        rows.append({
+            "model": rec["model"], "recipe": rec["recipe"], "test_set": rec["test_set"], "status": rec.get("status", "ok"),
+            "dice": test.get("test/dice_mean"), "hd95_mm": test.get("test/hd95_mean"),
+            "reported_checkpoint": test.get("reported_checkpoint", rec.get("reported_checkpoint")),
+            "device": prov.get("device"), "precision": prov.get("precision"), "git_sha": prov.get("git_sha"),
+            "torch": (prov.get("versions") or {}).get("torch"), "monai": (prov.get("versions") or {}).get("monai"),
+            "error": rec.get("error"),
+        })
+    sets = pd.DataFrame(rows)
+    for col in ("dice", "hd95_mm"):
+        sets[col] = pd.to_numeric(sets[col], errors="coerce")
+    return sets
+
+
+def robustness_table(records: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per model and recipe, one row per model, recipe and test set) from test-set records.
+
+    A record is a run record (``metrics.json`` form: ``test`` with ``test/dice_mean`` and optionally
+    ``test/hd95_mean``, ``provenance``) with ``model``, ``recipe``, ``test_set`` (``clean`` or a shift
+    name) and ``status``. Per model and recipe: ``clean_dice``, ``dice_<shift>`` for each shift,
+    ``shifted_dice`` (mean over the shifted sets), ``ratio`` (= shifted / clean), ``ratio_<shift>``, the
+    ``worst_shift``, ``clean_hd95_mm`` and ``shifted_hd95_mm``; a failed set counts as missing.
+    """
+    if not records:
+        raise ValueError("no test-set records to tabulate")
+    sets = _set_rows(records)
+    ok = sets[sets.status == "ok"]
+    shift_names = list(dict.fromkeys(s for s in sets.test_set if s != CLEAN))
+    rows = []
+    for (model, recipe), group in sets.groupby(["model", "recipe"], sort=False):
+        good = ok[(ok.model == model) & (ok.recipe == recipe)].set_index("test_set")
+        clean = good.dice.get(CLEAN, np.nan)
+        row: dict[str, Any] = {"model": model, "recipe": recipe, "clean_dice": clean}
+        shifted = {s: good.dice.get(s, np.nan) for s in shift_names}
+        row.update({f"dice_{s}": v for s, v in shifted.items()})
+        values = pd.Series(shifted, dtype=float)
+        row["shifted_dice"] = values.mean() if values.notna().any() else np.nan
+        row["ratio"] = row["shifted_dice"] / clean if clean and not np.isnan(clean) else np.nan
+        row.update({f"ratio_{s}": v / clean if clean and not np.isnan(clean) else np.nan for s, v in shifted.items()})
+        row["worst_shift"] = values.idxmin() if values.notna().any() else None
+        hd = good.hd95_mm.drop(CLEAN, errors="ignore")
+        row["clean_hd95_mm"] = good.hd95_mm.get(CLEAN, np.nan)
+        row["shifted_hd95_mm"] = hd.mean() if hd.notna().any() else np.nan
+        row["failed_sets"] = int((group.status != "ok").sum())
+        for col in ("reported_checkpoint", "device", "precision", "git_sha", "torch", "monai"):
+            row[col] = ", ".join(sorted({str(v) for v in group[col].dropna()}))
+        row["data"] = DATA_TEXT
+        rows.append(row)
+    return pd.DataFrame(rows), sets
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "–" if value is None or pd.isna(value) else f"{value:.{digits}f}"
+
+
+def write_outputs(table: pd.DataFrame, sets: pd.DataFrame, out_dir: Path, protocol: str, set_facts: dict | None = None) -> list[Path]:
+    """``robustness.csv``, ``robustness_sets.csv``, ``robustness.md`` and ``robustness.png`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shift_names = [c.removeprefix("dice_") for c in table.columns if c.startswith("dice_")]
+    table.to_csv(out_dir / "robustness.csv", index=False)
+    sets.to_csv(out_dir / "robustness_sets.csv", index=False)
+    recipes = ", ".join(dict.fromkeys(table.recipe))
+    first = lambda col: "; ".join(v for v in dict.fromkeys(table[col]) if v) or "?"  # noqa: E731
+    lines = [
+        f"# Robustness to acquisition shifts: {DATA_TEXT}, recipes {recipes}",
+        "",
+        f"Protocol: {protocol}. Device: {first('device')}. Precision: {first('precision')}. "
+        f"torch {first('torch')}, MONAI {first('monai')}. git {first('git_sha')}.",
+        f"Data: {DATA_TEXT}; trained on the template's other slabs, tested on the held-out slab as stored (clean) "
+        f"and after each acquisition shift ({', '.join(shift_names)}), applied once with a fixed seed. "
+        f"Checkpoint: {first('reported_checkpoint')} (final weights; none chosen on a test score). "
+        "Dice = mean over CSF/other, GM, WM; ratio = mean shifted Dice / clean Dice.",
+        "",
+        "| model | recipe | clean Dice | " + " | ".join(shift_names) + " | shifted Dice | ratio | worst shift | HD95 clean (mm) | HD95 shifted (mm) |",
+        "|---|---|---:|" + "---:|" * len(shift_names) + "---:|---:|---|---:|---:|",
+    ]
+    for r in table.itertuples():
+        cells = [_fmt(getattr(r, f"dice_{s}")) for s in shift_names]
+        lines.append(
+            f"| {r.model} | {r.recipe} | {_fmt(r.clean_dice)} | " + " | ".join(cells)
+            + f" | {_fmt(r.shifted_dice)} | {_fmt(r.ratio, 2)} | {r.worst_shift or '–'} | {_fmt(r.clean_hd95_mm, 1)} | {_fmt(r.shifted_hd95_mm, 1)} |"
+        )
+    if set_facts:
+        lines += ["", "| test set | what it mimics | shape | voxel (mm) | orientation |", "|---|---|---|---|---|"]
+        for name, f in set_facts.items():
+            lines.append(f"| {name} | {f['mimics']} | {'x'.join(map(str, f['shape']))} | {'x'.join(f'{v:g}' for v in f['voxel_mm'])} | {f['orientation']} |")
+    failed = sets[sets.status != "ok"]
+    if len(failed):
+        lines += ["", "Failed test sets:", ""] + [f"- {f.model} [{f.recipe}] {f.test_set}: {f.error}" for f in failed.itertuples()]
+    (out_dir / "robustness.md").write_text("\n".join(lines) + "\n")
+
+    names = [CLEAN, *shift_names]
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(names) + 2), 4.4))
+    width = 0.8 / max(1, len(table))
+    for i, r in enumerate(table.itertuples()):
+        values = [r.clean_dice] + [getattr(r, f"dice_{s}") for s in shift_names]
+        ax.bar(np.arange(len(names)) + (i - (len(table) - 1) / 2) * width, values, width, label=f"{r.model} [{r.recipe}]")
+    ax.set_xticks(np.arange(len(names)), names, rotation=20)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean Dice (CSF/other, GM, WM)")
+    ax.legend(fontsize=7, ncol=2)
+    title = (f"Robustness, {DATA_TEXT}, recipes {recipes}: {first('device')} · {first('precision')} · "
+             f"{protocol} · git {first('git_sha')[:10]}")
+    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "robustness.png", dpi=120)
+    plt.close(fig)
+    return [out_dir / n for n in ("robustness.csv", "robustness_sets.csv", "robustness.md", "robustness.png")]
+
+
+# -- everything ------------------------------------------------------------------------------------
+
+
+def card_of(sweep: Sweep) -> str:
+    """``cpu`` for a CPU sweep, else the GPU's name as a folder name (``nvidia-h200``)."""
+    if not sweep.uses_gpu():
+        return "cpu"
+    import torch
+
+    from segresmamba.bench.efficiency import card_slug
+
+    return card_slug(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "cpu"
+
+
+def run_robustness(
+    config: str | Path,
+    *,
+    out: str | Path | None = None,
+    models: Sequence[str] | None = None,
+    recipes: Sequence[str] | None = None,
+    gpus: str | Sequence[str] | None = None,
+    runs_dir: str | Path | None = None,
+    verbose: bool = False,
+) -> pd.DataFrame:
+    """Write the test sets, train every model x recipe (skipping finished runs), test each final checkpoint
+    on every set and write the table; return it. ``out`` replaces the config's results folder (the card
+    is appended)."""
+    sweep, shifts, seed = load_robustness(config, runs_dir=str(runs_dir) if runs_dir else None)
+    if models:
+        sweep.models = list(models)
+    if recipes:
+        sweep.recipes = list(recipes)
+    sweep.check()
+    result_dir = resolve(out or sweep.out) / card_of(sweep)
+    sweep.out = str(result_dir / "runs")
+    runs_root = resolve(sweep.runs_dir) / sweep.name
+    datamodule = instantiate_datamodule(sweep.data_settings())
+    t0 = time.perf_counter()
+    test_sets = write_test_sets(*held_out_slab(datamodule), runs_root / "test_sets", shifts, seed)
+    print(f"test sets ({time.perf_counter() - t0:.1f} s): {', '.join(test_sets)} in {runs_root / 'test_sets'}", flush=True)
+    run_sweep(sweep, gpus=gpus, verbose=verbose)
+    records = []
+    for run in [Run(r, m, f) for r in sweep.recipes for m in sweep.models for f in sweep.folds]:
+        fit_record = result_dir / "runs" / run.path() / "metrics.json"
+        if not fit_record.is_file() or json.loads(fit_record.read_text()).get("status") != "ok":
+            print(f"{run.text()}: no finished fit, its test sets are left out", flush=True)
+            continue
+        t0 = time.perf_counter()
+        checkpoint = last_checkpoint(runs_root / run.path())
+        records += test_checkpoint(sweep, run, checkpoint, test_sets, result_dir / "runs" / run.path() / "test_sets")
+        print(f"{run.text()}: tested on {len(test_sets)} sets in {time.perf_counter() - t0:.0f} s", flush=True)
+    if not records:
+        raise ValueError(f"no run of {config} finished; see the fit logs under {runs_root}")
+    table, sets = robustness_table(records)
+    set_facts = json.loads((runs_root / "test_sets" / "sets.json").read_text())
+    for path in write_outputs(table, sets, result_dir, sweep.protocol, set_facts):
+        print(f"wrote {path}", flush=True)
+    print((result_dir / "robustness.md").read_text(), flush=True)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Robustness of trained nets to acquisition shifts (see the module docstring).")
+    p.add_argument("config", help="robustness file, e.g. configs/bench/robustness_quick.yaml")
+    p.add_argument("--out", default=None, help="results folder (default: the file's `out`; the card is appended)")
+    p.add_argument("--models", nargs="+", default=None, help="subset of the file's models")
+    p.add_argument("--recipes", nargs="+", default=None, help="recipes to run (default: the file's `recipes`)")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids to spread the fits over (default: every visible GPU)")
+    p.add_argument("--runs-dir", default=None, help="where logs, checkpoints and the test sets go (default: the file's runs_dir)")
+    p.add_argument("--verbose", action="store_true", help="show each fit's Lightning output instead of logging it")
+    args = p.parse_args(argv)
+    try:
+        run_robustness(args.config, out=args.out, models=args.models, recipes=args.recipes, gpus=args.gpus,
+                       runs_dir=args.runs_dir, verbose=args.verbose)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
