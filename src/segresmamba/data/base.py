@@ -15,10 +15,13 @@ from collections.abc import Sequence
 from typing import Literal
 
 import lightning as L
+import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose
+from torch.utils.data import WeightedRandomSampler
 
 from segresmamba.data.external import pair_test_dir, read_test_dir
+from segresmamba.recipes import get_recipe
 from segresmamba.registry import normalize_img_size
 
 Task = Literal["multilabel", "multiclass"]
@@ -35,6 +38,13 @@ class VolumeDataModule(L.LightningDataModule):
             (MONAI ``CacheDataset``); 0 reads from disk every time.
         test_dir: labelled external scans (``imagesTs/`` + ``labelsTs/``, nnU-Net layout) that replace the
             test split, read through :meth:`external_eval_transforms` (see :mod:`segresmamba.data.external`).
+        recipe: the training recipe (:func:`segresmamba.recipes.get_recipe`): ``paper`` builds the
+            dataset's own MONAI chains; ``nnunet`` preprocesses by the dataset's plan (:attr:`plan`,
+            :mod:`segresmamba.data.plan`) and augments as nnU-Net v2
+            (:func:`segresmamba.recipes.augment.nnunet_augmentations`).
+        iterations_per_epoch: training batches per epoch, drawn with replacement (uniformly over the
+            training items); ``None`` takes the recipe's value, and a recipe without one makes an epoch one
+            pass over the training items.
     """
 
     in_channels: int
@@ -51,8 +61,18 @@ class VolumeDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_rate: float = 0.0,
         test_dir: str | None = None,
+        recipe: str = "paper",
+        iterations_per_epoch: int | None = None,
     ) -> None:
         super().__init__()
+        self.recipe_settings = get_recipe(recipe)  # an unknown name fails here, before any data is read
+        self.recipe = recipe
+        if iterations_per_epoch is not None and iterations_per_epoch < 1:
+            raise ValueError(f"iterations_per_epoch must be >= 1 or null, got {iterations_per_epoch}")
+        self.iterations_per_epoch = (
+            iterations_per_epoch if iterations_per_epoch is not None else self.recipe_settings.iterations_per_epoch
+        )
+        self._plan: dict | None = None
         self.patch_size = normalize_img_size(patch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -91,7 +111,24 @@ class VolumeDataModule(L.LightningDataModule):
         values = range(self.out_channels) if self.task == "multiclass" else None
         return read_test_dir(self.test_dir, dataset=self.name, channels=self.in_channels, label_values=values)
 
+    def make_plan(self) -> dict:
+        """The dataset's preprocessing plan (:mod:`segresmamba.data.plan`), explicit settings applied."""
+        raise NotImplementedError
+
     # -- shared machinery --------------------------------------------------------------------------
+    @property
+    def uses_plan(self) -> bool:
+        """Whether the recipe preprocesses by the dataset's plan (the ``paper`` recipe keeps the paper's
+        preprocessing and never computes a plan)."""
+        return self.recipe_settings.augmentation == "nnunet"
+
+    @property
+    def plan(self) -> dict:
+        """The preprocessing plan in force, computed (or read from its cache) on first use."""
+        if self._plan is None:
+            self._plan = self.make_plan()
+        return self._plan
+
     def validate(self) -> dict:
         """Check the data before long work starts and return a summary; raise ValueError naming every bad
         file or setting. Adapters that read files override this with per-case checks
@@ -114,6 +151,9 @@ class VolumeDataModule(L.LightningDataModule):
             "out_channels": self.out_channels,
             "class_names": list(self.class_names),
             "patch_size": list(self.patch_size),
+            "recipe": self.recipe,
+            "iterations_per_epoch": self.iterations_per_epoch,
+            **({"plan": self.plan} if self.uses_plan else {}),
             **({"test_dir": str(self.test_dir)} if self.test_dir is not None else {}),
         }
 
@@ -136,18 +176,31 @@ class VolumeDataModule(L.LightningDataModule):
             self._datasets[split] = ds
         return self._datasets[split]
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, shuffle: bool, sampler: WeightedRandomSampler | None = None) -> DataLoader:
         return DataLoader(
             self._dataset(split),
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=False,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        if self.iterations_per_epoch is None:
+            return self._loader("train", self.batch_size, shuffle=True)
+        # Uniform draws with replacement. A WeightedRandomSampler, not a RandomSampler: Lightning replaces a
+        # RandomSampler by a DistributedSampler over the dataset under DDP (dropping the count), but wraps
+        # other samplers, splitting their draws between ranks; hence the world size in the count, so that
+        # every rank takes iterations_per_epoch steps.
+        world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+        items = len(self._dataset("train"))
+        sampler = WeightedRandomSampler(
+            torch.ones(items, dtype=torch.double), num_samples=self.iterations_per_epoch * self.batch_size * world,
+            replacement=True,
+        )
+        return self._loader("train", self.batch_size, shuffle=False, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", 1, shuffle=False)

@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from monai.transforms import Compose
 
 from segresmamba.data.ondisk import OnDiskDataModule
@@ -48,7 +49,8 @@ class BraTS2021DataModule(OnDiskDataModule):
     Transforms follow the paper (App. A.1): training = load, regions, CropForeground(k_divisible=patch),
     RandSpatialCrop(patch), flips on 3 axes, NormalizeIntensity(nonzero, channel_wise),
     RandScaleIntensity 0.1, RandShiftIntensity 0.1; evaluation = load, regions, normalisation on the whole
-    240x240x155 volume (no crop).
+    240x240x155 volume (no crop). With ``recipe: nnunet``: RAS, the plan's spacing and per-image z-score
+    (over the nonzero voxels, BraTS being skull-stripped), nnU-Net's augmentation, one patch per volume.
 
     Splits: 5-fold cross-validation. With ``folds_json`` the public ``brats21_folds.json`` of the MONAI
     SwinUNETR BraTS21 recipe (the split the paper used) is read; otherwise a seeded 5-fold split is written
@@ -64,7 +66,8 @@ class BraTS2021DataModule(OnDiskDataModule):
             ``root``); ``None`` computes a seeded split.
         seed, split_file, check_labels, skip_bad_cases: see :class:`~segresmamba.data.ondisk.OnDiskDataModule`.
         patch_size: training crop and sliding-window ROI (paper: 128).
-        batch_size, num_workers, cache_rate: see :class:`~segresmamba.data.base.VolumeDataModule`
+        batch_size, num_workers, cache_rate, test_dir, recipe, iterations_per_epoch: see
+            :class:`~segresmamba.data.base.VolumeDataModule`
             (paper: batch 4).
     """
 
@@ -73,6 +76,9 @@ class BraTS2021DataModule(OnDiskDataModule):
     task = "multilabel"
     class_names = ["TC", "WT", "ET"]
     name = "brats2021"
+    modalities = ["MR"] * len(BRATS_CHANNELS)
+    label_dtype = torch.float32
+    brats_channels = True
 
     def __init__(
         self,
@@ -88,11 +94,15 @@ class BraTS2021DataModule(OnDiskDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         cache_rate: float = 0.0,
+        test_dir: str | None = None,
+        recipe: str = "paper",
+        iterations_per_epoch: int | None = None,
     ) -> None:
         super().__init__(
             root=root, fold=fold, seed=seed, split_file=split_file, check_labels=check_labels,
             skip_bad_cases=skip_bad_cases, patch_size=patch_size, batch_size=batch_size,
-            num_workers=num_workers, cache_rate=cache_rate,
+            num_workers=num_workers, cache_rate=cache_rate, test_dir=test_dir, recipe=recipe,
+            iterations_per_epoch=iterations_per_epoch,
         )
         if num_folds < 2:
             raise ValueError(f"num_folds must be >= 2, got {num_folds}")
@@ -170,7 +180,11 @@ class BraTS2021DataModule(OnDiskDataModule):
         return split_for_fold(folds, self.fold, source=str(path))
 
     def train_transforms(self) -> Compose:
+        if self.uses_plan:
+            return self.planned_transforms(train=True)
         return brats_train_transforms(self.patch_size)
 
     def eval_transforms(self) -> Compose:
+        if self.uses_plan:
+            return self.planned_transforms(train=False)
         return brats_eval_transforms()

@@ -54,6 +54,8 @@ class BTCVDataModule(OnDiskDataModule):
     patches per volume (pos 1 : neg 1), flips and rot90 with p=0.1, RandShiftIntensity 0.1. Evaluation is
     the deterministic part on the whole resampled volume. A training batch holds
     ``batch_size * num_samples`` patches. Patch: 96 (the tutorial); the paper's memory figures use 128.
+    With ``recipe: nnunet``: RAS, the plan's spacing and CT normalisation (foreground 0.5/99.5 percentile
+    clip, foreground z-score) unless ``spacing`` / ``intensity_window`` are set, nnU-Net's augmentation.
 
     Splits: ``split="auto"`` uses the datalist's training/validation lists when ``datalist_json`` is given,
     else a seeded 24/6 holdout (``num_val`` = 6); ``"holdout"`` forces the seeded holdout and ``"kfold"`` a
@@ -67,11 +69,14 @@ class BTCVDataModule(OnDiskDataModule):
         num_val: validation cases of the holdout split.
         num_folds: folds of the kfold split.
         datalist_json: datalist json path (absolute or relative to ``root``); ``None`` globs img/label.
-        spacing: target voxel size in mm (tutorial: 1.5, 1.5, 2.0).
-        intensity_window: HU window mapped to [0, 1] (tutorial: -175, 250).
+        spacing: target voxel size in mm; ``None``: the recipe's (``paper``: the tutorial's 1.5, 1.5, 2.0;
+            ``nnunet``: the plan's).
+        intensity_window: HU window mapped to [0, 1]; ``None``: the recipe's (``paper``: the tutorial's
+            -175, 250; ``nnunet``: the plan's CT normalisation).
         num_samples: patches per volume per step (tutorial: 4).
         seed, split_file, check_labels, skip_bad_cases: see :class:`~segresmamba.data.ondisk.OnDiskDataModule`.
-        patch_size, batch_size, num_workers, cache_rate: see :class:`~segresmamba.data.base.VolumeDataModule`.
+        patch_size, batch_size, num_workers, cache_rate, test_dir, recipe, iterations_per_epoch: see
+            :class:`~segresmamba.data.base.VolumeDataModule`.
     """
 
     in_channels = 1
@@ -79,6 +84,9 @@ class BTCVDataModule(OnDiskDataModule):
     task = "multiclass"
     class_names = list(BTCV_ORGANS)
     name = "btcv"
+    modalities = ["CT"]
+    paper_spacing = (1.5, 1.5, 2.0)
+    paper_window = (-175.0, 250.0)
 
     def __init__(
         self,
@@ -88,8 +96,8 @@ class BTCVDataModule(OnDiskDataModule):
         num_val: int = 6,
         num_folds: int = 5,
         datalist_json: str | None = None,
-        spacing: tuple[float, float, float] = (1.5, 1.5, 2.0),
-        intensity_window: tuple[float, float] = (-175.0, 250.0),
+        spacing: tuple[float, float, float] | None = None,
+        intensity_window: tuple[float, float] | None = None,
         num_samples: int = 4,
         seed: int = 0,
         split_file: str | None = None,
@@ -99,11 +107,15 @@ class BTCVDataModule(OnDiskDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         cache_rate: float = 0.0,
+        test_dir: str | None = None,
+        recipe: str = "paper",
+        iterations_per_epoch: int | None = None,
     ) -> None:
         super().__init__(
             root=root, fold=fold, seed=seed, split_file=split_file, check_labels=check_labels,
             skip_bad_cases=skip_bad_cases, patch_size=patch_size, batch_size=batch_size,
-            num_workers=num_workers, cache_rate=cache_rate,
+            num_workers=num_workers, cache_rate=cache_rate, test_dir=test_dir, recipe=recipe,
+            iterations_per_epoch=iterations_per_epoch,
         )
         if split not in ("auto", "holdout", "kfold"):
             raise ValueError(f"split must be 'auto', 'holdout' or 'kfold', got {split!r}")
@@ -113,16 +125,18 @@ class BTCVDataModule(OnDiskDataModule):
             raise ValueError(f"fold must be within [0, {num_folds - 1}], got {fold}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if len(spacing) != 3 or min(spacing) <= 0:
-            raise ValueError(f"spacing must be three positive numbers, got {spacing}")
-        if len(intensity_window) != 2 or intensity_window[0] >= intensity_window[1]:
-            raise ValueError(f"intensity_window must be (low, high) with low < high, got {intensity_window}")
+        if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
+            raise ValueError(f"spacing must be three positive numbers or null, got {spacing}")
+        if intensity_window is not None and (len(intensity_window) != 2 or intensity_window[0] >= intensity_window[1]):
+            raise ValueError(f"intensity_window must be (low, high) with low < high, or null, got {intensity_window}")
         self.split_scheme = split
         self.num_val = num_val
         self.num_folds = num_folds
         self.datalist_json = datalist_json
-        self.spacing = tuple(float(s) for s in spacing)
-        self.intensity_window = tuple(float(w) for w in intensity_window)
+        self.spacing_override = None if spacing is None else tuple(float(s) for s in spacing)
+        self.window_override = None if intensity_window is None else tuple(float(w) for w in intensity_window)
+        self.spacing = self.spacing_override or self.paper_spacing  # the paper recipe's settings
+        self.intensity_window = self.window_override or self.paper_window
         self.num_samples = num_samples
         self._datalist_split: tuple[list[str], list[str]] | None = None
 
@@ -220,7 +234,11 @@ class BTCVDataModule(OnDiskDataModule):
 
     # -- transforms --------------------------------------------------------------------------------
     def train_transforms(self) -> Compose:
+        if self.uses_plan:
+            return self.planned_transforms(train=True)
         return ct_train_transforms(self.patch_size, self.spacing, self.intensity_window, self.num_samples)
 
     def eval_transforms(self) -> Compose:
+        if self.uses_plan:
+            return self.planned_transforms(train=False)
         return ct_eval_transforms(self.spacing, self.intensity_window)

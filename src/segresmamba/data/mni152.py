@@ -15,7 +15,9 @@ from monai.transforms import Compose, EnsureTyped, NormalizeIntensityd
 
 from segresmamba.data.base import VolumeDataModule
 from segresmamba.data.external import external_eval_transforms
-from segresmamba.data.transforms import patch_augmentations
+from segresmamba.data.plan import fingerprint_cases, make_plan
+from segresmamba.data.transforms import patch_augmentations, plan_normalization
+from segresmamba.recipes.augment import nnunet_augmentations
 
 __all__ = ["MNI152TissueDataModule", "mni152_tissue_volumes"]
 
@@ -83,7 +85,9 @@ class MNI152TissueDataModule(VolumeDataModule):
     Intensities are z-scored with the mean and standard deviation of the training slabs' brain voxels.
     Training draws ``num_samples`` RandCropByPosNegLabel patches (brain : background = 1 : 1) per item
     from ``train_items`` items per epoch (cycling over the training slabs, padded to the patch when
-    thinner), with flips/rot90 p=0.1 and RandShiftIntensity 0.1.
+    thinner), with flips/rot90 p=0.1 and RandShiftIntensity 0.1. With ``recipe: nnunet`` the slabs keep
+    the template's intensities and each is z-scored by the plan (:meth:`make_plan`), then augmented as
+    nnU-Net (:func:`~segresmamba.recipes.augment.nnunet_augmentations`).
 
     Args:
         resolution: voxel size in mm of the template (2: 99x117x95 voxels; 1: 197x233x189).
@@ -94,7 +98,8 @@ class MNI152TissueDataModule(VolumeDataModule):
         train_items: training items per epoch (each gives ``num_samples`` patches).
         num_samples: patches per item.
         patch_size: training patch and sliding-window ROI (64 at 2 mm; 96 or 128 at 1 mm on a GPU).
-        batch_size, num_workers, cache_rate, test_dir: see :class:`~segresmamba.data.base.VolumeDataModule`;
+        batch_size, num_workers, cache_rate, test_dir, recipe, iterations_per_epoch: see
+            :class:`~segresmamba.data.base.VolumeDataModule`;
             scans in ``test_dir`` are resampled to ``resolution`` mm and normalised as the training slabs
             (:meth:`intensity_normalisation`).
     """
@@ -120,9 +125,12 @@ class MNI152TissueDataModule(VolumeDataModule):
         num_workers: int = 0,
         cache_rate: float = 0.0,
         test_dir: str | None = None,
+        recipe: str = "paper",
+        iterations_per_epoch: int | None = None,
     ) -> None:
         super().__init__(
-            patch_size=patch_size, batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate, test_dir=test_dir
+            patch_size=patch_size, batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate,
+            test_dir=test_dir, recipe=recipe, iterations_per_epoch=iterations_per_epoch,
         )
         if axis not in _AXIS_CODES:
             raise ValueError(f"axis must be 'anterior-posterior' or 'superior-inferior' (never left-right), got {axis!r}")
@@ -184,7 +192,10 @@ class MNI152TissueDataModule(VolumeDataModule):
 
         brain = np.concatenate([take(image, a, b)[take(label, a, b) > 0] for a, b in train_ranges])
         self.brain_intensity = (float(brain.mean()), float(brain.std()) or 1.0)
-        norm = np.asarray(Compose(self.intensity_normalisation())({"image": image})["image"], dtype=np.float32)
+        if self.uses_plan:  # slabs keep the template's intensities; the chains normalise each one
+            norm = image
+        else:
+            norm = np.asarray(Compose(self.intensity_normalisation())({"image": image})["image"], dtype=np.float32)
         self.axis_index = axis
         self.slabs = {"val": (v0, v1), "train": train_ranges, "all": bounds}
         self._blocks = {
@@ -228,20 +239,35 @@ class MNI152TissueDataModule(VolumeDataModule):
         facts.update(resolution_mm=self.resolution, split_axis=self.axis, num_blocks=self.num_blocks, fold=self.fold)
         return facts
 
+    def make_plan(self) -> dict:
+        """The plan of the training slabs (at ``resolution`` mm, one MR channel): per-slab z-score, over
+        the nonzero voxels only if that crop shrinks a slab by a quarter. The slabs are on the template's
+        grid already: the target spacing is recorded, nothing is resampled."""
+        pieces = self._build()["train"]
+        spacing = [float(self.resolution)] * 3
+        fingerprint = fingerprint_cases(lambda i: (pieces[i][0], pieces[i][1], spacing), len(pieces))
+        return {**make_plan(fingerprint, ["MR"]), "source": "training slabs"}
+
     def train_transforms(self) -> Compose:
+        if self.uses_plan:
+            return Compose(
+                [EnsureTyped(keys=["image", "label"], track_meta=False)]
+                + plan_normalization(self.plan["normalization"])
+                + nnunet_augmentations(self.patch_size, self.num_samples, self.recipe_settings.foreground_oversampling or 0.0)
+                + self._final()
+            )
         return Compose(
             [EnsureTyped(keys=["image", "label"], track_meta=False)]
             + patch_augmentations(self.patch_size, self.num_samples, image_key=None)  # z-scored: no > 0 test
-            + [
-                EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
-                EnsureTyped(keys="label", dtype=torch.int64, track_meta=False),
-            ]
+            + self._final()
         )
 
     def intensity_normalisation(self) -> list:
         """The intensity normalisation of training, as MONAI transforms on ``image``: z-score with the mean
         and standard deviation of the training slabs' brain voxels (applied to the whole template, and to
         external test scans in :meth:`external_eval_transforms`)."""
+        if self.uses_plan:
+            return plan_normalization(self.plan["normalization"])
         if self.brain_intensity is None:
             self._build()
         mean, std = self.brain_intensity
@@ -251,9 +277,13 @@ class MNI152TissueDataModule(VolumeDataModule):
         return external_eval_transforms((float(self.resolution),) * 3, self.intensity_normalisation())
 
     def eval_transforms(self) -> Compose:
-        return Compose(
-            [
-                EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
-                EnsureTyped(keys="label", dtype=torch.int64, track_meta=False),
-            ]
-        )
+        if self.uses_plan:
+            return Compose([EnsureTyped(keys="image", track_meta=False)] + self.intensity_normalisation() + self._final())
+        return Compose(self._final())
+
+    @staticmethod
+    def _final() -> list:
+        return [
+            EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+            EnsureTyped(keys="label", dtype=torch.int64, track_meta=False),
+        ]

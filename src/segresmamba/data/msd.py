@@ -56,6 +56,9 @@ class MSDDataModule(OnDiskDataModule):
     optional resampling to ``spacing``, intensity window -> [0, 1] (``intensity_window``; when ``None``:
     (-175, 250) HU if every modality is CT, else z-score inside the nonzero region, channel-wise),
     CropForeground, RandCropByPosNegLabel ``num_samples`` patches, flips/rot90 p=0.1, RandShiftIntensity.
+    With ``recipe: nnunet``: RAS, the plan's spacing and normalisation (an explicit ``spacing`` or
+    ``intensity_window`` overrides the plan's), nnU-Net's augmentation
+    (:func:`~segresmamba.data.transforms.planned_train_transforms`).
 
     Splits: ``"holdout"`` (``num_val`` validation cases, seeded) or ``"kfold"`` (``num_folds`` seeded folds,
     ``fold`` validates) over the labelled ``training`` list.
@@ -66,16 +69,20 @@ class MSDDataModule(OnDiskDataModule):
         split: "holdout" or "kfold".
         num_val: validation cases of the holdout split (default: a fifth of the cases, at least 1).
         num_folds: folds of the kfold split.
-        spacing: target voxel size in mm, or ``None`` to keep each case's own grid.
-        intensity_window: (low, high) mapped to [0, 1] with clipping, or ``None`` (see above).
+        spacing: target voxel size in mm, or ``None``: the recipe decides (``paper``: the class's
+            ``paper_spacing``, for this class each case's own grid; ``nnunet``: the plan's).
+        intensity_window: (low, high) mapped to [0, 1] with clipping, or ``None``: the recipe decides
+            (``paper``: ``paper_window``, else the default above; ``nnunet``: the plan's normalisation).
         num_samples: patches per volume per step.
         seed, split_file, check_labels, skip_bad_cases: see :class:`~segresmamba.data.ondisk.OnDiskDataModule`.
-        patch_size, batch_size, num_workers, cache_rate, test_dir: see
+        patch_size, batch_size, num_workers, cache_rate, test_dir, recipe, iterations_per_epoch: see
             :class:`~segresmamba.data.base.VolumeDataModule`; ``test_dir`` scans go through the evaluation chain.
     """
 
     task = "multiclass"
     name = "msd"  # instances: "msd_<task name from dataset.json>", e.g. "msd_braintumour"
+    paper_spacing: tuple[float, float, float] | None = None
+    paper_window: tuple[float, float] | None = None
 
     def __init__(
         self,
@@ -96,11 +103,14 @@ class MSDDataModule(OnDiskDataModule):
         num_workers: int = 0,
         cache_rate: float = 0.0,
         test_dir: str | None = None,
+        recipe: str = "paper",
+        iterations_per_epoch: int | None = None,
     ) -> None:
         super().__init__(
             root=root, fold=fold, seed=seed, split_file=split_file, check_labels=check_labels,
             skip_bad_cases=skip_bad_cases, patch_size=patch_size, batch_size=batch_size,
-            num_workers=num_workers, cache_rate=cache_rate, test_dir=test_dir,
+            num_workers=num_workers, cache_rate=cache_rate, test_dir=test_dir, recipe=recipe,
+            iterations_per_epoch=iterations_per_epoch,
         )
         if split not in ("holdout", "kfold"):
             raise ValueError(f"split must be 'holdout' or 'kfold', got {split!r}")
@@ -134,7 +144,12 @@ class MSDDataModule(OnDiskDataModule):
         self.split_scheme = split
         self.num_val = num_val
         self.num_folds = num_folds
-        self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
+        self.spacing_override = None if spacing is None else tuple(float(s) for s in spacing)
+        self.window_override = None if intensity_window is None else tuple(float(w) for w in intensity_window)
+        # the paper recipe's settings
+        self.spacing = self.spacing_override or self.paper_spacing
+        if intensity_window is None:
+            intensity_window = self.paper_window
         if intensity_window is None and all(str(m).upper() == "CT" for m in self.modalities):
             intensity_window = CT_DEFAULT_WINDOW
         self.intensity_window = None if intensity_window is None else tuple(float(w) for w in intensity_window)
@@ -182,9 +197,13 @@ class MSDDataModule(OnDiskDataModule):
         return facts
 
     def train_transforms(self) -> Compose:
+        if self.uses_plan:
+            return self.planned_transforms(train=True)
         return ct_train_transforms(self.patch_size, self.spacing, self.intensity_window, self.num_samples)
 
     def eval_transforms(self) -> Compose:
+        if self.uses_plan:
+            return self.planned_transforms(train=False)
         return ct_eval_transforms(self.spacing, self.intensity_window)
 
     def external_eval_transforms(self) -> Compose:

@@ -8,9 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import torch
+from monai.transforms import Compose
+
 from segresmamba.data.base import VolumeDataModule
 from segresmamba.data.phantoms import PHANTOM_MARKER
+from segresmamba.data.plan import cases_key, fingerprint_cases, load_or_create_plan, plan_with_overrides, read_case_ras
 from segresmamba.data.splits import Split
+from segresmamba.data.transforms import planned_eval_transforms, planned_preprocessing, planned_train_transforms
 from segresmamba.data.validation import CaseFiles, validate_cases
 
 __all__ = ["OnDiskDataModule", "phantom_marker"]
@@ -49,9 +54,20 @@ class OnDiskDataModule(VolumeDataModule):
             :mod:`segresmamba.data.validation` for the cost); header checks always run.
         skip_bad_cases: skip cases failing validation with a warning naming each (default: one
             ValueError listing them all).
+
+    Plan (recipes that use one): fingerprinted from the training cases of the fold, cached as
+    ``<split file stem>_fold<k>_plan.json`` in the split file's folder (default ``root/splits``), keyed by
+    the training cases and modalities (:mod:`segresmamba.data.plan`); ``spacing_override`` and
+    ``window_override`` (the subclass's explicit ``spacing`` / ``intensity_window``) replace its values.
     """
 
     root: Path
+    modalities: list[str]
+    spacing_override: tuple[float, ...] | None = None
+    window_override: tuple[float, float] | None = None
+    label_dtype: torch.dtype = torch.int64  # of the chains' labels: class indices (float32 0/1 for regions)
+    brats_channels: bool = False  # one file per channel, BraTS labels turned into regions
+    num_samples: int = 1  # training patches per volume
 
     def __init__(
         self,
@@ -66,9 +82,12 @@ class OnDiskDataModule(VolumeDataModule):
         num_workers: int = 0,
         cache_rate: float = 0.0,
         test_dir: str | None = None,
+        recipe: str = "paper",
+        iterations_per_epoch: int | None = None,
     ) -> None:
         super().__init__(
-            patch_size=patch_size, batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate, test_dir=test_dir
+            patch_size=patch_size, batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate,
+            test_dir=test_dir, recipe=recipe, iterations_per_epoch=iterations_per_epoch,
         )
         if fold < 0:
             raise ValueError(f"fold must be >= 0, got {fold}")
@@ -152,6 +171,34 @@ class OnDiskDataModule(VolumeDataModule):
         facts = super().describe()
         facts["fold"] = self.fold
         return facts
+
+    def plan_path(self) -> Path:
+        """Where the fold's plan is cached: beside the split file."""
+        source = Path(self.split.source)
+        stem = source.stem if source.suffix == ".json" else self.name
+        folder = Path(self.split_file).expanduser().parent if self.split_file else self.root / "splits"
+        return folder / f"{stem}_fold{self.fold}_plan.json"
+
+    def make_plan(self) -> dict:
+        ids = self.case_ids("train")  # validates the cases first
+        assert self._cases is not None
+        train = [self._cases[i] for i in ids]
+        record = load_or_create_plan(
+            self.plan_path(), cases_key(train, self.modalities),
+            lambda: fingerprint_cases(lambda i: read_case_ras(train[i]), len(train)), self.modalities,
+        )
+        plan = plan_with_overrides(record["plan"], spacing=self.spacing_override, intensity_window=self.window_override)
+        return {**plan, "key": record["key"], "file": record["path"]}
+
+    def planned_transforms(self, train: bool) -> Compose:
+        """The plan's preprocessing, then nnU-Net's augmentation (``train``) or nothing (evaluation)."""
+        preprocessing = planned_preprocessing(
+            self.plan["target_spacing"], self.plan["normalization"], brats_channels=self.brats_channels
+        )
+        if not train:
+            return planned_eval_transforms(preprocessing, self.label_dtype)
+        fraction = self.recipe_settings.foreground_oversampling or 0.0
+        return planned_train_transforms(preprocessing, self.patch_size, self.num_samples, fraction, self.label_dtype)
 
     @staticmethod
     def _warn_unlisted(dataset: str, source: str, unlisted: Sequence[str]) -> None:

@@ -28,11 +28,15 @@ class SpleenDataModule(MSDDataModule):
     41 labelled cases are split: ``"holdout"`` 32 train / 9 validation (``num_val`` = 9) or ``"kfold"``
     (``num_folds`` = 5, ``fold`` validates). The test split is the validation split.
 
-    Args: as :class:`~segresmamba.data.msd.MSDDataModule`, with the spleen defaults above. The
+    Args: as :class:`~segresmamba.data.msd.MSDDataModule`, with the spleen defaults above (``spacing``
+    and ``intensity_window`` ``None``: the paper recipe's 1.5 x 1.5 x 2 mm and (-57, 164) HU, or the plan's
+    values under ``recipe: nnunet``). The
     ``dataset.json`` must declare one modality and the labels background/spleen.
     """
 
     name = "msd_spleen"
+    paper_spacing = (1.5, 1.5, 2.0)
+    paper_window = (-57.0, 164.0)
 
     def __init__(
         self,
@@ -41,8 +45,8 @@ class SpleenDataModule(MSDDataModule):
         split: Literal["holdout", "kfold"] = "holdout",
         num_val: int | None = 9,
         num_folds: int = 5,
-        spacing: tuple[float, float, float] | None = (1.5, 1.5, 2.0),
-        intensity_window: tuple[float, float] | None = (-57.0, 164.0),
+        spacing: tuple[float, float, float] | None = None,
+        intensity_window: tuple[float, float] | None = None,
         num_samples: int = 4,
         seed: int = 0,
         split_file: str | None = None,
@@ -52,12 +56,16 @@ class SpleenDataModule(MSDDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         cache_rate: float = 0.0,
+        test_dir: str | None = None,
+        recipe: str = "paper",
+        iterations_per_epoch: int | None = None,
     ) -> None:
         super().__init__(
             root=root, fold=fold, split=split, num_val=num_val, num_folds=num_folds, spacing=spacing,
             intensity_window=intensity_window, num_samples=num_samples, seed=seed, split_file=split_file,
             check_labels=check_labels, skip_bad_cases=skip_bad_cases, patch_size=patch_size,
-            batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate,
+            batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate, test_dir=test_dir,
+            recipe=recipe, iterations_per_epoch=iterations_per_epoch,
         )
         if self.in_channels != 1 or self.out_channels != 2:
             raise ValueError(

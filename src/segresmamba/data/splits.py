@@ -197,14 +197,20 @@ def load_or_create_split(
         record.update(train=train, val=val)
         split = Split(train=train, val=val, source=str(path or "computed"))
     if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: parallel ranks may race
-            tmp.write_text(json.dumps(record, indent=1) + "\n")
-            os.replace(tmp, path)
-        except OSError as err:
-            warnings.warn(f"could not write split file {path} ({err}); using the computed split", stacklevel=2)
+        write_json_or_warn(path, record, "split")
     return split
+
+
+def write_json_or_warn(path: Path, record: dict, what: str) -> None:
+    """Write ``record`` to ``path`` atomically (parallel ranks may race); an unwritable place only warns
+    that the computed ``what`` is used (it can be computed again)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        warnings.warn(f"could not write {what} file {path} ({err}); using the computed {what}", stacklevel=3)
 
 
 def read_brats_folds(path: str | Path) -> dict[str, int]:

@@ -19,6 +19,9 @@ from monai.transforms import (
 
 from segresmamba.data.base import VolumeDataModule
 from segresmamba.data.phantoms import brats_like
+from segresmamba.data.plan import fingerprint_cases, make_plan
+from segresmamba.data.transforms import plan_normalization
+from segresmamba.recipes.augment import nnunet_augmentations
 
 
 class SyntheticBraTSDataModule(VolumeDataModule):
@@ -26,13 +29,14 @@ class SyntheticBraTSDataModule(VolumeDataModule):
 
     Same label conventions and the paper's BraTS training transforms (random crop, flips, channel-wise
     nonzero normalisation, intensity scale and shift), so every model meets the same task as on real
-    BraTS, just smaller. Results on it are labelled "synthetic".
+    BraTS, just smaller. Results on it are labelled "synthetic". With ``recipe: nnunet``: the plan's
+    per-image z-score (:meth:`make_plan`) and nnU-Net's augmentation, one patch per volume.
 
     Args:
         volume_size: side of each cubic phantom volume.
         num_train, num_val, num_test: number of phantoms per split (disjoint seeds).
         seed: base seed; the same seed gives the same volumes on any machine.
-        patch_size, batch_size, num_workers, cache_rate: see :class:`VolumeDataModule`.
+        patch_size, batch_size, num_workers, cache_rate, recipe, iterations_per_epoch: see :class:`VolumeDataModule`.
     """
 
     in_channels = 4
@@ -53,8 +57,13 @@ class SyntheticBraTSDataModule(VolumeDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         cache_rate: float = 0.0,
+        recipe: str = "paper",
+        iterations_per_epoch: int | None = None,
     ) -> None:
-        super().__init__(patch_size=patch_size, batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate)
+        super().__init__(
+            patch_size=patch_size, batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate,
+            recipe=recipe, iterations_per_epoch=iterations_per_epoch,
+        )
         if min(num_train, num_val, num_test) < 1:
             raise ValueError("num_train, num_val and num_test must each be >= 1")
         if any(p > volume_size for p in self.patch_size):
@@ -77,7 +86,20 @@ class SyntheticBraTSDataModule(VolumeDataModule):
             ConvertToMultiChannelBasedOnBratsClassesd(keys="label"),
         ]
 
+    def make_plan(self) -> dict:
+        """The plan of the training phantoms (1 mm voxels, four MR channels); arrays are not resampled."""
+        items = self.items("train")
+        fingerprint = fingerprint_cases(lambda i: (items[i]["image"], items[i]["label"], (1.0, 1.0, 1.0)), len(items))
+        return {**make_plan(fingerprint, ["MR"] * self.in_channels), "source": "training phantoms"}
+
     def train_transforms(self) -> Compose:
+        if self.uses_plan:
+            return Compose(
+                self._base()
+                + plan_normalization(self.plan["normalization"])
+                + nnunet_augmentations(self.patch_size, 1, self.recipe_settings.foreground_oversampling or 0.0)
+                + [EnsureTyped(keys=["image", "label"], dtype="float32", track_meta=False)]
+            )
         return Compose(
             self._base()
             + [
@@ -93,10 +115,14 @@ class SyntheticBraTSDataModule(VolumeDataModule):
         )
 
     def eval_transforms(self) -> Compose:
+        normalization = (
+            plan_normalization(self.plan["normalization"]) if self.uses_plan
+            else [NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)]
+        )
         return Compose(
             self._base()
+            + normalization
             + [
-                NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
                 EnsureTyped(keys=["image", "label"], dtype="float32", track_meta=False),
             ]
         )
