@@ -35,13 +35,14 @@ import math
 import os
 import statistics
 import time
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import torch
 
 from segresmamba.provenance import device_name, git_sha
 from segresmamba.ssm import TriOrientedMamba, backend_status, selective_scan
-from segresmamba.ssm import scan_triton  # registers scan_backend="triton"
+from segresmamba.ssm.triton import triton_available, tuning
 
 TOM_CASES = ((48, 64), (48, 32), (96, 32), (96, 16), (192, 16))  # (channels C, volume side)
 BATCHES = (1, 2)
@@ -143,7 +144,7 @@ def scan_step(args, backend: str):
 
 # Triton launch settings compared by --tune on the largest scan (d_inner 96, 64^3 tokens, batch 1):
 # the default first, then one change each
-_TUNE_BASE = {"chunk": 64, "warps": 1, "bwd_warps": None, "bwd_maxnreg": None, "max_group": scan_triton.MAX_CHANNEL_GROUP,
+_TUNE_BASE = {"chunk": 64, "warps": 1, "bwd_warps": None, "bwd_maxnreg": None, "max_group": tuning.MAX_CHANNEL_GROUP,
               "upcast": "none"}
 TUNE_VARIANTS = (
     _TUNE_BASE,
@@ -157,8 +158,8 @@ TUNE_VARIANTS = (
 TIE = 1.02  # settings within 2 % of the fastest count as tied; the one with the lower peak memory wins
 
 
-def describe(tuning: dict) -> str:
-    return " ".join(f"{k}={tuning.get(k)}" for k in ("chunk", "warps", "bwd_warps", "bwd_maxnreg", "max_group", "upcast"))
+def describe(settings: dict) -> str:
+    return " ".join(f"{k}={settings.get(k)}" for k in ("chunk", "warps", "bwd_warps", "bwd_maxnreg", "max_group", "upcast"))
 
 
 def variant_error(batch: int = 2, d_inner: int = 16, length: int = 3001) -> float:
@@ -189,7 +190,7 @@ def tune(emit, common_row: dict) -> dict:
     batch, d_inner, length = 1, 96, 64**3
     totals, peaks = {}, {}
     for i, variant in enumerate(TUNE_VARIANTS):
-        scan_triton.TUNING.update(variant)
+        tuning.TUNING.update(variant)
         total = 0.0
         try:
             error = variant_error()
@@ -218,7 +219,7 @@ def tune(emit, common_row: dict) -> dict:
     if all(math.isinf(t) for t in totals.values()):
         raise RuntimeError("no Triton launch setting passed the accuracy check")
     best = dict(TUNE_VARIANTS[pick_setting(totals, peaks)])
-    scan_triton.TUNING.update(best)
+    tuning.TUNING.update(best)
     return best
 
 
@@ -295,7 +296,7 @@ def run(args) -> list[dict]:
     if sha == "unknown":  # a copy of the tree without .git: the caller passes the commit
         sha = os.environ.get("SEGRESMAMBA_GIT_SHA", "unknown")
     common = {"device": device, "git_sha": sha, "torch": torch.__version__,
-              "triton": getattr(scan_triton.triton, "__version__", "none")}
+              "triton": package_version("triton") if triton_available() else "none"}
     rows: list[dict] = []
 
     def emit(row):
@@ -330,7 +331,7 @@ def run(args) -> list[dict]:
                         d_inner = 2 * channels
                         case = f"C{channels} {side}^3 b{batch}" if kind == "tom" else f"d{d_inner} L{length} b{batch}"
                         row = {"kind": kind, "case": case, "backend": backend, "precision": precision,
-                               "variant": (describe(scan_triton.TUNING) + ("" if backend == PER_BRANCH or kind != "tom" else ", fused"))
+                               "variant": (describe(tuning.TUNING) + ("" if backend == PER_BRANCH or kind != "tom" else ", fused"))
                                if scan_name == "triton" else "",
                                "batch": batch, "channels": channels if kind == "tom" else d_inner, "side": side, "tokens": length}
                         why_not = backend_ready(scan_name)

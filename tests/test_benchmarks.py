@@ -300,7 +300,7 @@ def test_scan_tune_picks_fastest_then_lightest():
     # a setting that failed (inf) never wins, whatever its memory
     assert scan_bench.pick_setting({0: float("inf"), 1: 5.0}, {0: 0.1, 1: 3.0}) == 1
     # the library's default launch setting is the first one measured
-    assert scan_bench.TUNE_VARIANTS[0] == {k: scan_bench.scan_triton.TUNING[k] for k in scan_bench._TUNE_BASE}
+    assert scan_bench.TUNE_VARIANTS[0] == {k: scan_bench.tuning.TUNING[k] for k in scan_bench._TUNE_BASE}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import segresmamba
-from segresmamba.callbacks import ToMCudaGraphs
-from segresmamba.ssm.cuda_graphs import graph_tom_layers, graphed_tom_layers, release_tom_graphs, tom_input_shapes
+from segresmamba.ssm.cuda_graphs import ToMCudaGraphs, graph_tom_layers, graphed_tom_layers, release_tom_graphs, tom_input_shapes
 
 SMALL = {"feature_sizes": [8, 16, 32, 64]}
 

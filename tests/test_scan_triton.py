@@ -2,7 +2,7 @@
 
 CPU (default CI): the three-pass chunked algorithm itself, in plain PyTorch with the kernels' explicit
 backward formulas, must equal the oracle and its autograd gradients; the backend registers without
-Triton or CUDA. GPU (``-m gpu``): the kernels, fp32 and bf16, many shapes, strided inputs, the ToM layer.
+Triton or CUDA, without importing Triton. GPU (``-m gpu``): the kernels, fp32 and bf16, many shapes, strided inputs, the ToM layer.
 With ``TRITON_INTERPRET=1`` and Triton installed, the kernels also run on CPU through Triton's
 interpreter (small shapes).
 """
@@ -17,9 +17,17 @@ import torch
 from test_scan import sequential_scan
 
 from segresmamba.ssm import scan as scan_mod
-from segresmamba.ssm import scan_triton
+from segresmamba.ssm.orientations import orient, unorient
 from segresmamba.ssm.scan_torch import selective_scan_torch
-from segresmamba.ssm.scan_triton import chunked_scan_reference, chunked_scan_reference_backward
+from segresmamba.ssm.triton import triton_available, tuning
+from segresmamba.ssm.triton.reference import chunked_scan_reference, chunked_scan_reference_backward
+
+HAS_TRITON = triton_available()
+if HAS_TRITON:  # the modules that import Triton
+    from segresmamba.ssm.triton import autograd as triton_scan
+    from segresmamba.ssm.triton import fused_tom
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -103,7 +111,8 @@ def test_chunked_algorithm_matches_oracle(b, d, n, length, chunk, softplus, full
 def test_backend_registers_without_triton_or_cuda():
     assert "triton" in scan_mod.scan_backends()
     assert scan_mod.AUTO_CUDA_ORDER == ["mamba_ssm", "triton", "torch"]  # mamba_ssm measured as fast or faster
-    scan_triton.register()  # idempotent
+    with pytest.raises(ValueError, match="'triton' is taken"):  # registering twice would list it twice in auto
+        scan_mod.register_scan_backend("triton", lambda: selective_scan_torch, cuda_only=True)
     assert scan_mod.AUTO_CUDA_ORDER.count("triton") == 1
     if not torch.cuda.is_available():
         assert scan_mod.backend_status()["triton"] != "available"
@@ -116,9 +125,9 @@ def test_import_survives_missing_triton(tmp_path):
     (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('no triton here')\n")
     code = textwrap.dedent(
         """
-        import segresmamba.ssm.scan_triton as st
         from segresmamba.ssm import backend_status
-        assert not st.HAS_TRITON
+        from segresmamba.ssm.triton import triton_available
+        assert not triton_available()
         assert "triton" in backend_status()["triton"], backend_status()
         print("ok")
         """
@@ -129,10 +138,34 @@ def test_import_survives_missing_triton(tmp_path):
     assert "ok" in out.stdout
 
 
+def test_import_loads_no_triton_until_first_use():
+    """``import segresmamba`` neither imports Triton nor reads the Triton tuning: a broken tuning setting only
+    fails once the Triton path is loaded, and the Triton modules come in on the backend's first use."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import segresmamba, segresmamba.ssm
+        from segresmamba.ssm import TriOrientedMamba, backend_status
+        TriOrientedMamba(4)(__import__("torch").zeros(1, 4, 2, 2, 2))
+        loaded = sorted(m for m in sys.modules if m == "triton" or m.startswith(("triton.", "segresmamba.ssm.triton.")))
+        assert not loaded, loaded
+        print("imported", flush=True)
+        print(backend_status()["triton"])  # the first use: loads the Triton path, which reads the tuning
+        """
+    )
+    env = {**os.environ, "SEGRESMAMBA_TRITON_SCAN": "{not json"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "imported" in out.stdout, out.stderr
+    if HAS_TRITON:
+        assert out.returncode != 0 and "ValueError: SEGRESMAMBA_TRITON_SCAN must be a JSON object" in out.stderr, out.stderr
+    else:
+        assert out.returncode == 0 and "triton is not installed" in out.stdout, out.stderr
+
+
 # ------------------------------------------------------------------ the kernels (CUDA, or the interpreter)
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" and scan_triton.HAS_TRITON
+    return os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
 
 
 def _interpreter_index_patch(monkeypatch):
@@ -169,7 +202,7 @@ def check_kernels(device, b, d, n, length, chunk, softplus=True, full=True, dtyp
             v = v.transpose(1, 2).contiguous().transpose(1, 2)
         args[k] = v.detach().requires_grad_()
     _poison_cuda_cache()
-    y = scan_triton.selective_scan_triton(**args, delta_softplus=softplus, chunk=chunk)
+    y = triton_scan.selective_scan_triton(**args, delta_softplus=softplus, chunk=chunk)
     assert y.dtype == dtype and y.shape == (b, d, length)
     _poison_cuda_cache()
     grads = torch.autograd.grad(y, list(args.values()), grad_y.to(device=device, dtype=dtype))
@@ -232,7 +265,7 @@ def test_long_sequence_matches_torch_scan():
     want_y = selective_scan_torch(**cuda64, delta_softplus=True)
     want = torch.autograd.grad(want_y, list(cuda64.values()), grad_y.cuda())
     cuda32 = {k: v.cuda().float().requires_grad_() for k, v in args.items()}
-    y = scan_triton.selective_scan_triton(**cuda32, delta_softplus=True)
+    y = triton_scan.selective_scan_triton(**cuda32, delta_softplus=True)
     got = torch.autograd.grad(y, list(cuda32.values()), grad_y.cuda().float())
     assert rel_err(y, want_y) < 2e-5
     for name, g, w in zip(cuda32, got, want):
@@ -242,8 +275,8 @@ def test_long_sequence_matches_torch_scan():
 @pytest.mark.gpu
 def test_forward_is_deterministic():
     args = {k: v.cuda().float() for k, v in make_inputs(2, 32, 16, 3000).items()}
-    y1 = scan_triton.selective_scan_triton(**args, delta_softplus=True)
-    y2 = scan_triton.selective_scan_triton(**args, delta_softplus=True)
+    y1 = triton_scan.selective_scan_triton(**args, delta_softplus=True)
+    y2 = triton_scan.selective_scan_triton(**args, delta_softplus=True)
     assert torch.equal(y1, y2)
 
 
@@ -280,8 +313,6 @@ def test_kernels_under_interpreter(b, d, n, length, chunk, softplus, full, monke
 
 def check_oriented(device, branches, b, d, n, length, nslices, chunk, tol=2e-5):
     """oriented_scan_triton against unorient(scan(orient(.))) per branch, in float64, output and every gradient."""
-    from segresmamba.ssm.tom import orient, unorient
-
     g = torch.Generator().manual_seed(length * 13 + d)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     R = len(branches)
@@ -304,7 +335,7 @@ def check_oriented(device, branches, b, d, n, length, nslices, chunk, tol=2e-5):
     want_y = torch.stack(want)
     want_grads = torch.autograd.grad(want_y, list(leaves.values()), grad_y)
     args = {k: v.to(device=device, dtype=torch.float32).requires_grad_() for k, v in inputs.items()}
-    y = scan_triton.oriented_scan_triton(**args, orientations=branches, nslices=nslices, chunk=chunk)
+    y = triton_scan.oriented_scan_triton(**args, orientations=branches, nslices=nslices, chunk=chunk)
     grads = torch.autograd.grad(y, list(args.values()), grad_y.to(device=device, dtype=torch.float32))
     bad = [] if within(y, want_y, tol, tol / 2) else ["y"]
     errors = {"y": rel_err(y, want_y)}
@@ -339,27 +370,23 @@ def test_oriented_scan_kernels(branches, b, d, n, length, nslices, chunk):
     check_oriented("cuda", branches, b, d, n, length, nslices, chunk)
 
 
+@needs_triton
 def test_oriented_scan_rejects_bad_shapes():
-    if not scan_triton.HAS_TRITON:
-        pytest.skip("needs triton")
     u = torch.zeros(2, 1, 3, 12)
     A = torch.zeros(2, 3, 4)
     BC = torch.zeros(2, 1, 4, 12)
     with pytest.raises(ValueError, match="orientations must name the 2 branches"):
-        scan_triton.oriented_scan_triton(u, u, A, BC, BC, None, None, None, ("forward",), 1)
+        triton_scan.oriented_scan_triton(u, u, A, BC, BC, None, None, None, ("forward",), 1)
     with pytest.raises(ValueError, match="not divisible by nslices=5"):
-        scan_triton.oriented_scan_triton(u, u, A, BC, BC, None, None, None, ("forward", "slice"), 5)
+        triton_scan.oriented_scan_triton(u, u, A, BC, BC, None, None, None, ("forward", "slice"), 5)
     with pytest.raises(ValueError, match=r"B must have shape \(2, 1, 4, 12\)"):
-        scan_triton.oriented_scan_triton(u, u, A, BC[:, :, :2], BC, None, None, None, ("forward", "slice"), 3)
+        triton_scan.oriented_scan_triton(u, u, A, BC[:, :, :2], BC, None, None, None, ("forward", "slice"), 3)
 
 
 # ------------------------------------------------------------------ the fused ToM path (conv + scans, no copies)
 
 def check_oriented_conv(device, branches, b, d, length, nslices, k=4, tol=1e-5):
     import torch.nn.functional as F
-
-    from segresmamba.ssm import tom_triton
-    from segresmamba.ssm.tom import orient, unorient
 
     g = torch.Generator().manual_seed(length + d)
     x64 = torch.randn(b, length, 2 * d, generator=g, dtype=torch.float64)  # as the in_proj output: (b, L, 2d)
@@ -374,7 +401,7 @@ def check_oriented_conv(device, branches, b, d, length, nslices, k=4, tol=1e-5):
     ])
     want_grads = torch.autograd.grad(want, leaves, gu)
     args = [t.to(device=device, dtype=torch.float32).requires_grad_() for t in (x64, w64, c64)]
-    u = tom_triton.oriented_conv_silu(args[0][..., :d].transpose(1, 2), args[1], args[2], branches, nslices)
+    u = fused_tom.oriented_conv_silu(args[0][..., :d].transpose(1, 2), args[1], args[2], branches, nslices)
     grads = torch.autograd.grad(u, args, gu.to(device=device, dtype=torch.float32))
     assert within(u, want, tol, tol), rel_err(u, want)
     for name, got, exp in zip(("x", "weight", "bias"), grads, want_grads):
@@ -451,16 +478,15 @@ def test_auto_times_fused_against_per_branch_under_interpreter(monkeypatch):
     assert all(p.grad is None for p in layer.parameters()) and x.grad is None  # measuring leaves no gradients
 
 
+@needs_triton
 @pytest.mark.parametrize("piece,length", [(8, 37), (16, 32), (64, 20)])  # split with a remainder, exact pieces, one partial piece
 def test_tokens_last_linear_matches_matmul(piece, length, monkeypatch):
-    from segresmamba.ssm import tom_triton
-
-    monkeypatch.setattr(tom_triton, "SPLIT_K_PIECE", piece)
+    monkeypatch.setattr(fused_tom, "SPLIT_K_PIECE", piece)
     torch.manual_seed(0)
     weight = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
     x = torch.randn(3, 2, 7, length, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(3, 2, 5, length, dtype=torch.float64)
-    got = tom_triton.tokens_last_linear(weight, x)
+    got = fused_tom.tokens_last_linear(weight, x)
     want = torch.matmul(weight.unsqueeze(1), x)
     torch.testing.assert_close(got, want)
     gw, gx = torch.autograd.grad(got, (weight, x), grad)
@@ -469,11 +495,10 @@ def test_tokens_last_linear_matches_matmul(piece, length, monkeypatch):
     torch.testing.assert_close(gw, ww, rtol=1e-6, atol=1e-6)  # the weight gradient sums in fp32
 
 
+@needs_triton
 def test_tokens_last_linear_rejects_mismatched_shapes():
-    from segresmamba.ssm import tom_triton
-
     with pytest.raises(ValueError, match="do not match"):
-        tom_triton.tokens_last_linear(torch.zeros(3, 5, 7), torch.zeros(2, 1, 7, 9))
+        fused_tom.tokens_last_linear(torch.zeros(3, 5, 7), torch.zeros(2, 1, 7, 9))
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
@@ -481,22 +506,22 @@ def test_tokens_last_linear_rejects_mismatched_shapes():
 def test_half_precision_under_interpreter(upcast, monkeypatch):
     """16-bit inputs, with and without the fp32 copies for the kernels: same oracle, gradients in the inputs' dtype."""
     _interpreter_index_patch(monkeypatch)
-    monkeypatch.setitem(scan_triton.TUNING, "upcast", upcast)
+    monkeypatch.setitem(tuning.TUNING, "upcast", upcast)
     check_kernels("cpu", 2, 3, 5, 37, 16, dtype=torch.float16, tol=1e-2)
 
 
 def test_unknown_upcast_mode_is_refused(monkeypatch):
-    monkeypatch.setitem(scan_triton.TUNING, "upcast", "half")
+    monkeypatch.setitem(tuning.TUNING, "upcast", "half")
     with pytest.raises(ValueError, match="upcast"):
-        scan_triton._kernel_inputs(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1))
+        tuning.kernel_inputs(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1))
 
 
 def test_tom_traces_the_per_branch_path(monkeypatch):
     """fvcore's MAC count traces the layer; the Triton kernels are opaque to the tracer, so a trace records
     the per-branch path (same parameters, same arithmetic) even where the fused path would run."""
-    from segresmamba.ssm import TriOrientedMamba, tom_triton
+    from segresmamba.ssm import TriOrientedMamba, tom
 
-    monkeypatch.setattr(tom_triton, "fused_available", lambda device: True)
+    monkeypatch.setattr(tom, "fused_available", lambda device: True)
     layer = TriOrientedMamba(4, scan_backend="triton")
     x = torch.zeros(1, 4, 2, 2, 2)
     assert layer._use_fused(x, 2)

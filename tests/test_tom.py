@@ -1,8 +1,14 @@
+import ast
+import copy
+import pickle
+from pathlib import Path
+
 import pytest
 import torch
 
-from segresmamba.ssm import TriOrientedMamba
-from segresmamba.ssm.tom import ORIENTATIONS, orient, unorient
+import segresmamba.ssm.orientations
+from segresmamba.ssm import TriOrientedMamba, param_groups
+from segresmamba.ssm.orientations import ORIENTATIONS, orient, orientation_codes, unorient
 
 
 @pytest.mark.parametrize("orientation", ORIENTATIONS)
@@ -83,3 +89,44 @@ def test_bad_arguments(kwargs, match):
 def test_wrong_input_shape():
     with pytest.raises(ValueError, match=r"expects \(B, 8, D, H, W\)"):
         TriOrientedMamba(8)(torch.zeros(1, 4, 2, 2, 2))
+
+
+def test_orientations_is_a_leaf_module():
+    """The token orders are the lowest layer of ssm/: the module imports the standard library and torch only."""
+    tree = ast.parse(Path(segresmamba.ssm.orientations.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module or "." for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"__future__", "torch"}, imported
+
+
+def test_orientation_codes_are_indices_of_the_names():
+    assert orientation_codes(("slice", "forward")) == (ORIENTATIONS.index("slice"), ORIENTATIONS.index("forward"))
+    with pytest.raises(ValueError, match=r"unknown orientations \['diagonal'\]"):
+        orientation_codes(("forward", "diagonal"))
+
+
+def test_param_groups_train_A_log_and_D_without_weight_decay():
+    """Mamba's convention (Gu & Dao 2023): the scan's A_log and D get no weight decay, every other parameter does.
+
+    One SGD step on zero gradients moves a parameter only through its weight decay."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 1), TriOrientedMamba(4, orientations=("forward", "slice")))
+    ssm_names = {n for n, _ in net.named_parameters() if n.rsplit(".", 1)[-1] in ("A_log", "D")}
+    assert len(ssm_names) == 4  # two branches, each A_log and D
+    for model in (net, copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        groups = param_groups(model, 0.1)
+        names = {id(p): n for n, p in model.named_parameters()}
+        by_decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in groups}
+        assert by_decay == {0.1: set(names.values()) - ssm_names, 0.0: ssm_names}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer = torch.optim.SGD(groups, lr=1.0)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        for n, p in model.named_parameters():
+            moved = not torch.equal(p, before[n])
+            assert moved == (n not in ssm_names and bool(before[n].abs().sum())), n
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        param_groups(net, -1e-5)
+    plain = torch.nn.Linear(2, 2)
+    assert param_groups(plain, 1e-5) == [{"params": list(plain.parameters()), "weight_decay": 1e-5}]  # no empty group

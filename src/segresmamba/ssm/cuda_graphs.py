@@ -17,13 +17,15 @@ Constraints (those of partial-network capture, checked where they can be):
   ``torch.optim`` optimizer does) and must not be replaced;
 - the ``auto`` scan choices are made in the warm-up before the capture and then stay fixed.
 
-:func:`release_tom_graphs` restores the ordinary forward and frees the graphs.
+:func:`release_tom_graphs` restores the ordinary forward and frees the graphs. :class:`ToMCudaGraphs` is the
+Lightning callback that captures them before a fit's first training step.
 """
 
 from __future__ import annotations
 
 import logging
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -143,4 +145,31 @@ def release_tom_graphs(model: nn.Module) -> list[str]:
     return names
 
 
-__all__ = ["DEFAULT_MAX_TOKENS", "graph_tom_layers", "graphed_tom_layers", "release_tom_graphs", "tom_input_shapes"]
+class ToMCudaGraphs(L.Callback):
+    """Replays the ToM layers' training forward and backward as CUDA graphs (:func:`graph_tom_layers`).
+
+    The capture runs once, before the first training step, on that step's batch and under the trainer's
+    autocast. Small ToM layers are bound by the host's kernel launches, not by the GPU; their graphs replay
+    in one launch each. Validation, inference and any batch of another shape run the layers eagerly.
+
+    Args:
+        max_tokens: capture only ToM layers whose input has at most this many tokens (None: all).
+    """
+
+    AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+    def __init__(self, max_tokens: int | None = DEFAULT_MAX_TOKENS) -> None:
+        self.max_tokens = max_tokens
+        self.captured: list[str] | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and trainer.strategy.root_device.type != "cuda":
+            raise ValueError(f"ToMCudaGraphs needs a CUDA device; this fit runs on {trainer.strategy.root_device.type}")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.captured is None:
+            dtype = self.AUTOCAST.get(str(trainer.precision))
+            self.captured = graph_tom_layers(pl_module.net, batch["image"], dtype, self.max_tokens)
+
+
+__all__ = ["DEFAULT_MAX_TOKENS", "ToMCudaGraphs", "graph_tom_layers", "graphed_tom_layers", "release_tom_graphs", "tom_input_shapes"]

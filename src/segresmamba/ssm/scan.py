@@ -4,7 +4,7 @@
 
 - ``"torch"``: :func:`segresmamba.ssm.scan_torch.selective_scan_torch`, runs anywhere.
 - ``"mamba_ssm"``: the CUDA kernel of the ``mamba-ssm`` package (Gu & Dao 2023), GPU only.
-- ``"triton"``: the suite's chunk-parallel Triton kernels (:mod:`segresmamba.ssm.scan_triton`), GPU only.
+- ``"triton"``: the suite's chunk-parallel Triton kernels (:mod:`segresmamba.ssm.triton`), GPU only.
 - ``"auto"``: the fastest available backend for the tensors at hand. On CUDA, the first call with a new
   signature (shape, dtypes, options, grad mode) times every available GPU backend on those very inputs
   (forward, plus backward when gradients are on; one warm-up and three timed calls each) and keeps the
@@ -13,9 +13,11 @@
   first available in ``AUTO_CUDA_ORDER`` instead (``mamba_ssm``, ``triton``, then ``torch``). On a CPU
   it is ``torch``. :func:`auto_choices` lists what was chosen and the times behind it.
 
-The optional backends are probed lazily, on first use. A missing or broken ``mamba-ssm`` (not installed,
-or an extension built against another torch: "undefined symbol") never breaks ``import segresmamba``:
-``auto`` falls back to ``torch`` with one warning that says why.
+Every backend is registered here by name, and the optional ones are imported lazily, on first use:
+``import segresmamba`` imports neither ``mamba_ssm`` nor Triton (nor reads the Triton tuning). A missing
+or broken ``mamba-ssm`` or Triton (not installed, or an extension built against another torch: "undefined
+symbol") never breaks ``import segresmamba``: ``auto`` falls back to the next backend, ending at ``torch``,
+with one warning that says why.
 """
 
 from __future__ import annotations
@@ -66,12 +68,26 @@ def _load_mamba_ssm() -> ScanFn:
     return selective_scan_fn
 
 
+def _load_triton() -> ScanFn:
+    try:
+        from segresmamba.ssm.triton.autograd import selective_scan_triton
+    except ImportError as err:
+        if err.name == "triton":
+            raise ImportError("triton is not installed") from err
+        raise
+    if not torch.cuda.is_available():
+        raise RuntimeError("the Triton scan needs a CUDA device")
+    return selective_scan_triton
+
+
 _BACKENDS: dict[str, ScanBackend] = {
     "torch": ScanBackend("torch", lambda: selective_scan_torch, cuda_only=False),
     "mamba_ssm": ScanBackend("mamba_ssm", _load_mamba_ssm, cuda_only=True),
+    "triton": ScanBackend("triton", _load_triton, cuda_only=True),
 }
-# Order in which ``auto`` tries backends on CUDA; a faster backend registers itself at the front.
-AUTO_CUDA_ORDER: list[str] = ["mamba_ssm", "torch"]
+# Order in which ``auto`` tries backends on CUDA (and, among the GPU ones, measures them). mamba_ssm comes
+# before triton: it measured as fast or faster in bf16 at most ToM sizes (results/perf/scan.md).
+AUTO_CUDA_ORDER: list[str] = ["mamba_ssm", "triton", "torch"]
 _warned: set[str] = set()
 # signature -> (chosen backend, {backend: ms per call}); filled by ``auto`` on CUDA
 _AUTO_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
@@ -80,7 +96,10 @@ log = logging.getLogger(__name__)
 
 
 def register_scan_backend(name: str, load: Callable[[], ScanFn], cuda_only: bool, prefer_on_cuda: bool = False) -> None:
-    """Add a backend; ``prefer_on_cuda`` puts it first in the ``auto`` order."""
+    """Add a backend; ``prefer_on_cuda`` puts it first in the ``auto`` order, a CUDA-only one otherwise goes
+    just before ``torch``. ``load`` runs on first use, so registering imports nothing."""
+    if name == "auto" or name in _BACKENDS:
+        raise ValueError(f"scan backend name {name!r} is taken; registered: {', '.join(_BACKENDS)} (and 'auto')")
     _BACKENDS[name] = ScanBackend(name, load, cuda_only)
     if prefer_on_cuda:
         AUTO_CUDA_ORDER.insert(0, name)

@@ -17,53 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from segresmamba.ssm import scan as scan_mod
-from segresmamba.ssm import tom_triton
+from segresmamba.ssm.orientations import ORIENTATIONS, orient, unorient
 from segresmamba.ssm.scan import check_scan_backend, selective_scan
-
-ORIENTATIONS = ("forward", "reverse", "slice")
-
-
-def slice_interleave(x: torch.Tensor, nslices: int) -> torch.Tensor:
-    """Inter-slice order along the last axis: ``[chunk0[p], chunk1[p], ..., chunk_{n-1}[p]]`` for each p.
-
-    With the sequence flattened row-major from (D, H, W) and ``nslices == D``, this visits all depths
-    of one (h, w) position before moving on: a depth-first scan.
-    """
-    *lead, length = x.shape
-    if length % nslices:
-        raise ValueError(f"sequence length {length} is not divisible by nslices={nslices}")
-    return x.reshape(*lead, nslices, length // nslices).transpose(-1, -2).reshape(*lead, length)
-
-
-def slice_deinterleave(x: torch.Tensor, nslices: int) -> torch.Tensor:
-    """Inverse of :func:`slice_interleave`."""
-    *lead, length = x.shape
-    return x.reshape(*lead, length // nslices, nslices).transpose(-1, -2).reshape(*lead, length)
-
-
-def orient(x: torch.Tensor, orientation: str, nslices: int) -> torch.Tensor:
-    """Reorder the last (token) axis into a branch's scan order."""
-    if orientation == "forward":
-        return x
-    if orientation == "reverse":
-        return x.flip(-1)
-    if orientation == "slice":
-        return slice_interleave(x, nslices)
-    raise ValueError(f"unknown orientation {orientation!r}; choose from {ORIENTATIONS}")
-
-
-def unorient(x: torch.Tensor, orientation: str, nslices: int) -> torch.Tensor:
-    """Inverse of :func:`orient`: back to the row-major (D, H, W) token order."""
-    if orientation == "slice":
-        return slice_deinterleave(x, nslices)
-    return orient(x, orientation, nslices)
+from segresmamba.ssm.triton import fused_available
+from segresmamba.ssm.weight_decay import exclude_from_weight_decay
 
 
 class SelectiveSSMBranch(nn.Module):
     """The per-direction part of a Mamba block: causal depthwise conv, x/dt projections, A, D, scan.
 
     Initialisation follows Mamba (Gu & Dao 2023): A = -[1..d_state] per channel, dt bias = inverse
-    softplus of dt drawn log-uniformly in [dt_min, dt_max], D = 1.
+    softplus of dt drawn log-uniformly in [dt_min, dt_max], D = 1; A_log and D train without weight
+    decay when the optimiser is built from :func:`segresmamba.ssm.param_groups`.
     """
 
     def __init__(
@@ -89,8 +54,12 @@ class SelectiveSSMBranch(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
-        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
-        self.D._no_weight_decay = True  # type: ignore[attr-defined]
+        exclude_from_weight_decay(self.A_log, self.D)  # Mamba's convention: see segresmamba.ssm.weight_decay
+
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy and pickling rebuild Parameters without their attributes: mark A_log and D again
+        super().__setstate__(state)
+        exclude_from_weight_decay(self.A_log, self.D)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, scan_backend: str) -> torch.Tensor:
         """x, z: (B, d_inner, L) in this branch's scan order -> y (B, d_inner, L)."""
@@ -124,11 +93,11 @@ class TriOrientedMamba(nn.Module):
         residual: return ``x + ToM(x)`` (pre-norm residual, as in SegMamba's current code) instead of
             ``ToM(x)``. The SegResMamba paper is silent; its vendored layer has no residual. Default True
             for stability; the choice is an ablation setting.
-        orientations: which branches to build, a subset of ("forward", "reverse", "slice").
+        orientations: which branches to build, a subset of :data:`~segresmamba.ssm.orientations.ORIENTATIONS`.
         scan_backend: "auto", "torch", "mamba_ssm" or another registered backend
             (see :mod:`segresmamba.ssm.scan`).
         fused: with ``scan_backend="triton"`` on a GPU, run the branches through
-            :mod:`segresmamba.ssm.tom_triton` (each branch's conv and scan in its own token order by index
+            :mod:`segresmamba.ssm.triton.fused_tom` (each branch's conv and scan in its own token order by index
             arithmetic, all branches' scans in one launch, no permuted copies of the (channels x tokens)
             activations); with ``"auto"``, the first call of each input signature times the fused path
             against the per-branch one (whose scans ``auto`` picks) and keeps the faster. ``False`` keeps
@@ -184,7 +153,7 @@ class TriOrientedMamba(nn.Module):
 
     def _use_fused(self, x: torch.Tensor, nslices: int) -> bool:
         # a trace (fvcore's MAC count) records the per-branch path: the Triton kernels are opaque to it
-        if not self.fused or torch.jit.is_tracing() or not tom_triton.fused_available(x.device):
+        if not self.fused or torch.jit.is_tracing() or not fused_available(x.device):
             return False
         if self.scan_backend == "triton":
             return True
@@ -211,8 +180,10 @@ class TriOrientedMamba(nn.Module):
         """out_proj of the summed branch outputs, (B, C, L), without the residual."""
         tokens = self.norm(x.flatten(2).transpose(1, 2))  # (B, L, C), row-major (D, H, W)
         if fused:
+            from segresmamba.ssm.triton.fused_tom import tri_oriented_branches  # imports Triton, on first use
+
             branches = [self.branches[f"{o}_scan"] for o in self.orientations]
-            summed = tom_triton.tri_oriented_branches(self.in_proj(tokens), branches, self.orientations, nslices)
+            summed = tri_oriented_branches(self.in_proj(tokens), branches, self.orientations, nslices)
         else:
             xz = self.in_proj(tokens).transpose(1, 2)  # (B, 2 d_inner, L)
             summed = None

@@ -3,12 +3,12 @@
 :class:`segresmamba.ssm.tom.TriOrientedMamba` computes, per orientation o (forward, reverse, inter-slice),
 ``unorient(scan(silu(conv_o(orient(x)))), o)``. Here the activations stay in the natural (D, H, W) token
 order and the orientations are index arithmetic inside the kernels (only the scan's small B and C, d_state
-channels, are copied into each branch's order: see :func:`segresmamba.ssm.scan_triton.oriented_scan_triton`):
+channels, are copied into each branch's order: see :func:`segresmamba.ssm.triton.autograd.oriented_scan_triton`):
 
 - :func:`oriented_conv_silu`: the causal depthwise conv of every branch along its own scan order, with
   the SiLU fused, reading the in_proj output in place (any strides) and writing ``(R, b, d, L)``;
 - the x / dt projections are per token, so they run on the natural order as batched matmuls;
-- :func:`segresmamba.ssm.scan_triton.oriented_scan_triton`: all branches' scans in one launch per pass.
+- :func:`segresmamba.ssm.triton.autograd.oriented_scan_triton`: all branches' scans in one launch per pass.
 
 Causal conv in scan order, for a branch whose order visits token ``idx(p)`` at position p, with weights
 w (d, K) and bias c::
@@ -18,118 +18,19 @@ w (d, K) and bias c::
 
 Backward (g = grad of u): ``gp[p] = g[idx(p)] silu'(pre[p])``, ``dx[idx(q)] = sum_k w[k] gp[q + K - 1 - k]``,
 ``dw[k] = sum_p gp[p] x[idx(p - K + 1 + k)]``, ``dc = sum_p gp[p]``; dx of the branches is summed (they share x).
+
+Imports Triton: :class:`~segresmamba.ssm.tom.TriOrientedMamba` loads this module on the first fused call
+(where :func:`segresmamba.ssm.triton.fused_available` says the path runs).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
+import triton
 
-from segresmamba.ssm import scan_triton
-from segresmamba.ssm.scan_triton import HAS_TRITON, ORIENTATION_CODES, _codes_on, _last_dim_unit
-
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
-    from segresmamba.ssm.scan_triton import _token_index
-
-    @triton.jit
-    def _conv_pre(x_row, w_row, bias_row, p, ch, mask_d, code, L, S, M, sx_d, sx_l, sw_d,
-                  K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-        """Pre-activation (BD channels x BT scan positions) of one branch's causal conv, in fp32."""
-        acc = tl.zeros([BD, BT], dtype=tl.float32) + tl.load(bias_row + ch, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-        for k in tl.static_range(K):
-            q = p - (K - 1) + k
-            valid = (q >= 0) & (q < L)
-            idx = _token_index(q, code, L, S, M)
-            xv = tl.load(x_row + ch[:, None] * sx_d + idx[None, :] * sx_l, mask=mask_d[:, None] & valid[None, :], other=0.0)
-            wk = tl.load(w_row + ch * sw_d + k, mask=mask_d, other=0.0).to(tl.float32)
-            acc += wk[:, None] * xv.to(tl.float32)
-        return acc
-
-    @triton.jit(do_not_specialize=("L", "D_CH", "NB", "S", "M"))
-    def _conv_fwd_kernel(
-        x_ptr, w_ptr, bias_ptr, u_ptr, code_ptr,
-        L, D_CH, NB, S, M,
-        sx_b, sx_d, sx_l, sw_o, sw_d, sb_o, su_r, su_d,
-        K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    ):
-        pid_t, pid_d, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        branch = row // NB
-        xb = (row % NB).to(tl.int64)
-        code = tl.load(code_ptr + branch)
-        p = pid_t * BT + tl.arange(0, BT)
-        ch = pid_d * BD + tl.arange(0, BD)
-        mask_d = ch < D_CH
-        acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, p, ch, mask_d, code, L, S, M,
-                        sx_d, sx_l, sw_d, K, BT, BD)
-        out = acc * tl.sigmoid(acc)
-        idx_p = _token_index(p, code, L, S, M)
-        mask = mask_d[:, None] & (p < L)[None, :]
-        tl.store(u_ptr + row.to(tl.int64) * su_r + ch[:, None] * su_d + idx_p[None, :], out, mask=mask)
-
-    @triton.jit(do_not_specialize=("L", "D_CH", "NB", "S", "M", "NT"))
-    def _conv_bwd_pre_kernel(
-        x_ptr, w_ptr, bias_ptr, gu_ptr, gp_ptr, dw_part_ptr, db_part_ptr, code_ptr,
-        L, D_CH, NB, S, M, NT,
-        sx_b, sx_d, sx_l, sw_o, sw_d, sb_o, sg_r, sg_d,
-        K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    ):
-        """gp (scan order) = g * silu'(pre); partial dw, dbias per (row, token block)."""
-        pid_t, pid_d, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        branch = row // NB
-        xb = (row % NB).to(tl.int64)
-        row64 = row.to(tl.int64)
-        code = tl.load(code_ptr + branch)
-        p = pid_t * BT + tl.arange(0, BT)
-        ch = pid_d * BD + tl.arange(0, BD)
-        mask_d = ch < D_CH
-        mask_p = p < L
-        acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, p, ch, mask_d, code, L, S, M,
-                        sx_d, sx_l, sw_d, K, BT, BD)
-        sig = tl.sigmoid(acc)
-        idx_p = _token_index(p, code, L, S, M)
-        mask = mask_d[:, None] & mask_p[None, :]
-        g = tl.load(gu_ptr + row64 * sg_r + ch[:, None] * sg_d + idx_p[None, :], mask=mask, other=0.0).to(tl.float32)
-        gp = tl.where(mask, g * sig * (1.0 + acc * (1.0 - sig)), 0.0)
-        tl.store(gp_ptr + row64 * L * D_CH + ch[:, None] * L + p[None, :], gp, mask=mask)
-        part = (row64 * NT + pid_t) * D_CH + ch
-        tl.store(db_part_ptr + part, tl.sum(gp, axis=1), mask=mask_d)
-        for k in tl.static_range(K):
-            q = p - (K - 1) + k
-            valid = (q >= 0) & (q < L)
-            idx = _token_index(q, code, L, S, M)
-            xv = tl.load(x_ptr + xb * sx_b + ch[:, None] * sx_d + idx[None, :] * sx_l, mask=mask_d[:, None] & valid[None, :], other=0.0)
-            tl.store(dw_part_ptr + part * K + k, tl.sum(gp * xv.to(tl.float32), axis=1), mask=mask_d)
-
-    @triton.jit(do_not_specialize=("L", "D_CH", "NB", "S", "M"))
-    def _conv_bwd_dx_kernel(
-        w_ptr, gp_ptr, dx_ptr, code_ptr,
-        L, D_CH, NB, S, M,
-        sw_o, sw_d,
-        K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    ):
-        """dx of one branch, natural order: dx[idx(q)] = sum_k w[k] gp[q + K - 1 - k]."""
-        pid_t, pid_d, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        branch = row // NB
-        row64 = row.to(tl.int64)
-        code = tl.load(code_ptr + branch)
-        q = pid_t * BT + tl.arange(0, BT)
-        ch = pid_d * BD + tl.arange(0, BD)
-        mask_d = ch < D_CH
-        acc = tl.zeros([BD, BT], dtype=tl.float32)
-        for k in tl.static_range(K):
-            src = q + (K - 1) - k
-            valid = src < L
-            gp = tl.load(gp_ptr + row64 * L * D_CH + ch[:, None] * L + src[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
-            wk = tl.load(w_ptr + branch * sw_o + ch * sw_d + k, mask=mask_d, other=0.0).to(tl.float32)
-            acc += wk[:, None] * gp
-        idx_q = _token_index(q, code, L, S, M)
-        mask = mask_d[:, None] & (q < L)[None, :]
-        tl.store(dx_ptr + row64 * L * D_CH + ch[:, None] * L + idx_q[None, :], acc, mask=mask)
-
+from segresmamba.ssm.orientations import orientation_codes
+from segresmamba.ssm.triton.autograd import codes_on, last_dim_unit, oriented_scan_triton
+from segresmamba.ssm.triton.kernels import _conv_bwd_dx_kernel, _conv_bwd_pre_kernel, _conv_fwd_kernel
 
 BLOCK_T, BLOCK_D = 128, 16
 
@@ -142,7 +43,7 @@ class OrientedConvSiluFn(torch.autograd.Function):
         b, d, length = x.shape
         branches, _, k = weight.shape
         weight, bias = weight.contiguous(), bias.contiguous()
-        code_t = _codes_on(x.device, codes)
+        code_t = codes_on(x.device, codes)
         u = torch.empty(branches * b, d, length, dtype=x.dtype, device=x.device)
         grid = (triton.cdiv(length, BLOCK_T), triton.cdiv(d, BLOCK_D), branches * b)
         _conv_fwd_kernel[grid](
@@ -160,8 +61,8 @@ class OrientedConvSiluFn(torch.autograd.Function):
         codes, nslices = ctx.layout
         b, d, length = x.shape
         branches, _, k = weight.shape
-        grad_u = _last_dim_unit(grad_u.reshape(branches * b, d, length))
-        code_t = _codes_on(x.device, codes)
+        grad_u = last_dim_unit(grad_u.reshape(branches * b, d, length))
+        code_t = codes_on(x.device, codes)
         nt = triton.cdiv(length, BLOCK_T)
         grid = (nt, triton.cdiv(d, BLOCK_D), branches * b)
         f32 = dict(dtype=torch.float32, device=x.device)
@@ -240,19 +141,17 @@ def oriented_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     Args:
         x: (b, d, L) in natural token order, any strides (e.g. a transposed slice of the in_proj output).
         weight: (R, d, K) conv taps of the R branches (``Conv1d.weight[:, 0, :]``); bias: (R, d).
-        orientations: R names from ("forward", "reverse", "slice"); nslices: slices of the inter-slice order.
+        orientations: R names from :data:`~segresmamba.ssm.orientations.ORIENTATIONS`; nslices: slices of the inter-slice order.
 
     Returns:
         u: (R, b, d, L), natural token order.
     """
-    if not HAS_TRITON:
-        raise RuntimeError("oriented_conv_silu needs the triton package")
     if weight.dim() != 3 or weight.shape[:2] != (len(orientations), x.shape[1]) or tuple(bias.shape) != tuple(weight.shape[:2]):
         raise ValueError(f"weight must be (R, d, K) and bias (R, d) for R={len(orientations)}, d={x.shape[1]}; "
                          f"got {tuple(weight.shape)} and {tuple(bias.shape)}")
     if x.shape[-1] % nslices:
         raise ValueError(f"sequence length {x.shape[-1]} is not divisible by nslices={nslices}")
-    return OrientedConvSiluFn.apply(x, weight, bias, tuple(ORIENTATION_CODES[o] for o in orientations), nslices)
+    return OrientedConvSiluFn.apply(x, weight, bias, orientation_codes(orientations), nslices)
 
 
 def tri_oriented_branches(xz: torch.Tensor, branches, orientations: tuple[str, ...], nslices: int) -> torch.Tensor:
@@ -282,15 +181,8 @@ def tri_oriented_branches(xz: torch.Tensor, branches, orientations: tuple[str, .
     A = -torch.exp(torch.stack([br.A_log for br in branches]).float())
     D = torch.stack([br.D for br in branches]).float()
     dt_bias = torch.stack([br.dt_proj.bias for br in branches]).float()
-    y = scan_triton.oriented_scan_triton(u, delta, A, B, C, D, z, dt_bias, orientations, nslices, delta_softplus=True)
+    y = oriented_scan_triton(u, delta, A, B, C, D, z, dt_bias, orientations, nslices, delta_softplus=True)
     return y.sum(0)
 
 
-def fused_available(device: torch.device) -> bool:
-    """The fused path runs on CUDA with Triton (or, for tests, under ``TRITON_INTERPRET=1`` on a CPU)."""
-    if not HAS_TRITON:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-__all__ = ["oriented_conv_silu", "tokens_last_linear", "tri_oriented_branches", "fused_available"]
+__all__ = ["oriented_conv_silu", "tokens_last_linear", "tri_oriented_branches"]

@@ -1,0 +1,426 @@
+"""The Triton kernels of the selective scan and of the fused ToM branches' causal conv (``@triton.jit`` only).
+
+Imports Triton: loaded on the first use of the Triton path, never at ``import segresmamba``. The algorithm
+and its notation are in :mod:`segresmamba.ssm.triton.reference`; the launches, in
+:mod:`segresmamba.ssm.triton.autograd` (scan) and :mod:`segresmamba.ssm.triton.fused_tom` (conv).
+
+Every kernel serves R branches of b batch elements in one launch: program row ``r * NB + i`` is branch r,
+batch element i, and reads its orientation code (:func:`segresmamba.ssm.orientations.orientation_codes`)
+from ``code_ptr[r]``. B and C (and dB, dC) arrive in the branch's scan order and are addressed by scan
+position; the (channels x tokens) tensors stay in the natural token order and are addressed through
+``_token_index``. State and accumulation are fp32 whatever the input dtype.
+
+Scan (per chunk of T tokens, a group of GROUP channels per program; the carry kernel runs between):
+
+- ``_fwd_chunk_state_kernel``: forward pass 1, each chunk's final state from a zero state and its decay;
+- ``_carry_kernel``: pass 2 (forward and backward), the scan over chunks;
+- ``_fwd_output_kernel``: forward pass 3, rescan from the carried-in state, y with D skip and silu(z) gate;
+- ``_bwd_chunk_state_kernel``: backward pass 1, gradient reaching each chunk's entering state;
+- ``_bwd_grad_kernel``: backward pass 3, recompute h (``tl.associative_scan``), scan dh backwards, write
+  du, ddelta, dz; dB and dC accumulate over a group of channels in registers and then atomically; dA, dD
+  and ddelta_bias go to one partial row per (batch, chunk), summed afterwards (deterministic).
+
+Causal depthwise conv + SiLU along each branch's scan order (the equations are in
+:mod:`segresmamba.ssm.triton.fused_tom`): ``_conv_fwd_kernel``, ``_conv_bwd_pre_kernel``, ``_conv_bwd_dx_kernel``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from segresmamba.ssm.orientations import ORIENTATIONS
+
+# the orientation codes the kernels branch on (anything else is the inter-slice order)
+FORWARD_CODE = tl.constexpr(ORIENTATIONS.index("forward"))
+REVERSE_CODE = tl.constexpr(ORIENTATIONS.index("reverse"))
+# sizes that vary between calls compile once rather than once per divisibility class; L is left to
+# specialise, so that with L divisible by 16 the masked token-contiguous loads can be vectorised
+SIZE_ARGS = ("D_CH", "N", "NCHUNKS", "GROUP")
+
+
+@triton.jit
+def _combine(a1, x1, a2, x2):
+    # (a1, x1) then (a2, x2): h -> a2 (a1 h + x1) + x2
+    return a1 * a2, a2 * x1 + x2
+
+
+@triton.jit
+def _token_index(p, code, L, S, M):
+    """Address of the p-th token of a scan order (forward, reverse, or inter-slice: S slices of M tokens,
+    ``orient(x, "slice", S)[p] = x[(p % S) * M + p // S]``), by index arithmetic."""
+    return tl.where(code == FORWARD_CODE, p, tl.where(code == REVERSE_CODE, L - 1 - p, (p % S) * M + p // S))
+
+
+@triton.jit
+def _chunk_tile(k, code, L, N, S, M, T: tl.constexpr, BN: tl.constexpr):
+    """Scan positions of chunk k, their addresses in the branch's order, state lanes and masks.
+
+    B and C (and dB, dC) arrive in the branch's scan order and are addressed by the positions; the
+    (d x L) tensors stay in the natural order and are addressed by ``_token_index`` of them."""
+    offs_t = k * T + tl.arange(0, T)
+    offs_n = tl.arange(0, BN)
+    mask_t = offs_t < L
+    mask_n = offs_n < N
+    return offs_t, _token_index(offs_t, code, L, S, M), offs_n, mask_t, mask_n, mask_n[:, None] & mask_t[None, :]
+
+
+@triton.jit
+def _load_steps(delta_row, bias_ptr, ch, offs_t, mask_t, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(raw, dt) for one channel's chunk; dt = 0 outside the sequence so padding is inert."""
+    raw = tl.load(delta_row + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + tl.load(bias_ptr + ch).to(tl.float32)
+    if SOFTPLUS:
+        dt = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw)
+    else:
+        dt = raw
+    dt = tl.where(mask_t, dt, 0.0)
+    return raw, dt
+
+
+@triton.jit(do_not_specialize=SIZE_ARGS)
+def _fwd_chunk_state_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, end_ptr, decay_ptr, code_ptr,
+    D_CH, L, N, NCHUNKS, NB, S, M,
+    su_b, su_d, sd_b, sd_d, sA_o, sA_d, sA_n, sB_b, sB_n, sbias_o,
+    GROUP, T: tl.constexpr, BN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):
+    """Pass 1: every chunk's final state from a zero state, and its total decay."""
+    pid_g, k, bb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bb64 = bb.to(tl.int64)
+    branch = bb // NB
+    code = tl.load(code_ptr + branch)
+    A_ptr += branch * sA_o
+    bias_ptr += branch * sbias_o
+    offs_t, idx_t, offs_n, mask_t, mask_n, mask_nt = _chunk_tile(k, code, L, N, S, M, T, BN)
+    Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+    ch0 = pid_g * GROUP
+    for i in range(GROUP):  # GROUP divides the channel count
+        ch = ch0 + i
+        u = tl.load(u_ptr + bb64 * su_b + ch * su_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
+        _, dt = _load_steps(delta_ptr + bb64 * sd_b + ch * sd_d, bias_ptr, ch, idx_t, mask_t, HAS_BIAS, SOFTPLUS)
+        A = tl.load(A_ptr + ch * sA_d + offs_n * sA_n, mask=mask_n, other=0.0).to(tl.float32)
+        # the final state is a weighted sum, no scan needed: h_end = sum_t exp(A * sum_{j>t} dt_j) x_t
+        # (the exponent is a suffix sum, <= 0 times A: nothing overflows)
+        after = tl.cumsum(dt, axis=0, reverse=True) - dt
+        weight = tl.exp(after[None, :] * A[:, None])
+        h_end = tl.sum(weight * ((dt * u)[None, :] * Bt), axis=1)
+        decay = tl.exp(A * tl.sum(dt, axis=0))
+        row = ((bb64 * NCHUNKS + k) * D_CH + ch) * N + offs_n
+        tl.store(end_ptr + row, h_end, mask=mask_n)
+        tl.store(decay_ptr + row, decay, mask=mask_n)
+
+
+@triton.jit(do_not_specialize=("NCHUNKS", "NBLOCKS"))
+def _carry_kernel(
+    decay_ptr, local_ptr, out_ptr, NCHUNKS, NBLOCKS, LANES,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr,
+):
+    """Pass 2: scan ``c_k = decay_k c_{k-1} + local_k`` over chunks (right to left when REVERSE).
+
+    Inputs are (b, nchunks, LANES); the output has nchunks + 1 rows so that a chunk reads its carry
+    without an exclusive scan: forward, row k is the state entering chunk k (row 0 = 0); reverse,
+    row k + 1 is the gradient reaching chunk k's final state (row nchunks = 0).
+    """
+    pid_l, bb = tl.program_id(0), tl.program_id(1)
+    bb64 = bb.to(tl.int64)
+    lanes = pid_l * BLOCK + tl.arange(0, BLOCK)
+    mask_l = lanes < LANES
+    in_base = bb64 * NCHUNKS * LANES
+    out_base = bb64 * (NCHUNKS + 1) * LANES
+    rows = tl.arange(0, ROWS)
+    carry = tl.zeros([BLOCK], dtype=tl.float32)
+    zero_row = NCHUNKS if REVERSE else 0
+    tl.store(out_ptr + out_base + zero_row * LANES + lanes, carry, mask=mask_l)
+    for i in range(0, NBLOCKS):
+        if REVERSE:
+            k0 = (NBLOCKS - 1 - i) * ROWS
+        else:
+            k0 = i * ROWS
+        ks = k0 + rows
+        mask = (ks < NCHUNKS)[:, None] & mask_l[None, :]
+        idx = in_base + ks[:, None] * LANES + lanes[None, :]
+        dec = tl.load(decay_ptr + idx, mask=mask, other=1.0)
+        loc = tl.load(local_ptr + idx, mask=mask, other=0.0)
+        prod, acc = tl.associative_scan((dec, loc), 0, _combine, reverse=REVERSE)
+        acc = acc + prod * carry[None, :]
+        if REVERSE:
+            out_rows = ks
+            carry = tl.sum(tl.where(rows[:, None] == 0, acc, 0.0), axis=0)
+        else:
+            out_rows = ks + 1
+            carry = tl.sum(tl.where(rows[:, None] == ROWS - 1, acc, 0.0), axis=0)
+        tl.store(out_ptr + out_base + out_rows[:, None] * LANES + lanes[None, :], acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=SIZE_ARGS)
+def _fwd_output_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, enter_ptr, y_ptr, code_ptr,
+    D_CH, L, N, NCHUNKS, NB, S, M,
+    su_b, su_d, sd_b, sd_d, sz_b, sz_d, sy_b, sy_d, sA_o, sA_d, sA_n, sB_b, sB_n, sC_b, sC_n, sD_o, sbias_o,
+    GROUP, T: tl.constexpr, BN: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):
+    """Pass 3: rescan each chunk from its carried-in state; y = (<h, C> + D u) * silu(z)."""
+    pid_g, k, bb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bb64 = bb.to(tl.int64)
+    branch = bb // NB
+    zb64 = (bb % NB).to(tl.int64)  # z is shared by the branches of one batch element
+    code = tl.load(code_ptr + branch)
+    A_ptr += branch * sA_o
+    D_ptr += branch * sD_o
+    bias_ptr += branch * sbias_o
+    offs_t, idx_t, offs_n, mask_t, mask_n, mask_nt = _chunk_tile(k, code, L, N, S, M, T, BN)
+    Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+    first = tl.arange(0, T)[None, :] == 0
+    ch0 = pid_g * GROUP
+    for i in range(GROUP):  # GROUP divides the channel count
+        ch = ch0 + i
+        u = tl.load(u_ptr + bb64 * su_b + ch * su_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
+        _, dt = _load_steps(delta_ptr + bb64 * sd_b + ch * sd_d, bias_ptr, ch, idx_t, mask_t, HAS_BIAS, SOFTPLUS)
+        A = tl.load(A_ptr + ch * sA_d + offs_n * sA_n, mask=mask_n, other=0.0).to(tl.float32)
+        h0 = tl.load(enter_ptr + ((bb64 * (NCHUNKS + 1) + k) * D_CH + ch) * N + offs_n, mask=mask_n, other=0.0)
+        a = tl.exp(dt[None, :] * A[:, None])
+        x = (dt * u)[None, :] * Bt
+        x = x + tl.where(first, a * h0[:, None], 0.0)  # the carried-in state enters at the first token
+        _, h = tl.associative_scan((a, x), 1, _combine)
+        out = tl.sum(h * Ct, axis=0)
+        if HAS_D:
+            out += tl.load(D_ptr + ch).to(tl.float32) * u
+        if HAS_Z:
+            z = tl.load(z_ptr + zb64 * sz_b + ch * sz_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
+            out = out * z * tl.sigmoid(z)
+        tl.store(y_ptr + bb64 * sy_b + ch * sy_d + idx_t, out, mask=mask_t)
+
+
+@triton.jit(do_not_specialize=SIZE_ARGS)
+def _bwd_chunk_state_kernel(
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, first_ptr, decay_ptr, code_ptr,
+    D_CH, L, N, NCHUNKS, NB, S, M,
+    sd_b, sd_d, sz_b, sz_d, sg_b, sg_d, sA_o, sA_d, sA_n, sC_b, sC_n, sbias_o,
+    GROUP, T: tl.constexpr, BN: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):
+    """Backward pass 1: gradient reaching each chunk's entering state from inside the chunk.
+
+    That is sum_t (prod_{j<=t} a_j) g_t C_t = sum_t exp(A * sum_{j<=t} dt_j) g_t C_t: a weighted sum.
+    """
+    pid_g, k, bb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bb64 = bb.to(tl.int64)
+    branch = bb // NB
+    zb64 = (bb % NB).to(tl.int64)
+    code = tl.load(code_ptr + branch)
+    A_ptr += branch * sA_o
+    bias_ptr += branch * sbias_o
+    offs_t, idx_t, offs_n, mask_t, mask_n, mask_nt = _chunk_tile(k, code, L, N, S, M, T, BN)
+    Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+    ch0 = pid_g * GROUP
+    for i in range(GROUP):  # GROUP divides the channel count
+        ch = ch0 + i
+        _, dt = _load_steps(delta_ptr + bb64 * sd_b + ch * sd_d, bias_ptr, ch, idx_t, mask_t, HAS_BIAS, SOFTPLUS)
+        g = tl.load(dy_ptr + bb64 * sg_b + ch * sg_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + zb64 * sz_b + ch * sz_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
+            g = g * z * tl.sigmoid(z)
+        A = tl.load(A_ptr + ch * sA_d + offs_n * sA_n, mask=mask_n, other=0.0).to(tl.float32)
+        upto = tl.cumsum(dt, axis=0)
+        p_first = tl.sum(tl.exp(upto[None, :] * A[:, None]) * (g[None, :] * Ct), axis=1)
+        decay = tl.exp(A * tl.sum(dt, axis=0))
+        row = ((bb64 * NCHUNKS + k) * D_CH + ch) * N + offs_n
+        tl.store(first_ptr + row, p_first, mask=mask_n)
+        tl.store(decay_ptr + row, decay, mask=mask_n)
+
+
+@triton.jit(do_not_specialize=SIZE_ARGS)
+def _bwd_grad_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, enter_ptr, into_end_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, code_ptr,
+    D_CH, L, N, NCHUNKS, NB, S, M,
+    su_b, su_d, sd_b, sd_d, sz_b, sz_d, sg_b, sg_d, so_b, so_d, sA_o, sA_d, sA_n, sB_b, sB_n, sC_b, sC_n, sD_o, sbias_o,
+    GROUP, T: tl.constexpr, BN: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):
+    """Backward pass 3: recompute h, scan dh from the carried-in gradient, write every gradient.
+
+    du, ddelta, dz are contiguous (rows, d, L), dz one row per branch and batch element; dB, dC fp32
+    (rows, n, L) accumulated atomically; dA/dD/ddelta_bias partials are one row per (row, chunk).
+    """
+    pid_g, k, bb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bb64 = bb.to(tl.int64)
+    branch = bb // NB
+    zb64 = (bb % NB).to(tl.int64)
+    code = tl.load(code_ptr + branch)
+    A_ptr += branch * sA_o
+    D_ptr += branch * sD_o
+    bias_ptr += branch * sbias_o
+    offs_t, idx_t, offs_n, mask_t, mask_n, mask_nt = _chunk_tile(k, code, L, N, S, M, T, BN)
+    tok = tl.arange(0, T)
+    idx_next = _token_index(offs_t + 1, code, L, S, M)
+    # a_{t+1} for the dh recurrence: within the chunk only, the next chunk enters through into_end
+    mask_next = (offs_t + 1 < L) & (tok < T - 1)
+    Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+    first = tok[None, :] == 0
+    last = tok[None, :] == T - 1
+    dB_acc = tl.zeros([BN, T], dtype=tl.float32)
+    dC_acc = tl.zeros([BN, T], dtype=tl.float32)
+    part = bb64 * NCHUNKS + k
+    ch0 = pid_g * GROUP
+    for i in range(GROUP):  # GROUP divides the channel count
+        ch = ch0 + i
+        delta_row = delta_ptr + bb64 * sd_b + ch * sd_d
+        u = tl.load(u_ptr + bb64 * su_b + ch * su_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
+        raw, dt = _load_steps(delta_row, bias_ptr, ch, idx_t, mask_t, HAS_BIAS, SOFTPLUS)
+        _, dt_next = _load_steps(delta_row, bias_ptr, ch, idx_next, mask_next, HAS_BIAS, SOFTPLUS)
+        dy = tl.load(dy_ptr + bb64 * sg_b + ch * sg_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
+        A = tl.load(A_ptr + ch * sA_d + offs_n * sA_n, mask=mask_n, other=0.0).to(tl.float32)
+        state_row = (bb64 * (NCHUNKS + 1) + k) * D_CH + ch
+        h0 = tl.load(enter_ptr + state_row * N + offs_n, mask=mask_n, other=0.0)
+        g_end = tl.load(into_end_ptr + (state_row + D_CH) * N + offs_n, mask=mask_n, other=0.0)
+
+        a = tl.exp(dt[None, :] * A[:, None])
+        dtu = dt * u
+        x = dtu[None, :] * Bt
+        _, h = tl.associative_scan((a, x + tl.where(first, a * h0[:, None], 0.0)), 1, _combine)
+
+        if HAS_D:
+            Dc = tl.load(D_ptr + ch).to(tl.float32)
+        else:
+            Dc = 0.0
+        if HAS_Z:
+            z = tl.load(z_ptr + zb64 * sz_b + ch * sz_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(z)
+            out_pre = tl.sum(h * Ct, axis=0) + Dc * u
+            dz = dy * out_pre * sig * (1.0 + z * (1.0 - sig))
+            tl.store(dz_ptr + bb64 * so_b + ch * so_d + idx_t, dz, mask=mask_t)
+            g = dy * z * sig
+        else:
+            g = dy
+
+        # h and x are not needed past this point: what the gradients use of them is taken now, so
+        # that fewer (state x chunk) tiles are live across the second scan
+        dC_acc += h * g[None, :]
+        decayed_prev = h - x  # a_t h_{t-1}, without dividing by a_t
+        a_next = tl.where(mask_next[None, :], tl.exp(dt_next[None, :] * A[:, None]), 0.0)
+        beta = g[None, :] * Ct + tl.where(last, g_end[:, None], 0.0)
+        _, dh = tl.associative_scan((a_next, beta), 1, _combine, reverse=True)
+
+        du = g * Dc + tl.sum(dh * Bt, axis=0) * dt
+        ddt = tl.sum(dh * (Bt * u[None, :] + A[:, None] * decayed_prev), axis=0)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(raw)
+        ddt = tl.where(mask_t, ddt, 0.0)
+        tl.store(du_ptr + bb64 * so_b + ch * so_d + idx_t, du, mask=mask_t)
+        tl.store(ddelta_ptr + bb64 * so_b + ch * so_d + idx_t, ddt, mask=mask_t)
+        dB_acc += dh * dtu[None, :]
+        dA = tl.sum(dh * dt[None, :] * decayed_prev, axis=1)
+        tl.store(dA_part_ptr + (part * D_CH + ch) * N + offs_n, dA, mask=mask_n)
+        if HAS_D:
+            tl.store(dD_part_ptr + part * D_CH + ch, tl.sum(g * u, axis=0))
+        if HAS_BIAS:
+            tl.store(dbias_part_ptr + part * D_CH + ch, tl.sum(ddt, axis=0))
+    state_idx = bb64 * N * L + offs_n[:, None] * L + offs_t[None, :]
+    tl.atomic_add(dB_ptr + state_idx, dB_acc, mask=mask_nt, sem="relaxed")
+    tl.atomic_add(dC_ptr + state_idx, dC_acc, mask=mask_nt, sem="relaxed")
+
+
+@triton.jit
+def _conv_pre(x_row, w_row, bias_row, p, ch, mask_d, code, L, S, M, sx_d, sx_l, sw_d,
+              K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """Pre-activation (BD channels x BT scan positions) of one branch's causal conv, in fp32."""
+    acc = tl.zeros([BD, BT], dtype=tl.float32) + tl.load(bias_row + ch, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+    for k in tl.static_range(K):
+        q = p - (K - 1) + k
+        valid = (q >= 0) & (q < L)
+        idx = _token_index(q, code, L, S, M)
+        xv = tl.load(x_row + ch[:, None] * sx_d + idx[None, :] * sx_l, mask=mask_d[:, None] & valid[None, :], other=0.0)
+        wk = tl.load(w_row + ch * sw_d + k, mask=mask_d, other=0.0).to(tl.float32)
+        acc += wk[:, None] * xv.to(tl.float32)
+    return acc
+
+
+@triton.jit(do_not_specialize=("L", "D_CH", "NB", "S", "M"))
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, u_ptr, code_ptr,
+    L, D_CH, NB, S, M,
+    sx_b, sx_d, sx_l, sw_o, sw_d, sb_o, su_r, su_d,
+    K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+):
+    pid_t, pid_d, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    branch = row // NB
+    xb = (row % NB).to(tl.int64)
+    code = tl.load(code_ptr + branch)
+    p = pid_t * BT + tl.arange(0, BT)
+    ch = pid_d * BD + tl.arange(0, BD)
+    mask_d = ch < D_CH
+    acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, p, ch, mask_d, code, L, S, M,
+                    sx_d, sx_l, sw_d, K, BT, BD)
+    out = acc * tl.sigmoid(acc)
+    idx_p = _token_index(p, code, L, S, M)
+    mask = mask_d[:, None] & (p < L)[None, :]
+    tl.store(u_ptr + row.to(tl.int64) * su_r + ch[:, None] * su_d + idx_p[None, :], out, mask=mask)
+
+
+@triton.jit(do_not_specialize=("L", "D_CH", "NB", "S", "M", "NT"))
+def _conv_bwd_pre_kernel(
+    x_ptr, w_ptr, bias_ptr, gu_ptr, gp_ptr, dw_part_ptr, db_part_ptr, code_ptr,
+    L, D_CH, NB, S, M, NT,
+    sx_b, sx_d, sx_l, sw_o, sw_d, sb_o, sg_r, sg_d,
+    K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+):
+    """gp (scan order) = g * silu'(pre); partial dw, dbias per (row, token block)."""
+    pid_t, pid_d, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    branch = row // NB
+    xb = (row % NB).to(tl.int64)
+    row64 = row.to(tl.int64)
+    code = tl.load(code_ptr + branch)
+    p = pid_t * BT + tl.arange(0, BT)
+    ch = pid_d * BD + tl.arange(0, BD)
+    mask_d = ch < D_CH
+    mask_p = p < L
+    acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, p, ch, mask_d, code, L, S, M,
+                    sx_d, sx_l, sw_d, K, BT, BD)
+    sig = tl.sigmoid(acc)
+    idx_p = _token_index(p, code, L, S, M)
+    mask = mask_d[:, None] & mask_p[None, :]
+    g = tl.load(gu_ptr + row64 * sg_r + ch[:, None] * sg_d + idx_p[None, :], mask=mask, other=0.0).to(tl.float32)
+    gp = tl.where(mask, g * sig * (1.0 + acc * (1.0 - sig)), 0.0)
+    tl.store(gp_ptr + row64 * L * D_CH + ch[:, None] * L + p[None, :], gp, mask=mask)
+    part = (row64 * NT + pid_t) * D_CH + ch
+    tl.store(db_part_ptr + part, tl.sum(gp, axis=1), mask=mask_d)
+    for k in tl.static_range(K):
+        q = p - (K - 1) + k
+        valid = (q >= 0) & (q < L)
+        idx = _token_index(q, code, L, S, M)
+        xv = tl.load(x_ptr + xb * sx_b + ch[:, None] * sx_d + idx[None, :] * sx_l, mask=mask_d[:, None] & valid[None, :], other=0.0)
+        tl.store(dw_part_ptr + part * K + k, tl.sum(gp * xv.to(tl.float32), axis=1), mask=mask_d)
+
+
+@triton.jit(do_not_specialize=("L", "D_CH", "NB", "S", "M"))
+def _conv_bwd_dx_kernel(
+    w_ptr, gp_ptr, dx_ptr, code_ptr,
+    L, D_CH, NB, S, M,
+    sw_o, sw_d,
+    K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+):
+    """dx of one branch, natural order: dx[idx(q)] = sum_k w[k] gp[q + K - 1 - k]."""
+    pid_t, pid_d, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    branch = row // NB
+    row64 = row.to(tl.int64)
+    code = tl.load(code_ptr + branch)
+    q = pid_t * BT + tl.arange(0, BT)
+    ch = pid_d * BD + tl.arange(0, BD)
+    mask_d = ch < D_CH
+    acc = tl.zeros([BD, BT], dtype=tl.float32)
+    for k in tl.static_range(K):
+        src = q + (K - 1) - k
+        valid = src < L
+        gp = tl.load(gp_ptr + row64 * L * D_CH + ch[:, None] * L + src[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
+        wk = tl.load(w_ptr + branch * sw_o + ch * sw_d + k, mask=mask_d, other=0.0).to(tl.float32)
+        acc += wk[:, None] * gp
+    idx_q = _token_index(q, code, L, S, M)
+    mask = mask_d[:, None] & (q < L)[None, :]
+    tl.store(dx_ptr + row64 * L * D_CH + ch[:, None] * L + idx_q[None, :], acc, mask=mask)
