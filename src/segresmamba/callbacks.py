@@ -15,7 +15,7 @@ import lightning as L
 import torch
 
 from segresmamba.provenance import provenance
-from segresmamba.ssm.cuda_graphs import DEFAULT_MAX_TOKENS, graph_tom_layers
+from segresmamba.ssm.cuda_graphs import ToMCudaGraphs
 from segresmamba.ssm.scan import auto_choices
 
 GIB = 1024**3
@@ -159,33 +159,6 @@ def _finite(x: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return x if math.isfinite(x) else None
-
-
-class ToMCudaGraphs(L.Callback):
-    """Replays the ToM layers' training forward and backward as CUDA graphs (:mod:`segresmamba.ssm.cuda_graphs`).
-
-    The capture runs once, before the first training step, on that step's batch and under the trainer's
-    autocast. Small ToM layers are bound by the host's kernel launches, not by the GPU; their graphs replay
-    in one launch each. Validation, inference and any batch of another shape run the layers eagerly.
-
-    Args:
-        max_tokens: capture only ToM layers whose input has at most this many tokens (None: all).
-    """
-
-    AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-
-    def __init__(self, max_tokens: int | None = DEFAULT_MAX_TOKENS) -> None:
-        self.max_tokens = max_tokens
-        self.captured: list[str] | None = None
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit" and trainer.strategy.root_device.type != "cuda":
-            raise ValueError(f"ToMCudaGraphs needs a CUDA device; this fit runs on {trainer.strategy.root_device.type}")
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.captured is None:
-            dtype = self.AUTOCAST.get(str(trainer.precision))
-            self.captured = graph_tom_layers(pl_module.net, batch["image"], dtype, self.max_tokens)
 
 
 class RunRecorder(L.Callback):

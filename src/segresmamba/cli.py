@@ -17,8 +17,9 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from segresmamba.callbacks import EnergyTracker, PeakMemory, RunRecorder, StepTimer, ToMCudaGraphs
+from segresmamba.callbacks import EnergyTracker, PeakMemory, RunRecorder, StepTimer
 from segresmamba.data.base import VolumeDataModule
+from segresmamba.ssm.cuda_graphs import ToMCudaGraphs
 from segresmamba.task import SegmentationTask
 
 DEFAULT_DATA = "segresmamba.data.SyntheticBraTSDataModule"
