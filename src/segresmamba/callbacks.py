@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -161,20 +162,44 @@ def _finite(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _checkpoint_kind(ckpt_path: str | None, default: str) -> str:
+    """``last`` / ``best`` from a checkpoint's file name (``None``: the weights in memory at the end of fit)."""
+    if ckpt_path is None:
+        return default
+    name = Path(ckpt_path).name
+    if name.startswith("last") or ckpt_path == "last":
+        return "last"
+    if name.startswith("best") or ckpt_path == "best":
+        return "best"
+    return name
+
+
 class RunRecorder(L.Callback):
     """Writes ``metrics.json`` into the run directory after fit and after test.
 
-    It holds the validation Dice of every epoch, the best and last epoch (the *best* epoch is the
-    reported one, as in the paper's protocol; both are kept), test Dice, wall time, step times, peak
-    memory, energy, the resolved settings and the provenance (git SHA, versions, device, precision).
-    Written on rank 0 only.
+    It holds the validation Dice of every epoch, the best and last epoch (both kept), test Dice and the
+    checkpoint it comes from, wall time, step times, peak memory, energy, the recipe and the resolved
+    settings, and the provenance (git SHA, versions, device, precision). Written on rank 0 only.
+
+    After a test it also writes the per-case, per-class Dice and HD95 (``test_cases.csv`` beside
+    ``metrics.json``) and records their means (``test/dice_mean``, ``test/hd95_mean`` and per class), the
+    evaluation space (``original`` or ``resampled``) and the number of cases.
+
+    Which checkpoint a test reports is recorded as ``reported_checkpoint``: ``last`` (the final weights,
+    nnU-Net's practice and the default: no checkpoint is chosen on the cases it is scored on) or ``best``
+    (the epoch with the best validation Dice; optimistic when the test cases are the validation cases, as in
+    the paper's protocol).
 
     Args:
         path: file to write; defaults to ``<log_dir>/metrics.json``.
+        reported_checkpoint: the checkpoint the run reports, ``last`` or ``best``.
     """
 
-    def __init__(self, path: str | None = None) -> None:
+    def __init__(self, path: str | None = None, reported_checkpoint: str = "last") -> None:
+        if reported_checkpoint not in ("last", "best"):
+            raise ValueError(f"reported_checkpoint must be 'last' or 'best', got {reported_checkpoint!r}")
         self.path = path
+        self.reported_checkpoint = reported_checkpoint
         self.history: list[dict[str, float | None]] = []
         self.untrained: dict[str, Any] | None = None
         self.record: dict[str, Any] = {}
@@ -202,8 +227,11 @@ class RunRecorder(L.Callback):
     def _common(self, trainer, pl_module) -> dict[str, Any]:
         dm = trainer.datamodule
         hp = dict(pl_module.hparams)
+        recipe = getattr(pl_module, "recipe_settings", None)
         return {
             "model": hp.get("net"),
+            "recipe": recipe.name if recipe is not None else None,
+            "recipe_settings": recipe.as_dict() if recipe is not None else None,
             "net_kwargs": hp.get("net_kwargs") or {},
             "params": sum(p.numel() for p in pl_module.parameters()),
             "data": dm.describe() if dm is not None and hasattr(dm, "describe") else None,
@@ -235,7 +263,7 @@ class RunRecorder(L.Callback):
             "untrained": self.untrained,
             "best": best,
             "last": self.history[-1] if self.history else None,
-            "reported": "best",
+            "reported": self.reported_checkpoint,
             "interrupted": trainer.interrupted,
         }
         self._write(trainer)
@@ -247,7 +275,35 @@ class RunRecorder(L.Callback):
             k: _finite(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
         }
         self.record["test"]["ckpt_path"] = trainer.ckpt_path
+        self.record["test"].update(self._write_cases(trainer, pl_module))
+        self.record["test"]["reported_checkpoint"] = _checkpoint_kind(trainer.ckpt_path, self.reported_checkpoint)
+        self.record["reported_checkpoint"] = self.record["test"]["reported_checkpoint"]
         self._write(trainer)
+
+    def cases_file(self, trainer) -> Path:
+        """``test_cases.csv`` beside ``metrics.json`` (``<stem>_test_cases.csv`` beside a record named otherwise)."""
+        record = self._file(trainer)
+        return record.with_name("test_cases.csv" if record.name == "metrics.json" else f"{record.stem}_test_cases.csv")
+
+    def _write_cases(self, trainer, pl_module) -> dict[str, Any]:
+        """Write the test's per-case, per-class rows (case_id, class, dice, hd95_mm, eval_space, spacing_mm;
+        :attr:`SegmentationTask.eval_cases`) on rank 0, and return what the record says of them."""
+        rows = (getattr(pl_module, "eval_cases", None) or {}).get("test") or []
+        facts: dict[str, Any] = {
+            "eval_space": dict(pl_module.hparams).get("eval_space"),
+            "num_cases": len({row["case_id"] for row in rows}),
+        }
+        if not rows:
+            return facts
+        path = self.cases_file(trainer)
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        facts["cases_csv"] = str(path)
+        return facts
 
     def _write(self, trainer) -> None:
         if not trainer.is_global_zero:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from segresmamba.callbacks import EnergyTracker, PeakMemory, RunRecorder, StepTimer
 from segresmamba.data.base import VolumeDataModule
+from segresmamba.prediction import NiftiMaskWriter
 from segresmamba.ssm.cuda_graphs import ToMCudaGraphs
 from segresmamba.task import SegmentationTask
 
@@ -34,6 +35,7 @@ class SegResMambaCLI(LightningCLI):
             ("task", "task"),
             ("class_names", "class_names"),
             ("patch_size", "img_size"),
+            ("recipe", "recipe"),
         ):
             parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
         gpu = torch.cuda.is_available()
@@ -60,7 +62,13 @@ class SegResMambaCLI(LightningCLI):
         )
         parser.add_argument(
             "--test_after_fit", type=bool, default=False,
-            help="after fit, test the best checkpoint in the same process (one start-up and data setup instead of two)",
+            help="after fit, test the reported checkpoint in the same process (one start-up and data setup instead of two)",
+        )
+        parser.add_argument(
+            "--report_checkpoint", type=Literal["last", "best"], default="last",
+            help="checkpoint that --test_after_fit scores and metrics.json reports: last (the final weights, nnU-Net's "
+                 "practice: nothing is chosen on the cases it is scored on) or best (best validation Dice; optimistic "
+                 "when the test cases are the validation cases)",
         )
         parser.add_argument(
             "--cuda_graphs", type=bool, default=False,
@@ -68,6 +76,11 @@ class SegResMambaCLI(LightningCLI):
                  "they are bound by kernel launches, see segresmamba.ssm.cuda_graphs)",
         )
         parser.add_argument("--run_record", type=Optional[str], default=None, help="metrics.json path (default: the run directory)")
+        parser.add_argument(
+            "--output_dir", type=Optional[str], default=None,
+            help="predict: folder for the masks, one <case_id>.nii.gz per case on the scan's own grid "
+                 "(default: predictions/ in the run folder)",
+        )
         parser.add_argument(
             "--energy_country", type=Optional[str], default=None,
             help="ISO 3166 alpha-3 grid (e.g. DEU) to track fit energy and CO2 with codecarbon, offline",
@@ -105,16 +118,29 @@ class SegResMambaCLI(LightningCLI):
             extra.append(ToMCudaGraphs())
         if config.get("energy_country"):
             extra.append(EnergyTracker(country_iso_code=config.get("energy_country")))
-        extra.append(RunRecorder(path=config.get("run_record")))  # last: its on_fit_end reads the others
+        if self.subcommand == "predict":
+            extra.append(NiftiMaskWriter(output_dir=config.get("output_dir")))
+        extra.append(RunRecorder(path=config.get("run_record"), reported_checkpoint=config.get("report_checkpoint", "last")))  # last: its on_fit_end reads the others
         present = {type(c) for c in kwargs.get("callbacks") or []}
         kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [c for c in extra if type(c) not in present]
         return super().instantiate_trainer(**kwargs)
 
 
+    def before_predict(self) -> None:
+        # the masks go to disk: keeping every case's mask in memory as well would only cost memory
+        if self.config_init.predict.get("return_predictions") is None:
+            self.config_init.predict.return_predictions = False
+
     def after_fit(self) -> None:
-        if self.config.fit.get("test_after_fit"):
+        if not self.config.fit.get("test_after_fit"):
+            return
+        if self.config.fit.get("report_checkpoint") == "best":
             best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or "last")
+            if not best:
+                raise SystemExit("error: --report_checkpoint best, but no best checkpoint was written (no validation ran?)")
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
+        else:  # the final weights, still in memory: no checkpoint is chosen on the cases the test scores
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=None)
 
 
 def doctor() -> int:

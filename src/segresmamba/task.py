@@ -2,29 +2,62 @@
 
 from __future__ import annotations
 
-import math
-import re
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor, decollate_batch
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss, DiceLoss
-from monai.metrics import compute_dice
+from monai.transforms import InvertibleTransform, Invertd
 
-from segresmamba.registry import create_model, normalize_img_size
+from segresmamba.data.transforms import ORIGINAL_LABEL
+from segresmamba.metrics import (
+    activate,
+    aggregate,
+    dice_per_class,
+    hd95_per_class,
+    label_to_onehot,
+    metric_key,
+    prediction_to_onehot,
+    voxel_spacing,
+)
+from segresmamba.prediction import export_mask
+from segresmamba.recipes import get_recipe
+from segresmamba.recipes.optim import build_loss, build_optimizer, build_scheduler
+from segresmamba.registry import create_model, model_info, normalize_img_size
 
 
 class SegmentationTask(L.LightningModule):
-    """Patch training, whole-volume sliding-window evaluation, Dice per class and mean.
+    """Patch training, whole-volume sliding-window evaluation, Dice and HD95 per case and class.
 
     The output activation follows the data's task: ``multilabel`` (overlapping regions such as BraTS
     TC/WT/ET) uses a sigmoid per channel, thresholded at 0.5; ``multiclass`` (BTCV organs, spleen) uses a
-    softmax and argmax, and background is not scored. Dice per case comes from MONAI's ``compute_dice``; a
-    class absent from a case's ground truth gives NaN for that case and is left out of that class's mean
-    (``ignore_empty``). The mean Dice is the mean over classes of the per-class means.
+    softmax and argmax, and background is not scored. Scores follow :mod:`segresmamba.metrics`: Dice (and,
+    at test, the 95 % Hausdorff distance in mm) per case and class, NaN where a class is absent from a
+    case's ground truth and left out of that class's mean; the mean is over classes of the per-class means.
+
+    Evaluation space: the network always predicts on the preprocessed grid (sliding window over the whole
+    volume). With ``eval_space="original"`` the class probabilities are then mapped back onto the scan's
+    own grid by MONAI ``Invertd`` (undoing orientation, resampling and crops, bilinear; the inverse of a
+    crop pads with probability 0, i.e. background), as nnU-Net exports its predictions, and scored against
+    the label as stored on disk (the evaluation chain's ``original_label``, see
+    :mod:`segresmamba.data.transforms`). ``"resampled"`` scores on the preprocessed grid against the
+    resampled label (the MONAI tutorials' Dice). Data whose evaluation chain makes no spatial change (the
+    in-memory synthetic and MNI152 sets, BraTS) are scored on their own grid either way. The per-case rows
+    of the last validation or test epoch are kept in ``eval_cases["val"|"test"]`` (gathered over every
+    process), which :class:`~segresmamba.callbacks.RunRecorder` writes to ``test_cases.csv``.
+
+    Prediction (``predict_step``) always maps back to the scan's own grid and returns one mask per case
+    (:func:`segresmamba.prediction.export_mask`), which :class:`~segresmamba.prediction.NiftiMaskWriter`
+    writes as NIfTI.
+
+    Training follows a named recipe (:mod:`segresmamba.recipes`: ``paper`` or ``nnunet``), which sets the
+    loss, optimiser, schedule, gradient clipping and whether nets with deep-supervision heads train them.
+    ``loss``, ``lr``, ``weight_decay`` and ``scheduler`` override single settings of the recipe; the
+    resolved recipe is ``self.recipe_settings`` and goes into every run record.
 
     Models that return a list of outputs in training (deep supervision) are trained on every output:
     weights halve with each deeper output (nnU-Net's scheme, normalised to sum to one) and the label is
@@ -32,15 +65,21 @@ class SegmentationTask(L.LightningModule):
 
     Args:
         net: registry name of the network (see ``segresmamba.list_models()``).
-        net_kwargs: architecture settings passed to the network's factory.
+        net_kwargs: architecture settings passed to the network's factory. ``deep_supervision`` given here
+            wins over the recipe's choice.
         in_channels, out_channels, img_size: set from the data module by the CLI (patch size = ROI).
         task: ``multilabel`` or ``multiclass``; set from the data module.
         class_names: names of the scored classes, for the logged metric keys; set from the data module.
-        loss: ``dice`` (the paper's) or ``dicece`` (Dice + cross-entropy, for multiclass tasks).
-        lr, weight_decay: Adam (the paper's "weighted Adam": coupled L2 decay, lr 1e-4, decay 1e-5).
-        scheduler: ``cosine`` (CosineAnnealingLR over the run, stepped per epoch, or per step when
-            ``trainer.max_steps`` bounds the run) or ``none``.
+        recipe: the training recipe's name; set from the data module by the CLI (the data module builds the
+            recipe's augmentation, the task its loss and optimisation).
+        loss: ``dice`` or ``dicece`` (Dice + cross-entropy); ``None`` takes the recipe's.
+        lr, weight_decay: ``None`` takes the recipe's (paper: Adam 1e-4 / 1e-5; nnunet: SGD 1e-2 / 3e-5).
+        scheduler: ``cosine``, ``poly`` or ``none``; ``None`` takes the recipe's. The schedule runs over
+            ``trainer.max_steps`` optimiser steps when that bounds the run, else over the epochs.
         sw_overlap, sw_batch_size, sw_mode: MONAI sliding-window settings at evaluation.
+        eval_space: where test scores are computed, ``original`` (the scan's own grid) or ``resampled``.
+        val_eval_space: the same for validation during fit (default ``resampled``: cheaper, and the
+            validation Dice only monitors training); validation computes Dice, not HD95.
     """
 
     def __init__(
@@ -52,25 +91,32 @@ class SegmentationTask(L.LightningModule):
         img_size: int | Sequence[int] = 128,
         task: Literal["multilabel", "multiclass"] = "multilabel",
         class_names: list[str] | None = None,
-        loss: Literal["dice", "dicece"] = "dice",
-        lr: float = 1e-4,
-        weight_decay: float = 1e-5,
-        scheduler: Literal["cosine", "none"] = "cosine",
+        recipe: str = "paper",
+        loss: Literal["dice", "dicece"] | None = None,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        scheduler: Literal["cosine", "poly", "none"] | None = None,
         sw_overlap: float = 0.5,
         sw_batch_size: int = 1,
         sw_mode: Literal["constant", "gaussian"] = "constant",
+        eval_space: Literal["original", "resampled"] = "original",
+        val_eval_space: Literal["original", "resampled"] = "resampled",
     ) -> None:
         super().__init__()
         if task not in ("multilabel", "multiclass"):
             raise ValueError(f"task must be 'multilabel' or 'multiclass', got {task!r}")
-        if loss not in ("dice", "dicece"):
+        if loss not in (None, "dice", "dicece"):
             raise ValueError(f"loss must be 'dice' or 'dicece', got {loss!r}")
-        if scheduler not in ("cosine", "none"):
-            raise ValueError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
-        if lr <= 0 or weight_decay < 0:
+        if scheduler not in (None, "cosine", "poly", "none"):
+            raise ValueError(f"scheduler must be 'cosine', 'poly' or 'none', got {scheduler!r}")
+        if (lr is not None and lr <= 0) or (weight_decay is not None and weight_decay < 0):
             raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {lr} and {weight_decay}")
         if not 0.0 <= sw_overlap < 1.0:
             raise ValueError(f"sw_overlap must be within [0, 1), got {sw_overlap}")
+        for name, space in (("eval_space", eval_space), ("val_eval_space", val_eval_space)):
+            if space not in ("original", "resampled"):
+                raise ValueError(f"{name} must be 'original' or 'resampled', got {space!r}")
+        self.eval_cases: dict[str, list[dict]] = {}
         self.save_hyperparameters()
         self.img_size = normalize_img_size(img_size)
         n_scored = out_channels if task == "multilabel" else out_channels - 1
@@ -79,15 +125,13 @@ class SegmentationTask(L.LightningModule):
         self.class_names = list(class_names) if class_names else [f"class{i}" for i in range(n_scored)]
         if len(self.class_names) != n_scored:
             raise ValueError(f"class_names lists {len(self.class_names)} names but the task scores {n_scored} classes")
-        self.net = create_model(net, in_channels, out_channels, self.img_size, **(net_kwargs or {}))
-        if task == "multilabel":
-            self.loss_fn = (DiceLoss if loss == "dice" else DiceCELoss)(
-                sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True
-            )
-        else:
-            self.loss_fn = (DiceLoss if loss == "dice" else DiceCELoss)(
-                to_onehot_y=True, softmax=True, smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True
-            )
+        overrides = {"loss": loss, "lr": lr, "weight_decay": weight_decay, "scheduler": scheduler}
+        self.recipe_settings = dataclasses.replace(get_recipe(recipe), **{k: v for k, v in overrides.items() if v is not None})
+        net_kwargs = dict(net_kwargs or {})
+        if self.recipe_settings.deep_supervision and model_info(net).deep_supervision:
+            net_kwargs.setdefault("deep_supervision", True)
+        self.net = create_model(net, in_channels, out_channels, self.img_size, **net_kwargs)
+        self.loss_fn = build_loss(self.recipe_settings, task)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -115,70 +159,192 @@ class SegmentationTask(L.LightningModule):
         return loss
 
     # -- evaluation --------------------------------------------------------------------------------
+    CASE_ID_BYTES = 256  # case ids travel between processes as fixed-width UTF-8 rows
+
     def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
-        """Whole-volume logits by sliding-window inference (ROI = training patch)."""
+        """Whole-volume logits by sliding-window inference on the preprocessed grid (ROI = training patch).
+
+        The network sees plain tensors; a MetaTensor input keeps its metadata and transform record to itself.
+        """
+        data = image.as_tensor() if isinstance(image, MetaTensor) else image
         return sliding_window_inference(
-            image, roi_size=self.img_size, sw_batch_size=self.hparams.sw_batch_size, predictor=self.net,
+            data, roi_size=self.img_size, sw_batch_size=self.hparams.sw_batch_size, predictor=self.net,
             overlap=self.hparams.sw_overlap, mode=self.hparams.sw_mode,
         )
 
-    def to_mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits -> one-hot (multiclass, with background) or thresholded regions (multilabel)."""
-        if self.hparams.task == "multilabel":
-            return (torch.sigmoid(logits) > 0.5).float()
-        return F.one_hot(logits.argmax(1), self.hparams.out_channels).movedim(-1, 1).float()
+    @staticmethod
+    def to_original_grid(probabilities: torch.Tensor, image: torch.Tensor, transform: Any) -> torch.Tensor:
+        """One case's class probabilities (C, ...) on the preprocessed grid -> on the scan's own grid.
 
-    def _score(self, batch: dict) -> torch.Tensor:
-        """Per-case, per-scored-class Dice (B, n_classes), NaN where a class is absent from the label."""
-        pred = self.to_mask(self.predict_logits(batch["image"]))
-        label = batch["label"]
-        if self.hparams.task == "multiclass":
-            label = F.one_hot(label[:, 0].long(), self.hparams.out_channels).movedim(-1, 1).float()
-            pred, label = pred[:, 1:], label[:, 1:]
-        return compute_dice(pred, label, include_background=True, ignore_empty=True)
+        ``image`` is that case's evaluated image (C, ...) and ``transform`` the very chain that made it
+        (MONAI ``Invertd`` checks the instance). The result is a MetaTensor carrying the scan's affine.
+        A plain-tensor image (in-memory data) or a MetaTensor with no spatial transform applied is already
+        on its own grid: the probabilities come back unchanged (with the image's metadata).
+        """
+        if not isinstance(image, MetaTensor):
+            return probabilities
+        if not image.applied_operations:
+            return MetaTensor(probabilities, meta=image.meta)
+        if not isinstance(transform, InvertibleTransform):
+            raise ValueError(
+                "the evaluated image was resampled, cropped or reoriented, but its data loader's dataset has no "
+                "invertible MONAI transform to undo that with; set model.eval_space: resampled"
+            )
+        inverter = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=False)
+        return inverter({"pred": MetaTensor(probabilities), "image": image})["pred"]
+
+    @staticmethod
+    def _loader_transform(loaders: Any, dataloader_idx: int) -> Any:
+        """The transform of the dataset behind the current evaluation loader (what ``Invertd`` needs)."""
+        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        return getattr(getattr(loader, "dataset", None), "transform", None)
+
+    @staticmethod
+    def _case_ids(batch: dict) -> list[str]:
+        ids = batch.get("case_id")
+        if ids is None:
+            raise ValueError("evaluation batches need a 'case_id' per case (every VolumeDataModule item has one)")
+        return [ids] if isinstance(ids, str) else [str(i) for i in ids]
+
+    def score_batch(
+        self, batch: dict, space: Literal["original", "resampled"], transform: Any = None, with_hd95: bool = True
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores of one evaluation batch in ``space``: (case ids, Dice (B, n_classes), HD95 in mm
+        (B, n_classes; NaN without ``with_hd95``), voxel size in mm of the scored grid (B, 3)).
+
+        ``transform`` is the evaluation chain that made the batch, needed for ``space="original"`` when it
+        changed the grid (see :meth:`to_original_grid`).
+        """
+        task = self.hparams.task
+        ids = self._case_ids(batch)
+        probabilities = activate(self.predict_logits(batch["image"]), task)
+        keys = [k for k in ("image", "label", ORIGINAL_LABEL) if k in batch]
+        items = decollate_batch({k: batch[k] for k in keys}, detach=True)
+        if len(items) != len(ids):
+            raise ValueError(f"a batch of {len(items)} cases lists {len(ids)} case ids")
+        dice, hd95, spacing = [], [], []
+        for prob, item, case_id in zip(probabilities, items, ids):
+            label = item["label"]
+            if space == "original":
+                changed = isinstance(item["image"], MetaTensor) and bool(item["image"].applied_operations)
+                if changed and ORIGINAL_LABEL not in item:
+                    raise ValueError(
+                        f"case {case_id}: the evaluation chain changed the image grid but keeps no '{ORIGINAL_LABEL}' "
+                        "(the label as stored) to score against in the original space; set model.eval_space: resampled"
+                    )
+                prob = self.to_original_grid(prob, item["image"], transform)
+                label = item.get(ORIGINAL_LABEL, label)
+            if prob.shape[1:] != label.shape[1:]:
+                raise ValueError(
+                    f"case {case_id}: prediction grid {tuple(prob.shape[1:])} differs from the {space}-space label grid "
+                    f"{tuple(label.shape[1:])}"
+                )
+            pred = prediction_to_onehot(prob[None], task)
+            truth = label_to_onehot(label[None], task, self.hparams.out_channels)
+            voxel = voxel_spacing(label if isinstance(label, MetaTensor) else prob)
+            dice.append(dice_per_class(pred, truth).float().cpu())
+            hd95.append(hd95_per_class(pred, truth, voxel) if with_hd95 else torch.full_like(dice[-1], float("nan")))
+            spacing.append(torch.tensor([voxel], dtype=torch.float32))
+        return ids, torch.cat(dice), torch.cat(hd95), torch.cat(spacing)
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_scores: list[torch.Tensor] = []
+        self._scored: list[tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     on_test_epoch_start = on_validation_epoch_start
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_scores.append(self._score(batch).detach().cpu())
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        space = self.hparams.val_eval_space
+        transform = self._loader_transform(self.trainer.val_dataloaders, dataloader_idx) if space == "original" else None
+        self._scored.append(self.score_batch(batch, space, transform, with_hd95=False))
 
-    test_step = validation_step
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        space = self.hparams.eval_space
+        transform = self._loader_transform(self.trainer.test_dataloaders, dataloader_idx) if space == "original" else None
+        self._scored.append(self.score_batch(batch, space, transform, with_hd95=True))
 
-    def _log_eval(self, prefix: str) -> dict[str, float]:
-        scores = torch.cat(self._eval_scores) if self._eval_scores else torch.empty(0, len(self.class_names))
-        scores = self.all_gather(scores.to(self.device)).reshape(-1, len(self.class_names)).float().cpu()
-        per_class = torch.nanmean(scores, dim=0)
-        # class names become metric keys: keep them to one path component ("CSF/other" -> "CSF_other")
-        results = {f"{prefix}/dice_{re.sub(r'[^0-9A-Za-z+-]+', '_', name)}": float(v) for name, v in zip(self.class_names, per_class)}
-        results[f"{prefix}/dice_mean"] = float(torch.nanmean(per_class)) if len(per_class) else math.nan
+    def _encode_ids(self, ids: list[str]) -> torch.Tensor:
+        rows = torch.zeros(len(ids), self.CASE_ID_BYTES, dtype=torch.uint8)
+        for n, case_id in enumerate(ids):
+            raw = case_id.encode()
+            if len(raw) > self.CASE_ID_BYTES:
+                raise ValueError(f"case id {case_id!r} is longer than {self.CASE_ID_BYTES} bytes")
+            rows[n, : len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        return rows
+
+    def _gathered_cases(self) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every process's scored cases, each case once (a distributed sampler repeats cases to even out
+        the processes' shares)."""
+        n = len(self.class_names)
+        ids = [i for part in self._scored for i in part[0]]
+        tensors = [
+            self._encode_ids(ids),
+            torch.cat([p[1] for p in self._scored]) if self._scored else torch.empty(0, n),
+            torch.cat([p[2] for p in self._scored]) if self._scored else torch.empty(0, n),
+            torch.cat([p[3] for p in self._scored]) if self._scored else torch.empty(0, 3),
+        ]
+        encoded, dice, hd95, spacing = (
+            self.all_gather(t.to(self.device)).reshape(-1, t.shape[1]).cpu() for t in tensors
+        )
+        names = [bytes(row.tolist()).rstrip(b"\0").decode() for row in encoded]
+        first = {name: k for k, name in reversed(list(enumerate(names)))}
+        keep = sorted(first.values(), key=lambda k: names[k])
+        return [names[k] for k in keep], dice[keep].float(), hd95[keep].float(), spacing[keep]
+
+    def _log_eval(self, prefix: str, space: str, with_hd95: bool) -> dict[str, float]:
+        ids, dice, hd95, spacing = self._gathered_cases()
+        metrics = [("dice", dice)] + ([("hd95", hd95)] if with_hd95 else [])
+        results: dict[str, float] = {}
+        for metric, scores in metrics:
+            per_class, mean = aggregate(scores)
+            results.update({metric_key(prefix, metric, name): float(v) for name, v in zip(self.class_names, per_class)})
+            results[f"{prefix}/{metric}_mean"] = mean
         for key, value in results.items():
-            self.log(key, value, prog_bar=key.endswith("mean"), sync_dist=False, rank_zero_only=False)
+            self.log(key, value, prog_bar=key.endswith("dice_mean"), sync_dist=False, rank_zero_only=False)
+        self.eval_cases[prefix] = [
+            {
+                "case_id": case_id, "class": name, "dice": float(dice[k, c]), "hd95_mm": float(hd95[k, c]),
+                "eval_space": space, "spacing_mm": "x".join(f"{s:g}" for s in spacing[k].tolist()),
+            }
+            for k, case_id in enumerate(ids)
+            for c, name in enumerate(self.class_names)
+        ]
         return results
 
     def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
+        self._log_eval("val", self.hparams.val_eval_space, with_hd95=False)
 
     def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
+        self._log_eval("test", self.hparams.eval_space, with_hd95=True)
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        mask = self.to_mask(self.predict_logits(batch["image"]))
-        if self.hparams.task == "multiclass":
-            mask = mask.argmax(1, keepdim=True)
-        return {"case_id": batch.get("case_id"), "mask": mask.to(torch.uint8).cpu()}
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """One mask per case on the scan's own grid (whatever ``eval_space``): ``{"case_id": [...],
+        "mask": [uint8 MetaTensor per case]}`` with the scan's affine (see :func:`segresmamba.prediction.export_mask`)."""
+        task = self.hparams.task
+        probabilities = activate(self.predict_logits(batch["image"]), task)
+        transform = self._loader_transform(self.trainer.predict_dataloaders, dataloader_idx)
+        images = decollate_batch(batch["image"], detach=True)
+        masks = [
+            export_mask(self.to_original_grid(prob, image, transform), task, self.class_names).cpu()
+            for prob, image in zip(probabilities, images)
+        ]
+        return {"case_id": self._case_ids(batch), "mask": masks}
 
     # -- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        if self.hparams.scheduler == "none":
-            return optimizer
+        recipe = self.recipe_settings
+        optimizer = build_optimizer(recipe, self)
         trainer = self.trainer
         if trainer.max_steps and trainer.max_steps > 0:
-            scheduler = {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=trainer.max_steps), "interval": "step"}
+            total, interval = trainer.max_steps, "step"
         else:
-            epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-            scheduler = {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs), "interval": "epoch"}
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+            total, interval = (trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1), "epoch"
+        scheduler = build_scheduler(recipe, optimizer, total)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # the recipe's clipping (nnU-Net clips the gradient norm at 12); a trainer setting still wins
+        if gradient_clip_val is None and self.recipe_settings.grad_clip_norm is not None:
+            gradient_clip_val, gradient_clip_algorithm = self.recipe_settings.grad_clip_norm, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
