@@ -49,27 +49,34 @@ fit-demo: $(STAMP) ## fit + test SegResMamba for a few steps on the in-memory sy
 	$(VENV)/bin/segresmamba test -c configs/trainer/cpu.yaml -c configs/model/segresmamba.yaml -c configs/data/synthetic.yaml --trainer.logger.init_args.name demo --ckpt_path "$$(ls -t runs/demo/version_*/checkpoints/last.ckpt | head -1)"
 
 PROFILE ?= quick
-# bench-<dataset>: PROFILE=quick runs every model for a few steps on synthetic phantoms (CPU, minutes);
-# PROFILE=paper runs the paper protocol on real data named by BRATS_DIR / BTCV_DIR / SPLEEN_DIR (GPU).
+RECIPE ?=
+# bench-<dataset>: PROFILE=quick runs every model for a few steps on synthetic phantoms of THAT dataset's
+# layout, read by its own adapter (CPU, minutes; configs/bench/<dataset>_quick.yaml); PROFILE=paper runs the
+# paper protocol (configs/bench/<dataset>.yaml) on real data named by BRATS_DIR / BTCV_DIR / SPLEEN_DIR (GPU).
+# RECIPE=nnunet (or "paper nnunet") replaces the sweep's recipes; results land in <out>/<recipe>/<model>/fold<k>.
 define bench
-	@if [ "$(PROFILE)" = quick ]; then \
-		$(PY) -m segresmamba.bench.sweep configs/bench/quick.yaml && $(PY) -m segresmamba.bench.aggregate results/quick; \
-	elif [ "$(PROFILE)" = paper ]; then \
-		test -n "$(2)" || { echo "error: PROFILE=paper needs $(3)=/path/to/the/dataset" >&2; exit 2; }; \
-		$(PY) -m segresmamba.bench.sweep configs/bench/$(1).yaml --data-root "$(2)" && $(PY) -m segresmamba.bench.aggregate results/$(1); \
-	else echo "error: PROFILE must be quick or paper, got $(PROFILE)" >&2; exit 2; fi
+	@case "$(PROFILE)" in \
+	quick) sweep=configs/bench/$(1)_quick.yaml; out=results/quick/$(1); root="" ;; \
+	paper) test -n "$(2)" || { echo "error: PROFILE=paper needs $(3)=/path/to/the/dataset" >&2; exit 2; }; \
+		sweep=configs/bench/$(1).yaml; out=results/$(1); root="--data-root $(2)" ;; \
+	*) echo "error: PROFILE must be quick or paper, got $(PROFILE)" >&2; exit 2 ;; \
+	esac; \
+	$(PY) -m segresmamba.bench.sweep $$sweep $$root $(if $(strip $(RECIPE)),--recipes $(RECIPE)) && $(PY) -m segresmamba.bench.aggregate $$out
 endef
 
-bench-brats: $(STAMP) ## the main job: quick synthetic BraTS-like sweep of all models (PROFILE=paper BRATS_DIR=... for the paper protocol)
+bench-brats: $(STAMP) ## the main job: quick synthetic BraTS sweep of all models (PROFILE=paper BRATS_DIR=... [RECIPE=nnunet] for the paper protocol)
 	$(call bench,brats,$(BRATS_DIR),BRATS_DIR)
 
-bench-btcv: $(STAMP) ## BTCV sweep (PROFILE=paper BTCV_DIR=...)
+bench-btcv: $(STAMP) ## BTCV sweep: quick on synthetic BTCV-layout phantoms (PROFILE=paper BTCV_DIR=... [RECIPE=nnunet])
 	$(call bench,btcv,$(BTCV_DIR),BTCV_DIR)
 
-bench-spleen: $(STAMP) ## MSD Spleen sweep (PROFILE=paper SPLEEN_DIR=...)
+bench-spleen: $(STAMP) ## MSD Spleen sweep: quick on synthetic Decathlon-layout phantoms (PROFILE=paper SPLEEN_DIR=... [RECIPE=nnunet])
 	$(call bench,spleen,$(SPLEEN_DIR),SPLEEN_DIR)
 
-bench-efficiency: $(STAMP) ## params, MACs, memory and times of every model at the paper configs -> results/efficiency/<device>/
+bench-robustness: $(STAMP) ## train on the MNI152 template, test on acquisition-shifted copies of its held-out slab (PROFILE=quick: CPU; gpu) -> results/robustness/<card>/
+	$(PY) -m segresmamba.bench.robustness configs/bench/robustness_$(PROFILE).yaml
+
+bench-efficiency: $(STAMP) ## params, MACs, memory and the suite's training step of every model at the paper configs -> results/efficiency/<device>/
 	$(PY) -m segresmamba.bench.efficiency $(EFFICIENCY_ARGS)
 
 bench-scan: $(STAMP) ## scan backends on the ToM layer and the scan alone, tuned, with a kernel profile (GPU) -> results/perf/
@@ -91,8 +98,8 @@ gpu-hours: $(STAMP) ## GPU hours of the paper protocol from measured step times 
 params: $(STAMP) ## parameter table of every model -> results/params.md
 	$(PY) -m segresmamba.bench.params_table
 
-plots: $(STAMP) ## tables and plots of a sweep (RESULTS=results/quick)
-	$(PY) -m segresmamba.bench.aggregate $(or $(RESULTS),results/quick)
+plots: $(STAMP) ## tables and plots of a sweep (RESULTS=results/quick/brats)
+	$(PY) -m segresmamba.bench.aggregate $(or $(RESULTS),results/quick/brats)
 
 clean: ## remove runs and caches (keeps .venv and results/)
 	rm -rf runs lightning_logs .pytest_cache

@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from segresmamba.bench.efficiency import card_slug
-from segresmamba.bench.sweep import threads_per_process
+from segresmamba.bench.workers import threads_per_process
 
 ROOT = Path(__file__).resolve().parents[1]
 

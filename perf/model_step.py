@@ -1,6 +1,8 @@
 """Whole-model training step, long format: ``results/perf/model_step.csv`` and ``.md``.
 
-The figures are the efficiency profiler's (fwd + bwd + Adam step, batch 1, synthetic tensors), one row per
+The figures are the efficiency profiler's (the suite's training step, :mod:`segresmamba.bench.step`: the
+configured model's ``SegmentationTask.training_step`` with the recipe's loss, backward and optimiser step,
+batch 1, synthetic tensors), one row per
 (model, precision, CUDA graphs or not), so the models compare side by side with the scan benchmarks.
 ``--measure`` takes them on this GPU in one run: every model eagerly, then the models with ToM layers again
 with their small ToM layers replaying CUDA graphs (:mod:`segresmamba.ssm.cuda_graphs`); the profiler's own
@@ -17,9 +19,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from segresmamba.bench.project import project_root
 from segresmamba.bench.runs import runs_text
+from segresmamba.data.spec import get_dataset_spec
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ("segresmamba", "segresmamba_notom", "swinunetr", "unetr", "nnunet", "segmamba")
 
 
@@ -32,16 +35,16 @@ def measure(models: tuple[str, ...], source: Path) -> list[Path]:
     """Efficiency tables of ``models`` on this GPU (BraTS 128^3): eager, then with ToM CUDA graphs."""
     import torch
 
-    from segresmamba.bench import efficiency
+    from segresmamba.bench.efficiency import profile
 
     if not torch.cuda.is_available():
         raise SystemExit("error: --measure needs a GPU (CUDA is not available); use --table to reshape existing tables")
-    common = ["--configs", "brats", "--skip-macs", "--skip-cpu-times"]
-    eager = next(p for p in efficiency.main([*common, "--models", *models, "--out", str(source / "eager")]) if p.suffix == ".csv")
+    common = {"macs": False, "cpu_step": False}
+    eager = next(p for p in profile(models, ["brats"], out=source / "eager", **common) if p.suffix == ".csv")
     with_tom = [m for m, backend in pd.read_csv(eager)[["model", "scan_backend"]].itertuples(index=False) if isinstance(backend, str)]
     if not with_tom:
         return [eager]
-    graphs = efficiency.main([*common, "--models", *with_tom, "--cuda-graphs", "--out", str(source / "cuda_graphs")])
+    graphs = profile(with_tom, ["brats"], out=source / "cuda_graphs", cuda_graphs=True, **common)
     return [eager, next(p for p in graphs if p.suffix == ".csv")]
 
 
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--table", type=Path, nargs="+", help="efficiency CSVs of one config (results/efficiency/<device>/<config>.csv)")
     source.add_argument("--measure", action="store_true", help="measure on this GPU first (BraTS 128^3, eager and with ToM CUDA graphs)")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "perf")
+    p.add_argument("--out", type=Path, default=Path("results") / "perf", help="default: results/perf of the working directory")
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     args = p.parse_args(argv)
     tables = measure(tuple(args.models), args.out / "model_step_source") if args.measure else args.table
@@ -76,19 +79,24 @@ def main(argv: list[str] | None = None) -> int:
     if len(stems) != 1:
         raise SystemExit(f"error: the tables are of different configs ({', '.join(sorted(stems))}); give one config's tables")
     stem = stems.pop()
-    config = f"{stem} 128^3 b1" if stem in ("brats", "btcv") else f"{stem} 96^3 b1"
+    try:
+        spec = get_dataset_spec(stem)
+    except ValueError as err:
+        raise SystemExit(f"error: {tables[0]}: {err}") from None
+    config = f"{stem} {'x'.join(map(str, spec.patch))} b1"
     df = pd.concat([reshape(pd.read_csv(t), config, tuple(args.models)) for t in tables], ignore_index=True)
     if df.empty:
         raise SystemExit(f"error: none of {args.models} in {', '.join(map(str, tables))}")
     args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "model_step.csv", index=False, float_format="%.4g")
-    shown = ", ".join(f"`{t.relative_to(ROOT) if t.is_absolute() and t.is_relative_to(ROOT) else t}`" for t in tables)
+    root = project_root()
+    shown = ", ".join(f"`{t.relative_to(root) if t.is_absolute() and t.is_relative_to(root) else t}`" for t in tables)
     md = [
         f"# Whole-model training step, {config}",
         "",
         f"From {shown} ({runs_text(df.drop_duplicates(['model', 'git_sha']))}; each row measured alone on one GPU; "
         f"cards: {', '.join(sorted(df.device.astype(str).unique()))}). "
-        "fwd + bwd + Adam step on synthetic tensors; peak = max_memory_allocated (GiB); bf16 = autocast, fp32 weights; "
+        "the training step the efficiency profiler of that git SHA timed (see the source tables' headers), batch 1, synthetic tensors; peak = max_memory_allocated (GiB); bf16 = autocast, fp32 weights; "
         "cuda_graphs: how many ToM layers replayed CUDA graphs (`--cuda_graphs` in training), - = all eager.",
         "",
         df.to_markdown(index=False, floatfmt=".3g"),

@@ -2,7 +2,9 @@
 
 A step whose wall time is well above the sum of its GPU kernels is bound by the host (kernel launches and
 Python), not by the GPU; CUDA graphs then help and faster kernels do not. One run, one device, each mode
-after the other on the same model and batch (synthetic tensors, fwd + bwd + Adam step, batch 1):
+after the other on the same model and batch (synthetic tensors, batch 1). The step is the suite's
+(:mod:`segresmamba.bench.step`): ``SegmentationTask.training_step`` of the model as ``configs/model/<model>.yaml``
+configures it, with the recipe's loss, backward and optimiser step:
 
     python -m perf.step_profile --model segresmamba --config brats --out results/perf
 
@@ -21,8 +23,10 @@ from pathlib import Path
 import torch
 
 import segresmamba
-from segresmamba.bench.efficiency import CONFIGS, train_step
 from perf.scan_bench import kernel_breakdown
+from segresmamba.bench.efficiency import PROFILED_DATASETS
+from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
+from segresmamba.data.spec import get_dataset_spec
 from segresmamba.provenance import provenance
 from segresmamba.ssm.cuda_graphs import graph_tom_layers, release_tom_graphs
 
@@ -30,27 +34,30 @@ MODES = ("eager", "cuda_graphs")
 TOP = 15
 
 
-def wall_ms(step, steps: int) -> float:
+def wall_ms(step, batch: dict, steps: int) -> float:
     times = []
     for _ in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        step()
+        step(batch)
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
-def profile(model_name: str, config: str, precision: str, modes: list[str], steps: int, warmup: int) -> list[str]:
-    cfg = CONFIGS[config]
+def profile(model_name: str, config: str, precision: str, modes: list[str], steps: int, warmup: int, recipe: str = "paper") -> list[str]:
+    spec = get_dataset_spec(config)
     torch.backends.cudnn.benchmark = True  # as the training configs
     torch.manual_seed(0)
-    model = segresmamba.create_model(model_name, cfg.in_channels, cfg.out_channels, cfg.patch).cuda()
-    step, x, dtype = train_step(model, cfg, precision)
-    prov = provenance(torch.device("cuda"), precision)
-    lines = [f"# Training step of {model_name}, {config} {'x'.join(map(str, cfg.patch))} b1 {precision}: GPU kernels against wall time", "",
+    device = torch.device("cuda")
+    step = TrainingStep(build_task(model_name, spec, recipe=recipe), precision, device)
+    batch = synthetic_batch(spec, spec.patch, device)
+    model, x, dtype = step.task.net, batch["image"], step.dtype
+    prov = provenance(device, precision)
+    lines = [f"# Training step of {model_name}, {config} {'x'.join(map(str, spec.patch))} b1 {precision}: GPU kernels against wall time", "",
              f"{prov['device']} · git {prov['git_sha']} · torch {prov['versions'].get('torch')} · triton {prov['versions'].get('triton')} · "
-             f"synthetic tensors, fwd + bwd + Adam step, `cudnn.benchmark` on. Wall: median of {steps} steps after {warmup} warm-ups "
+             f"synthetic tensors, the suite's training step (recipe {recipe}: task loss, backward, optimiser step), "
+             f"`cudnn.benchmark` on. Wall: median of {steps} steps after {warmup} warm-ups "
              "(CUDA synchronised around each). Kernels: torch.profiler, mean of 3 steps. Names are cut at 90 characters.", "",
              "| mode | ToM layers in CUDA graphs | wall ms / step | GPU kernel ms / step | kernel share of wall | launches / step |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -58,9 +65,9 @@ def profile(model_name: str, config: str, precision: str, modes: list[str], step
     for mode in modes:
         graphed = graph_tom_layers(model, x, dtype) if mode == "cuda_graphs" else []
         for _ in range(warmup):
-            step()
-        ms = wall_ms(step, steps)
-        table, total = kernel_breakdown(step, iters=3)
+            step(batch)
+        ms = wall_ms(step, batch, steps)
+        table, total = kernel_breakdown(lambda: step(batch), iters=3)
         launches = sum(r[2] for r in table)
         lines.append(f"| {mode} | {len(graphed)} | {ms:.1f} | {total:.1f} | {total / ms:.0%} | {launches} |")
         sections += ["", f"## {mode}: largest kernels", "", "| kernel | ms / step | launches |", "|---|---:|---:|"]
@@ -73,7 +80,8 @@ def profile(model_name: str, config: str, precision: str, modes: list[str], step
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="segresmamba")
-    p.add_argument("--config", default="brats", choices=list(CONFIGS))
+    p.add_argument("--config", default="brats", choices=list(PROFILED_DATASETS), help="dataset whose paper configuration is used")
+    p.add_argument("--recipe", default="paper", help="training recipe whose loss and optimiser the step uses")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--steps", type=int, default=10)
@@ -84,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: step_profile needs a GPU (CUDA is not available)")
     if args.model not in segresmamba.list_models():
         raise SystemExit(f"error: unknown model {args.model!r}; known models: {', '.join(segresmamba.list_models())}")
-    lines = profile(args.model, args.config, args.precision, args.modes, args.steps, args.warmup)
+    lines = profile(args.model, args.config, args.precision, args.modes, args.steps, args.warmup, args.recipe)
     args.out.mkdir(parents=True, exist_ok=True)
     dest = args.out / f"step_profile_{args.model}_{args.config}.md"
     dest.write_text("\n".join(lines) + "\n")

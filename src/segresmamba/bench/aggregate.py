@@ -1,11 +1,15 @@
 """Aggregate sweep results into tables and the paper's figures.
 
-    python -m segresmamba.bench.aggregate results/quick            # -> summary.csv, summary.md, fig2/fig3/macs PNGs
+    python -m segresmamba.bench.aggregate results/quick/brats      # -> summary.csv, summary.md, fig2/fig3 PNGs
 
-Reads every ``<dir>/<model>/fold<k>/metrics.json``; writes ``summary.csv`` and ``summary.md`` (mean ± std
-over folds per model), ``paper_vs_ours.md`` side by side, and plots: Fig. 2 (mean Dice vs training memory),
-Fig. 3 (mean Dice vs CO2) and a MACs chart (from ``results/efficiency/<device>/`` when present). Plot
-titles name the device, the data (real or synthetic) and the protocol.
+or from Python: ``aggregate("results/quick/brats")`` (returns the summary table).
+
+Reads every ``<dir>/<recipe>/<model>/fold<k>/metrics.json`` (and ``<dir>/<model>/fold<k>/metrics.json`` of
+sweeps from before recipes existed); writes ``runs.csv``, ``summary.csv`` and ``summary.md`` (mean ± std over
+folds per recipe and model, with the recipe and the reported checkpoint in their own columns: records
+without them are ``paper`` and ``best``, what every run reported then), ``paper_vs_ours.md`` side by side,
+and plots: Fig. 2 (mean Dice vs training memory), Fig. 3 (mean Dice vs CO2) and, with ``--efficiency``, a
+MACs chart. Plot titles name the recipe, the device, the data (real or synthetic) and the protocol.
 """
 
 from __future__ import annotations
@@ -22,16 +26,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from segresmamba.bench.paper import paper_figures  # noqa: E402
+from segresmamba.data.spec import spec_of_data_name  # noqa: E402
+
+__all__ = ["aggregate", "load_runs", "summarise", "write_markdown", "plot_figures", "plot_macs", "plot_memory"]
 
 NUMERIC = ("val_best_dice_mean", "untrained_dice_mean", "best_epoch", "epochs", "fit_wall_s", "step_ms", "peak_gib", "energy_kwh", "co2_kg",
            "calculator_co2_kg", "params_m")
-DATASET_OF = {"brats2021": "brats", "brats_synthetic": "brats", "btcv": "btcv", "msd_spleen": "spleen"}
+# what records written before recipes and checkpoint choice were recorded ran and reported
+LEGACY_RECIPE, LEGACY_CHECKPOINT = "paper", "best"
+
+
+def _spec_name(data_names: str) -> str:
+    """The dataset spec name of the first recorded data-module name (``msd_spleen`` -> ``spleen``)."""
+    first = data_names.split(";")[0].strip()
+    spec = spec_of_data_name(first)
+    return spec.name if spec else first
 
 
 def load_runs(result_dir: Path) -> pd.DataFrame:
-    """One row per run (model, fold) from the metrics.json files."""
+    """One row per run (recipe, model, fold) from the metrics.json files."""
     rows = []
-    for path in sorted(result_dir.glob("*/fold*/metrics.json")):
+    for path in sorted(result_dir.rglob("fold*/metrics.json")):
         rec = json.loads(path.read_text())
         fit, test = rec.get("fit") or {}, rec.get("test") or {}
         best = (fit.get("best") or {})
@@ -40,6 +55,8 @@ def load_runs(result_dir: Path) -> pd.DataFrame:
         prov = rec.get("provenance") or {}
         row = {
             "model": rec.get("model") or path.parent.parent.name,
+            "recipe": rec.get("recipe") or LEGACY_RECIPE,
+            "reported_checkpoint": rec.get("reported_checkpoint") or test.get("reported_checkpoint") or LEGACY_CHECKPOINT,
             "fold": rec.get("fold", int(path.parent.name.removeprefix("fold"))),
             "status": rec.get("status", "ok"),
             "error": rec.get("error"),
@@ -74,20 +91,20 @@ def load_runs(result_dir: Path) -> pd.DataFrame:
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over folds per model (successful runs only), with the failures counted."""
+    """Mean and std over folds per recipe and model (successful runs only), with the failures counted."""
+    keys = ["recipe", "model"]
     ok = runs[runs.status == "ok"]
     numeric = [c for c in ok.columns if c not in ("model", "fold") and pd.api.types.is_numeric_dtype(ok[c])]
-    grouped = ok.groupby("model")[numeric]
+    grouped = ok.groupby(keys)[numeric]
     summary = grouped.mean().add_suffix("_mean").join(grouped.std().add_suffix("_std"))
-    summary["folds"] = ok.groupby("model").size()
-    summary["failed"] = runs[runs.status != "ok"].groupby("model").size()
+    summary["folds"] = ok.groupby(keys).size()
+    summary = summary.reindex(pd.MultiIndex.from_frame(runs[keys].drop_duplicates()))  # runs that all failed too
+    summary["folds"] = summary["folds"].fillna(0).astype(int)
+    summary["failed"] = runs[runs.status != "ok"].groupby(keys).size()
     summary["failed"] = summary["failed"].fillna(0).astype(int)
-    failed_only = sorted(set(runs.model) - set(ok.model))
-    for model in failed_only:
-        summary.loc[model, "failed"] = int((runs.model == model).sum())
-    for col in ("device", "precision", "git_sha", "provenance", "dataset", "protocol"):
-        summary[col] = runs.groupby("model")[col].agg(lambda s: ", ".join(sorted({str(v) for v in s if v is not None})))
-    return summary.reset_index().sort_values("test_dice_mean_mean", ascending=False, na_position="last")
+    for col in ("reported_checkpoint", "device", "precision", "git_sha", "provenance", "dataset", "protocol"):
+        summary[col] = runs.groupby(keys)[col].agg(lambda s: ", ".join(sorted({str(v) for v in s if v is not None})))
+    return summary.reset_index().sort_values(["recipe", "test_dice_mean_mean"], ascending=[True, False], na_position="last")
 
 
 def _pm(mean, std, digits=3):
@@ -101,7 +118,7 @@ def _meta(summary: pd.DataFrame) -> dict[str, str]:
         vals = [v for v in summary[col].dropna().unique() if v]
         return "; ".join(vals) if vals else "?"
 
-    return {k: first(k) for k in ("device", "precision", "git_sha", "provenance", "dataset", "protocol")}
+    return {k: first(k) for k in ("recipe", "reported_checkpoint", "device", "precision", "git_sha", "provenance", "dataset", "protocol")}
 
 
 def _protocol_text(meta: dict[str, str]) -> str:
@@ -114,17 +131,18 @@ def write_markdown(summary: pd.DataFrame, runs: pd.DataFrame, out: Path) -> None
     lines = [
         f"# Sweep summary: {meta['dataset']} ({meta['provenance']})",
         "",
-        f"Protocol: {meta['protocol']}. Device: {meta['device']}. Precision: {meta['precision']}. git {meta['git_sha']}.",
-        "Mean ± std over folds. Dice = test Dice of the best-validation checkpoint (whole volumes, sliding window).",
+        f"Protocol: {meta['protocol']}. Recipe: {meta['recipe']}. Device: {meta['device']}. Precision: {meta['precision']}. git {meta['git_sha']}.",
+        "Mean ± std over folds. Dice = test Dice (whole volumes, sliding window) of the checkpoint in the `checkpoint` column: "
+        "`last` = the final weights, `best` = the best validation Dice (optimistic when the test cases are the validation cases).",
         "",
         "Untrained = the validation Dice of the same network before its first step (Lightning's sanity check).",
         "",
-        "| model | folds | test mean Dice | best val mean Dice | untrained val Dice | epochs | fit wall (s) | step (ms) | peak GiB | energy (kWh) | CO2 (kg) | failed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| recipe | model | checkpoint | folds | test mean Dice | best val mean Dice | untrained val Dice | epochs | fit wall (s) | step (ms) | peak GiB | energy (kWh) | CO2 (kg) | failed |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary.itertuples():
         lines.append(
-            f"| {r.model} | {int(r.folds) if not pd.isna(r.folds) else 0} | {_pm(r.test_dice_mean_mean, r.test_dice_mean_std)} | "
+            f"| {r.recipe} | {r.model} | {r.reported_checkpoint or '–'} | {r.folds} | {_pm(r.test_dice_mean_mean, r.test_dice_mean_std)} | "
             f"{_pm(r.val_best_dice_mean_mean, r.val_best_dice_mean_std)} | {_pm(r.untrained_dice_mean_mean, None)} | "
             f"{_pm(r.epochs_mean, None, 0)} | "
             f"{_pm(r.fit_wall_s_mean, None, 0)} | {_pm(r.step_ms_mean, None, 0)} | "
@@ -133,19 +151,23 @@ def write_markdown(summary: pd.DataFrame, runs: pd.DataFrame, out: Path) -> None
         )
     errors = runs[runs.status != "ok"]
     if len(errors):
-        lines += ["", "Failed runs:", ""] + [f"- {e.model} fold {e.fold}: {e.error}" for e in errors.itertuples()]
+        lines += ["", "Failed runs:", ""] + [f"- {e.model} [{e.recipe}] fold {e.fold}: {e.error}" for e in errors.itertuples()]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
-    dataset = DATASET_OF.get(meta["dataset"].split(";")[0], meta["dataset"])
+    dataset = _spec_name(meta["dataset"])
     paper = paper_figures()
     paper = paper[(paper.dataset == dataset) & (paper.metric == "dice_mean")].set_index("model").value
-    side = ["# Paper vs ours", "", f"Paper: Das et al. 2025 ({dataset}, real data, A100). Ours: {meta['provenance']} data, {_protocol_text(meta)}, {meta['device']}, git {meta['git_sha'][:10]}.",
-            "The two columns answer different questions when our data is synthetic; they are never mixed.", "",
-            "| model | paper mean Dice | ours mean Dice |", "|---|---:|---:|"]
+    recipes = sorted(summary.recipe.unique())
+    side = ["# Paper vs ours", "", f"Paper: Das et al. 2025 ({dataset}, real data, A100, its own recipe). Ours: {meta['provenance']} data, {_protocol_text(meta)}, {meta['device']}, git {meta['git_sha'][:10]}.",
+            "The columns answer different questions when our data is synthetic; they are never mixed.", "",
+            "| model | paper mean Dice | " + " | ".join(f"ours mean Dice, recipe {r}" for r in recipes) + " |",
+            "|---|---:|" + "---:|" * len(recipes)]
     for model in sorted(set(summary.model) | set(paper.index)):
-        ours = summary[summary.model == model]
-        ours_text = _pm(ours.test_dice_mean_mean.iloc[0], ours.test_dice_mean_std.iloc[0]) if len(ours) else "–"
-        side.append(f"| {model} | {paper.get(model, float('nan')):.4f} | {ours_text} |" if model in paper.index else f"| {model} | – | {ours_text} |")
+        cells = []
+        for recipe in recipes:
+            ours = summary[(summary.model == model) & (summary.recipe == recipe)]
+            cells.append(_pm(ours.test_dice_mean_mean.iloc[0], ours.test_dice_mean_std.iloc[0]) if len(ours) else "–")
+        side.append(f"| {model} | {f'{paper[model]:.4f}' if model in paper.index else '–'} | {' | '.join(cells)} |")
     (out / "paper_vs_ours.md").write_text("\n".join(side) + "\n")
 
 
@@ -157,11 +179,15 @@ def _scatter(ax, xs, ys, labels, **kw):
 
 def plot_figures(summary: pd.DataFrame, out: Path) -> list[Path]:
     meta = _meta(summary)
-    dataset = DATASET_OF.get(meta["dataset"].split(";")[0], meta["dataset"])
+    dataset = _spec_name(meta["dataset"])
     paper = paper_figures()
     paper = paper[paper.dataset == dataset]
+    several = summary.recipe.nunique() > 1
+    labels = [f"{m} [{r}]" if several else m for m, r in zip(summary.model, summary.recipe)]
+    summary = summary.assign(label=labels)
     # the protocol line can be long: wrap it so the title stays inside the figure
-    title_tail = "\n".join(textwrap.wrap(f"{meta['provenance']} data · {meta['device']} · {_protocol_text(meta)} · git {meta['git_sha'][:10]}", 120))
+    title_tail = "\n".join(textwrap.wrap(
+        f"recipe {meta['recipe']} · {meta['provenance']} data · {meta['device']} · {_protocol_text(meta)} · git {meta['git_sha'][:10]}", 120))
     written = []
     for fig_name, x_col, x_label, paper_metric in (
         ("fig2_dice_vs_memory.png", "peak_gib_mean", "peak training memory (GiB)", "train_memory"),
@@ -171,7 +197,7 @@ def plot_figures(summary: pd.DataFrame, out: Path) -> list[Path]:
         ours = summary.dropna(subset=["test_dice_mean_mean"])
         if x_col in ours and ours[x_col].notna().any():
             ours = ours.dropna(subset=[x_col])
-            _scatter(ax_ours, ours[x_col], ours.test_dice_mean_mean, ours.model, color="tab:blue")
+            _scatter(ax_ours, ours[x_col], ours.test_dice_mean_mean, ours.label, color="tab:blue")
         else:
             ax_ours.text(0.5, 0.5, f"{x_label}\nnot measured on this device", ha="center", va="center", transform=ax_ours.transAxes)
         ax_ours.set(xlabel=x_label, ylabel="mean Dice (test)", title="ours")
@@ -234,26 +260,43 @@ def plot_memory(efficiency_csv: Path, out: Path) -> Path:
     return dest
 
 
+def aggregate(result_dir: str | Path, *, efficiency: str | Path | None = None, out: str | Path | None = None) -> pd.DataFrame:
+    """Tables and plots of the sweep results under ``result_dir``, written to ``out`` (default: the same
+    folder); returns the summary (one row per recipe and model). ``efficiency``: an efficiency CSV whose
+    MACs are charted beside. ValueError when there is nothing to aggregate."""
+    result_dir = Path(result_dir)
+    dest = Path(out) if out is not None else result_dir
+    if not result_dir.is_dir():
+        raise ValueError(f"{result_dir} is not a directory")
+    runs = load_runs(result_dir)
+    if runs.empty:
+        raise ValueError(f"no <recipe>/<model>/fold<k>/metrics.json under {result_dir}")
+    dest.mkdir(parents=True, exist_ok=True)
+    summary = summarise(runs)
+    runs.to_csv(dest / "runs.csv", index=False)
+    summary.to_csv(dest / "summary.csv", index=False)
+    write_markdown(summary, runs, dest)
+    written = plot_figures(summary, dest)
+    if efficiency is not None:
+        written.append(plot_macs(Path(efficiency), dest))
+    for path in written:
+        print(f"wrote {path}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Tables and plots from a sweep's metrics.json files.")
     p.add_argument("result_dir", type=Path)
     p.add_argument("--efficiency", type=Path, default=None, help="efficiency CSV for the MACs chart")
+    p.add_argument("--out", type=Path, default=None, help="where the tables and plots go (default: result_dir)")
     args = p.parse_args(argv)
-    if not args.result_dir.is_dir():
-        raise SystemExit(f"error: {args.result_dir} is not a directory")
-    runs = load_runs(args.result_dir)
-    if runs.empty:
-        raise SystemExit(f"error: no <model>/fold<k>/metrics.json under {args.result_dir}")
-    summary = summarise(runs)
-    runs.to_csv(args.result_dir / "runs.csv", index=False)
-    summary.to_csv(args.result_dir / "summary.csv", index=False)
-    write_markdown(summary, runs, args.result_dir)
-    written = plot_figures(summary, args.result_dir)
-    if args.efficiency and args.efficiency.exists():
-        written.append(plot_macs(args.efficiency, args.result_dir))
-    print((args.result_dir / "summary.md").read_text())
-    for path in written:
-        print(f"wrote {path}")
+    if args.efficiency is not None and not args.efficiency.is_file():
+        raise SystemExit(f"error: efficiency table {args.efficiency} not found")
+    try:
+        aggregate(args.result_dir, efficiency=args.efficiency, out=args.out)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(((args.out or args.result_dir) / "summary.md").read_text())
     return 0
 
 

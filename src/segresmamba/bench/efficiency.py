@@ -1,219 +1,245 @@
 """Efficiency profiler: parameters, MACs, peak training memory, step time and inference time.
 
-For every registered model at the paper's configurations (BTCV 1->14 at 128^3, BraTS 4->3 at 128^3,
-Spleen 1->2 at 96^3, batch 1)::
+For every registered model at the paper's configurations of the benchmark datasets
+(:mod:`segresmamba.data.spec`: BTCV 1->14 at 128^3, BraTS 4->3 at 128^3, Spleen 1->2 at 96^3, batch 1)::
 
     python -m segresmamba.bench.efficiency                       # all models, all configs, this machine's device
     python -m segresmamba.bench.efficiency --configs brats --models segresmamba swinunetr
     python -m segresmamba.bench.efficiency --gpus 0,1            # one model per GPU at a time
+    python -m segresmamba.bench.efficiency --configs brats --data-config configs/data/brats_phantom.yaml
 
-Measured (nnU-Net benchmarking practice: synthetic tensors already on the device, so no data loading;
-warm-up steps first; CUDA synchronised):
+or from Python: ``profile_model("segresmamba", "brats")`` (one row) and ``profile(models, datasets, out=...)``
+(tables).
+
+The step timed is the suite's training step (:mod:`segresmamba.bench.step`): ``SegmentationTask.training_step``
+of the model as ``configs/model/<model>.yaml`` configures it, with the recipe's loss (deep supervision
+included), backward and optimiser step. As nnU-Net benchmarks its trainers, it is measured twice: on one
+fixed batch of synthetic tensors already on the device (``step_ms_<precision>``: the step alone, CUDA
+synchronised, warm-up steps first) and, when ``--data-config`` names a data config, on batches of that data
+module's training loader (``step_ms_loaded_<precision>``: loading, augmentation and the host-to-device copy
+included).
 
 - MACs: fvcore, one multiply-add = 1, plus the selective-scan handle (``segresmamba.profiling.macs``);
   the uncounted (elementwise) ops are listed in the row; a count with an uncounted scan/matmul/conv fails.
-- training step (fwd + bwd + Adam step) for fp32 and bf16-mixed (autocast, fp32 weights): peak
-  ``torch.cuda.max_memory_allocated`` after a reset, peak reserved, median step time by CUDA events;
+- training step for fp32 and bf16-mixed (autocast, fp32 weights): peak ``torch.cuda.max_memory_allocated``
+  after a reset, peak reserved, median step time by CUDA events;
 - inference: one patch (eval, no_grad) median time, and one whole volume by sliding window
   (ROI = patch, overlap 0.5).
 
-On a machine without a GPU the GPU columns are "not measured" (empty), never zero; a CPU forward time
-for one patch is recorded instead. Tables go to ``results/efficiency/<device>/<config>.csv|.md`` with the
-paper's figures (Tables 1-3, 7, 8) in adjacent columns.
+On a machine without a GPU the GPU columns are "not measured" (empty), never zero; a CPU training step and
+forward time for one patch are recorded instead. Tables go to ``<out>/<device>/<config>.csv|.md``
+(default ``results/efficiency``) with the paper's figures (Tables 1-3, 7, 8) in adjacent columns.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
-import os
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 import segresmamba
+from segresmamba.bench.configs import instantiate_datamodule, stack_configs
+from segresmamba.bench.paper import paper_columns
+from segresmamba.bench.project import resolve
 from segresmamba.bench.runs import runs_text
-from segresmamba.bench.paper import paper_figures
+from segresmamba.bench.step import TrainingStep, build_task, loader_batches, synthetic_batch
+from segresmamba.bench.workers import device_env, run_on_devices
+from segresmamba.data.spec import DATASETS, DatasetSpec, get_dataset_spec
 from segresmamba.profiling import count_macs
+from segresmamba.provenance import device_name, git_sha, versions
+from segresmamba.registry import check_patch
 from segresmamba.ssm import TriOrientedMamba
 from segresmamba.ssm.cuda_graphs import graph_tom_layers, release_tom_graphs
 from segresmamba.ssm.scan import auto_choices, resolve_backend
-from segresmamba.provenance import device_name, git_sha, versions
 
-RESULTS = Path(__file__).resolve().parents[3] / "results" / "efficiency"
+__all__ = ["profile_model", "profile", "write_tables", "card_slug", "time_steps", "PROFILED_DATASETS"]
+
+RESULTS = Path("results") / "efficiency"
 GIB = 1024**3
 NOT_MEASURED = "not measured"
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """A paper configuration: channels, patch, and a whole-volume size for sliding-window timing."""
-
-    name: str
-    in_channels: int
-    out_channels: int
-    patch: tuple[int, int, int]
-    volume: tuple[int, int, int]
-    multilabel: bool
-
-
-CONFIGS = {
-    # volume: BraTS 2021 images are 240 x 240 x 155 at 1 mm; BTCV and Spleen CT after resampling to
-    # 1.5 x 1.5 x 2 mm are roughly 256 x 256 x 128 and 256 x 256 x 96 (typical, not fixed)
-    "btcv": BenchConfig("btcv", 1, 14, (128, 128, 128), (256, 256, 128), multilabel=False),
-    "brats": BenchConfig("brats", 4, 3, (128, 128, 128), (240, 240, 155), multilabel=True),
-    "spleen": BenchConfig("spleen", 1, 2, (96, 96, 96), (256, 256, 96), multilabel=False),
-}
 PRECISIONS = ("fp32", "bf16")
+PROFILED_DATASETS = ("brats", "btcv", "spleen")  # the configurations the paper measures (its section 3.1, Table 8)
 
 
 def card_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _loss_fn(cfg: BenchConfig):
-    from monai.losses import DiceLoss
-
-    return DiceLoss(sigmoid=True) if cfg.multilabel else DiceLoss(softmax=True, to_onehot_y=True)
-
-
-def _target(cfg: BenchConfig, shape, device) -> torch.Tensor:
-    if cfg.multilabel:
-        return (torch.rand(1, cfg.out_channels, *shape, device=device) > 0.5).float()
-    return torch.randint(0, cfg.out_channels, (1, 1, *shape), device=device).float()
+def at_patch(spec: DatasetSpec, patch: int | None) -> DatasetSpec:
+    """``spec`` with its patch replaced by ``patch``^3 and its volume by twice that (quick CPU checks)."""
+    return spec if patch is None else dataclasses.replace(spec, patch=(patch,) * 3, volume=(2 * patch,) * 3)
 
 
-def _main_output(out):
-    return out[0] if isinstance(out, (list, tuple)) else out
+def time_steps(step, batches: Iterator[dict], steps: int, warmup: int, device: torch.device) -> list[float]:
+    """Milliseconds of each of ``steps`` calls ``step(next(batches))`` after ``warmup`` untimed ones; the
+    batch is drawn inside the timed span (a loader's time counts). CUDA: wall time with the device
+    synchronised around each step, and the peak memory statistics reset after the warm-up (steady state
+    only: warm-ups hold cuDNN autotuning and the scan dispatch's one-off measurement of its backends)."""
+    cuda = device.type == "cuda"
+    times = []
+    for i in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+            if i == warmup:
+                torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step(next(batches))
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
-def train_step(model, cfg: BenchConfig, precision: str):
-    """``(step, x, autocast dtype)``: one fwd + bwd + Adam step of ``model`` on fixed synthetic tensors of
-    batch 1 (x is the input it trains on), as every profiler here measures it."""
-    device = torch.device("cuda")
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-5)
-    loss_fn = _loss_fn(cfg)
-    x = torch.randn(1, cfg.in_channels, *cfg.patch, device=device)
-    y = _target(cfg, cfg.patch, device)
-    dtype = torch.bfloat16 if precision == "bf16" else None
-
-    def step():
-        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = loss_fn(_main_output(model(x)).float(), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step, x, dtype
-
-
-def cuda_train_step(model, cfg: BenchConfig, precision: str, steps: int, warmup: int, cuda_graphs: bool = False) -> dict:
-    """Peak memory (GiB) and median step time (ms) of fwd + bwd + Adam step, batch 1.
+def cuda_train_step(task, spec: DatasetSpec, precision: str, steps: int, warmup: int, *, cuda_graphs: bool = False, datamodule=None) -> dict:
+    """Peak memory (GiB) and median time (ms) of the suite's training step of ``task`` at batch 1, on one
+    fixed batch and, with a ``datamodule``, on its loader's batches.
 
     ``cuda_graphs``: the small ToM layers replay CUDA graphs (:func:`segresmamba.ssm.cuda_graphs.graph_tom_layers`),
     captured for this precision before the warm-up; their pool counts in the peak."""
-    step, x, dtype = train_step(model, cfg, precision)
+    device = torch.device("cuda")
+    step = TrainingStep(task, precision, device)
+    batch = synthetic_batch(spec, spec.patch, device)
     graphed = []
     if cuda_graphs:
-        release_tom_graphs(model)  # those of another precision
-        graphed = graph_tom_layers(model, x, dtype)
-    times = []
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
-        if i == warmup:
-            # steady state only: warm-ups hold cuDNN autotuning and the scan dispatch's one-off
-            # measurement of its backends (copies of the scan inputs), which training pays once
-            torch.cuda.reset_peak_memory_stats()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
+        release_tom_graphs(task.net)  # those of another precision
+        graphed = graph_tom_layers(task.net, batch["image"], step.dtype)
+    times = time_steps(step, itertools.repeat(batch), steps, warmup, device)
     result = {
         f"train_peak_gib_{precision}": torch.cuda.max_memory_allocated() / GIB,
         f"train_reserved_gib_{precision}": torch.cuda.max_memory_reserved() / GIB,
         f"step_ms_{precision}": statistics.median(times),
     }
+    if datamodule is not None:
+        loaded = time_steps(step, loader_batches(datamodule, device), steps, warmup, device)
+        result[f"step_ms_loaded_{precision}"] = statistics.median(loaded)
     if cuda_graphs:
         result["cuda_graph_layers"] = len(graphed)
     return result
 
 
-def cuda_inference(model, cfg: BenchConfig, precision: str, repeats: int, warmup: int) -> dict:
+def cuda_inference(net: torch.nn.Module, spec: DatasetSpec, precision: str, repeats: int, warmup: int) -> dict:
     from monai.inferers import sliding_window_inference
 
     device = torch.device("cuda")
-    model.eval()
+    net.eval()
     dtype = torch.bfloat16 if precision == "bf16" else None
-    x = torch.randn(1, cfg.in_channels, *cfg.patch, device=device)
+    x = torch.randn(1, spec.in_channels, *spec.patch, device=device)
     times = []
     with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
         for i in range(warmup + repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            model(x)
+            net(x)
             end.record()
             torch.cuda.synchronize()
             if i >= warmup:
                 times.append(start.elapsed_time(end))
-        volume = torch.randn(1, cfg.in_channels, *cfg.volume, device=device)
+        volume = torch.randn(1, spec.in_channels, *spec.volume, device=device)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        sliding_window_inference(volume, cfg.patch, 1, model, overlap=0.5)
+        sliding_window_inference(volume, spec.patch, 1, net, overlap=0.5)
         torch.cuda.synchronize()
         vol_s = time.perf_counter() - t0
     return {f"infer_patch_ms_{precision}": statistics.median(times), f"infer_volume_s_{precision}": vol_s}
 
 
-def cpu_inference(model, cfg: BenchConfig) -> dict:
-    model.eval()
-    x = torch.randn(1, cfg.in_channels, *cfg.patch)
+def cpu_times(task, spec: DatasetSpec, datamodule=None) -> dict:
+    """On a CPU: one training step of the suite (after one warm-up step; fp32), with a loader's batch too
+    when a data module is given, and one patch's forward pass."""
+    device = torch.device("cpu")
+    step = TrainingStep(task, "fp32", device)
+    out = {"cpu_step_s": time_steps(step, itertools.repeat(synthetic_batch(spec, spec.patch, device)), 1, 1, device)[0] / 1e3}
+    if datamodule is not None:
+        out["cpu_step_loaded_s"] = time_steps(step, loader_batches(datamodule, device), 1, 1, device)[0] / 1e3
+    task.eval()
+    x = torch.randn(1, spec.in_channels, *spec.patch)
     with torch.no_grad():
         t0 = time.perf_counter()
-        model(x)
-    return {"cpu_infer_patch_s": time.perf_counter() - t0}
+        task.net(x)
+    out["cpu_infer_patch_s"] = time.perf_counter() - t0
+    return out
 
 
-def profile_one(model_name: str, cfg: BenchConfig, args) -> dict:
-    """One row: every measurement of one model at one config; failures become an ``error`` field."""
-    row: dict = {"model": model_name, "config": cfg.name}
-    on_gpu = torch.cuda.is_available() and not args.cpu
-    # as in training (configs/trainer/gpu.yaml: benchmark: true); without it bf16 depthwise 3D convs
-    # (MedNeXt, 3D UX-Net) measured slower than fp32
+def profile_model(
+    model: str,
+    dataset: str | DatasetSpec,
+    *,
+    precisions: Sequence[str] = PRECISIONS,
+    steps: int = 6,
+    warmup: int = 2,
+    recipe: str = "paper",
+    patch: int | None = None,
+    data: dict | None = None,
+    cpu: bool = False,
+    cuda_graphs: bool = False,
+    cudnn_benchmark: bool = True,
+    macs: bool = True,
+    cpu_step: bool = True,
+) -> dict:
+    """One row: every measurement of ``model`` at ``dataset``'s paper configuration on this machine's device.
+
+    Args:
+        model: a registry name; its ``configs/model/<model>.yaml`` configures the net.
+        dataset: a :mod:`segresmamba.data.spec` name or spec.
+        precisions: ``fp32`` and/or ``bf16`` (GPU only).
+        steps, warmup: timed steps after untimed warm-up steps.
+        recipe: the training recipe whose loss and optimiser the step uses.
+        patch: side of a cubic patch replacing the paper's (quick CPU checks; the volume becomes twice it).
+        data: a ``data:`` block (``class_path``, ``init_args``) whose training loader feeds the second timing.
+        cpu: profile on the CPU even when a GPU exists.
+        cuda_graphs: the small ToM layers replay CUDA graphs in the training step (GPU only).
+        cudnn_benchmark: as in training (``configs/trainer/gpu.yaml``); without it bf16 depthwise 3D convs
+            (MedNeXt, 3D UX-Net) measured slower than fp32.
+        macs, cpu_step: count MACs; on a CPU, time a training step and a forward pass.
+
+    A failure (out of memory, a net that breaks) becomes an ``error`` field of the row; a patch the model
+    cannot take raises ValueError before anything is built.
+    """
+    spec = at_patch(get_dataset_spec(dataset) if isinstance(dataset, str) else dataset, patch)
+    check_patch(model, spec.patch)
+    on_gpu = torch.cuda.is_available() and not cpu
+    if cuda_graphs and not on_gpu:
+        raise ValueError("cuda_graphs needs a GPU (CUDA graphs do not exist on a CPU)")
+    row: dict = {"model": model, "config": spec.name, "recipe": recipe}
     if on_gpu:
-        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
-        row["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        row["cudnn_benchmark"] = cudnn_benchmark
     try:
-        model = segresmamba.create_model(model_name, cfg.in_channels, cfg.out_channels, cfg.patch)
-        row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+        torch.manual_seed(0)
+        task = build_task(model, spec, recipe=recipe)
+        net = task.net
+        row["params_m"] = sum(p.numel() for p in net.parameters()) / 1e6
         device = torch.device("cuda" if on_gpu else "cpu")
-        model.to(device)
-        has_scan = any(isinstance(m, TriOrientedMamba) for m in model.modules())
+        task.to(device)
+        has_scan = any(isinstance(m, TriOrientedMamba) for m in net.modules())
         if has_scan:
             row["scan_backend"] = resolve_backend("auto", device)
             auto_choices(reset=True)
-        if not args.skip_macs:
-            macs = count_macs(model, torch.zeros(1, cfg.in_channels, *cfg.patch, device=device))
-            row["gmacs"] = macs.gmacs
-            row["scan_gmacs"] = sum(v for k, v in macs.by_operator.items() if "Scan" in k) / 1e9
-            row["uncounted_ops"] = macs.uncounted_text()
+        if macs:
+            counted = count_macs(net.eval(), torch.zeros(1, spec.in_channels, *spec.patch, device=device))
+            row["gmacs"] = counted.gmacs
+            row["scan_gmacs"] = sum(v for k, v in counted.by_operator.items() if "Scan" in k) / 1e9
+            row["uncounted_ops"] = counted.uncounted_text()
+        datamodule = instantiate_datamodule(data) if data else None
         if on_gpu:
-            for precision in args.precisions:
+            for precision in precisions:
                 try:
-                    row.update(cuda_train_step(model, cfg, precision, args.steps, args.warmup, args.cuda_graphs))
-                    row.update(cuda_inference(model, cfg, precision, args.steps, args.warmup))
+                    row.update(cuda_train_step(task, spec, precision, steps, warmup, cuda_graphs=cuda_graphs, datamodule=datamodule))
+                    row.update(cuda_inference(net, spec, precision, steps, warmup))
                 except torch.cuda.OutOfMemoryError:
                     row[f"error_{precision}"] = "CUDA out of memory"
                 finally:
@@ -224,38 +250,23 @@ def profile_one(model_name: str, cfg: BenchConfig, args) -> dict:
                 # every signature's choice and the times behind it (JSON), for reading a step time back
                 row["scan_auto_choices"] = json.dumps(auto_choices(), sort_keys=True)
         else:
-            for precision in args.precisions:
+            for precision in precisions:
                 for key in ("train_peak_gib", "train_reserved_gib", "step_ms", "infer_patch_ms", "infer_volume_s"):
                     row[f"{key}_{precision}"] = NOT_MEASURED
-            if not args.skip_cpu_times:
-                row.update(cpu_inference(model, cfg))
+            if cpu_step:
+                row.update(cpu_times(task, spec, datamodule))
     except Exception as err:  # a failing model becomes a row, the others go on
         row["error"] = f"{type(err).__name__}: {err}"
         traceback.print_exc()
     return row
 
 
-def _paper_columns(cfg: str) -> pd.DataFrame:
-    figs = paper_figures()
-    figs = figs[figs.dataset == cfg]
-    wide = figs.pivot_table(index="model", columns="metric", values="value", aggfunc="first")
-    rename = {"macs": "paper_macs_g", "train_memory": "paper_train_mem_gb", "inference_time": "paper_infer_s"}
-    wide = wide[[c for c in rename if c in wide.columns]].rename(columns=rename)
-    table7 = pd.read_csv(Path(__file__).resolve().parents[3] / "results/paper/table7_params_flops.csv")
-    if cfg == "btcv":
-        t7 = table7.set_index(table7.columns[0])
-        params_col = next(c for c in t7.columns if "param" in c.lower())
-        flops_col = next(c for c in t7.columns if "flop" in c.lower())
-        wide = wide.join(t7[[params_col, flops_col]].rename(columns={params_col: "paper_params_m", flops_col: "paper_flops_g"}), how="outer")
-    return wide.reset_index().rename(columns={"index": "model"})
-
-
-def write_tables(rows: list[dict], out_dir: Path, meta: dict, configs: dict[str, BenchConfig] = CONFIGS) -> list[Path]:
+def write_tables(rows: list[dict], out_dir: Path, meta: dict, specs: dict[str, DatasetSpec] = DATASETS) -> list[Path]:
     """``<out>/<device>/<config>.csv`` and ``.md``, with the paper's columns and provenance."""
     written = []
     df = pd.DataFrame(rows)
     for cfg_name, part in df.groupby("config"):
-        part = part.drop(columns="config").merge(_paper_columns(cfg_name), on="model", how="left")
+        part = part.drop(columns="config").merge(paper_columns(cfg_name), on="model", how="left")
         for key, value in meta.items():
             part[key] = value
         dest = out_dir / card_slug(meta["device"])
@@ -265,15 +276,17 @@ def write_tables(rows: list[dict], out_dir: Path, meta: dict, configs: dict[str,
             kept = pd.read_csv(csv)
             part = pd.concat([kept[~kept.model.isin(part.model)], part], ignore_index=True)
         part.to_csv(csv, index=False, float_format="%.4g")
-        cfg = configs[cfg_name]
+        spec = specs[cfg_name]
         shown = [c for c in part.columns if c not in meta and c not in ("uncounted_ops", "scan_auto_choices")]
         md = [
-            f"# Efficiency, {cfg_name}: {cfg.in_channels} -> {cfg.out_channels} channels, patch {'x'.join(map(str, cfg.patch))}, batch 1",
+            f"# Efficiency, {cfg_name}: {spec.in_channels} -> {spec.out_channels} channels, patch {'x'.join(map(str, spec.patch))}, batch 1",
             "",
             f"Device: {meta['device']} · torch {meta['torch']} · CUDA {meta['cuda']} · MONAI {meta['monai']} · {runs_text(part)}",
             "",
             "Ours: MACs by fvcore (1 multiply-add = 1) plus 4.5 MACs per (token, channel, state) per selective scan; "
-            "train = fwd + bwd + Adam step on synthetic tensors (no data loading); peak = max_memory_allocated; "
+            "train = the suite's training step (`SegmentationTask.training_step` of `configs/model/<model>.yaml` "
+            "with the recipe's loss, backward and optimiser step) on one batch of synthetic tensors (`step_ms_*`) "
+            "and on a data loader's batches (`step_ms_loaded_*`, when measured); peak = max_memory_allocated; "
             "bf16 = autocast with fp32 weights; empty GPU cells = not measured (no GPU). `paper_*` columns: "
             "Das et al. 2025 (A100 40GB), Tables 1-3 (MACs, inference s), 7 (params, FLOPs), 8 (training memory).",
             "",
@@ -288,50 +301,90 @@ def write_tables(rows: list[dict], out_dir: Path, meta: dict, configs: dict[str,
     return written
 
 
-def _run_workers(jobs: list[tuple[str, str]], gpus: list[str], argv: list[str], out_dir: Path) -> list[dict]:
-    """One subprocess per GPU, each taking every len(gpus)-th job; rows come back as JSON lines."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for i, gpu in enumerate(gpus):
-        share = jobs[i :: len(gpus)]
-        if not share:
-            continue
-        part = out_dir / f".rows-{i}.jsonl"
-        part.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "segresmamba.bench.efficiency", *argv, "--worker-jobs", json.dumps(share), "--worker-out", str(part)]
-        procs.append((subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}), part, gpu))
-    rows, failed = [], []
-    for proc, part, gpu in procs:
-        if proc.wait() != 0:
-            failed.append(f"GPU {gpu} (exit {proc.returncode})")
-        if part.exists():
-            rows += [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
-            part.unlink()
-    if failed:  # keep what the others measured; say which worker stopped
-        print(f"warning: profiler worker(s) failed: {', '.join(failed)}; their remaining models have no row", file=sys.stderr)
-    if not rows:
-        raise SystemExit(f"error: no profiler worker produced a row ({', '.join(failed) or 'no jobs'})")
-    return rows
+def _profile_in_subprocess(job: tuple[str, str], device: str | None, argv: list[str]) -> dict:
+    """One (model, dataset) profiled in its own process on ``device`` (CUDA is set up once per process)."""
+    model, dataset = job
+    with tempfile.TemporaryDirectory() as tmp:
+        dest = Path(tmp) / "row.json"
+        cmd = [sys.executable, "-m", "segresmamba.bench.efficiency", *argv, "--worker-job", json.dumps(job), "--worker-out", str(dest)]
+        proc = subprocess.run(cmd, env=device_env(device))
+        if proc.returncode != 0 or not dest.is_file():
+            return {"model": model, "config": dataset, "error": f"profiler process on device {device} ended with exit code {proc.returncode}"}
+        return json.loads(dest.read_text())
+
+
+def profile(
+    models: Sequence[str],
+    datasets: Sequence[str] = PROFILED_DATASETS,
+    *,
+    out: Path = RESULTS,
+    gpus: Sequence[str] | None = None,
+    worker_argv: list[str] | None = None,
+    note: str | None = None,
+    **options,
+) -> list[Path]:
+    """Profile every model at every dataset and write the tables (see :func:`write_tables`).
+
+    Every (model, dataset) patch is checked first; ``gpus`` with several ids spreads the jobs over them, one
+    process per job (:func:`segresmamba.bench.workers.run_on_devices`; ``worker_argv`` are the command-line
+    options each process profiles with). ``options`` go to :func:`profile_model`.
+    """
+    jobs = [(m, d) for d in datasets for m in models]
+    bad = []
+    for model, dataset in jobs:
+        try:
+            check_patch(model, at_patch(get_dataset_spec(dataset), options.get("patch")).patch)
+        except ValueError as err:
+            bad.append(f"{dataset}: {err}")
+    if bad:
+        raise ValueError("patch check failed before profiling:\n  " + "\n  ".join(bad))
+    if gpus and len(gpus) > 1:
+        rows = [row for _, row in run_on_devices(lambda job, gpu: _profile_in_subprocess(job, gpu, worker_argv or []), jobs, list(gpus))]
+    else:
+        rows = []
+        for i, (model, dataset) in enumerate(jobs, 1):
+            print(f"[{i}/{len(jobs)}] {model} @ {dataset}", flush=True)
+            rows.append(profile_model(model, dataset, **options))
+    on_gpu = torch.cuda.is_available() and not options.get("cpu")
+    ver = versions()
+    meta = {
+        "device": device_name("cuda" if on_gpu else "cpu"),
+        "torch": ver["torch"],
+        "cuda": ver["cuda"],
+        "monai": ver.get("monai", "?"),
+        "git_sha": git_sha(),
+        "data": "synthetic tensors" + (f"; loader: {options['data']['class_path']}" if options.get("data") else ""),
+    }
+    if options.get("patch"):
+        meta["note"] = f"patch overridden to {options['patch']}^3 (not the paper configuration)"
+    if note:
+        meta["note"] = note
+    return write_tables(rows, out, meta)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=list(PROFILED_DATASETS), choices=sorted(DATASETS),
+                   help="datasets of segresmamba.data.spec whose paper configuration is profiled")
     p.add_argument("--models", nargs="+", default=None, help="registry names (default: all)")
+    p.add_argument("--recipe", default="paper", help="training recipe whose loss and optimiser the step uses")
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     p.add_argument("--steps", type=int, default=6, help="measured steps after warm-up")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=RESULTS, help="tables go to <out>/<device>/ (default: results/efficiency)")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids to spread models over (default: the current one)")
     p.add_argument("--cpu", action="store_true", help="profile on the CPU even if a GPU exists")
     p.add_argument("--patch", type=int, default=None, help="override every config's patch side (volume = 2 x patch); for quick CPU checks")
+    p.add_argument("--data-config", nargs="+", default=None,
+                   help="data config(s) whose training loader the step is timed on too (step_ms_loaded_*), e.g. configs/data/brats_phantom.yaml")
+    p.add_argument("--data-root", default=None, help="the data folder of --data-config (replaces its root)")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="leave cudnn.benchmark off (the training configs turn it on; the H200 tables of git bb16966 had it off)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="the small ToM layers replay CUDA graphs in the training step (write to another --out: rows are keyed by model)")
     p.add_argument("--skip-macs", action="store_true")
     p.add_argument("--skip-cpu-times", action="store_true")
-    p.add_argument("--worker-jobs", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-job", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     known = segresmamba.list_models()
@@ -343,47 +396,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.cuda_graphs and (args.cpu or not torch.cuda.is_available()):
         p.error("--cuda-graphs needs a GPU (CUDA graphs do not exist on a CPU)")
+    if args.data_root and not args.data_config:
+        p.error("--data-root needs --data-config")
     return args
+
+
+def data_block(config_files: Sequence[str], *, root: str | None, spec: DatasetSpec, recipe: str) -> dict:
+    """The ``data:`` block of stacked data configs, set to ``spec``'s patch, batch 1 and ``recipe``."""
+    data = stack_configs([resolve(f) for f in config_files]).get("data")
+    if not isinstance(data, dict):
+        raise ValueError(f"{' '.join(config_files)}: no `data:` block")
+    init = dict(data.get("init_args") or {})
+    init.update(patch_size=list(spec.patch), batch_size=1)
+    if recipe != "paper":  # every data module's default recipe is the paper's
+        init["recipe"] = recipe
+    if root:
+        init["root"] = root
+    elif isinstance(init.get("root"), str):
+        init["root"] = str(resolve(init["root"]))
+    return {"class_path": data.get("class_path"), "init_args": init}
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
     raw = sys.argv[1:] if argv is None else argv
     args = parse_args(raw)
-    configs = CONFIGS if not args.patch else {
-        name: BenchConfig(name, c.in_channels, c.out_channels, (args.patch,) * 3, (2 * args.patch,) * 3, c.multilabel)
-        for name, c in CONFIGS.items()
+    options = {
+        "precisions": args.precisions, "steps": args.steps, "warmup": args.warmup, "recipe": args.recipe,
+        "patch": args.patch, "cpu": args.cpu, "cuda_graphs": args.cuda_graphs,
+        "cudnn_benchmark": not args.no_cudnn_benchmark, "macs": not args.skip_macs, "cpu_step": not args.skip_cpu_times,
     }
-    if args.worker_jobs:  # a worker of a multi-GPU run
-        with open(args.worker_out, "a") as fh:
-            for model_name, cfg_name in json.loads(args.worker_jobs):
-                print(f"[GPU {os.environ.get('CUDA_VISIBLE_DEVICES', '?')}] {model_name} @ {cfg_name}", flush=True)
-                fh.write(json.dumps(profile_one(model_name, configs[cfg_name], args)) + "\n")
-                fh.flush()
+    if args.data_config:
+        if len(args.configs) > 1:
+            raise SystemExit("error: --data-config holds one dataset's data: profile one of --configs at a time")
+        spec = at_patch(get_dataset_spec(args.configs[0]), args.patch)
+        try:
+            options["data"] = data_block(args.data_config, root=args.data_root, spec=spec, recipe=args.recipe)
+            instantiate_datamodule(options["data"]).validate()  # bad data stops here, before any model is built
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(f"error: data check failed before profiling: {err}") from None
+    if args.worker_job:  # one job of a multi-GPU run
+        model, dataset = json.loads(args.worker_job)
+        Path(args.worker_out).write_text(json.dumps(profile_model(model, dataset, **options)))
         return []
-    if args.gpus and not torch.cuda.is_available():
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    if gpus and not torch.cuda.is_available():
         raise SystemExit("error: --gpus given but CUDA is not available")
-    jobs = [(m, c) for c in args.configs for m in args.models]
-    if args.gpus and len(args.gpus.split(",")) > 1:
-        passthrough = [a for a in raw if not a.startswith("--gpus") and a != args.gpus]
-        rows = _run_workers(jobs, args.gpus.split(","), passthrough, args.out)
-    else:
-        rows = []
-        for i, (model_name, cfg_name) in enumerate(jobs, 1):
-            print(f"[{i}/{len(jobs)}] {model_name} @ {cfg_name}", flush=True)
-            rows.append(profile_one(model_name, configs[cfg_name], args))
-    on_gpu = torch.cuda.is_available() and not args.cpu
-    ver = versions()
-    meta = {
-        "device": device_name("cuda" if on_gpu else "cpu"),
-        "torch": ver["torch"],
-        "cuda": ver["cuda"],
-        "monai": ver.get("monai", "?"),
-        "git_sha": git_sha(),
-        "data": "synthetic tensors",
-    }
-    if args.patch:
-        meta["note"] = f"patch overridden to {args.patch}^3 (not the paper configuration)"
-    written = write_tables(rows, args.out, meta, configs)
+    passthrough = [a for a in raw if not a.startswith("--gpus") and a != args.gpus]
+    try:
+        written = profile(args.models, args.configs, out=args.out, gpus=gpus, worker_argv=passthrough, **options)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     for path in written:
         print(f"wrote {path}")
     return written

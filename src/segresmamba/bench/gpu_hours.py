@@ -17,35 +17,23 @@ a real run costs more wherever the loader cannot keep up; the estimate is a floo
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from segresmamba.bench.efficiency import PROFILED_DATASETS
 from segresmamba.bench.paper import PAPER_GPU_TDP_KW, paper_value
 from segresmamba.bench.runs import runs_text
+from segresmamba.data.spec import get_dataset_spec
 
-
-@dataclass(frozen=True)
-class Protocol:
-    dataset: str
-    cases: int  # labelled cases the folds are drawn from
-    note: str
-
-
-# Case counts: BraTS 2021 training set 1,251; BTCV 30 labelled (the paper's 24/6); MSD Spleen 41 labelled.
-PROTOCOLS = {
-    "brats": Protocol("BraTS 2021", 1251, "4 -> 3, 128^3 patches, volumes 240x240x155"),
-    "btcv": Protocol("BTCV", 30, "1 -> 14, 128^3 patches, volumes ~256x256x128 at 1.5x1.5x2 mm"),
-    "spleen": Protocol("MSD Spleen", 41, "1 -> 2, 96^3 patches, volumes ~256x256x96 at 1.5x1.5x2 mm"),
-}
+__all__ = ["estimate", "to_markdown"]
 
 
 def estimate(efficiency_csv: Path, precision: str = "bf16", folds: int = 5, epochs: int = 200) -> pd.DataFrame:
     """One row per model of the table: training, validation and total GPU hours for the whole protocol."""
     config = efficiency_csv.stem
-    if config not in PROTOCOLS:
-        raise ValueError(f"{efficiency_csv}: unknown config {config!r}; expected one of {sorted(PROTOCOLS)}")
+    if config not in PROFILED_DATASETS:
+        raise ValueError(f"{efficiency_csv}: unknown config {config!r}; expected one of {sorted(PROFILED_DATASETS)}")
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
     if folds < 2 or epochs < 1:
@@ -55,9 +43,7 @@ def estimate(efficiency_csv: Path, precision: str = "bf16", folds: int = 5, epoc
     missing = [c for c in (step_col, volume_col, "model", "device", "git_sha") if c not in table]
     if missing:
         raise ValueError(f"{efficiency_csv}: columns {missing} missing; was it written by segresmamba.bench.efficiency?")
-    proto = PROTOCOLS[config]
-    n_val = round(proto.cases / folds)
-    n_train = proto.cases - n_val
+    n_train, n_val = get_dataset_spec(config).split(folds)
     rows = []
     for r in table.itertuples():
         step_s, volume_s = getattr(r, step_col) / 1000, getattr(r, volume_col)
@@ -92,9 +78,9 @@ def _tdp_kw(device: str) -> float:
 
 def to_markdown(df: pd.DataFrame) -> str:
     first = df.iloc[0]
-    proto = PROTOCOLS[first.config]
+    spec = get_dataset_spec(first.config)
     lines = [
-        f"### {proto.dataset} ({proto.note}): {first.folds} folds x {first.epochs} epochs, "
+        f"### {spec.title} ({spec.shape_text()}): {first.folds} folds x {first.epochs} epochs, "
         f"{first.train_cases} training + {first.val_cases} validation cases per fold, validation every epoch",
         "",
         f"From `{first.precision}` step and whole-volume times measured on {first.device} ({runs_text(df)}) "
@@ -119,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--out", type=Path, default=None, help="where gpu_hours.{csv,md} go (default: efficiency_dir)")
     args = p.parse_args(argv)
-    csvs = [args.efficiency_dir / f"{c}.csv" for c in PROTOCOLS if (args.efficiency_dir / f"{c}.csv").is_file()]
+    csvs = [args.efficiency_dir / f"{c}.csv" for c in PROFILED_DATASETS if (args.efficiency_dir / f"{c}.csv").is_file()]
     if not csvs:
-        raise SystemExit(f"error: no {'/'.join(PROTOCOLS)}.csv in {args.efficiency_dir} (run make bench-efficiency first)")
+        raise SystemExit(f"error: no {'/'.join(PROFILED_DATASETS)}.csv in {args.efficiency_dir} (run make bench-efficiency first)")
     tables = [estimate(c, args.precision, args.folds, args.epochs) for c in csvs]
     tables = [t for t in tables if len(t)]
     if not tables:

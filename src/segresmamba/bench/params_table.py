@@ -3,8 +3,9 @@
     python -m segresmamba.bench.params_table [--out results]
 
 Writes ``<out>/params.csv`` and ``<out>/params.md``. Models are only built (no forward pass), so this
-runs in seconds on a CPU. The paper's figures (SegResMamba, Table 7, "BTCV configuration") are read from
-``results/paper/table7_params_flops.csv`` and shown in their own columns, never mixed into ours.
+runs in seconds on a CPU. The configurations are the paper's (:mod:`segresmamba.data.spec`: BTCV, BraTS,
+Spleen). The paper's figures (SegResMamba, Table 7, "BTCV configuration") come from
+:func:`segresmamba.bench.paper.paper_params` and are shown in their own columns, never mixed into ours.
 """
 
 from __future__ import annotations
@@ -17,43 +18,39 @@ import monai
 import torch
 
 from segresmamba import create_model, list_models
+from segresmamba.bench.paper import paper_params
+from segresmamba.bench.project import project_root
+from segresmamba.data.spec import DatasetSpec, get_dataset_spec
 from segresmamba.provenance import git_sha
 
-REPO = Path(__file__).resolve().parents[3]
-PAPER_CSV = REPO / "results" / "paper" / "table7_params_flops.csv"
+__all__ = ["build_rows", "count_params", "write_csv", "write_markdown", "TABLE_DATASETS"]
 
-# (name, in_channels, out_channels, patch side): the configurations the paper measures (its §3.1, Table 8)
-CONFIGS = (("btcv", 1, 14, 128), ("brats", 4, 3, 128), ("spleen", 1, 2, 96))
+TABLE_DATASETS = ("btcv", "brats", "spleen")  # the configurations the paper measures (its section 3.1, Table 8)
 
 
 def code_version() -> str:
     """The checkout's commit (``-dirty`` with local changes), or "uncommitted" in a repository with no commit yet."""
     sha = git_sha()
-    return "uncommitted" if sha == "unknown" and (REPO / ".git").exists() else sha
+    return "uncommitted" if sha == "unknown" and (project_root() / ".git").exists() else sha
 
 
-def read_paper_table(path: Path = PAPER_CSV) -> dict[str, dict[str, str]]:
-    with path.open(newline="") as f:
-        return {row["model"]: row for row in csv.DictReader(f)}
-
-
-def count_params(name: str, in_channels: int, out_channels: int, side: int) -> int | str:
-    """Parameters of the registered model, or the reason it cannot be built in this configuration."""
+def count_params(name: str, spec: DatasetSpec) -> int | str:
+    """Parameters of the registered model at ``spec``'s channels and patch, or the reason it cannot be built."""
     try:
-        net = create_model(name, in_channels, out_channels, (side, side, side))
+        net = create_model(name, spec.in_channels, spec.out_channels, spec.patch)
     except ValueError as err:
         return f"n/a ({err})"
     return sum(p.numel() for p in net.parameters())
 
 
 def build_rows() -> list[dict[str, object]]:
-    paper = read_paper_table()
+    paper = {row["model"]: row for row in paper_params().to_dict("records")}
     provenance = {"git_sha": code_version(), "torch": torch.__version__, "monai": monai.__version__}
     rows = []
     for name in sorted(set(list_models()) | set(paper)):
         row: dict[str, object] = {"model": name, "registered": name in list_models()}
-        for config, cin, cout, side in CONFIGS:
-            count = count_params(name, cin, cout, side) if row["registered"] else ""
+        for config in TABLE_DATASETS:
+            count = count_params(name, get_dataset_spec(config)) if row["registered"] else ""
             row[f"{config}_params_m"] = round(count / 1e6, 4) if isinstance(count, int) else count
         ref = paper.get(name)
         row["paper_name"] = ref["paper_name"] if ref else ""
@@ -108,7 +105,7 @@ def write_markdown(rows: list[dict[str, object]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "results", help="output folder (default: results/)")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: results/ of the working directory)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = build_rows()
