@@ -1,7 +1,7 @@
 """Robustness to acquisition shifts on real MRI: does a trained net still segment a scan from another scanner?
 
     python -m segresmamba.bench.robustness configs/bench/robustness_quick.yaml     # CPU, minutes
-    python -m segresmamba.bench.robustness configs/bench/robustness_gpu.yaml       # one GPU call, < 10 min
+    python -m segresmamba.bench.robustness configs/bench/robustness_gpu.yaml       # one H200, about 8 min (estimated)
     make bench-robustness PROFILE=quick|gpu
 
 or from Python: ``run_robustness("configs/bench/robustness_quick.yaml")``.
