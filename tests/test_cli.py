@@ -1,5 +1,6 @@
 """The CLI as a user runs it: fit a few steps, resume from a checkpoint, test, in a temporary folder."""
 
+import csv
 import json
 import os
 import subprocess
@@ -59,6 +60,12 @@ def test_resume_then_test(fitted):
     tested = json.loads((fitted / "runs/default/version_2/metrics.json").read_text())
     assert set(tested["test"]) >= {"test/dice_mean", "test/dice_TC", "test/dice_WT", "test/dice_ET", "ckpt_path"}
     assert 0.0 <= tested["test"]["test/dice_mean"] <= 1.0
+    assert "test/hd95_mean" in tested["test"] and tested["test"]["eval_space"] == "original"
+    assert tested["test"]["num_cases"] == 1
+    with (fitted / "runs/default/version_2/test_cases.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["case_id"], r["class"]) for r in rows] == [("test000", "TC"), ("test000", "WT"), ("test000", "ET")]
+    assert set(rows[0]) == {"case_id", "class", "dice", "hd95_mm", "eval_space", "spacing_mm"}
 
 
 def test_unknown_model_fails_before_training(tmp_path):
@@ -90,15 +97,18 @@ def test_fit_on_the_real_mni152_tissue_set(tmp_path):
 
 
 def test_distributed_test_matches_one_process(fitted):
-    """DDP (gloo, 2 CPU processes) scores the same cases as one process: per-rank Dice is gathered, not averaged
-    per rank. Two test cases, so the distributed sampler splits them evenly (an odd count would repeat one)."""
+    """DDP (gloo, 2 CPU processes) scores the same cases as one process: per-case rows are gathered, not averaged
+    per rank. Three test cases: the distributed sampler repeats one to even out the ranks, and it counts once."""
     ckpt = fitted / "runs/default/version_0/checkpoints/last.ckpt"
     common = ["-c", str(ROOT / "configs/trainer/cpu.yaml"), "-c", str(ROOT / "configs/model/segresmamba.yaml"),
               "--model.net_kwargs.feature_sizes", "[8, 16, 32, 64]", "--trainer.enable_progress_bar", "false",
-              *DATA, "--data.num_test", "2", "--ckpt_path", str(ckpt)]
+              *DATA, "--data.num_test", "3", "--ckpt_path", str(ckpt)]
     run_cli("test", *common, "--run_record", str(fitted / "one.json"), cwd=fitted)
     run_cli("test", *common, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--run_record", str(fitted / "two.json"), cwd=fitted)
     one = json.loads((fitted / "one.json").read_text())["test"]
     two = json.loads((fitted / "two.json").read_text())["test"]
-    for key in ("test/dice_mean", "test/dice_TC", "test/dice_WT", "test/dice_ET"):
+    for key in ("test/dice_mean", "test/dice_TC", "test/dice_WT", "test/dice_ET", "test/hd95_mean"):
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
+    assert one["num_cases"] == two["num_cases"] == 3
+    rows = [list(csv.DictReader((fitted / f"{name}_test_cases.csv").open())) for name in ("one", "two")]
+    assert [(r["case_id"], r["class"]) for r in rows[1]] == [(r["case_id"], r["class"]) for r in rows[0]]
