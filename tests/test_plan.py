@@ -139,3 +139,20 @@ def test_paper_recipe_neither_computes_nor_records_a_plan(spleen_root):
     assert "plan" not in summary and summary["recipe"] == "paper"
     assert not dm.plan_path().exists()
     assert (dm.spacing, dm.intensity_window) == ((1.5, 1.5, 2.0), (-57.0, 164.0))  # the paper's spleen settings
+
+
+def test_brats_and_btcv_nnunet_chains(tmp_path):
+    from segresmamba.data import BraTS2021DataModule, BTCVDataModule
+    from segresmamba.data.write_phantoms import write_brats_phantom, write_btcv_phantom
+
+    brats = BraTS2021DataModule(root=str(write_brats_phantom(tmp_path / "brats", cases=5, size=24)), patch_size=16, recipe="nnunet")
+    plan = brats.validate()["plan"]
+    assert plan["target_spacing"] == [1.0, 1.0, 1.0] and plan["normalization"] == [{"scheme": "zscore", "use_nonzero_mask": True}] * 4
+    batch = next(iter(brats.train_dataloader()))
+    assert batch["image"].shape[1:] == (4, 16, 16, 16) and batch["label"].shape[1:] == (3, 16, 16, 16)
+    assert batch["label"].dtype == torch.float32 and set(batch["label"].unique().tolist()) <= {0.0, 1.0}
+    btcv = BTCVDataModule(root=str(write_btcv_phantom(tmp_path / "btcv", cases=4, size=24)), num_val=1, patch_size=16, recipe="nnunet", num_samples=1)
+    assert btcv.validate()["plan"]["normalization"][0]["scheme"] == "ct"
+    assert (btcv.spacing, btcv.intensity_window) == ((1.5, 1.5, 2.0), (-175.0, 250.0))  # the paper's, unused here
+    val = next(iter(btcv.val_dataloader()))
+    assert tuple(val["image"].shape[2:]) == tuple(val["label"].shape[2:]) == (24, 24, 10)  # the plan: the phantoms' own spacing
