@@ -9,7 +9,9 @@ transforms). In nnU-Net's order, on a 3D patch:
    ``foreground_fraction`` (0.33), otherwise on a background voxel anywhere in the volume, air included. The
    region cut out is larger than the patch (:func:`initial_patch_size`: the patch rotated by the largest
    angle about each axis, divided by 0.85, nnU-Net's ``get_patch_size``), so that rotated and scaled
-   patches take real voxels where a patch-sized crop would have zero corners.
+   patches take real voxels where a patch-sized crop would have zero corners. As in nnU-Net, the margin
+   covers one axis's full rotation and scales up to 1/0.85; rotations about several axes at once, or
+   scales towards 1.4, can still reach past it, and there the patch is zero-padded.
 2. Spatial: rotation by U(-30, 30) degrees about every axis (p 0.2) and isotropic scaling (p 0.2),
    resampled once (image bilinear, label nearest) and centre-cropped to the patch; no elastic deformation
    (nnU-Net v2 sets ``p_elastic_deform=0``).
