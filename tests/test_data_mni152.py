@@ -61,3 +61,18 @@ def test_bad_settings():
         MNI152TissueDataModule(axis="left-right")
     with pytest.raises(ValueError, match="fold must be within"):
         MNI152TissueDataModule(num_blocks=4, fold=4)
+
+
+@pytest.mark.parametrize("recipe", ["paper", "nnunet"])
+def test_held_out_slab_keeps_its_place_in_mni_space(recipe):
+    from segresmamba.metrics import voxel_spacing
+
+    dm = MNI152TissueDataModule(resolution=2, num_blocks=4, fold=1, recipe=recipe)
+    item = dm.eval_transforms()(dm.items("val")[0])
+    _, _, affine = mni152_tissue_volumes(2)
+    start = dm.slabs["val"][0]
+    assert voxel_spacing(item["label"]) == (2.0, 2.0, 2.0)  # HD95 in mm, not voxels
+    # voxel 0 of the slab is voxel `start` of the template along the split axis
+    corner = np.zeros(4)
+    corner[dm.axis_index], corner[3] = start, 1.0
+    np.testing.assert_allclose(np.asarray(item["label"].affine)[:, 3], affine @ corner)

@@ -11,6 +11,7 @@ from typing import Literal
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureTyped, NormalizeIntensityd
 
 from segresmamba.data.base import VolumeDataModule
@@ -197,6 +198,7 @@ class MNI152TissueDataModule(VolumeDataModule):
         else:
             norm = np.asarray(Compose(self.intensity_normalisation())({"image": image})["image"], dtype=np.float32)
         self.axis_index = axis
+        self.template_affine = affine
         self.slabs = {"val": (v0, v1), "train": train_ranges, "all": bounds}
         self._blocks = {
             "train": [(take(norm, a, b)[None], take(label, a, b)[None].astype(np.int64), (a, b)) for a, b in train_ranges],
@@ -215,7 +217,16 @@ class MNI152TissueDataModule(VolumeDataModule):
                 for i in range(self.train_items)
             ]
         image, label, (a, b) = blocks["val"][0]
-        return [{"image": image, "label": label, "case_id": f"mni152_val_{a}-{b}"}]
+        # the held-out slab keeps its place in MNI space, so distances (HD95) come out in mm
+        affine = self.slab_affine(a)
+        return [{"image": MetaTensor(image, affine=affine), "label": MetaTensor(label, affine=affine), "case_id": f"mni152_val_{a}-{b}"}]
+
+    def slab_affine(self, start: int) -> np.ndarray:
+        """Voxel-to-MNI-mm affine of a slab that starts at voxel ``start`` of the template along the split axis."""
+        self._build()
+        shift = np.eye(4)
+        shift[self.axis_index, 3] = start
+        return self.template_affine @ shift
 
     def validate(self) -> dict:
         """Load the bundled templates (offline) and build the slabs; return a summary."""
@@ -277,9 +288,14 @@ class MNI152TissueDataModule(VolumeDataModule):
         return external_eval_transforms((float(self.resolution),) * 3, self.intensity_normalisation())
 
     def eval_transforms(self) -> Compose:
+        # MetaTensors to the end: the slab's affine gives HD95 its voxel size in mm
+        typed = [
+            EnsureTyped(keys="image", dtype=torch.float32, track_meta=True),
+            EnsureTyped(keys="label", dtype=torch.int64, track_meta=True),
+        ]
         if self.uses_plan:
-            return Compose([EnsureTyped(keys="image", track_meta=False)] + self.intensity_normalisation() + self._final())
-        return Compose(self._final())
+            return Compose(self.intensity_normalisation() + typed)
+        return Compose(typed)
 
     @staticmethod
     def _final() -> list:
