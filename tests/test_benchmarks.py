@@ -16,16 +16,65 @@ def test_profiler_cpu_rows(tmp_path):
     written = efficiency.main(["--configs", "spleen", "--models", "unet", "segresnet", "--patch", "32", "--out", str(tmp_path)])
     csv = next(p for p in written if p.suffix == ".csv")
     df = pd.read_csv(csv)
-    assert list(df.model) == ["unet", "segresnet"]
-    assert (df.params_m > 0).all() and (df.gmacs > 0).all() and (df.cpu_infer_patch_s > 0).all()
+    assert list(df.model) == ["unet", "segresnet"] and (df.recipe == "paper").all()
+    assert (df.params_m > 0).all() and (df.gmacs > 0).all() and (df.cpu_infer_patch_s > 0).all() and (df.cpu_step_s > 0).all()
     assert df.uncounted_ops.str.contains("aten::").all()
     for col in ("train_peak_gib_fp32", "step_ms_bf16", "infer_volume_s_fp32"):
         assert (df[col] == "not measured").all(), col
     assert df.paper_macs_g.notna().any()  # the paper's columns sit beside ours
     assert "CPU" in df.device.iloc[0] and df.git_sha.notna().all()
     # a second invocation adds its rows and keeps the others
-    efficiency.main(["--configs", "spleen", "--models", "unet", "--patch", "32", "--out", str(tmp_path), "--skip-macs"])
+    efficiency.main(["--configs", "spleen", "--models", "unet", "--patch", "32", "--out", str(tmp_path), "--skip-macs", "--skip-cpu-times"])
     assert sorted(pd.read_csv(csv).model) == ["segresnet", "unet"]
+
+
+def test_profiler_times_the_tasks_training_step(monkeypatch):
+    """The profiler's step is SegmentationTask.training_step of the configured model, deep supervision included."""
+    from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
+    from segresmamba.data.spec import get_dataset_spec
+    from segresmamba.task import SegmentationTask
+
+    calls = []
+    real = SegmentationTask.training_step
+    monkeypatch.setattr(SegmentationTask, "training_step", lambda self, batch, i: calls.append(i) or real(self, batch, i))
+    row = efficiency.profile_model("unet", "spleen", patch=32, cpu=True, macs=False)
+    assert "error" not in row and row["cpu_step_s"] > 0
+    assert calls == [0, 1]  # one warm-up and one timed step, both through the task
+    # the net is built from configs/model/nnunet.yaml and the recipe: nnunet's recipe trains the deep-supervision heads
+    spec = get_dataset_spec("spleen")
+    task = build_task("nnunet", spec, patch=32, recipe="nnunet")
+    assert task.hparams.net_kwargs["base_filters"] == 32  # the model YAML's settings, not the factory's defaults
+    step = TrainingStep(task, "fp32", torch.device("cpu"))
+    assert isinstance(step.optimizer, torch.optim.SGD) and step.clip_norm == 12.0  # the recipe's optimiser
+    step.optimizer.zero_grad = lambda set_to_none=True: None  # keep the gradients of the step to look at them
+    step(synthetic_batch(spec, (32, 32, 32), torch.device("cpu")))
+    missing = [n for n, p in task.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert not missing, f"parameters the step does not train: {missing[:5]}"
+    heads = [n for n, _ in task.net.named_parameters() if n.startswith("deep_supervision_heads.")]
+    assert heads  # the deep-supervision heads exist and got gradients above
+    with pytest.raises(ValueError, match="needs a patch"):
+        efficiency.profile_model("segresmamba", "spleen", patch=32, cpu=True)  # refused before anything is built
+
+
+def test_profiler_checks_every_patch_before_profiling(tmp_path):
+    with pytest.raises(SystemExit, match="patch check failed before profiling"):
+        efficiency.main(["--configs", "spleen", "--models", "unet", "segresmamba", "--patch", "32", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # nothing was profiled or written
+
+
+def test_profiler_times_a_loader_too(tmp_path):
+    from segresmamba.data import write_phantoms
+
+    write_phantoms.write_brats_phantom(tmp_path / "phantom", cases=5, size=32, seed=0)
+    written = efficiency.main([
+        "--configs", "brats", "--models", "unet", "--patch", "32", "--out", str(tmp_path / "eff"), "--skip-macs",
+        "--data-config", "configs/data/brats_phantom.yaml", "--data-root", str(tmp_path / "phantom"),
+    ])
+    df = pd.read_csv(next(p for p in written if p.suffix == ".csv"))
+    assert df.cpu_step_loaded_s.iloc[0] > 0 and "loader: segresmamba.data.BraTS2021DataModule" in df.data.iloc[0]
+    with pytest.raises(SystemExit, match="data check failed before profiling"):
+        efficiency.main(["--configs", "brats", "--models", "unet", "--patch", "32", "--out", str(tmp_path / "eff"),
+                         "--data-config", "configs/data/brats_phantom.yaml", "--data-root", str(tmp_path / "nowhere")])
 
 
 def test_profiler_rejects_unknown_model(tmp_path):
@@ -61,84 +110,97 @@ def test_scan_is_counted_and_heavy_uncounted_ops_refused():
         count_macs(Net(), torch.zeros(2, 3))
 
 
-def _write_sweep(tmp_path: Path, models: list[str]) -> Path:
+def _write_sweep(tmp_path: Path, models: list[str], recipes: list[str], folds: list[int], **fit) -> Path:
+    """A sweep file in the CLI's own schema: the sweep's keys plus `segresmamba fit` settings."""
     spec = {
         "name": f"test-{tmp_path.name}",
-        "protocol": "test: 1 epoch x 2 steps, 32^3",
-        "data_config": "configs/data/brats_phantom.yaml",
+        "dataset": "brats",
+        "protocol": "test: 3 epochs x 8 steps, 32^3",
+        "config": ["configs/trainer/cpu.yaml", "configs/data/brats_phantom.yaml"],
         "phantom": {"kind": "brats", "out": str(tmp_path / "phantom"), "cases": 5, "size": 32, "seed": 0},
-        "data_args": {"root": str(tmp_path / "phantom"), "patch_size": 32, "batch_size": 1, "cache_rate": 0.0},
         "models": models,
-        "folds": [0, 1],
+        "folds": folds,
+        "recipes": recipes,
         "out": str(tmp_path / "results"),
-        "trainer_args": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
-        "energy_country": None,
+        "runs_dir": str(tmp_path / "runs"),
+        # segresmamba fit settings, as the CLI reads them
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 3, "limit_train_batches": 8, "limit_val_batches": 1, "limit_test_batches": 1,
+                    "enable_progress_bar": False, "num_sanity_val_steps": -1},
+        "model": {"lr": 1.0e-2},
+        "data": {"init_args": {"patch_size": 32, "batch_size": 2, "cache_rate": 1.0}},
+        "checkpoint_save_last": False,
+        "checkpoint_weights_only": True,
+        **fit,
     }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
-def test_sweep_runs_records_errors_and_resumes(tmp_path, capsys):
-    # segresmamba needs patches >= 48: at 32 it fails, which must become an error row, not a crash
-    path = _write_sweep(tmp_path, ["unet", "segresmamba"])
-    assert sweep.main([str(path), "--runs-dir", str(tmp_path / "runs")]) == 0
+def test_sweep_trains_one_row_per_recipe_model_fold_and_resumes(tmp_path, capsys):
+    path = _write_sweep(tmp_path, ["unet"], ["paper", "nnunet"], [0])
+    records = sweep.run_sweep(path)
+    assert sorted((r["recipe"], r["model"], r["fold"], r["status"]) for r in records) == [
+        ("nnunet", "unet", 0, "ok"), ("paper", "unet", 0, "ok")]
     out = tmp_path / "results"
-    for fold in (0, 1):
-        ok = json.loads((out / "unet" / f"fold{fold}" / "metrics.json").read_text())
-        assert ok["status"] == "ok" and ok["fold"] == fold
-        assert 0.0 <= ok["test"]["test/dice_mean"] <= 1.0
-        assert "best-" in ok["test"]["ckpt_path"]  # tested on the best-validation checkpoint
-        assert Path(ok["run_dir"]).is_relative_to(tmp_path / "runs")  # logs and checkpoints where --runs-dir says
-        assert int(ok["cpu_threads"]) >= 1  # runs side by side must not each spin one OpenMP thread per core
-        # a sweep keeps only the best weights: no last.ckpt, no optimizer state
-        ckpts = sorted(Path(ok["test"]["ckpt_path"]).parent.glob("*.ckpt"))
-        assert [c.name.startswith("best-") for c in ckpts] == [True]
-        assert "optimizer_states" not in torch.load(ckpts[0], map_location="cpu", weights_only=False)
-        assert 0.0 <= ok["fit"]["untrained"]["val/dice_mean"] <= 1.0 and ok["fit"]["untrained"]["batches"] == "all"
-        assert ok["fit"]["best"]["val/dice_mean"] is not None and ok["fit"]["last"] is not None
-        assert ok["data"]["provenance"] == "synthetic" and ok["provenance"]["git_sha"]
-        assert ok["paper_calculator_co2_kg"] > 0
-        bad = json.loads((out / "segresmamba" / f"fold{fold}" / "metrics.json").read_text())
-        assert bad["status"] == "error" and ">= 48" in bad["error"]
+    for recipe in ("paper", "nnunet"):
+        rec = json.loads((out / recipe / "unet" / "fold0" / "metrics.json").read_text())
+        assert rec["recipe"] == recipe and rec["recipe_settings"]["name"] == recipe  # what the run itself trained with
+        assert rec["reported_checkpoint"] == "last" and rec["fit"]["global_steps"] >= 3  # trained, one epoch or more
+        untrained = rec["fit"]["untrained"]["val/dice_mean"]
+        if recipe == "paper":  # training did something: the trained network beats itself before its first step
+            assert rec["test"]["test/dice_mean"] > 1.5 * untrained, (rec["test"]["test/dice_mean"], untrained)
+        assert 0.0 <= untrained <= 1.0
+        assert Path(rec["run_dir"]).is_relative_to(tmp_path / "runs")  # logs and checkpoints where runs_dir says
+        assert int(rec["cpu_threads"]) >= 1
+        run_cfg = yaml.safe_load(Path(rec["run_config"]).read_text())
+        assert run_cfg["data"]["init_args"]["fold"] == 0 and run_cfg["model"] == {"lr": 1.0e-2}
+        assert rec["data"]["provenance"] == "synthetic" and rec["paper_calculator_co2_kg"] > 0
     capsys.readouterr()
 
     # resume: nothing left to do
-    sweep.main([str(path)])
-    assert capsys.readouterr().out.count("skip ") == 4
-    # an interrupted sweep: one finished run lost -> only that one runs again
-    (out / "unet" / "fold1" / "metrics.json").unlink()
-    sweep.main([str(path)])
-    text = capsys.readouterr().out
-    assert text.count("skip ") == 3 and "[1/1] unet fold 1: ok" in text
+    assert sweep.run_sweep(path) == []
+    assert capsys.readouterr().out.count("skip ") == 2
 
-    # and the aggregation of what it produced
-    aggregate.main([str(out)])
-    summary = pd.read_csv(out / "summary.csv")
-    assert set(summary.model) == {"unet", "segresmamba"}
-    assert int(summary.set_index("model").loc["segresmamba", "failed"]) == 2
-    assert "untrained val Dice" in (out / "summary.md").read_text()
-    assert "segresmamba fold 0" in (out / "summary.md").read_text()
+    # the summary has one row per recipe and model, with the recipe and the reported checkpoint
+    summary = aggregate.aggregate(out)
+    assert sorted(zip(summary.recipe, summary.model, summary.reported_checkpoint)) == [
+        ("nnunet", "unet", "last"), ("paper", "unet", "last")]
+    assert "| paper | unet | last | 1 |" in (out / "summary.md").read_text()
+    assert "recipe nnunet" in (out / "paper_vs_ours.md").read_text()
 
 
-def test_sweep_stops_before_training_on_missing_data(tmp_path):
-    path = _write_sweep(tmp_path, ["unet"])
-    spec = yaml.safe_load(path.read_text())
-    spec.pop("phantom")
-    spec["data_args"]["root"] = str(tmp_path / "nowhere")
-    path.write_text(yaml.safe_dump(spec))
+def test_sweep_checks_before_the_first_run(tmp_path):
+    # a patch a model cannot take
+    path = _write_sweep(tmp_path, ["unet", "segresmamba"], ["paper"], [0])
+    with pytest.raises(ValueError, match=r"patch check failed before training:\n  segresmamba needs a patch"):
+        sweep.run_sweep(path)
+    # missing data
+    path = _write_sweep(tmp_path, ["unet"], ["paper"], [0], phantom=None, data={"init_args": {"patch_size": 32, "root": str(tmp_path / "nowhere")}})
     with pytest.raises(SystemExit, match="data check failed before training.*nowhere"):
         sweep.main([str(path)])
+    # a setting the CLI does not know, in the CLI's own words
+    path = _write_sweep(tmp_path, ["unet"], ["paper"], [0], trainer={"max_epochz": 1})
+    with pytest.raises(ValueError, match="the CLI refuses the sweep's settings(.|\n)*max_epochz"):
+        sweep.run_sweep(path)
     assert not (tmp_path / "results").exists()
 
 
-def test_sweep_file_errors(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nmodels: [unet]\n")
-    with pytest.raises(SystemExit, match="missing keys"):
-        sweep.main([str(bad)])
-    with pytest.raises(SystemExit, match="not found"):
-        sweep.main([str(tmp_path / "absent.yaml")])
+def test_sweep_failed_run_becomes_an_error_row(tmp_path):
+    path = _write_sweep(tmp_path, ["unet"], ["paper"], [0], model={"net_kwargs": {"no_such_setting": 1}})
+    (record,) = sweep.run_sweep(path)
+    assert record["status"] == "error" and "no_such_setting" in record["error"]
+    record_file = tmp_path / "results" / "paper" / "unet" / "fold0" / "metrics.json"
+    assert json.loads(record_file.read_text())["status"] == "error"
+    # resume rules: a failed run is skipped, unless failed runs are retried; a lost record is run again
+    assert sweep.run_sweep(path) == []
+    assert [r["status"] for r in sweep.run_sweep(path, retry_failed=True)] == ["error"]
+    record_file.unlink()
+    assert [r["fold"] for r in sweep.run_sweep(path)] == [0]
+    summary = aggregate.aggregate(tmp_path / "results")
+    assert summary.set_index("model").loc["unet", "failed"] == 1 and summary.folds.iloc[0] == 0
+    assert "unet [paper] fold 0" in (tmp_path / "results" / "summary.md").read_text()
 
 
 def _fake_record(model: str, fold: int, dice: float, mem: float) -> dict:
@@ -155,6 +217,7 @@ def _fake_record(model: str, fold: int, dice: float, mem: float) -> dict:
 
 
 def test_aggregation_and_plots_from_fixtures(tmp_path):
+    # records from before recipes (<model>/fold<k>, no recipe keys) read as what they ran: paper, best checkpoint
     for model, base, mem in (("segresmamba", 0.8, 3.6), ("swinunetr", 0.7, 11.4)):
         for fold in (0, 1):
             d = tmp_path / model / f"fold{fold}"
@@ -164,53 +227,93 @@ def test_aggregation_and_plots_from_fixtures(tmp_path):
     summary = pd.read_csv(tmp_path / "summary.csv").set_index("model")
     assert summary.loc["segresmamba", "test_dice_mean_mean"] == pytest.approx(0.81)
     assert summary.loc["swinunetr", "folds"] == 2
+    assert (summary.recipe == "paper").all() and (summary.reported_checkpoint == "best").all()
     md = (tmp_path / "summary.md").read_text()
-    assert "| segresmamba | 2 | 0.810 ± 0.014" in md and "synthetic" in md and "NVIDIA H200" in md
+    assert "| paper | segresmamba | best | 2 | 0.810 ± 0.014" in md and "synthetic" in md and "NVIDIA H200" in md
     side = (tmp_path / "paper_vs_ours.md").read_text()
     assert "| segresmamba | 0.8839 | 0.810 ± 0.014 |" in side
     for name in ("fig2_dice_vs_memory.png", "fig3_dice_vs_co2.png"):
         assert (tmp_path / name).stat().st_size > 10_000
 
 
+def test_aggregation_keeps_recipes_apart(tmp_path):
+    for recipe, dice in (("paper", 0.6), ("nnunet", 0.9)):
+        for fold in (0, 1):
+            d = tmp_path / recipe / "unet" / f"fold{fold}"
+            d.mkdir(parents=True)
+            record = {**_fake_record("unet", fold, dice, 1.0), "recipe": recipe, "reported_checkpoint": "last"}
+            (d / "metrics.json").write_text(json.dumps(record))
+    summary = aggregate.aggregate(tmp_path).set_index("recipe")
+    assert summary.loc["nnunet", "test_dice_mean_mean"] == pytest.approx(0.9) and summary.loc["paper", "folds"] == 2
+    assert set(summary.reported_checkpoint) == {"last"}
+    side = (tmp_path / "paper_vs_ours.md").read_text()
+    assert "| unet | 0.8444 | 0.900 ± 0.000 | 0.600 ± 0.000 |" in side  # one column per recipe, sorted by name
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no <recipe>/<model>/fold<k>/metrics.json"):
+        aggregate.aggregate(tmp_path / "empty")
+
+
 def test_sweep_through_submitit_local_executor(tmp_path, capsys):
     pytest.importorskip("submitit")
-    path = _write_sweep(tmp_path, ["unet"])
-    spec = yaml.safe_load(path.read_text())
-    spec["folds"] = [0]
-    path.write_text(yaml.safe_dump(spec))
+    path = _write_sweep(tmp_path, ["unet"], ["paper"], [0], trainer={"max_epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1,
+                                                                    "limit_test_batches": 1, "enable_progress_bar": False})
     args = [str(path), "--launcher", "submitit", "--gpus-per-job", "0", "--cpus-per-job", "1", "--mem-gb", "4",
             "--timeout-min", "20", "--submitit-folder", str(tmp_path / "jobs")]
     assert sweep.main(args) == 0
     assert "submitit: local executor" in capsys.readouterr().out
-    record = json.loads((tmp_path / "results" / "unet" / "fold0" / "metrics.json").read_text())
-    assert record["status"] == "ok" and 0.0 <= record["test"]["test/dice_mean"] <= 1.0
+    record = json.loads((tmp_path / "results" / "paper" / "unet" / "fold0" / "metrics.json").read_text())
+    assert record["status"] == "ok" and record["recipe"] == "paper" and record["fit"]["global_steps"] == 1
     assert list((tmp_path / "jobs").glob("*_log.out"))  # submitit's job logs
     sweep.main(args)  # the same resume logic: nothing resubmitted
-    assert "skip unet fold 0: finished (ok)" in capsys.readouterr().out
+    assert "skip unet [paper] fold 0: finished (ok)" in capsys.readouterr().out
 
 
 def test_profiler_spreads_models_over_worker_processes(tmp_path):
-    """The multi-GPU path: one worker process per device id, each profiling its share (here on the CPU)."""
-    jobs = [("unet", "spleen"), ("segresnet", "spleen"), ("unet", "brats")]
-    out = tmp_path / "not" / "yet"  # the workers' folder is made for them
-    rows = efficiency._run_workers(jobs, ["0", "1"], ["--cpu", "--patch", "32", "--skip-macs", "--skip-cpu-times"], out)
-    assert sorted((r["model"], r["config"]) for r in rows) == sorted(jobs)
-    assert all(r["params_m"] > 0 and "error" not in r for r in rows)
-    assert all(r["train_peak_gib_fp32"] == "not measured" for r in rows)
-    assert not list(out.glob(".rows-*.jsonl"))  # worker files are collected and removed
+    """The multi-GPU path: one process per (model, dataset), one at a time per device id (here on the CPU)."""
+    argv = ["--cpu", "--patch", "32", "--skip-macs", "--skip-cpu-times"]
+    written = efficiency.profile(["unet", "segresnet"], ["spleen"], out=tmp_path, gpus=["0", "1"], worker_argv=argv,
+                                 cpu=True, patch=32, macs=False, cpu_step=False)
+    rows = pd.read_csv(next(p for p in written if p.suffix == ".csv"))
+    assert sorted(rows.model) == ["segresnet", "unet"] and (rows.params_m > 0).all()
+    assert "error" not in rows or rows.error.isna().all()
+    assert (rows.train_peak_gib_fp32 == "not measured").all()
 
 
-def test_model_step_table_from_an_efficiency_table(tmp_path):
+def _efficiency_table(path: Path, rows: list[dict]) -> Path:
+    """An efficiency table as the profiler writes it (the columns model_step reads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = {"device": "NVIDIA H200", "git_sha": "abc1234", "train_peak_gib_fp32": 2.0, "train_peak_gib_bf16": 1.5}
+    pd.DataFrame([{**base, **r} for r in rows]).to_csv(path, index=False)
+    return path
+
+
+def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
     from perf import model_step
 
-    table = Path(__file__).resolve().parents[1] / "results/efficiency/nvidia-h200/brats.csv"
-    model_step.main(["--table", str(table), "--out", str(tmp_path), "--models", "segresmamba", "swinunetr"])
-    df = pd.read_csv(tmp_path / "model_step.csv")
-    assert len(df) == 4 and set(df.precision) == {"bf16", "fp32"}
-    source = pd.read_csv(table).set_index("model")
-    row = df[(df.model == "segresmamba") & (df.precision == "bf16")].iloc[0]
-    assert row.step_ms == pytest.approx(float(source.loc["segresmamba", "step_ms_bf16"]), rel=1e-3)
-    assert row.device == "NVIDIA H200" and row.git_sha == source.loc["segresmamba", "git_sha"]
+    eager = _efficiency_table(tmp_path / "eager" / "brats.csv", [
+        {"model": "segresmamba", "step_ms_fp32": 300.0, "step_ms_bf16": 200.0, "scan_backend": "triton"},
+        {"model": "swinunetr", "step_ms_fp32": 150.0, "step_ms_bf16": 100.0, "scan_backend": None},
+        {"model": "unet", "step_ms_fp32": 10.0, "step_ms_bf16": 8.0, "scan_backend": None},
+    ])
+    graphed = _efficiency_table(tmp_path / "graphs" / "brats.csv", [
+        {"model": "segresmamba", "step_ms_fp32": 250.0, "step_ms_bf16": 120.0, "scan_backend": "triton", "cuda_graph_layers": 7},
+    ])
+    out = tmp_path / "out"
+    model_step.main(["--table", str(eager), str(graphed), "--out", str(out), "--models", "segresmamba", "swinunetr"])
+    df = pd.read_csv(out / "model_step.csv")
+    assert len(df) == 6 and set(df.precision) == {"bf16", "fp32"} and "unet" not in set(df.model)
+    mine = df[(df.model == "segresmamba") & (df.precision == "bf16")].set_index("cuda_graphs")
+    assert mine.loc["-", "step_ms"] == 200.0 and mine.loc["7 ToM layers", "step_ms"] == 120.0
+    assert (df[df.model == "swinunetr"].cuda_graphs == "-").all() and (df[df.model == "swinunetr"].scan_backend == "-").all()
+    assert set(df.config) == {"brats 128x128x128 b1"}  # the patch comes from the dataset spec
+    assert "7 ToM layers" in (out / "model_step.md").read_text()
+    # tables of two configs are refused, and so is a config no spec knows
+    spleen = _efficiency_table(tmp_path / "spleen.csv", [{"model": "unet", "step_ms_fp32": 1.0, "step_ms_bf16": 1.0}])
+    with pytest.raises(SystemExit, match="different configs"):
+        model_step.main(["--table", str(eager), str(spleen), "--out", str(out)])
+    kits = _efficiency_table(tmp_path / "kits.csv", [{"model": "unet", "step_ms_fp32": 1.0, "step_ms_bf16": 1.0}])
+    with pytest.raises(SystemExit, match="unknown dataset 'kits'"):
+        model_step.main(["--table", str(kits), "--out", str(out)])
 
 
 def test_ddp_check_two_gloo_processes_vs_one(tmp_path):
@@ -250,8 +353,9 @@ def test_ddp_check_refuses_bad_arguments(tmp_path):
 
 
 def test_gpu_sweeps_spread_over_the_gpus_they_find(tmp_path, monkeypatch):
-    gpu_sweep = sweep.Sweep.load(sweep.ROOT / "configs/bench/brats_synthetic_gpu.yaml")
-    cpu_sweep = sweep.Sweep.load(sweep.ROOT / "configs/bench/quick.yaml")
+    repo = Path(__file__).resolve().parents[1]
+    gpu_sweep = sweep.Sweep.load(repo / "configs/bench/brats_synthetic_gpu.yaml")
+    cpu_sweep = sweep.Sweep.load(repo / "configs/bench/brats_quick.yaml")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert sweep.resolve_gpus(None, gpu_sweep) == ["0", "1"]
@@ -315,20 +419,3 @@ def test_efficiency_refuses_cuda_graphs_on_a_cpu(capsys):
     with pytest.raises(SystemExit):
         efficiency.parse_args(["--cpu", "--cuda-graphs", "--models", "unet"])
     assert "--cuda-graphs needs a GPU" in capsys.readouterr().err
-
-
-def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
-    from perf import model_step
-
-    source = Path(__file__).resolve().parents[1] / "results/perf/model_step_source"
-    tables = [str(source / mode / "nvidia-h200/brats.csv") for mode in ("eager", "cuda_graphs")]
-    model_step.main(["--table", *tables, "--out", str(tmp_path), "--models", "segresmamba", "swinunetr"])
-    df = pd.read_csv(tmp_path / "model_step.csv")
-    mine = df[(df.model == "segresmamba") & (df.precision == "bf16")].set_index("cuda_graphs")
-    assert set(mine.index) == {"-", "7 ToM layers"} and (df[df.model == "swinunetr"].cuda_graphs == "-").all()
-    assert mine.loc["7 ToM layers", "step_ms"] < mine.loc["-", "step_ms"]
-    assert "7 ToM layers" in (tmp_path / "model_step.md").read_text()
-    # tables of two configs are refused
-    (tmp_path / "spleen.csv").write_text(Path(tables[0]).read_text())
-    with pytest.raises(SystemExit, match="different configs"):
-        model_step.main(["--table", tables[0], str(tmp_path / "spleen.csv"), "--out", str(tmp_path)])

@@ -54,4 +54,5 @@ def instantiate_datamodule(data_block: dict[str, Any]):
         cfg = parser.parse_object({"data": {"class_path": data_block["class_path"], "init_args": dict(data_block.get("init_args") or {})}})
     except Exception as err:  # jsonargparse's ArgumentError: say which settings it refused
         raise ValueError(f"data settings refused: {err}") from None
-    return parser.instantiate_classes(cfg).data
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    return instantiate(cfg).data
