@@ -407,9 +407,7 @@ def data_block(config_files: Sequence[str], *, root: str | None, spec: DatasetSp
     if not isinstance(data, dict):
         raise ValueError(f"{' '.join(config_files)}: no `data:` block")
     init = dict(data.get("init_args") or {})
-    init.update(patch_size=list(spec.patch), batch_size=1)
-    if recipe != "paper":  # every data module's default recipe is the paper's
-        init["recipe"] = recipe
+    init.update(patch_size=list(spec.patch), batch_size=1, recipe=recipe)
     if root:
         init["root"] = root
     elif isinstance(init.get("root"), str):
