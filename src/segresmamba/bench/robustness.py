@@ -337,8 +337,9 @@ def run_robustness(
     verbose: bool = False,
 ) -> pd.DataFrame:
     """Write the test sets, train every model x recipe (skipping finished runs), test each final checkpoint
-    on every set and write the table; return it. ``out`` replaces the config's results folder (the card
-    is appended)."""
+    on every set (skipping runs already tested after their fit) and write the table of every tested run in
+    the results folder, so recipes or models run in separate invocations end up in one table; return it.
+    ``out`` replaces the config's results folder (the card is appended)."""
     sweep, shifts, seed = load_robustness(config, runs_dir=str(runs_dir) if runs_dir else None)
     if models:
         sweep.models = list(models)
@@ -352,17 +353,22 @@ def run_robustness(
     t0 = time.perf_counter()
     test_sets = write_test_sets(*held_out_slab(datamodule), runs_root / "test_sets", shifts, seed)
     print(f"test sets ({time.perf_counter() - t0:.1f} s): {', '.join(test_sets)} in {runs_root / 'test_sets'}", flush=True)
-    run_sweep(sweep, gpus=gpus, verbose=verbose)
-    records = []
+    trained = {(r["recipe"], r["model"], r["fold"]) for r in run_sweep(sweep, gpus=gpus, verbose=verbose)}
     for run in [Run(r, m, f) for r in sweep.recipes for m in sweep.models for f in sweep.folds]:
         fit_record = result_dir / "runs" / run.path() / "metrics.json"
         if not fit_record.is_file() or json.loads(fit_record.read_text()).get("status") != "ok":
             print(f"{run.text()}: no finished fit, its test sets are left out", flush=True)
             continue
+        tested = result_dir / "runs" / run.path() / "test_sets"
+        if (run.recipe, run.model, run.fold) not in trained and all((tested / f"{n}.json").is_file() for n in test_sets):
+            print(f"{run.text()}: already tested on every set, kept", flush=True)
+            continue
         t0 = time.perf_counter()
         checkpoint = last_checkpoint(runs_root / run.path())
-        records += test_checkpoint(sweep, run, checkpoint, test_sets, result_dir / "runs" / run.path() / "test_sets")
+        test_checkpoint(sweep, run, checkpoint, test_sets, tested)
         print(f"{run.text()}: tested on {len(test_sets)} sets in {time.perf_counter() - t0:.0f} s", flush=True)
+    # every tested run in the results folder, also those of earlier invocations (e.g. one recipe at a time)
+    records = [json.loads(p.read_text()) for p in sorted((result_dir / "runs").glob("*/*/fold*/test_sets/*.json"))]
     if not records:
         raise ValueError(f"no run of {config} finished; see the fit logs under {runs_root}")
     table, sets = robustness_table(records)
