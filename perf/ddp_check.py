@@ -43,6 +43,7 @@ def fit_command(args, devices: int, seed: int, run_dir: Path, record: Path) -> l
         "-c", str(ROOT / "configs" / "trainer" / trainer_cfg),
         "-c", str(ROOT / "configs" / "model" / f"{args.model}.yaml"),
         "-c", str(ROOT / args.data_config),
+        "-c", str(ROOT / "configs" / "callbacks" / "sweep.yaml"),
         "--data.init_args.batch_size", str(args.global_batch // devices),
         "--trainer.devices", str(devices),
         "--trainer.max_epochs", str(args.epochs),
@@ -51,7 +52,6 @@ def fit_command(args, devices: int, seed: int, run_dir: Path, record: Path) -> l
         "--trainer.logger.init_args.save_dir", str(run_dir),
         "--trainer.logger.init_args.name", record.stem,
         "--seed_everything", str(seed),
-        "--checkpoint_save_last", "false", "--checkpoint_weights_only", "true",
         "--run_record", str(record),
     ]
     if args.fold is not None:

@@ -102,7 +102,7 @@ def _sweep_file(tmp_path, **changes) -> Path:
     raw = {
         "name": "t", "dataset": "brats", "config": ["configs/trainer/cpu.yaml", "configs/data/brats_phantom.yaml"],
         "models": ["unet"], "folds": [0], "recipes": ["paper", "nnunet"], "out": str(tmp_path / "out"),
-        "trainer": {"max_epochs": 1}, "data": {"init_args": {"patch_size": 32}}, "energy_country": None,
+        "trainer": {"max_epochs": 1}, "data": {"init_args": {"patch_size": 32}}, "seed_everything": 1,
     }
     raw.update(changes)
     path = tmp_path / "sweep.yaml"
@@ -114,7 +114,7 @@ def test_sweep_file_is_the_clis_schema_plus_the_sweeps_keys(tmp_path):
     sweep = Sweep.load(_sweep_file(tmp_path))
     assert sweep.recipes == ["paper", "nnunet"] and sweep.patch() == (32, 32, 32)
     # every key that is not the sweep's own is a `segresmamba fit` setting, passed on as it is
-    assert sweep.fit == {"trainer": {"max_epochs": 1}, "data": {"init_args": {"patch_size": 32}}, "energy_country": None}
+    assert sweep.fit == {"trainer": {"max_epochs": 1}, "data": {"init_args": {"patch_size": 32}}, "seed_everything": 1}
     assert sweep.data_settings()["class_path"] == "segresmamba.data.BraTS2021DataModule"
     assert not sweep.uses_gpu()
     for changes, message in (

@@ -129,8 +129,6 @@ def _write_sweep(tmp_path: Path, models: list[str], recipes: list[str], folds: l
                     "enable_progress_bar": False, "num_sanity_val_steps": -1},
         "model": {"lr": 1.0e-2},
         "data": {"init_args": {"patch_size": 32, "batch_size": 2, "cache_rate": 1.0}},
-        "checkpoint_save_last": False,
-        "checkpoint_weights_only": True,
         **fit,
     }
     path = tmp_path / "sweep.yaml"

@@ -112,3 +112,44 @@ def test_distributed_test_matches_one_process(fitted):
     assert one["num_cases"] == two["num_cases"] == 3
     rows = [list(csv.DictReader((fitted / f"{name}_test_cases.csv").open())) for name in ("one", "two")]
     assert [(r["case_id"], r["class"]) for r in rows[1]] == [(r["case_id"], r["class"]) for r in rows[0]]
+
+
+def _trainer_callbacks(tmp_path: Path, *configs: str, extra: tuple[str, ...] = ()) -> list:
+    from segresmamba.cli import SegResMambaCLI
+    from segresmamba.data.base import VolumeDataModule
+    from segresmamba.task import SegmentationTask
+
+    args = ["--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--model.net", "unet", *extra]
+    for config in configs:
+        args = ["-c", str(ROOT / "configs" / "callbacks" / config), *args]
+    cli = SegResMambaCLI(
+        SegmentationTask, VolumeDataModule, subclass_mode_data=True, run=False, args=args, auto_configure_optimizers=False,
+        parser_kwargs={"default_env": False}, save_config_kwargs={"overwrite": True},
+    )
+    return cli.trainer.callbacks
+
+
+def test_callbacks_are_a_config_group(tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from segresmamba.callbacks import EnergyTracker, PeakMemory, RunRecorder, StepTimer
+
+    def kinds(callbacks: list) -> list:  # Lightning moves checkpoint callbacks to the end itself
+        shown = [type(c) for c in callbacks if not type(c).__name__.startswith(("Progress", "TQDM", "RichProgress", "ModelSummary", "RichModelSummary", "SaveConfig"))]
+        return [k for k in shown if k is not ModelCheckpoint] + [k for k in shown if k is ModelCheckpoint]
+
+    default = _trainer_callbacks(tmp_path)
+    assert kinds(default) == [LearningRateMonitor, PeakMemory, StepTimer, RunRecorder, ModelCheckpoint]
+    checkpoint = next(c for c in default if isinstance(c, ModelCheckpoint))
+    assert checkpoint.save_last and not checkpoint.save_weights_only and checkpoint.monitor == "val/dice_mean"
+    # a group file appends to the list; the run record comes after what it reads
+    energy = _trainer_callbacks(tmp_path, "energy.yaml", extra=("--report_checkpoint", "best"))
+    assert kinds(energy) == [LearningRateMonitor, EnergyTracker, PeakMemory, StepTimer, RunRecorder, ModelCheckpoint]
+    tracker, recorder = (next(c for c in energy if isinstance(c, k)) for k in (EnergyTracker, RunRecorder))
+    assert tracker.country_iso_code == "DEU" and recorder.reported_checkpoint == "best"
+    # a list that replaces the default one still measures every run
+    sweep = _trainer_callbacks(tmp_path, "sweep.yaml")
+    checkpoint = next(c for c in sweep if isinstance(c, ModelCheckpoint))
+    assert not checkpoint.save_last and checkpoint.save_weights_only
+    assert kinds(sweep)[-4:] == [PeakMemory, StepTimer, RunRecorder, ModelCheckpoint]
+    assert sum(isinstance(c, RunRecorder) for c in sweep) == 1

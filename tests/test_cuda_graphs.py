@@ -4,6 +4,7 @@ import copy
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -43,11 +44,12 @@ def test_graphs_need_cuda():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
-def test_cli_flag_refused_without_gpu(tmp_path):
+def test_cli_callback_config_refused_without_gpu(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, "-m", "segresmamba", "fit", "--cuda_graphs", "true", "--model.net", "unet"],
+    config = Path(__file__).resolve().parents[1] / "configs" / "callbacks" / "cuda_graphs.yaml"
+    out = subprocess.run([sys.executable, "-m", "segresmamba", "fit", "-c", str(config), "--model.net", "unet"],
                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode != 0 and "--cuda_graphs needs a GPU" in out.stderr
+    assert out.returncode != 0 and "ToMCudaGraphs callback (configs/callbacks/cuda_graphs.yaml) needs a GPU" in out.stderr
     assert not (tmp_path / "runs").exists()
 
 

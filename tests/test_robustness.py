@@ -96,7 +96,7 @@ def test_config_files_load(profile, tmp_path):
     sweep, shifts, seed = load_robustness(f"configs/bench/robustness_{profile}.yaml", runs_dir=str(tmp_path))
     assert sweep.dataset == "mni152_tissue" and set(sweep.recipes) == {"paper", "nnunet"} and len(sweep.models) == 2
     assert shifts[-1] == "all" and len(shifts) == 7 and seed == 0
-    assert sweep.fit["checkpoint_save_last"] is True  # the final weights are what the shifted sets test
+    assert "configs/callbacks/keep_last.yaml" in sweep.config  # the final weights are what the shifted sets test
     assert (tmp_path / sweep.name / "sweep.yaml").is_file()
 
 

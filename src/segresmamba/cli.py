@@ -1,7 +1,9 @@
 """``segresmamba fit|validate|test|predict``: the Lightning CLI over every model and dataset.
 
-Configs stack with ``-c`` (``configs/trainer/*.yaml``, ``configs/model/*.yaml``, ``configs/data/*.yaml``);
-any setting can be overridden on the command line (``--model.net unetr``, ``--trainer.max_epochs 5``).
+Configs stack with ``-c``, one folder per concern: ``configs/trainer/``, ``configs/model/``, ``configs/data/``,
+``configs/recipe/`` (the training recipe) and ``configs/callbacks/`` (optional callbacks, appended to the
+default list with ``trainer.callbacks+``); any setting can be overridden on the command line
+(``--model.net unetr``, ``--trainer.max_epochs 5``).
 With no data config the embedded synthetic BraTS-like data is used. ``segresmamba doctor`` reports the
 environment (torch, CUDA, GPU, scan backends).
 """
@@ -14,16 +16,24 @@ import warnings
 from typing import Literal, Optional
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from segresmamba.callbacks import EnergyTracker, PeakMemory, RunRecorder, StepTimer
+from segresmamba.callbacks import PeakMemory, RunRecorder, StepTimer
 from segresmamba.data.base import VolumeDataModule
 from segresmamba.prediction import NiftiMaskWriter
-from segresmamba.ssm.cuda_graphs import ToMCudaGraphs
 from segresmamba.task import SegmentationTask
 
 DEFAULT_DATA = "segresmamba.data.SyntheticBraTSDataModule"
+# The callbacks of every run unless a config replaces the list (configs/callbacks/ appends to it)
+DEFAULT_CALLBACKS = [
+    {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"monitor": "val/dice_mean", "mode": "max", "filename": "best-{epoch}-{step}", "save_last": True},
+    },
+    {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "epoch"}},
+]
+# Measured in every run (they are part of every result): added when a replaced list leaves them out
+MEASUREMENTS = (PeakMemory, StepTimer)
 
 
 class SegResMambaCLI(LightningCLI):
@@ -45,20 +55,12 @@ class SegResMambaCLI(LightningCLI):
                 "trainer.accelerator": "auto",
                 "trainer.precision": "bf16-mixed" if gpu else "32-true",
                 "trainer.default_root_dir": "runs",
+                "trainer.callbacks": DEFAULT_CALLBACKS,
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.CSVLogger",
                     "init_args": {"save_dir": "runs", "name": "default"},
                 },
             }
-        )
-        parser.add_argument("--checkpoint_monitor", type=str, default="val/dice_mean", help="metric the best checkpoint maximises")
-        parser.add_argument(
-            "--checkpoint_save_last", type=bool, default=True,
-            help="also write last.ckpt every epoch (needed to resume a fit; a sweep that only tests the best turns it off)",
-        )
-        parser.add_argument(
-            "--checkpoint_weights_only", type=bool, default=False,
-            help="checkpoints without optimizer state: a third of the size and write time (such a checkpoint cannot resume a fit)",
         )
         parser.add_argument(
             "--test_after_fit", type=bool, default=False,
@@ -70,20 +72,11 @@ class SegResMambaCLI(LightningCLI):
                  "practice: nothing is chosen on the cases it is scored on) or best (best validation Dice; optimistic "
                  "when the test cases are the validation cases)",
         )
-        parser.add_argument(
-            "--cuda_graphs", type=bool, default=False,
-            help="replay the training forward and backward of the small ToM layers as CUDA graphs (GPU only; "
-                 "they are bound by kernel launches, see segresmamba.ssm.cuda_graphs)",
-        )
         parser.add_argument("--run_record", type=Optional[str], default=None, help="metrics.json path (default: the run directory)")
         parser.add_argument(
             "--output_dir", type=Optional[str], default=None,
             help="predict: folder for the masks, one <case_id>.nii.gz per case on the scan's own grid "
                  "(default: predictions/ in the run folder)",
-        )
-        parser.add_argument(
-            "--energy_country", type=Optional[str], default=None,
-            help="ISO 3166 alpha-3 grid (e.g. DEU) to track fit energy and CO2 with codecarbon, offline",
         )
 
     def before_instantiate_classes(self) -> None:
@@ -92,8 +85,9 @@ class SegResMambaCLI(LightningCLI):
         accelerator = str(config.trainer.accelerator)
         if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise SystemExit("error: trainer.accelerator asks for a GPU but CUDA is not available on this machine")
-        if config.get("cuda_graphs") and not torch.cuda.is_available():
-            raise SystemExit("error: --cuda_graphs needs a GPU, and CUDA is not available on this machine")
+        graphed = [c for c in config.trainer.callbacks or [] if str(getattr(c, "class_path", "")).endswith("ToMCudaGraphs")]
+        if graphed and not torch.cuda.is_available():
+            raise SystemExit("error: the ToMCudaGraphs callback (configs/callbacks/cuda_graphs.yaml) needs a GPU, and CUDA is not available on this machine")
         if "16" in precision and "mixed" in precision and not torch.cuda.is_available():
             warnings.warn(f"precision {precision} on a CPU runs slowly and is not what the benchmark measures", stacklevel=1)
         logger = config.trainer.logger
@@ -104,27 +98,21 @@ class SegResMambaCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         config = self.config.get(self.subcommand, self.config)
-        extra = [
-            ModelCheckpoint(
-                monitor=config.get("checkpoint_monitor"), mode="max", filename="best-{epoch}-{step}",
-                save_last=config.get("checkpoint_save_last", True),
-                save_weights_only=config.get("checkpoint_weights_only", False),
-            ),
-            LearningRateMonitor(logging_interval="epoch"),
-            PeakMemory(),
-            StepTimer(),
-        ]
-        if config.get("cuda_graphs"):
-            extra.append(ToMCudaGraphs())
-        if config.get("energy_country"):
-            extra.append(EnergyTracker(country_iso_code=config.get("energy_country")))
+        # the configured list (trainer.callbacks, instantiated), which a `callbacks` keyword would otherwise replace
+        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        callbacks = configured + list(kwargs.get("callbacks") or [])
+        present = {type(c) for c in callbacks}
+        callbacks += [kind() for kind in MEASUREMENTS if kind not in present]
         if self.subcommand == "predict":
-            extra.append(NiftiMaskWriter(output_dir=config.get("output_dir")))
-        extra.append(RunRecorder(path=config.get("run_record"), reported_checkpoint=config.get("report_checkpoint", "last")))  # last: its on_fit_end reads the others
-        present = {type(c) for c in kwargs.get("callbacks") or []}
-        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [c for c in extra if type(c) not in present]
+            callbacks.append(NiftiMaskWriter(output_dir=config.get("output_dir")))
+        recorders = [c for c in callbacks if isinstance(c, RunRecorder)] or [RunRecorder()]
+        for recorder in recorders:
+            recorder.path = config.get("run_record") or recorder.path
+            recorder.reported_checkpoint = config.get("report_checkpoint", "last")
+        # the run record goes last: its on_fit_end reads what the other callbacks measured
+        kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, RunRecorder)] + recorders
         return super().instantiate_trainer(**kwargs)
-
 
     def before_predict(self) -> None:
         # the masks go to disk: keeping every case's mask in memory as well would only cost memory

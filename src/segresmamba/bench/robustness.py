@@ -158,7 +158,7 @@ def last_checkpoint(run_dir: Path) -> Path:
     """The newest ``last.ckpt`` under a run's folder (the final weights of its fit)."""
     found = sorted(run_dir.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise ValueError(f"no last.ckpt under {run_dir}: the robustness sweep needs checkpoint_save_last: true")
+        raise ValueError(f"no last.ckpt under {run_dir}: the robustness sweep keeps the final weights with configs/callbacks/keep_last.yaml")
     return found[-1]
 
 
