@@ -150,3 +150,70 @@ def test_end_to_end_on_cpu(spleen, tmp_path, monkeypatch):
     assert plan["configuration"] == "3d_fullres" and len(plan["patch_size"]) == 3 and plan["normalization"] == ["CTNormalization"]
     assert (tmp_path / "nnUNet_preprocessed" / record["nnunet"]["dataset"]["name"] / "splits_final.json").is_file()
     print(f"nnU-Net CPU smoke run: {elapsed:.0f} s")
+
+
+def _sweep_file(tmp_path, models, **extra) -> Path:
+    import yaml
+
+    sweep = {
+        "name": "nnunet-test", "dataset": "spleen", "protocol": "test", "models": models, "folds": [0],
+        "recipes": ["paper", "nnunet"], "out": str(tmp_path / "results"), "runs_dir": str(tmp_path / "runs"),
+        "config": ["configs/trainer/cpu.yaml", "configs/data/spleen.yaml", "configs/callbacks/energy.yaml"],
+        "phantom": {"kind": "spleen", "out": str(tmp_path / "phantom"), "cases": 5, "size": 24, "seed": 0},
+        "data": {"init_args": {"patch_size": 16, "num_val": 2, "num_workers": 0, "cache_rate": 0.0}},
+        **extra,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_sweep_runs_nnunetv2_once_per_fold_under_its_recipe(tmp_path):
+    from segresmamba.bench.sweep import Run, Sweep, external_run_files
+
+    sweep = Sweep.load(_sweep_file(tmp_path, ["nnunetv2", "unet"], nnunetv2={"epochs": 1, "device": "cpu"}))
+    assert sweep.runs() == [Run("paper", "unet", 0), Run("nnunet", "unet", 0), Run("nnunetv2", "nnunetv2", 0)]
+    data = {"overrides": {"root": "/data/spleen"}, "has_fold": True}
+    run_dir, record, spec_path, command = external_run_files(sweep, Run("nnunetv2", "nnunetv2", 0), tmp_path / "runs", data)
+    spec = json.loads(spec_path.read_text())
+    assert command[-3:] == ["-m", "segresmamba.bench.nnunetv2", str(spec_path)] and record == run_dir / "record.json"
+    assert spec["data"]["class_path"] == "segresmamba.data.SpleenDataModule"
+    assert spec["data"]["init_args"]["root"] == "/data/spleen" and spec["data"]["init_args"]["patch_size"] == 16
+    assert spec["settings"]["epochs"] == 1 and spec["energy"] == {"country_iso_code": "DEU"}
+    assert spec["work_dir"] == str(run_dir)
+
+
+def test_sweep_refuses_bad_nnunet_settings(tmp_path):
+    from segresmamba.bench.sweep import Sweep
+
+    with pytest.raises(ValueError, match="unknown nnunetv2 setting"):
+        Sweep.load(_sweep_file(tmp_path, ["nnunetv2"], nnunetv2={"epoch": 1}))
+
+
+def test_sweep_stops_before_work_without_the_extra(tmp_path, monkeypatch):
+    from segresmamba.bench.sweep import run_sweep
+
+    monkeypatch.setitem(sys.modules, "nnunetv2", None)
+    with pytest.raises(ValueError, match=r'pip install -e "\.\[nnunet\]"'):
+        run_sweep(_sweep_file(tmp_path, ["nnunetv2"]))
+    assert not (tmp_path / "runs" / "nnunet-test" / "nnunetv2").exists()
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_and_resume(tmp_path):
+    """A CPU sweep of nnunetv2 alone: a finished record that aggregates, then skipped on a second call."""
+    pytest.importorskip("nnunetv2")
+    from segresmamba.bench.aggregate import aggregate
+    from segresmamba.bench.sweep import run_sweep
+
+    settings = {"epochs": 1, "iterations_per_epoch": 2, "val_iterations_per_epoch": 1, "device": "cpu",
+                "preprocessing_processes": 1, "augmentation_processes": 0, "use_mirroring": False}
+    path = _sweep_file(tmp_path, ["nnunetv2"], nnunetv2=settings)
+    path.write_text(path.read_text().replace("configs/callbacks/energy.yaml", "configs/callbacks/sweep.yaml"))
+    (record,) = run_sweep(path)
+    assert record["status"] == "ok", record.get("error")
+    assert (tmp_path / "results" / "nnunetv2" / "nnunetv2" / "fold0" / "metrics.json").is_file()
+    assert (tmp_path / "runs" / "nnunet-test" / "nnunetv2" / "nnunetv2" / "fold0" / "nnUNet_results").is_dir()
+    summary = aggregate(tmp_path / "results")
+    assert list(summary.model) == ["nnunetv2"] and summary.folds.iloc[0] == 1
+    assert run_sweep(path) == []

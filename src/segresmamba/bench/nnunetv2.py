@@ -69,6 +69,7 @@ __all__ = [
     "RawDataset",
     "check_dataset",
     "export_raw_dataset",
+    "preflight",
     "plan_summary",
     "require_nnunetv2",
     "run_nnunetv2",
@@ -724,6 +725,16 @@ def energy_settings(stacked: dict[str, Any]) -> dict | None:
             if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("EnergyTracker"):
                 return dict(callback.get("init_args") or {})
     return None
+
+
+def preflight(data_block: dict, settings: NNUNetSettings) -> None:
+    """Before a sweep's first run: nnunetv2 installed, its trainer and planner known, the dataset one nnU-Net
+    can take; ValueError saying which is not."""
+    require_nnunetv2()
+    check_trainer_and_planner(settings)
+    from segresmamba.bench.configs import instantiate_datamodule
+
+    check_dataset(instantiate_datamodule(data_block))
 
 
 def write_run_spec(path: Path, data_block: dict, settings: NNUNetSettings, record: Path, energy: dict | None) -> list[str]:

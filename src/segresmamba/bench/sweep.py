@@ -25,6 +25,11 @@ parsed by the CLI itself (``--print_config``), and the data is validated; any fa
 a message naming the setting or file. Resumable and idempotent: a run whose ``metrics.json`` exists is
 skipped (``retry_failed`` reruns the failed ones); a crash or out-of-memory becomes a row with ``status:
 error`` and the sweep goes on.
+
+External baselines: ``nnunetv2`` in ``models`` is nnU-Net v2 run as nnU-Net (:mod:`segresmamba.bench.nnunetv2`),
+once per fold under the recipe ``nnunetv2`` whatever the sweep's ``recipes`` (``<out>/nnunetv2/nnunetv2/fold<k>``),
+with the settings of the sweep file's ``nnunetv2:`` block; its nnU-Net folders live in the run's folder and
+are wiped when an unfinished run starts again.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from typing import Any
 
 import yaml
 
+from segresmamba.bench import nnunetv2 as external
 from segresmamba.bench.configs import instantiate_datamodule, merge, stack_configs
 from segresmamba.bench.paper import calculator_co2_kg
 from segresmamba.bench.project import model_config, project_root, resolve
@@ -66,6 +72,8 @@ class Sweep:
         protocol: one line saying what the sweep runs, for table headers.
         phantom: ``{kind, out, **writer arguments}`` of a synthetic set written on first use (quick profiles).
         runs_dir: where logs and checkpoints of each run go, relative to the project.
+        nnunetv2: settings of the external baseline ``nnunetv2``
+            (:class:`segresmamba.bench.nnunetv2.NNUNetSettings`), when ``models`` names it.
         fit: every other key of the file: ``segresmamba fit`` settings (``trainer``, ``model``, ``data``, ...).
     """
 
@@ -79,6 +87,7 @@ class Sweep:
     protocol: str = ""
     phantom: dict[str, Any] | None = None
     runs_dir: str = "runs"
+    nnunetv2: dict[str, Any] | None = None
     fit: dict[str, Any] = field(default_factory=dict)
 
     REQUIRED = ("name", "dataset", "config", "models", "folds", "out")
@@ -111,9 +120,10 @@ class Sweep:
         for key in ("models", "folds", "recipes"):
             if not isinstance(getattr(self, key), list) or not getattr(self, key):
                 raise ValueError(f"{key} must be a non-empty list")
-        unknown = [m for m in self.models if m not in list_models()]
+        unknown = [m for m in self.models if m not in list_models() and m not in external.EXTERNAL_MODELS]
         if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(list_models())}")
+            raise ValueError(f"unknown model(s) {unknown}; known: {', '.join([*list_models(), *external.EXTERNAL_MODELS])}")
+        self.nnunet_settings()
         bad = [r for r in self.recipes if r not in list_recipes()]
         if bad:
             raise ValueError(f"unknown recipe(s) {bad}; known: {', '.join(list_recipes())}")
@@ -122,6 +132,15 @@ class Sweep:
         for key in ("run_record", "test_after_fit"):
             if key in self.fit:
                 raise ValueError(f"{key!r} is set by the sweep for each run, not in the sweep file")
+
+    def nnunet_settings(self) -> external.NNUNetSettings:
+        """The ``nnunetv2:`` block as settings (ValueError naming a bad one)."""
+        return external.NNUNetSettings.from_dict(self.nnunetv2)
+
+    def runs(self) -> list[Run]:
+        """Every recipe x model x fold; an external baseline once per fold, under its own recipe."""
+        runs = [Run(r, m, f) for r in self.recipes for m in self.models if m not in external.EXTERNAL_MODELS for f in self.folds]
+        return runs + [Run(external.RECIPE, m, f) for m in self.models if m in external.EXTERNAL_MODELS for f in self.folds]
 
     def data_settings(self) -> dict[str, Any]:
         """The ``data:`` block a run sees: the stacked ``config`` files, then the sweep's ``data:`` block."""
@@ -187,14 +206,30 @@ def run_config(sweep: Sweep, run: Run, run_dir: Path, record: Path, data: dict) 
         "run_record": str(record),
         "test_after_fit": True,
     })
-    init = dict(data["overrides"])
-    if data["has_fold"]:
-        init["fold"] = run.fold
+    init = run_data_overrides(run, data)
     if init:
         cfg = merge(cfg, {"data": {"init_args": init}})
     if model_config(run.model) is None:
         cfg = merge(cfg, {"model": {"net": run.model}})
     return cfg
+
+
+def run_data_overrides(run: Run, data: dict) -> dict[str, Any]:
+    """The ``data.init_args`` a run sets over the sweep's: the data root, and the fold where the data has folds."""
+    init = dict(data["overrides"])
+    if data["has_fold"]:
+        init["fold"] = run.fold
+    return init
+
+
+def external_run_files(sweep: Sweep, run: Run, runs_root: Path, data: dict) -> tuple[Path, Path, Path, list[str]]:
+    """(run folder, record, run file, command) of an external baseline's run (see :mod:`segresmamba.bench.nnunetv2`)."""
+    run_dir = runs_root / run.path()
+    stacked = merge(stack_configs([resolve(c) for c in sweep.config]), sweep.fit)
+    spec = run_dir / "nnunetv2_run.json"
+    block = merge(sweep.data_settings(), {"init_args": run_data_overrides(run, data)})
+    command = external.write_run_spec(spec, block, sweep.nnunet_settings(), run_dir / "record.json", external.energy_settings(stacked))
+    return run_dir, run_dir / "record.json", spec, command
 
 
 def run_command(sweep: Sweep, run: Run, config_file: Path) -> list[str]:
@@ -242,7 +277,11 @@ def execute_run(
     """
     result_dir = out_dir / run.path()
     result_dir.mkdir(parents=True, exist_ok=True)
-    run_dir, record_path, config_file = _write_run_config(sweep, run, runs_root, data)
+    if run.model in external.EXTERNAL_MODELS:
+        run_dir, record_path, config_file, command = external_run_files(sweep, run, runs_root, data)
+    else:
+        run_dir, record_path, config_file = _write_run_config(sweep, run, runs_root, data)
+        command = run_command(sweep, run, config_file)
     record_path.unlink(missing_ok=True)
     env = device_env(gpu, cpu_threads, base={**os.environ, "PYTHONWARNINGS": "ignore"})
     t0 = time.perf_counter()
@@ -250,7 +289,7 @@ def execute_run(
     log = run_dir / "fit.log"
     with open(log, "w") as fh:
         proc = subprocess.run(
-            run_command(sweep, run, config_file), cwd=project_root(), env=env,
+            command, cwd=project_root(), env=env,
             stdout=fh if log_to_file else None, stderr=subprocess.STDOUT if log_to_file else fh,
         )
     if proc.returncode != 0:
@@ -377,7 +416,7 @@ def run_sweep(
     sweep.check()
     patch = sweep.patch()
     bad = []
-    for model in sweep.models:
+    for model in [m for m in sweep.models if m not in external.EXTERNAL_MODELS]:  # nnU-Net plans its own patch
         try:
             check_patch(model, patch)
         except ValueError as err:
@@ -392,7 +431,7 @@ def run_sweep(
         raise ValueError(f"data check failed before training: {err}") from None
     print(f"data: {data['summary'].get('dataset')} ({data['summary'].get('provenance')}), validated", flush=True)
 
-    runs = [Run(r, m, f) for r in sweep.recipes for m in sweep.models for f in sweep.folds]
+    runs = sweep.runs()
     todo = []
     for run in runs:
         done = out_dir / run.path() / "metrics.json"
@@ -405,7 +444,11 @@ def run_sweep(
     if not todo:
         print(f"results in {out_dir}", flush=True)
         return []
-    check_settings(sweep, todo[0], runs_root, data)
+    ours = [run for run in todo if run.model not in external.EXTERNAL_MODELS]
+    if ours:
+        check_settings(sweep, ours[0], runs_root, data)
+    if len(ours) < len(todo):
+        external.preflight(merge(sweep.data_settings(), {"init_args": run_data_overrides(todo[-1], data)}), sweep.nnunet_settings())
     if launcher == "submitit":
         runner = _run_submitit(todo, sweep, out_dir, runs_root, data, submitit_options or {})
     elif launcher == "local":
