@@ -1,24 +1,30 @@
-"""Robustness benchmark: the test sets it writes, its table from hand-made records, its config files."""
+"""Robustness benchmark: the test sets it writes, its table from hand-made records, its config files, and
+nnU-Net v2's branch (its predictor replaced by one that writes known masks)."""
 
 import json
 import os
 import subprocess
 import sys
+import time
+import types
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 
+from segresmamba.bench import robustness
 from segresmamba.bench.robustness import (
     CLEAN,
     DATA_TEXT,
     held_out_slab,
     load_robustness,
+    nnunetv2_on_test_sets,
     robustness_table,
     write_outputs,
     write_test_sets,
 )
+from segresmamba.bench.sweep import Run
 from segresmamba.data import MNI152TissueDataModule
 from segresmamba.data.external import pair_test_dir
 
@@ -129,3 +135,131 @@ def test_quick_profile_end_to_end(tmp_path):
     # the orientation shift changes only how the file stores the same voxels: the same Dice as clean
     assert np.isclose(table.dice_orientation[0], table.clean_dice[0], atol=1e-4)
     assert (tmp_path / "results" / "cpu" / "robustness.png").is_file()
+
+
+# -- nnU-Net v2 --------------------------------------------------------------------------------------
+
+
+class KnownMaskPredictor:
+    """Stands in for nnU-Net's ``nnUNetPredictor``: writes each case's stored label as its mask, with the
+    classes in ``drop`` (per output folder name) set to background; records how it was called."""
+
+    calls: list = []
+    drop: dict[str, int] = {}
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def initialize_from_trained_model_folder(self, folder, use_folds, checkpoint_name):
+        KnownMaskPredictor.calls.append({"folder": folder, "folds": use_folds, "checkpoint": checkpoint_name, **self.kwargs})
+
+    def predict_from_files(self, images, outputs, save_probabilities, overwrite, num_processes_preprocessing,
+                           num_processes_segmentation_export):
+        for files, out in zip(images, outputs):
+            image = os.path.abspath(files[0])
+            test_dir, case_id = os.path.dirname(os.path.dirname(image)), os.path.basename(image).removesuffix("_0000.nii.gz")
+            label = nib.load(os.path.join(test_dir, "labelsTs", f"{case_id}.nii.gz"))
+            mask = np.asarray(label.dataobj).astype(np.uint8)
+            mask[mask == KnownMaskPredictor.drop.get(os.path.basename(os.path.dirname(out)), -1)] = 0
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            nib.save(nib.Nifti1Image(mask, label.affine), out + ".nii.gz")
+
+
+@pytest.fixture
+def known_masks(monkeypatch):
+    """nnU-Net's predictor module replaced by :class:`KnownMaskPredictor` (needs the bare nnunetv2 package)."""
+    pytest.importorskip("nnunetv2")
+    module = types.ModuleType("nnunetv2.inference.predict_from_raw_data")
+    module.nnUNetPredictor = KnownMaskPredictor
+    monkeypatch.setitem(sys.modules, "nnunetv2.inference.predict_from_raw_data", module)
+    monkeypatch.setattr(KnownMaskPredictor, "calls", [])
+    monkeypatch.setattr(KnownMaskPredictor, "drop", {"noise": 3})  # WM missed on the noisy set
+    return KnownMaskPredictor
+
+
+def nnunetv2_fit_record(model_folder, fold=0):
+    """What a finished nnunetv2 sweep run records of its training (the keys the robustness test reads)."""
+    (model_folder / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
+    (model_folder / f"fold_{fold}" / "checkpoint_final.pth").write_bytes(b"")
+    settings = {"name": "nnunetv2", "device": "cpu", "tile_step_size": 0.75, "use_mirroring": False, "preprocessing_processes": 1}
+    return {"model": "nnunetv2", "recipe": "nnunetv2", "status": "ok", "recipe_settings": settings,
+            "nnunet": {"model_folder": str(model_folder), "dataset": {"nnunet_fold": fold}}, "test": {"test/dice_mean": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def slab_sets(tmp_path_factory):
+    """The data module and its clean, orientation and noise test sets."""
+    dm = MNI152TissueDataModule(resolution=2, fold=0, patch_size=32)
+    root = tmp_path_factory.mktemp("sets")
+    return dm, write_test_sets(*held_out_slab(dm), root, ["orientation", "noise"], seed=0)
+
+
+def test_nnunetv2_predicts_and_scores_each_set(known_masks, slab_sets, tmp_path):
+    """nnU-Net's predictor on each set from the recorded model folder, scored in each scan's own space into
+    the records the CLI path writes; the table shows nnunetv2 under its own recipe beside the others."""
+    dm, sets = slab_sets
+    run = Run("nnunetv2", "nnunetv2", 0)
+    fit = nnunetv2_fit_record(tmp_path / "nnUNet_results" / "Dataset500_mni152_tissue" / "nnUNetTrainer__nnUNetPlans__3d_fullres")
+    records = tmp_path / "runs" / "nnunetv2" / "nnunetv2" / "fold0" / "test_sets"
+    out = nnunetv2_on_test_sets(run, fit, dm, sets, records, tmp_path / "predictions")
+    assert [r["test_set"] for r in out] == [CLEAN, "orientation", "noise"] and {r["status"] for r in out} == {"ok"}
+    call = known_masks.calls[0]
+    assert call["folder"] == fit["nnunet"]["model_folder"] and call["folds"] == (0,) and call["checkpoint"] == "checkpoint_final.pth"
+    assert call["tile_step_size"] == 0.75 and call["use_mirroring"] is False and call["device"].type == "cpu"
+    assert len(known_masks.calls) == 3
+    clean = json.loads((records / "clean.json").read_text())
+    assert (clean["model"], clean["recipe"], clean["fold"]) == ("nnunetv2", "nnunetv2", 0)
+    assert clean["test"]["test/dice_mean"] == pytest.approx(1.0) and clean["test"]["test/hd95_mean"] == pytest.approx(0.0)
+    assert clean["test"]["reported_checkpoint"] == "last" and clean["test"]["eval_space"] == "original"
+    assert clean["provenance"]["versions"]["nnunetv2"] and clean["provenance"]["precision"] == "32 (nnU-Net on CPU)"
+    # the label stored in LSA order is predicted on its own grid: the same score as clean
+    assert json.loads((records / "orientation.json").read_text())["test"]["test/dice_mean"] == pytest.approx(1.0)
+    noise = pd.read_csv(records / "noise_test_cases.csv")
+    assert noise.set_index("class").dice.to_dict() == pytest.approx({"CSF/other": 1.0, "GM": 1.0, "WM": 0.0})
+    assert (tmp_path / "predictions" / "noise").is_dir()
+
+    others = [record("nnunet", "nnunet", s, 0.8) for s in (CLEAN, "orientation", "noise")]
+    table, _ = robustness_table([*others, *(json.loads(p.read_text()) for p in sorted(records.glob("*.json")))])
+    assert table.model.tolist() == ["nnunet", "nnunetv2"] and table.recipe.tolist() == ["nnunet", "nnunetv2"]
+    row = table.set_index("model").loc["nnunetv2"]
+    assert row.clean_dice == pytest.approx(1.0) and row.dice_orientation == pytest.approx(1.0)
+    assert row.dice_noise == pytest.approx(2 / 3) and row.worst_shift == "noise" and row.reported_checkpoint == "last"
+    write_outputs(table, _, tmp_path / "table", "test")
+    assert "| nnunetv2 | nnunetv2 | 1.000 | 1.000 | 0.667 | 0.833 | 0.83 | noise |" in (tmp_path / "table" / "robustness.md").read_text()
+
+
+def test_nnunetv2_without_its_model(known_masks, slab_sets, tmp_path):
+    """A fit record naming no model folder stops with a message; a removed checkpoint makes error rows."""
+    dm, sets = slab_sets
+    run = Run("nnunetv2", "nnunetv2", 0)
+    with pytest.raises(ValueError, match="names no nnU-Net model folder"):
+        nnunetv2_on_test_sets(run, {"status": "ok"}, dm, sets, tmp_path / "records", tmp_path / "predictions")
+    fit = nnunetv2_fit_record(tmp_path / "model")
+    (tmp_path / "model" / "fold_0" / "checkpoint_final.pth").unlink()
+    out = nnunetv2_on_test_sets(run, fit, dm, sets, tmp_path / "records", tmp_path / "predictions")
+    assert {r["status"] for r in out} == {"error"} and "no nnU-Net checkpoint" in out[0]["error"]
+    assert not known_masks.calls
+
+
+def test_run_robustness_tests_the_sweeps_nnunetv2_run(known_masks, tmp_path, monkeypatch):
+    """``--models nnunetv2``: the sweep's own run (recipe nnunetv2) is tested with nnU-Net's predictor from
+    its fit record, not looked up as a last.ckpt, and lands in the table."""
+    cfg = tmp_path / "r.yaml"
+    text = open("configs/bench/robustness_quick.yaml").read()
+    cfg.write_text(text.replace("shifts: [resolution, orientation, field_of_view, bias_field, gamma, noise, all]", "shifts: [noise]"))
+    fit = tmp_path / "results" / "cpu" / "runs" / "nnunetv2" / "nnunetv2" / "fold0" / "metrics.json"
+    fit.parent.mkdir(parents=True)
+    fit.write_text(json.dumps(nnunetv2_fit_record(tmp_path / "runs" / "model")))
+    trained = []
+    monkeypatch.setattr(robustness, "run_sweep", lambda sweep, **kw: trained.append(sweep.runs()) or [])
+    t0 = time.perf_counter()
+    table = robustness.run_robustness(cfg, out=tmp_path / "results", models=["nnunetv2"], runs_dir=tmp_path / "runs")
+    assert trained == [[Run("nnunetv2", "nnunetv2", 0)]]
+    assert table.model.tolist() == ["nnunetv2"] and table.recipe.tolist() == ["nnunetv2"]
+    assert table.clean_dice[0] == pytest.approx(1.0) and table.dice_noise[0] == pytest.approx(2 / 3)
+    assert (fit.parent / "test_sets" / "noise_test_cases.csv").is_file()
+    assert (tmp_path / "runs" / "robustness-quick" / "nnunetv2" / "nnunetv2" / "fold0" / "robustness_predictions" / "clean").is_dir()
+    # a second call keeps the sets already tested
+    robustness.run_robustness(cfg, out=tmp_path / "results", models=["nnunetv2"], runs_dir=tmp_path / "runs")
+    assert len(known_masks.calls) == 2
+    assert time.perf_counter() - t0 < 60

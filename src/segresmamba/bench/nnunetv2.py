@@ -67,8 +67,11 @@ __all__ = [
     "NNUNET_FOLDERS",
     "NNUNetSettings",
     "RawDataset",
+    "cases_in_test_dir",
     "check_dataset",
     "export_raw_dataset",
+    "nnunet_provenance",
+    "predict_cases",
     "preflight",
     "plan_summary",
     "require_nnunetv2",
@@ -227,6 +230,15 @@ class TestCase:
     case_id: str
     images: tuple[str, ...]
     label: str
+
+
+def cases_in_test_dir(test_dir: str | Path) -> tuple[TestCase, ...]:
+    """The labelled cases of a test folder in nnU-Net's layout (``imagesTs/``, ``labelsTs/``; read by
+    :func:`segresmamba.data.external.pair_test_dir`, which says what is wrong with a bad folder)."""
+    from segresmamba.data.external import pair_test_dir
+
+    return tuple(TestCase(case_id, tuple(str(f) for f in images), str(label))
+                 for case_id, (images, label) in pair_test_dir(test_dir).items())
 
 
 @dataclass(frozen=True)
@@ -584,6 +596,43 @@ def set_environment(work_dir: Path, settings: NNUNetSettings) -> None:
     os.environ["nnUNet_compile"] = "true" if settings.compile else "false"
 
 
+def predict_cases(
+    model_folder: str | Path, nnunet_fold: int, cases: Sequence[TestCase], prediction_dir: str | Path,
+    settings: NNUNetSettings, device: torch.device | None = None,
+) -> Path:
+    """nnU-Net's masks of ``cases`` (``<prediction_dir>/<case>.nii.gz``, each on its scan's own grid) from the
+    final checkpoint of ``fold_<nnunet_fold>`` of a trained model folder, by ``nnUNetPredictor`` with the
+    settings' sliding-window overlap, mirroring and worker counts; returns ``prediction_dir``.
+
+    Raises:
+        ValueError: nnunetv2 is not installed, or the model folder has no final checkpoint of that fold.
+    """
+    require_nnunetv2()
+    checkpoint = Path(model_folder) / f"fold_{nnunet_fold}" / "checkpoint_final.pth"
+    if not checkpoint.is_file():
+        raise ValueError(f"no nnU-Net checkpoint {checkpoint}: the nnunetv2 run did not finish, or its run folder was removed")
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    device = device if device is not None else settings.torch_device()
+    prediction_dir = Path(prediction_dir)
+    predictor = nnUNetPredictor(tile_step_size=settings.tile_step_size, use_mirroring=settings.use_mirroring,
+                                perform_everything_on_device=device.type == "cuda", device=device, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(nnunet_fold,), checkpoint_name=checkpoint.name)
+    predictor.predict_from_files([list(c.images) for c in cases], [str(prediction_dir / c.case_id) for c in cases],
+                                 save_probabilities=False, overwrite=True, num_processes_preprocessing=settings.preprocessing_processes,
+                                 num_processes_segmentation_export=settings.preprocessing_processes)
+    return prediction_dir
+
+
+def nnunet_provenance(device: torch.device, version: str) -> dict[str, Any]:
+    """The suite's provenance of an nnU-Net fit or prediction on ``device`` (nnU-Net autocasts on a GPU)."""
+    from segresmamba.provenance import provenance
+
+    prov = provenance(device, "16-mixed (nnU-Net autocast)" if device.type == "cuda" else "32 (nnU-Net on CPU)")
+    prov["versions"]["nnunetv2"] = version
+    return prov
+
+
 def run_nnunetv2(datamodule, work_dir: str | Path, settings: NNUNetSettings, energy: dict | None = None) -> dict[str, Any]:
     """Export, plan, preprocess, train ``3d_fullres``, predict the test cases and score them; return the
     run record (the ``metrics.json`` shape of :class:`segresmamba.callbacks.RunRecorder`).
@@ -605,7 +654,6 @@ def run_nnunetv2(datamodule, work_dir: str | Path, settings: NNUNetSettings, ene
 
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.run.run_training import get_trainer_from_args
 
     check_trainer_and_planner(settings)
@@ -647,20 +695,11 @@ def run_nnunetv2(datamodule, work_dir: str | Path, settings: NNUNetSettings, ene
     del trainer
 
     t0 = time.perf_counter()
-    predictor = nnUNetPredictor(tile_step_size=settings.tile_step_size, use_mirroring=settings.use_mirroring,
-                                perform_everything_on_device=device.type == "cuda", device=device, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(raw.nnunet_fold,), checkpoint_name="checkpoint_final.pth")
     prediction_dir = work_dir / "predictions"
-    predictor.predict_from_files([list(c.images) for c in raw.test], [str(prediction_dir / c.case_id) for c in raw.test],
-                                 save_probabilities=False, overwrite=True, num_processes_preprocessing=settings.preprocessing_processes,
-                                 num_processes_segmentation_export=settings.preprocessing_processes)
+    predict_cases(model_folder, raw.nnunet_fold, raw.test, prediction_dir, settings, device)
     test, rows = score_predictions(prediction_dir, raw.test, datamodule)
     predict_s = time.perf_counter() - t0
 
-    from segresmamba.provenance import provenance
-
-    prov = provenance(device, "16-mixed (nnU-Net autocast)" if device.type == "cuda" else "32 (nnU-Net on CPU)")
-    prov["versions"]["nnunetv2"] = version
     return {
         "model": MODEL,
         "recipe": RECIPE,
@@ -668,7 +707,7 @@ def run_nnunetv2(datamodule, work_dir: str | Path, settings: NNUNetSettings, ene
         "reported_checkpoint": "last",
         "params": params,
         "data": datamodule.describe(),
-        "provenance": prov,
+        "provenance": nnunet_provenance(device, version),
         "fit": {
             "epochs": len(epoch_s),
             "global_steps": len(epoch_s) * iterations,

@@ -13,13 +13,18 @@ What it does, through the same CLI and sweep path as every other result:
    once per acquisition shift of :mod:`segresmamba.data.shifts` (voxel size and anisotropy, orientation,
    larger field of view padded with air, bias field, gamma, noise, all combined), each shift applied once
    with a fixed seed, in the ``imagesTs/`` + ``labelsTs/`` layout of :mod:`segresmamba.data.external`.
-2. Trains every model x recipe once on the training slabs: :func:`segresmamba.bench.sweep.run_sweep` (one
-   ``segresmamba fit`` per run, tested on the in-memory clean slab with the final weights).
-3. Tests the final checkpoint (``last.ckpt``, never one chosen on a validation score) of each run on the
-   clean set and every shifted set: ``segresmamba test ... --data.init_args.test_dir <set> --ckpt_path
-   last.ckpt`` (the CLI's own entry point, called in this process once per set to spare the start-up).
-   Scores are taken in each scan's own space (the evaluation inverts resampling and orientation) when the
-   task does so, Dice and HD95 per case and class (``<set>_test_cases.csv`` beside each record).
+2. Trains every run of the sweep once on the training slabs: :func:`segresmamba.bench.sweep.run_sweep` (its
+   runs, :meth:`~segresmamba.bench.sweep.Sweep.runs`: every model x recipe with one ``segresmamba fit``
+   each, tested on the in-memory clean slab with the final weights; the external baseline ``nnunetv2``
+   once, under its own recipe ``nnunetv2``, trained by nnU-Net itself).
+3. Tests the final weights (never ones chosen on a validation score) of each run on the clean set and
+   every shifted set. Our nets: ``last.ckpt`` through ``segresmamba test ... --data.init_args.test_dir
+   <set> --ckpt_path last.ckpt`` (the CLI's own entry point, called in this process once per set to spare
+   the start-up). ``nnunetv2``: nnU-Net's ``nnUNetPredictor`` with the final checkpoint of the model folder
+   its fit recorded, on the set's files as stored, masks scored by the same code as its fit
+   (:mod:`segresmamba.bench.nnunetv2`). Scores are taken in each scan's own space (the evaluation inverts
+   resampling and orientation) when the task does so, Dice and HD95 per case and class
+   (``<set>_test_cases.csv`` beside each record ``<set>.json``).
 4. Writes ``robustness.csv`` (one row per model and recipe: clean Dice, Dice per shift, mean shifted Dice,
    shifted / clean ratio, worst shift, HD95 clean and shifted, provenance), ``robustness_sets.csv`` (one row
    per model, recipe and test set), ``robustness.md`` and ``robustness.png`` to
@@ -30,8 +35,9 @@ foreground on a scan from another scanner) shows as a low ratio on the ``field_o
 ``all`` sets. The issue's target for the GPU profile: with the ``nnunet`` recipe, shifted Dice >= 0.9 x
 clean Dice for ``nnunet`` and ``segresmamba``.
 
-A robustness file is a sweep file (:class:`segresmamba.bench.sweep.Sweep`; ``dataset: mni152_tissue``) with
-one more block::
+A robustness file is a sweep file (:class:`segresmamba.bench.sweep.Sweep`; ``dataset: mni152_tissue``; its
+``nnunetv2:`` block sets how nnU-Net trains and predicts when ``models`` names ``nnunetv2``) with one more
+block::
 
     robustness: {shifts: [resolution, orientation, ...], shift_seed: 0}
 """
@@ -40,10 +46,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import textwrap
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +63,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from segresmamba.bench import nnunetv2 as external  # noqa: E402
 from segresmamba.bench.configs import instantiate_datamodule  # noqa: E402
 from segresmamba.bench.project import resolve  # noqa: E402
 from segresmamba.bench.sweep import Run, Sweep, run_command, run_sweep  # noqa: E402
@@ -70,6 +78,7 @@ __all__ = [
     "robustness_table",
     "run_robustness",
     "test_checkpoint",
+    "nnunetv2_on_test_sets",
     "write_outputs",
     "write_test_sets",
 ]
@@ -162,14 +171,12 @@ def last_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
-def test_checkpoint(sweep: Sweep, run: Run, checkpoint: Path, test_sets: dict[str, Path], records: Path) -> list[dict]:
-    """``segresmamba test`` of ``checkpoint`` on each test set with the run's own settings; one record per
-    set (``records/<set>.json``, with ``test_set``, ``status`` and ``error`` added)."""
-    from segresmamba.cli import main as cli_main
-
-    config_file = resolve(sweep.runs_dir) / sweep.name / run.path() / "run.yaml"
-    base = run_command(sweep, run, config_file)
-    args = ["test", *base[base.index("fit") + 1:]]
+def _record_each_set(
+    run: Run, checkpoint: Path, test_sets: dict[str, Path], records: Path, test_set: Callable[[str, Path, Path], None]
+) -> list[dict]:
+    """``test_set(name, test_dir, record_path)`` for each test set, which writes the set's run record; the
+    record gets ``model``, ``recipe``, ``fold``, ``test_set``, ``status``, ``error`` and ``checkpoint`` added.
+    A failed set becomes an error record and the other sets still run."""
     records.mkdir(parents=True, exist_ok=True)
     out = []
     for name, test_dir in test_sets.items():
@@ -177,12 +184,8 @@ def test_checkpoint(sweep: Sweep, run: Run, checkpoint: Path, test_sets: dict[st
         record_path.unlink(missing_ok=True)
         status, error = "ok", None
         try:
-            cli_main([
-                *args, "--data.init_args.test_dir", str(test_dir), "--ckpt_path", str(checkpoint),
-                "--run_record", str(record_path), "--trainer.logger.init_args.name", f"robustness_{name}",
-                "--trainer.enable_progress_bar", "false",
-            ])
-        except (Exception, SystemExit) as err:  # a failed set becomes an error row; the others still run
+            test_set(name, test_dir, record_path)
+        except (Exception, SystemExit) as err:
             status, error = "error", f"{type(err).__name__}: {err}"
             traceback.print_exc()
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
@@ -193,6 +196,63 @@ def test_checkpoint(sweep: Sweep, run: Run, checkpoint: Path, test_sets: dict[st
         record_path.write_text(json.dumps(record, indent=2, default=str))
         out.append(record)
     return out
+
+
+def test_checkpoint(sweep: Sweep, run: Run, checkpoint: Path, test_sets: dict[str, Path], records: Path) -> list[dict]:
+    """``segresmamba test`` of ``checkpoint`` on each test set with the run's own settings; one record per
+    set (``records/<set>.json``, with ``test_set``, ``status`` and ``error`` added)."""
+    from segresmamba.cli import main as cli_main
+
+    config_file = resolve(sweep.runs_dir) / sweep.name / run.path() / "run.yaml"
+    base = run_command(sweep, run, config_file)
+    args = ["test", *base[base.index("fit") + 1:]]
+
+    def test_set(name: str, test_dir: Path, record_path: Path) -> None:
+        cli_main([
+            *args, "--data.init_args.test_dir", str(test_dir), "--ckpt_path", str(checkpoint),
+            "--run_record", str(record_path), "--trainer.logger.init_args.name", f"robustness_{name}",
+            "--trainer.enable_progress_bar", "false",
+        ])
+
+    return _record_each_set(run, checkpoint, test_sets, records, test_set)
+
+
+def nnunetv2_on_test_sets(
+    run: Run, fit_record: dict, datamodule, test_sets: dict[str, Path], records: Path, prediction_root: Path
+) -> list[dict]:
+    """nnU-Net's own prediction (``nnUNetPredictor``) of each test set from the model folder of an
+    ``nnunetv2`` run's fit record (``nnunet.model_folder``, its final checkpoint of our fold, the run's
+    nnU-Net settings), masks in ``prediction_root/<set>/``, scored in each scan's own space as the run
+    itself was (:func:`segresmamba.bench.nnunetv2.score_predictions`); one record per set
+    (``records/<set>.json`` and ``<set>_test_cases.csv``, as :func:`test_checkpoint` writes them)."""
+    nnunet = fit_record.get("nnunet") or {}
+    model_folder, nnunet_fold = nnunet.get("model_folder"), (nnunet.get("dataset") or {}).get("nnunet_fold")
+    if not model_folder or nnunet_fold is None:
+        raise ValueError(f"{run.text()}: its fit record names no nnU-Net model folder and fold (nnunet.model_folder, nnunet.dataset.nnunet_fold)")
+    model_folder = Path(model_folder)
+    checkpoint = model_folder / f"fold_{nnunet_fold}" / "checkpoint_final.pth"
+    settings = external.NNUNetSettings.from_dict({k: v for k, v in (fit_record.get("recipe_settings") or {}).items() if k != "name"})
+
+    def test_set(name: str, test_dir: Path, record_path: Path) -> None:
+        device = settings.torch_device()
+        cases = external.cases_in_test_dir(test_dir)
+        prediction_dir = prediction_root / name
+        if prediction_dir.exists():
+            shutil.rmtree(prediction_dir)
+        t0 = time.perf_counter()
+        external.predict_cases(model_folder, nnunet_fold, cases, prediction_dir, settings, device)
+        test, rows = external.score_predictions(prediction_dir, cases, datamodule)
+        version = external.require_nnunetv2()
+        external.write_record({
+            "model": run.model, "recipe": external.RECIPE, "recipe_settings": fit_record.get("recipe_settings"),
+            "reported_checkpoint": "last", "data": datamodule.describe(), "provenance": external.nnunet_provenance(device, version),
+            "test": {**test, "ckpt_path": str(checkpoint), "reported_checkpoint": "last", "eval_space": "original",
+                     "num_cases": len(cases), "test_dir": str(test_dir), "rows": rows},
+            "nnunet": {"version": version, "model_folder": str(model_folder), "predictions": str(prediction_dir),
+                       "predict_and_score_s": time.perf_counter() - t0},
+        }, record_path)
+
+    return _record_each_set(run, checkpoint, test_sets, records, test_set)
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -354,9 +414,10 @@ def run_robustness(
     test_sets = write_test_sets(*held_out_slab(datamodule), runs_root / "test_sets", shifts, seed)
     print(f"test sets ({time.perf_counter() - t0:.1f} s): {', '.join(test_sets)} in {runs_root / 'test_sets'}", flush=True)
     trained = {(r["recipe"], r["model"], r["fold"]) for r in run_sweep(sweep, gpus=gpus, verbose=verbose)}
-    for run in [Run(r, m, f) for r in sweep.recipes for m in sweep.models for f in sweep.folds]:
-        fit_record = result_dir / "runs" / run.path() / "metrics.json"
-        if not fit_record.is_file() or json.loads(fit_record.read_text()).get("status") != "ok":
+    for run in sweep.runs():
+        fit_path = result_dir / "runs" / run.path() / "metrics.json"
+        fit_record = json.loads(fit_path.read_text()) if fit_path.is_file() else {}
+        if fit_record.get("status") != "ok":
             print(f"{run.text()}: no finished fit, its test sets are left out", flush=True)
             continue
         tested = result_dir / "runs" / run.path() / "test_sets"
@@ -364,8 +425,10 @@ def run_robustness(
             print(f"{run.text()}: already tested on every set, kept", flush=True)
             continue
         t0 = time.perf_counter()
-        checkpoint = last_checkpoint(runs_root / run.path())
-        test_checkpoint(sweep, run, checkpoint, test_sets, tested)
+        if run.model in external.EXTERNAL_MODELS:
+            nnunetv2_on_test_sets(run, fit_record, datamodule, test_sets, tested, runs_root / run.path() / "robustness_predictions")
+        else:
+            test_checkpoint(sweep, run, last_checkpoint(runs_root / run.path()), test_sets, tested)
         print(f"{run.text()}: tested on {len(test_sets)} sets in {time.perf_counter() - t0:.0f} s", flush=True)
     # every tested run in the results folder, also those of earlier invocations (e.g. one recipe at a time)
     records = [json.loads(p.read_text()) for p in sorted((result_dir / "runs").glob("*/*/fold*/test_sets/*.json"))]
