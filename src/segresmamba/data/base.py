@@ -31,7 +31,8 @@ class VolumeDataModule(L.LightningDataModule):
     """Base class: subclasses fill the item lists and the transforms; loading, caching and loaders live here.
 
     Args:
-        patch_size: training crop (D, H, W); also the sliding-window ROI at evaluation.
+        patch_size: training crop (D, H, W); also the sliding-window ROI at evaluation. ``None`` takes the
+            dataset's default (``default_patch_size``: the paper's patch for the paper's datasets).
         batch_size: training patches per step (validation and test use whole volumes one at a time).
         num_workers: DataLoader worker processes.
         cache_rate: fraction of cases whose deterministic transforms are cached in memory
@@ -53,10 +54,11 @@ class VolumeDataModule(L.LightningDataModule):
     class_names: list[str]
     provenance: Literal["synthetic", "real"]
     name: str
+    default_patch_size: int = 128
 
     def __init__(
         self,
-        patch_size: int | Sequence[int] = 128,
+        patch_size: int | Sequence[int] | None = None,
         batch_size: int = 1,
         num_workers: int = 0,
         cache_rate: float = 0.0,
@@ -73,7 +75,7 @@ class VolumeDataModule(L.LightningDataModule):
             iterations_per_epoch if iterations_per_epoch is not None else self.recipe_settings.iterations_per_epoch
         )
         self._plan: dict | None = None
-        self.patch_size = normalize_img_size(patch_size)
+        self.patch_size = normalize_img_size(patch_size if patch_size is not None else self.default_patch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:

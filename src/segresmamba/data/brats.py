@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -64,11 +63,11 @@ class BraTS2021DataModule(OnDiskDataModule):
         num_folds: folds of a computed split (a folds file brings its own).
         folds_json: path to ``brats21_folds.json`` (absolute, or relative to the working directory or
             ``root``); ``None`` computes a seeded split.
-        seed, split_file, check_labels, skip_bad_cases: see :class:`~segresmamba.data.ondisk.OnDiskDataModule`.
-        patch_size: training crop and sliding-window ROI (paper: 128).
-        batch_size, num_workers, cache_rate, test_dir, recipe, iterations_per_epoch: see
-            :class:`~segresmamba.data.base.VolumeDataModule`
-            (paper: batch 4).
+        kwargs: the settings every on-disk dataset shares: ``seed``, ``split_file``, ``check_labels``,
+            ``skip_bad_cases`` (:class:`~segresmamba.data.ondisk.OnDiskDataModule`) and ``patch_size``,
+            ``batch_size``, ``num_workers``, ``cache_rate``, ``test_dir``, ``recipe``,
+            ``iterations_per_epoch`` (:class:`~segresmamba.data.base.VolumeDataModule`); the patch defaults to the paper's
+            128 (the paper trained with batch 4).
     """
 
     in_channels = 4
@@ -76,6 +75,7 @@ class BraTS2021DataModule(OnDiskDataModule):
     task = "multilabel"
     class_names = ["TC", "WT", "ET"]
     name = "brats2021"
+    default_patch_size = 128
     modalities = ["MR"] * len(BRATS_CHANNELS)
     label_dtype = torch.float32
     brats_channels = True
@@ -86,24 +86,9 @@ class BraTS2021DataModule(OnDiskDataModule):
         fold: int = 0,
         num_folds: int = 5,
         folds_json: str | None = None,
-        seed: int = 0,
-        split_file: str | None = None,
-        check_labels: bool = True,
-        skip_bad_cases: bool = False,
-        patch_size: int | Sequence[int] = 128,
-        batch_size: int = 1,
-        num_workers: int = 0,
-        cache_rate: float = 0.0,
-        test_dir: str | None = None,
-        recipe: str = "paper",
-        iterations_per_epoch: int | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            root=root, fold=fold, seed=seed, split_file=split_file, check_labels=check_labels,
-            skip_bad_cases=skip_bad_cases, patch_size=patch_size, batch_size=batch_size,
-            num_workers=num_workers, cache_rate=cache_rate, test_dir=test_dir, recipe=recipe,
-            iterations_per_epoch=iterations_per_epoch,
-        )
+        super().__init__(root=root, fold=fold, **kwargs)
         if num_folds < 2:
             raise ValueError(f"num_folds must be >= 2, got {num_folds}")
         if folds_json is None and fold >= num_folds:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -74,9 +73,10 @@ class BTCVDataModule(OnDiskDataModule):
         intensity_window: HU window mapped to [0, 1]; ``None``: the recipe's (``paper``: the tutorial's
             -175, 250; ``nnunet``: the plan's CT normalisation).
         num_samples: patches per volume per step (tutorial: 4).
-        seed, split_file, check_labels, skip_bad_cases: see :class:`~segresmamba.data.ondisk.OnDiskDataModule`.
-        patch_size, batch_size, num_workers, cache_rate, test_dir, recipe, iterations_per_epoch: see
-            :class:`~segresmamba.data.base.VolumeDataModule`.
+        kwargs: the settings every on-disk dataset shares: ``seed``, ``split_file``, ``check_labels``,
+            ``skip_bad_cases`` (:class:`~segresmamba.data.ondisk.OnDiskDataModule`) and ``patch_size``,
+            ``batch_size``, ``num_workers``, ``cache_rate``, ``test_dir``, ``recipe``,
+            ``iterations_per_epoch`` (:class:`~segresmamba.data.base.VolumeDataModule`); the patch defaults to 96.
     """
 
     in_channels = 1
@@ -84,6 +84,7 @@ class BTCVDataModule(OnDiskDataModule):
     task = "multiclass"
     class_names = list(BTCV_ORGANS)
     name = "btcv"
+    default_patch_size = 96
     modalities = ["CT"]
     paper_spacing = (1.5, 1.5, 2.0)
     paper_window = (-175.0, 250.0)
@@ -99,24 +100,9 @@ class BTCVDataModule(OnDiskDataModule):
         spacing: tuple[float, float, float] | None = None,
         intensity_window: tuple[float, float] | None = None,
         num_samples: int = 4,
-        seed: int = 0,
-        split_file: str | None = None,
-        check_labels: bool = True,
-        skip_bad_cases: bool = False,
-        patch_size: int | Sequence[int] = 96,
-        batch_size: int = 1,
-        num_workers: int = 0,
-        cache_rate: float = 0.0,
-        test_dir: str | None = None,
-        recipe: str = "paper",
-        iterations_per_epoch: int | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            root=root, fold=fold, seed=seed, split_file=split_file, check_labels=check_labels,
-            skip_bad_cases=skip_bad_cases, patch_size=patch_size, batch_size=batch_size,
-            num_workers=num_workers, cache_rate=cache_rate, test_dir=test_dir, recipe=recipe,
-            iterations_per_epoch=iterations_per_epoch,
-        )
+        super().__init__(root=root, fold=fold, **kwargs)
         if split not in ("auto", "holdout", "kfold"):
             raise ValueError(f"split must be 'auto', 'holdout' or 'kfold', got {split!r}")
         if split != "kfold" and fold != 0:

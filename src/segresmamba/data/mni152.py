@@ -5,7 +5,6 @@ nilearn (``nilearn.datasets.load_mni152_template`` and friends; no download)."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Literal
 
 import nibabel as nib
@@ -98,10 +97,9 @@ class MNI152TissueDataModule(VolumeDataModule):
         margin: voxels of the training slabs dropped next to the validation slab.
         train_items: training items per epoch (each gives ``num_samples`` patches).
         num_samples: patches per item.
-        patch_size: training patch and sliding-window ROI (64 at 2 mm; 96 or 128 at 1 mm on a GPU).
-        batch_size, num_workers, cache_rate, test_dir, recipe, iterations_per_epoch: see
-            :class:`~segresmamba.data.base.VolumeDataModule`;
-            scans in ``test_dir`` are resampled to ``resolution`` mm and normalised as the training slabs
+        kwargs: ``patch_size`` (default 64 at 2 mm; 96 or 128 at 1 mm on a GPU), ``batch_size``,
+            ``num_workers``, ``cache_rate``, ``test_dir``, ``recipe``, ``iterations_per_epoch``: see
+            :class:`~segresmamba.data.base.VolumeDataModule`; scans in ``test_dir`` are resampled to ``resolution`` mm and normalised as the training slabs
             (:meth:`intensity_normalisation`).
     """
 
@@ -111,6 +109,7 @@ class MNI152TissueDataModule(VolumeDataModule):
     class_names = ["CSF/other", "GM", "WM"]
     provenance = "real"
     name = "mni152_tissue"
+    default_patch_size = 64
 
     def __init__(
         self,
@@ -121,18 +120,9 @@ class MNI152TissueDataModule(VolumeDataModule):
         margin: int = 4,
         train_items: int = 8,
         num_samples: int = 2,
-        patch_size: int | Sequence[int] = 64,
-        batch_size: int = 1,
-        num_workers: int = 0,
-        cache_rate: float = 0.0,
-        test_dir: str | None = None,
-        recipe: str = "paper",
-        iterations_per_epoch: int | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            patch_size=patch_size, batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate,
-            test_dir=test_dir, recipe=recipe, iterations_per_epoch=iterations_per_epoch,
-        )
+        super().__init__(**kwargs)
         if axis not in _AXIS_CODES:
             raise ValueError(f"axis must be 'anterior-posterior' or 'superior-inferior' (never left-right), got {axis!r}")
         if num_blocks < 2:

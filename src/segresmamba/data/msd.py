@@ -3,7 +3,6 @@ Nature Communications 13:4128), read through their ``dataset.json``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -74,13 +73,16 @@ class MSDDataModule(OnDiskDataModule):
         intensity_window: (low, high) mapped to [0, 1] with clipping, or ``None``: the recipe decides
             (``paper``: ``paper_window``, else the default above; ``nnunet``: the plan's normalisation).
         num_samples: patches per volume per step.
-        seed, split_file, check_labels, skip_bad_cases: see :class:`~segresmamba.data.ondisk.OnDiskDataModule`.
-        patch_size, batch_size, num_workers, cache_rate, test_dir, recipe, iterations_per_epoch: see
-            :class:`~segresmamba.data.base.VolumeDataModule`; ``test_dir`` scans go through the evaluation chain.
+        kwargs: the settings every on-disk dataset shares: ``seed``, ``split_file``, ``check_labels``,
+            ``skip_bad_cases`` (:class:`~segresmamba.data.ondisk.OnDiskDataModule`) and ``patch_size``,
+            ``batch_size``, ``num_workers``, ``cache_rate``, ``test_dir``, ``recipe``,
+            ``iterations_per_epoch`` (:class:`~segresmamba.data.base.VolumeDataModule`); the patch defaults to 96;
+            ``test_dir`` scans go through the evaluation chain.
     """
 
     task = "multiclass"
-    name = "msd"  # instances: "msd_<task name from dataset.json>", e.g. "msd_braintumour"
+    name = "msd"
+    default_patch_size = 96  # instances: "msd_<task name from dataset.json>", e.g. "msd_braintumour"
     paper_spacing: tuple[float, float, float] | None = None
     paper_window: tuple[float, float] | None = None
 
@@ -94,24 +96,9 @@ class MSDDataModule(OnDiskDataModule):
         spacing: tuple[float, float, float] | None = None,
         intensity_window: tuple[float, float] | None = None,
         num_samples: int = 4,
-        seed: int = 0,
-        split_file: str | None = None,
-        check_labels: bool = True,
-        skip_bad_cases: bool = False,
-        patch_size: int | Sequence[int] = 96,
-        batch_size: int = 1,
-        num_workers: int = 0,
-        cache_rate: float = 0.0,
-        test_dir: str | None = None,
-        recipe: str = "paper",
-        iterations_per_epoch: int | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            root=root, fold=fold, seed=seed, split_file=split_file, check_labels=check_labels,
-            skip_bad_cases=skip_bad_cases, patch_size=patch_size, batch_size=batch_size,
-            num_workers=num_workers, cache_rate=cache_rate, test_dir=test_dir, recipe=recipe,
-            iterations_per_epoch=iterations_per_epoch,
-        )
+        super().__init__(root=root, fold=fold, **kwargs)
         if split not in ("holdout", "kfold"):
             raise ValueError(f"split must be 'holdout' or 'kfold', got {split!r}")
         if split == "holdout" and fold != 0:

@@ -54,6 +54,8 @@ class OnDiskDataModule(VolumeDataModule):
             :mod:`segresmamba.data.validation` for the cost); header checks always run.
         skip_bad_cases: skip cases failing validation with a warning naming each (default: one
             ValueError listing them all).
+        kwargs: ``patch_size``, ``batch_size``, ``num_workers``, ``cache_rate``, ``test_dir``, ``recipe``,
+            ``iterations_per_epoch``: see :class:`~segresmamba.data.base.VolumeDataModule`.
 
     Plan (recipes that use one): fingerprinted from the training cases of the fold, cached as
     ``<split file stem>_fold<k>_plan.json`` in the split file's folder (default ``root/splits``), keyed by
@@ -77,18 +79,9 @@ class OnDiskDataModule(VolumeDataModule):
         split_file: str | None = None,
         check_labels: bool = True,
         skip_bad_cases: bool = False,
-        patch_size: int | Sequence[int] = 128,
-        batch_size: int = 1,
-        num_workers: int = 0,
-        cache_rate: float = 0.0,
-        test_dir: str | None = None,
-        recipe: str = "paper",
-        iterations_per_epoch: int | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            patch_size=patch_size, batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate,
-            test_dir=test_dir, recipe=recipe, iterations_per_epoch=iterations_per_epoch,
-        )
+        super().__init__(**kwargs)
         if fold < 0:
             raise ValueError(f"fold must be >= 0, got {fold}")
         self.root = Path(root).expanduser()

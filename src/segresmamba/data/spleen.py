@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
 
 from segresmamba.data.msd import MSDDataModule
 
@@ -40,33 +38,10 @@ class SpleenDataModule(MSDDataModule):
 
     def __init__(
         self,
-        root: str = "data/Task09_Spleen",
-        fold: int = 0,
-        split: Literal["holdout", "kfold"] = "holdout",
         num_val: int | None = 9,
-        num_folds: int = 5,
-        spacing: tuple[float, float, float] | None = None,
-        intensity_window: tuple[float, float] | None = None,
-        num_samples: int = 4,
-        seed: int = 0,
-        split_file: str | None = None,
-        check_labels: bool = True,
-        skip_bad_cases: bool = False,
-        patch_size: int | Sequence[int] = 96,
-        batch_size: int = 1,
-        num_workers: int = 0,
-        cache_rate: float = 0.0,
-        test_dir: str | None = None,
-        recipe: str = "paper",
-        iterations_per_epoch: int | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            root=root, fold=fold, split=split, num_val=num_val, num_folds=num_folds, spacing=spacing,
-            intensity_window=intensity_window, num_samples=num_samples, seed=seed, split_file=split_file,
-            check_labels=check_labels, skip_bad_cases=skip_bad_cases, patch_size=patch_size,
-            batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate, test_dir=test_dir,
-            recipe=recipe, iterations_per_epoch=iterations_per_epoch,
-        )
+        super().__init__(num_val=num_val, **kwargs)
         if self.in_channels != 1 or self.out_channels != 2:
             raise ValueError(
                 f"{self.name}: {self.dataset_json} declares {self.in_channels} modality(ies) and "

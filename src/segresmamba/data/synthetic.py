@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -36,7 +35,8 @@ class SyntheticBraTSDataModule(VolumeDataModule):
         volume_size: side of each cubic phantom volume.
         num_train, num_val, num_test: number of phantoms per split (disjoint seeds).
         seed: base seed; the same seed gives the same volumes on any machine.
-        patch_size, batch_size, num_workers, cache_rate, recipe, iterations_per_epoch: see :class:`VolumeDataModule`.
+        kwargs: ``patch_size`` (default 32), ``batch_size``, ``num_workers``, ``cache_rate``, ``recipe``,
+            ``iterations_per_epoch``: see :class:`VolumeDataModule`.
     """
 
     in_channels = 4
@@ -45,6 +45,7 @@ class SyntheticBraTSDataModule(VolumeDataModule):
     class_names = ["TC", "WT", "ET"]
     provenance = "synthetic"
     name = "brats_synthetic"
+    default_patch_size = 32
 
     def __init__(
         self,
@@ -53,17 +54,9 @@ class SyntheticBraTSDataModule(VolumeDataModule):
         num_val: int = 2,
         num_test: int = 2,
         seed: int = 0,
-        patch_size: int | Sequence[int] = 32,
-        batch_size: int = 1,
-        num_workers: int = 0,
-        cache_rate: float = 0.0,
-        recipe: str = "paper",
-        iterations_per_epoch: int | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            patch_size=patch_size, batch_size=batch_size, num_workers=num_workers, cache_rate=cache_rate,
-            recipe=recipe, iterations_per_epoch=iterations_per_epoch,
-        )
+        super().__init__(**kwargs)
         if min(num_train, num_val, num_test) < 1:
             raise ValueError("num_train, num_val and num_test must each be >= 1")
         if any(p > volume_size for p in self.patch_size):
