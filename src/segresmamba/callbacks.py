@@ -162,6 +162,20 @@ def _finite(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def cases_file(record: Path) -> Path:
+    """``test_cases.csv`` beside ``metrics.json`` (``<stem>_test_cases.csv`` beside a record named otherwise)."""
+    return record.with_name("test_cases.csv" if record.name == "metrics.json" else f"{record.stem}_test_cases.csv")
+
+
+def write_case_rows(path: Path, rows: list[dict]) -> None:
+    """The per-case, per-class rows of a test (:func:`segresmamba.metrics.case_rows`) as CSV."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _checkpoint_kind(ckpt_path: str | None, default: str) -> str:
     """``last`` / ``best`` from a checkpoint's file name (``None``: the weights in memory at the end of fit)."""
     if ckpt_path is None:
@@ -281,9 +295,7 @@ class RunRecorder(L.Callback):
         self._write(trainer)
 
     def cases_file(self, trainer) -> Path:
-        """``test_cases.csv`` beside ``metrics.json`` (``<stem>_test_cases.csv`` beside a record named otherwise)."""
-        record = self._file(trainer)
-        return record.with_name("test_cases.csv" if record.name == "metrics.json" else f"{record.stem}_test_cases.csv")
+        return cases_file(self._file(trainer))
 
     def _write_cases(self, trainer, pl_module) -> dict[str, Any]:
         """Write the test's per-case, per-class rows (case_id, class, dice, hd95_mm, eval_space, spacing_mm;
@@ -297,11 +309,7 @@ class RunRecorder(L.Callback):
             return facts
         path = self.cases_file(trainer)
         if trainer.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
+            write_case_rows(path, rows)
         facts["cases_csv"] = str(path)
         return facts
 

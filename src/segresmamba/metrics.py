@@ -37,8 +37,10 @@ __all__ = [
     "dice_per_class",
     "hd95_per_class",
     "label_to_onehot",
+    "case_rows",
     "metric_key",
     "prediction_to_onehot",
+    "summarise",
     "voxel_spacing",
 ]
 
@@ -150,6 +152,33 @@ def metric_key(prefix: str, metric: str, class_name: str) -> str:
     """``<prefix>/<metric>_<class>`` with the class name kept to one path component ("CSF/other" ->
     "CSF_other"), as metric loggers and file names need."""
     return f"{prefix}/{metric}_{re.sub(r'[^0-9A-Za-z+-]+', '_', class_name)}"
+
+
+def summarise(prefix: str, class_names: Sequence[str], scores: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``{metric: per-case scores (N, n_classes)}`` -> ``<prefix>/<metric>_<class>`` (NaN-aware mean over the
+    cases) and ``<prefix>/<metric>_mean`` (mean over the classes) for every metric, via :func:`aggregate`."""
+    results: dict[str, float] = {}
+    for metric, values in scores.items():
+        per_class, mean = aggregate(values)
+        results.update({metric_key(prefix, metric, name): float(v) for name, v in zip(class_names, per_class)})
+        results[f"{prefix}/{metric}_mean"] = mean
+    return results
+
+
+def case_rows(
+    case_ids: Sequence[str], class_names: Sequence[str], dice: torch.Tensor, hd95: torch.Tensor,
+    eval_space: str, spacings: Sequence[Sequence[float]],
+) -> list[dict]:
+    """One row per case and class, the layout of ``test_cases.csv``: case_id, class, dice, hd95_mm,
+    eval_space, spacing_mm (``1.2x1.2x3``)."""
+    return [
+        {
+            "case_id": case_id, "class": name, "dice": float(dice[k, c]), "hd95_mm": float(hd95[k, c]),
+            "eval_space": eval_space, "spacing_mm": "x".join(f"{float(s):g}" for s in spacings[k]),
+        }
+        for k, case_id in enumerate(case_ids)
+        for c, name in enumerate(class_names)
+    ]
 
 
 def voxel_spacing(volume: torch.Tensor) -> tuple[float, ...]:

@@ -16,12 +16,12 @@ from monai.transforms import InvertibleTransform, Invertd
 from segresmamba.data.transforms import ORIGINAL_LABEL
 from segresmamba.metrics import (
     activate,
-    aggregate,
+    case_rows,
     dice_per_class,
     hd95_per_class,
     label_to_onehot,
-    metric_key,
     prediction_to_onehot,
+    summarise,
     voxel_spacing,
 )
 from segresmamba.prediction import export_mask
@@ -292,22 +292,10 @@ class SegmentationTask(L.LightningModule):
 
     def _log_eval(self, prefix: str, space: str, with_hd95: bool) -> dict[str, float]:
         ids, dice, hd95, spacing = self._gathered_cases()
-        metrics = [("dice", dice)] + ([("hd95", hd95)] if with_hd95 else [])
-        results: dict[str, float] = {}
-        for metric, scores in metrics:
-            per_class, mean = aggregate(scores)
-            results.update({metric_key(prefix, metric, name): float(v) for name, v in zip(self.class_names, per_class)})
-            results[f"{prefix}/{metric}_mean"] = mean
+        results = summarise(prefix, self.class_names, {"dice": dice, **({"hd95": hd95} if with_hd95 else {})})
         for key, value in results.items():
             self.log(key, value, prog_bar=key.endswith("dice_mean"), sync_dist=False, rank_zero_only=False)
-        self.eval_cases[prefix] = [
-            {
-                "case_id": case_id, "class": name, "dice": float(dice[k, c]), "hd95_mm": float(hd95[k, c]),
-                "eval_space": space, "spacing_mm": "x".join(f"{s:g}" for s in spacing[k].tolist()),
-            }
-            for k, case_id in enumerate(ids)
-            for c, name in enumerate(self.class_names)
-        ]
+        self.eval_cases[prefix] = case_rows(ids, self.class_names, dice, hd95, space, spacing.tolist())
         return results
 
     def on_validation_epoch_end(self) -> None:

@@ -42,7 +42,6 @@ imported. A run restarts cleanly: its nnU-Net folders are wiped before it starts
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -59,7 +58,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from segresmamba.metrics import aggregate, dice_per_class, hd95_per_class, label_to_onehot, metric_key
+from segresmamba.callbacks import EnergyTracker, cases_file, write_case_rows
+from segresmamba.metrics import case_rows, dice_per_class, hd95_per_class, label_to_onehot, summarise
 
 __all__ = [
     "EXTERNAL_MODELS",
@@ -528,16 +528,10 @@ def score_predictions(prediction_dir: str | Path, cases: Sequence[TestCase], dat
         dice, hd95 = dice_per_class(pred, truth).float(), hd95_per_class(pred, truth, spacing)
         dice_rows.append(dice)
         hd_rows.append(hd95)
-        rows += [
-            {"case_id": case.case_id, "class": name, "dice": float(dice[0, c]), "hd95_mm": float(hd95[0, c]),
-             "eval_space": "original", "spacing_mm": "x".join(f"{s:g}" for s in spacing)}
-            for c, name in enumerate(datamodule.class_names)
-        ]
-    results: dict[str, float] = {}
-    for metric, scores in (("dice", dice_rows), ("hd95", hd_rows)):
-        per_class, mean = aggregate(torch.cat(scores) if scores else torch.empty(0, len(datamodule.class_names)))
-        results.update({metric_key("test", metric, n): float(v) for n, v in zip(datamodule.class_names, per_class)})
-        results[f"test/{metric}_mean"] = mean
+        rows += case_rows([case.case_id], datamodule.class_names, dice, hd95, "original", [spacing])
+    empty = torch.empty(0, len(datamodule.class_names))
+    results = summarise("test", datamodule.class_names,
+                        {"dice": torch.cat(dice_rows) if dice_rows else empty, "hd95": torch.cat(hd_rows) if hd_rows else empty})
     # a class scored on no case has no mean: None in the record, as the suite's own runs write it
     return {k: (None if math.isnan(v) else v) for k, v in results.items()}, rows
 
@@ -574,8 +568,6 @@ def _energy_tracker(energy: dict | None, out: Path):
     """The suite's codecarbon wrapper started on ``out`` (None when not configured)."""
     if energy is None:
         return None, None
-    from segresmamba.callbacks import EnergyTracker
-
     tracker = EnergyTracker(**{"output_dir": str(out), **energy})
     host = SimpleNamespace(is_global_zero=True, log_dir=str(out), default_root_dir=str(out))  # what the callback reads of a trainer
     tracker.on_fit_start(host, None)
@@ -741,11 +733,8 @@ def write_record(record: dict[str, Any], path: Path) -> None:
     rows = record.get("test", {}).pop("rows", [])
     path.parent.mkdir(parents=True, exist_ok=True)
     if rows:
-        cases = path.with_name("test_cases.csv" if path.name == "metrics.json" else f"{path.stem}_test_cases.csv")
-        with cases.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        cases = cases_file(path)
+        write_case_rows(cases, rows)
         record["test"]["cases_csv"] = str(cases)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str))
