@@ -26,9 +26,9 @@ from pathlib import Path
 
 import nibabel as nib
 import torch
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
+from monai.transforms import Compose
 
-from segresmamba.data.transforms import KEYS, RAS_LABELS, _final, _keep_stored_label
+from segresmamba.data.transforms import load_channel_first, to_ras, whole_volume_eval_transforms
 from segresmamba.data.validation import CaseFiles, is_hidden, require_directory, validate_cases
 
 __all__ = ["external_eval_transforms", "pair_test_dir", "read_test_dir", "write_test_case"]
@@ -132,12 +132,4 @@ def external_eval_transforms(
     intensity transforms on ``image``). Like every on-disk evaluation chain it is invertible and keeps the
     label as stored (:data:`~segresmamba.data.transforms.ORIGINAL_LABEL`) for scoring in the scan's own
     space."""
-    chain: list = [
-        LoadImaged(keys=KEYS, image_only=True),
-        EnsureChannelFirstd(keys=KEYS),
-        Orientationd(keys=KEYS, axcodes="RAS", labels=RAS_LABELS),
-    ]
-    if spacing is not None:
-        chain.append(Spacingd(keys=KEYS, pixdim=tuple(float(s) for s in spacing), mode=("bilinear", "nearest")))
-    chain += list(normalisation)
-    return Compose(_keep_stored_label(chain) + _final(label_dtype, invertible=True))
+    return whole_volume_eval_transforms(load_channel_first() + to_ras(spacing) + list(normalisation), label_dtype)

@@ -15,7 +15,7 @@ from segresmamba.data.base import VolumeDataModule
 from segresmamba.data.phantoms import PHANTOM_MARKER
 from segresmamba.data.plan import cases_key, fingerprint_cases, load_or_create_plan, plan_with_overrides, read_case_ras
 from segresmamba.data.splits import Split
-from segresmamba.data.transforms import planned_eval_transforms, planned_preprocessing, planned_train_transforms
+from segresmamba.data.transforms import planned_preprocessing, planned_train_transforms, whole_volume_eval_transforms
 from segresmamba.data.validation import CaseFiles, validate_cases
 
 __all__ = ["OnDiskDataModule", "phantom_marker"]
@@ -189,7 +189,7 @@ class OnDiskDataModule(VolumeDataModule):
             self.plan["target_spacing"], self.plan["normalization"], brats_channels=self.brats_channels
         )
         if not train:
-            return planned_eval_transforms(preprocessing, self.label_dtype)
+            return whole_volume_eval_transforms(preprocessing, self.label_dtype)
         fraction = self.recipe_settings.foreground_oversampling or 0.0
         return planned_train_transforms(preprocessing, self.patch_size, self.num_samples, fraction, self.label_dtype)
 

@@ -63,7 +63,9 @@ __all__ = [
     "plan_normalization",
     "planned_preprocessing",
     "planned_train_transforms",
-    "planned_eval_transforms",
+    "whole_volume_eval_transforms",
+    "load_channel_first",
+    "to_ras",
 ]
 
 
@@ -75,6 +77,21 @@ def _final(label_dtype: torch.dtype, invertible: bool = False) -> list:
         EnsureTyped(keys="image", dtype=torch.float32, track_meta=invertible),
         EnsureTyped(keys=labels, dtype=label_dtype, track_meta=invertible),
     ]
+
+
+def load_channel_first() -> list:
+    """Load image and label channel first: 4D (X, Y, Z, C) Decathlon images become (C, X, Y, Z), a list of
+    channel files is stacked in the listed order."""
+    return [LoadImaged(keys=KEYS, image_only=True), EnsureChannelFirstd(keys=KEYS)]
+
+
+def to_ras(spacing: Sequence[float] | None) -> list:
+    """RAS orientation, then resampling to ``spacing`` mm (image bilinear, label nearest; ``None`` keeps each
+    case's grid)."""
+    chain: list = [Orientationd(keys=KEYS, axcodes="RAS", labels=RAS_LABELS)]
+    if spacing is not None:
+        chain.append(Spacingd(keys=KEYS, pixdim=tuple(float(s) for s in spacing), mode=("bilinear", "nearest")))
+    return chain
 
 
 def _keep_stored_label(chain: list) -> list:
@@ -134,13 +151,7 @@ def _ct_preprocess(
     intensity_window: Sequence[float] | None,
     crop_foreground: bool,
 ) -> list:
-    chain: list = [
-        LoadImaged(keys=KEYS, image_only=True),
-        EnsureChannelFirstd(keys=KEYS),  # 4D (X, Y, Z, C) Decathlon images become (C, X, Y, Z)
-        Orientationd(keys=KEYS, axcodes="RAS", labels=RAS_LABELS),
-    ]
-    if spacing is not None:
-        chain.append(Spacingd(keys=KEYS, pixdim=tuple(spacing), mode=("bilinear", "nearest")))
+    chain = load_channel_first() + to_ras(spacing)
     if intensity_window is not None:
         a_min, a_max = intensity_window
         chain.append(ScaleIntensityRanged(keys="image", a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True))
@@ -262,11 +273,8 @@ def planned_preprocessing(
     """Load, channel first (BraTS: the four channel files stacked, labels -> [TC, WT, ET] regions), RAS,
     Spacing to the plan's target spacing (bilinear image / nearest label; ``None`` keeps each case's grid),
     then :func:`plan_normalization`. No crop: the whole volume, air included, is what evaluation scores."""
-    chain = _brats_load() if brats_channels else [LoadImaged(keys=KEYS, image_only=True), EnsureChannelFirstd(keys=KEYS)]
-    chain.append(Orientationd(keys=KEYS, axcodes="RAS", labels=RAS_LABELS))
-    if spacing is not None:
-        chain.append(Spacingd(keys=KEYS, pixdim=tuple(spacing), mode=("bilinear", "nearest")))
-    return chain + plan_normalization(normalization)
+    load = _brats_load() if brats_channels else load_channel_first()
+    return load + to_ras(spacing) + plan_normalization(normalization)
 
 
 def planned_train_transforms(
@@ -279,7 +287,7 @@ def planned_train_transforms(
     )
 
 
-def planned_eval_transforms(preprocessing: list, label_dtype: torch.dtype) -> Compose:
+def whole_volume_eval_transforms(preprocessing: list, label_dtype: torch.dtype) -> Compose:
     """``preprocessing`` on the whole volume, invertible, with the stored label beside it (as the other
-    evaluation chains)."""
+    evaluation chains): for the planned chains and for external test scans."""
     return Compose(_keep_stored_label(list(preprocessing)) + _final(label_dtype, invertible=True))
