@@ -352,7 +352,16 @@ def write_outputs(table: pd.DataFrame, sets: pd.DataFrame, out_dir: Path, protoc
     if len(failed):
         lines += ["", "Failed test sets:", ""] + [f"- {f.model} [{f.recipe}] {f.test_set}: {f.error}" for f in failed.itertuples()]
     (out_dir / "robustness.md").write_text("\n".join(lines) + "\n")
+    plot_table(table, out_dir / "robustness.png", protocol)
+    return [out_dir / n for n in ("robustness.csv", "robustness_sets.csv", "robustness.md", "robustness.png")]
 
+
+def plot_table(table: pd.DataFrame, path: Path, protocol: str) -> None:
+    """Dice per test set, one bar per model and recipe, the run's provenance and checkpoint in the title
+    (``table``: :func:`robustness_table`'s first frame, or ``robustness.csv`` read back)."""
+    shift_names = [c.removeprefix("dice_") for c in table.columns if c.startswith("dice_")]
+    recipes = ", ".join(dict.fromkeys(table.recipe))
+    first = lambda col: "; ".join(str(v) for v in dict.fromkeys(table[col].dropna()) if v) or "?"  # noqa: E731
     names = [CLEAN, *shift_names]
     fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(names) + 2), 4.4))
     width = 0.8 / max(1, len(table))
@@ -364,12 +373,11 @@ def write_outputs(table: pd.DataFrame, sets: pd.DataFrame, out_dir: Path, protoc
     ax.set_ylabel("mean Dice (CSF/other, GM, WM)")
     ax.legend(fontsize=7, ncol=2)
     title = (f"Robustness, {DATA_TEXT}, recipes {recipes}: {first('device')} · {first('precision')} · "
-             f"{protocol} · git {first('git_sha')[:10]}")
+             f"{protocol} · checkpoint {first('reported_checkpoint')} (final weights) · git {first('git_sha')[:10]}")
     ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "robustness.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [out_dir / n for n in ("robustness.csv", "robustness_sets.csv", "robustness.md", "robustness.png")]
 
 
 # -- everything ------------------------------------------------------------------------------------
