@@ -68,7 +68,7 @@ def test_label_3_in_brats(brats):
     nib.save(nib.Nifti1Image(seg, nib.load(str(path)).affine), str(path))
     with pytest.raises(ValueError, match=r"label .*BraTS2021_00003_seg\.nii\.gz has unexpected value\(s\) \[3\]; allowed \[0, 1, 2, 4\]"):
         _dm(brats).validate()
-    _dm(brats, check_labels=False).validate()  # header checks only: passes (documented cost trade-off)
+    _dm(brats, check_voxels=False).validate()  # header checks only: passes (documented cost trade-off)
 
 
 def test_wrong_channel_count(brats):

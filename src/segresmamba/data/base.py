@@ -17,10 +17,12 @@ from typing import Literal
 import lightning as L
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
-from monai.transforms import Compose
+from monai.transforms import Compose, MapTransform
 from torch.utils.data import WeightedRandomSampler
 
-from segresmamba.data.external import pair_test_dir, read_test_dir
+from segresmamba.data.external import pair_test_dir, predict_dir_cases, read_predict_dir, read_test_dir
+from segresmamba.data.validation import EmptyLabels, check_empty_labels
+from segresmamba.errors import InputError
 from segresmamba.recipes import get_recipe
 from segresmamba.registry import normalize_img_size
 
@@ -39,6 +41,13 @@ class VolumeDataModule(L.LightningDataModule):
             (MONAI ``CacheDataset``); 0 reads from disk every time.
         test_dir: labelled external scans (``imagesTs/`` + ``labelsTs/``, nnU-Net layout) that replace the
             test split, read through :meth:`external_eval_transforms` (see :mod:`segresmamba.data.external`).
+        predict_dir: a folder of unlabelled NIfTI images that ``predict`` reads instead of the test split
+            (e.g. the ``imagesTs/`` of a Decathlon task): ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ...
+            per channel (nnU-Net's naming) or one 3D/4D file per case; one mask per case, named by case,
+            on the image's own grid. ``None``: ``predict`` writes masks of the labelled test split.
+        empty_labels: what a label without foreground is: ``error``, ``warn`` (named in a warning, used)
+            or ``allow``; ``None``: an error for the cases that train and validate, a warning for
+            the cases that are only scored (a labelled test list, ``test_dir``).
         recipe: the training recipe (:func:`segresmamba.recipes.get_recipe`): ``paper`` builds the
             dataset's own MONAI chains; ``nnunet`` preprocesses by the dataset's plan (:attr:`plan`,
             :mod:`segresmamba.data.plan`) and augments as nnU-Net v2
@@ -63,31 +72,39 @@ class VolumeDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_rate: float = 0.0,
         test_dir: str | None = None,
+        predict_dir: str | None = None,
+        empty_labels: EmptyLabels | None = None,
         recipe: str = "paper",
         iterations_per_epoch: int | None = None,
     ) -> None:
         super().__init__()
+        check_empty_labels(empty_labels)
+        self.empty_labels = empty_labels
         self.recipe_settings = get_recipe(recipe)  # an unknown name fails here, before any data is read
         self.recipe = recipe
         if iterations_per_epoch is not None and iterations_per_epoch < 1:
-            raise ValueError(f"iterations_per_epoch must be >= 1 or null, got {iterations_per_epoch}")
+            raise InputError(f"iterations_per_epoch must be >= 1 or null, got {iterations_per_epoch}")
         self.iterations_per_epoch = (
             iterations_per_epoch if iterations_per_epoch is not None else self.recipe_settings.iterations_per_epoch
         )
         self._plan: dict | None = None
         self.patch_size = normalize_img_size(patch_size if patch_size is not None else self.default_patch_size)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise InputError(f"num_workers must be >= 0, got {num_workers}")
         if not 0.0 <= cache_rate <= 1.0:
-            raise ValueError(f"cache_rate must be within [0, 1], got {cache_rate}")
+            raise InputError(f"cache_rate must be within [0, 1], got {cache_rate}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.cache_rate = cache_rate
         self.test_dir = test_dir
         if test_dir is not None:
             pair_test_dir(test_dir)  # the file layout is checked now; headers and labels when the test split is read
+        self.predict_dir = predict_dir
+        if predict_dir is not None:
+            predict_dir_cases(predict_dir)  # the same for the images to predict
+        self.skipped_cases: list[dict[str, str]] = []  # {"case_id", "reason"} of cases validation left out
         self._datasets: dict[str, Dataset] = {}
 
     # -- to implement ------------------------------------------------------------------------------
@@ -104,14 +121,34 @@ class VolumeDataModule(L.LightningDataModule):
     def external_eval_transforms(self) -> Compose:
         """The chain that reads a ``test_dir`` scan from disk into what :meth:`eval_transforms` yields for the
         module's own cases (training grid spacing, the training intensity normalisation)."""
-        raise ValueError(f"{self.name}: test_dir is not supported by this dataset (it defines no external_eval_transforms)")
+        raise InputError(f"{self.name}: test_dir and predict_dir are not supported by this dataset (it defines no external_eval_transforms)")
+
+    def predict_transforms(self) -> Compose:
+        """The chain that reads a ``predict_dir`` image from disk: :meth:`external_eval_transforms`, which
+        goes without a label (every keyed transform skips keys an item lacks)."""
+        return without_labels(self.external_eval_transforms())
+
+    @property
+    def validation_cache(self) -> str | None:
+        """Where validation remembers what each file held (:class:`~segresmamba.data.validation.FileCache`);
+        ``None``: nowhere (in-memory data has no files of its own)."""
+        return None
 
     def external_test_items(self) -> list[dict]:
         """The validated cases of ``test_dir`` as items (label values checked for multiclass tasks)."""
         if self.test_dir is None:
-            raise ValueError(f"{self.name}: no test_dir is set")
+            raise InputError(f"{self.name}: no test_dir is set")
         values = range(self.out_channels) if self.task == "multiclass" else None
-        return read_test_dir(self.test_dir, dataset=self.name, channels=self.in_channels, label_values=values)
+        return read_test_dir(
+            self.test_dir, dataset=self.name, channels=self.in_channels, label_values=values,
+            empty_labels=self.empty_labels or "warn", cache_file=self.validation_cache,
+        )
+
+    def predict_items(self) -> list[dict]:
+        """The validated images of ``predict_dir`` as items ``{"image", "case_id"}``."""
+        if self.predict_dir is None:
+            raise InputError(f"{self.name}: no predict_dir is set")
+        return read_predict_dir(self.predict_dir, dataset=self.name, channels=self.in_channels, cache_file=self.validation_cache)
 
     def make_plan(self) -> dict:
         """The dataset's preprocessing plan (:mod:`segresmamba.data.plan`), explicit settings applied."""
@@ -132,14 +169,14 @@ class VolumeDataModule(L.LightningDataModule):
         return self._plan
 
     def validate(self) -> dict:
-        """Check the data before long work starts and return a summary; raise ValueError naming every bad
+        """Check the data before long work starts and return a summary; raise InputError naming every bad
         file or setting. Adapters that read files override this with per-case checks
         (:mod:`segresmamba.data.validation`); the base only checks that every split has items."""
         counts = {}
         for split in ("train", "val", "test"):
             n = len(self.items(split))  # type: ignore[arg-type]
             if n == 0:
-                raise ValueError(f"{self.name}: the {split} split is empty")
+                raise InputError(f"{self.name}: the {split} split is empty")
             counts[f"num_{split}"] = n
         return {**self.describe(), **counts}
 
@@ -162,10 +199,15 @@ class VolumeDataModule(L.LightningDataModule):
     def _dataset(self, split: str) -> Dataset:
         if split not in self._datasets:
             external = split == "test" and self.test_dir is not None
-            items = self.external_test_items() if external else self.items(split)  # type: ignore[arg-type]
+            if split == "predict":
+                items = self.predict_items()
+            else:
+                items = self.external_test_items() if external else self.items(split)  # type: ignore[arg-type]
             if not items:
-                raise ValueError(f"{self.name}: the {split} split is empty")
-            if external:
+                raise InputError(f"{self.name}: the {split} split is empty")
+            if split == "predict":
+                transform = self.predict_transforms()
+            elif external:
                 transform = self.external_eval_transforms()
             else:
                 transform = self.train_transforms() if split == "train" else self.eval_transforms()
@@ -211,4 +253,13 @@ class VolumeDataModule(L.LightningDataModule):
         return self._loader("test", 1, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", 1, shuffle=False)
+        return self._loader("predict" if self.predict_dir is not None else "test", 1, shuffle=False)
+
+
+def without_labels(chain: Compose) -> Compose:
+    """``chain`` for items without a label: every keyed transform in it skips the keys an item lacks
+    (MONAI's ``allow_missing_keys``), so the label steps of an evaluation chain pass unlabelled images."""
+    for transform in chain.flatten().transforms:
+        if isinstance(transform, MapTransform):
+            transform.allow_missing_keys = True
+    return chain

@@ -22,6 +22,7 @@ from segresmamba.data.splits import (
 )
 from segresmamba.data.transforms import brats_eval_transforms, brats_train_transforms
 from segresmamba.data.validation import CaseFiles, is_hidden, require_directory
+from segresmamba.errors import InputError
 
 __all__ = ["BraTS2021DataModule", "BRATS_LABELS"]
 
@@ -63,9 +64,9 @@ class BraTS2021DataModule(OnDiskDataModule):
         num_folds: folds of a computed split (a folds file brings its own).
         folds_json: path to ``brats21_folds.json`` (absolute, or relative to the working directory or
             ``root``); ``None`` computes a seeded split.
-        kwargs: the settings every on-disk dataset shares: ``seed``, ``split_file``, ``check_labels``,
+        kwargs: the settings every on-disk dataset shares: ``seed``, ``split_file``, ``check_voxels``,
             ``skip_bad_cases`` (:class:`~segresmamba.data.ondisk.OnDiskDataModule`) and ``patch_size``,
-            ``batch_size``, ``num_workers``, ``cache_rate``, ``test_dir``, ``recipe``,
+            ``batch_size``, ``num_workers``, ``cache_rate``, ``test_dir``, ``predict_dir``, ``empty_labels``, ``recipe``,
             ``iterations_per_epoch`` (:class:`~segresmamba.data.base.VolumeDataModule`); the patch defaults to the paper's
             128 (the paper trained with batch 4).
     """
@@ -90,9 +91,9 @@ class BraTS2021DataModule(OnDiskDataModule):
     ) -> None:
         super().__init__(root=root, fold=fold, **kwargs)
         if num_folds < 2:
-            raise ValueError(f"num_folds must be >= 2, got {num_folds}")
+            raise InputError(f"num_folds must be >= 2, got {num_folds}")
         if folds_json is None and fold >= num_folds:
-            raise ValueError(f"fold must be within [0, {num_folds - 1}], got {fold}")
+            raise InputError(f"fold must be within [0, {num_folds - 1}], got {fold}")
         self.num_folds = num_folds
         self.folds_json = folds_json
 
@@ -128,7 +129,7 @@ class BraTS2021DataModule(OnDiskDataModule):
         root = self._case_root()
         cases = [self._case(d) for d in self._case_dirs(root)]
         if not cases:
-            raise ValueError(
+            raise InputError(
                 f"{self.name}: no cases found in {root}: expected folders named BraTS2021_XXXXX holding "
                 f"BraTS2021_XXXXX_{{{','.join(BRATS_CHANNELS)},seg}}.nii.gz"
             )
@@ -140,7 +141,7 @@ class BraTS2021DataModule(OnDiskDataModule):
         if not path.is_file() and not path.is_absolute() and (self.root / path).is_file():
             path = self.root / path
         if not path.is_file():
-            raise ValueError(f"{self.name}: folds_json {self.folds_json} does not exist")
+            raise InputError(f"{self.name}: folds_json {self.folds_json} does not exist")
         return path
 
     def make_split(self, case_ids: list[str]) -> Split:
@@ -148,7 +149,7 @@ class BraTS2021DataModule(OnDiskDataModule):
             path = self.split_file or default_split_path(self.root, self.name, "kfold", self.seed, self.num_folds)
             return load_or_create_split(
                 case_ids, dataset=self.name, scheme="kfold", fold=self.fold, num_folds=self.num_folds,
-                seed=self.seed, path=path,
+                seed=self.seed, path=path, write=False,
             )
         path = self._folds_path()
         assignment = read_brats_folds(path)
@@ -158,8 +159,9 @@ class BraTS2021DataModule(OnDiskDataModule):
             shown = ", ".join(absent[:10]) + (" ..." if len(absent) > 10 else "")
             msg = f"{self.name}: {len(absent)} case(s) listed in {path} have no folder in {self.root}: {shown}"
             if not self.skip_bad_cases:
-                raise ValueError(msg + " (set skip_bad_cases: true to skip them)")
+                raise InputError(msg + " (set skip_bad_cases: true to skip them)")
             warnings.warn(msg + "; skipping them", stacklevel=2)
+            self.skipped_cases += [{"case_id": case, "reason": f"listed in {path} but has no folder in {self.root}"} for case in absent]
         self._warn_unlisted(self.name, str(path), sorted(on_disk - set(assignment)))
         folds = [[c for c in f if c in on_disk] for f in folds_from_assignment(assignment)]
         return split_for_fold(folds, self.fold, source=str(path))

@@ -15,6 +15,7 @@ from segresmamba.data.phantoms import BTCV_ORGANS
 from segresmamba.data.splits import Split, default_split_path, load_or_create_split
 from segresmamba.data.transforms import ct_eval_transforms, ct_train_transforms
 from segresmamba.data.validation import CaseFiles, is_hidden, require_directory
+from segresmamba.errors import InputError
 
 __all__ = ["BTCVDataModule"]
 
@@ -73,9 +74,9 @@ class BTCVDataModule(OnDiskDataModule):
         intensity_window: HU window mapped to [0, 1]; ``None``: the recipe's (``paper``: the tutorial's
             -175, 250; ``nnunet``: the plan's CT normalisation).
         num_samples: patches per volume per step (tutorial: 4).
-        kwargs: the settings every on-disk dataset shares: ``seed``, ``split_file``, ``check_labels``,
+        kwargs: the settings every on-disk dataset shares: ``seed``, ``split_file``, ``check_voxels``,
             ``skip_bad_cases`` (:class:`~segresmamba.data.ondisk.OnDiskDataModule`) and ``patch_size``,
-            ``batch_size``, ``num_workers``, ``cache_rate``, ``test_dir``, ``recipe``,
+            ``batch_size``, ``num_workers``, ``cache_rate``, ``test_dir``, ``predict_dir``, ``empty_labels``, ``recipe``,
             ``iterations_per_epoch`` (:class:`~segresmamba.data.base.VolumeDataModule`); the patch defaults to 96.
     """
 
@@ -104,17 +105,17 @@ class BTCVDataModule(OnDiskDataModule):
     ) -> None:
         super().__init__(root=root, fold=fold, **kwargs)
         if split not in ("auto", "holdout", "kfold"):
-            raise ValueError(f"split must be 'auto', 'holdout' or 'kfold', got {split!r}")
+            raise InputError(f"split must be 'auto', 'holdout' or 'kfold', got {split!r}")
         if split != "kfold" and fold != 0:
-            raise ValueError(f"fold={fold} needs split: kfold (a holdout or datalist split has only fold 0)")
+            raise InputError(f"fold={fold} needs split: kfold (a holdout or datalist split has only fold 0)")
         if split == "kfold" and not 0 <= fold < num_folds:
-            raise ValueError(f"fold must be within [0, {num_folds - 1}], got {fold}")
+            raise InputError(f"fold must be within [0, {num_folds - 1}], got {fold}")
         if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+            raise InputError(f"num_samples must be >= 1, got {num_samples}")
         if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
-            raise ValueError(f"spacing must be three positive numbers or null, got {spacing}")
+            raise InputError(f"spacing must be three positive numbers or null, got {spacing}")
         if intensity_window is not None and (len(intensity_window) != 2 or intensity_window[0] >= intensity_window[1]):
-            raise ValueError(f"intensity_window must be (low, high) with low < high, or null, got {intensity_window}")
+            raise InputError(f"intensity_window must be (low, high) with low < high, or null, got {intensity_window}")
         self.split_scheme = split
         self.num_val = num_val
         self.num_folds = num_folds
@@ -133,7 +134,7 @@ class BTCVDataModule(OnDiskDataModule):
         if not path.is_absolute() and not path.is_file() and (self.root / path).is_file():
             path = self.root / path
         if not path.is_file():
-            raise ValueError(f"{self.name}: datalist_json {self.datalist_json} does not exist")
+            raise InputError(f"{self.name}: datalist_json {self.datalist_json} does not exist")
         return path
 
     def _case(self, case_id: str, image: Path, label: Path) -> CaseFiles:
@@ -147,23 +148,23 @@ class BTCVDataModule(OnDiskDataModule):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{self.name}: cannot read datalist {path}: {err}") from None
+            raise InputError(f"{self.name}: cannot read datalist {path}: {err}") from None
         base = path.parent
 
         def entries(key: str, required: bool) -> list[CaseFiles]:
             raw = data.get(key, [])
             if not isinstance(raw, list) or (required and not raw):
-                raise ValueError(f"{self.name}: datalist {path} needs a non-empty '{key}' list")
+                raise InputError(f"{self.name}: datalist {path} needs a non-empty '{key}' list")
             out = []
             for n, entry in enumerate(raw):
                 if not isinstance(entry, dict) or "image" not in entry:
                     if key == "test":  # Decathlon-style unlabelled test list (path strings)
                         continue
-                    raise ValueError(f"{self.name}: datalist {path}: '{key}' entry {n} needs 'image' and 'label'")
+                    raise InputError(f"{self.name}: datalist {path}: '{key}' entry {n} needs 'image' and 'label'")
                 if "label" not in entry:
                     if key == "test":
                         continue
-                    raise ValueError(f"{self.name}: datalist {path}: '{key}' entry {n} needs a 'label'")
+                    raise InputError(f"{self.name}: datalist {path}: '{key}' entry {n} needs a 'label'")
                 if is_hidden(entry["image"]):
                     continue
                 image = (base / entry["image"]).resolve()
@@ -174,7 +175,7 @@ class BTCVDataModule(OnDiskDataModule):
         ids = [c.case_id for c in train + val + test]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
-            raise ValueError(f"{self.name}: datalist {path} lists case(s) more than once: {dupes}")
+            raise InputError(f"{self.name}: datalist {path} lists case(s) more than once: {dupes}")
         self._datalist_split = ([c.case_id for c in train], [c.case_id for c in val])
         return train + val, test
 
@@ -185,13 +186,13 @@ class BTCVDataModule(OnDiskDataModule):
                 root = candidate
                 break
         else:
-            raise ValueError(
+            raise InputError(
                 f"{self.name}: no img/ folder in {self.root}: expected img/imgXXXX.nii.gz and "
                 "label/labelXXXX.nii.gz, or pass datalist_json"
             )
         images = sorted(p for p in (root / "img").iterdir() if _IMG.match(p.name) and not is_hidden(p))
         if not images:
-            raise ValueError(f"{self.name}: no cases found in {root / 'img'}: expected files named imgXXXX.nii.gz")
+            raise InputError(f"{self.name}: no cases found in {root / 'img'}: expected files named imgXXXX.nii.gz")
         cases = []
         for image in images:
             cid = _case_id_of(image)
@@ -209,13 +210,13 @@ class BTCVDataModule(OnDiskDataModule):
         if self.split_scheme == "auto" and self._datalist_split is not None:
             train, val = self._datalist_split
             if not val:
-                raise ValueError(f"{self.name}: datalist {self.datalist_json} has no 'validation' list; use split: holdout or kfold")
+                raise InputError(f"{self.name}: datalist {self.datalist_json} has no 'validation' list; use split: holdout or kfold")
             return Split(train=sorted(train), val=sorted(val), source=str(self._datalist_path()))
         scheme = "kfold" if self.split_scheme == "kfold" else "holdout"
         path = self.split_file or default_split_path(self.root, self.name, scheme, self.seed, self.num_folds, self.num_val)
         return load_or_create_split(
             case_ids, dataset=self.name, scheme=scheme, fold=self.fold, num_folds=self.num_folds,
-            num_val=self.num_val, seed=self.seed, path=path,
+            num_val=self.num_val, seed=self.seed, path=path, write=False,
         )
 
     # -- transforms --------------------------------------------------------------------------------

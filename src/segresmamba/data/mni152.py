@@ -17,6 +17,7 @@ from segresmamba.data.base import VolumeDataModule
 from segresmamba.data.external import external_eval_transforms
 from segresmamba.data.plan import fingerprint_cases, make_plan
 from segresmamba.data.transforms import patch_augmentations, plan_normalization
+from segresmamba.errors import InputError
 from segresmamba.recipes.augment import nnunet_augmentations
 
 __all__ = ["MNI152TissueDataModule", "mni152_tissue_volumes"]
@@ -44,7 +45,7 @@ def _load_tissue_volumes(resolution: int) -> tuple[np.ndarray, np.ndarray, np.nd
         affine: (4, 4) voxel-to-MNI-mm affine (RAS+).
     """
     if resolution < 1:
-        raise ValueError(f"resolution must be a positive number of mm, got {resolution}")
+        raise InputError(f"resolution must be a positive number of mm, got {resolution}")
     from nilearn import datasets  # imported here: nilearn is only needed for this dataset
 
     template = datasets.load_mni152_template(resolution=resolution)
@@ -53,7 +54,7 @@ def _load_tissue_volumes(resolution: int) -> tuple[np.ndarray, np.ndarray, np.nd
     mask = np.asarray(datasets.load_mni152_brain_mask(resolution=resolution).get_fdata()) > 0.5
     image = np.asarray(template.get_fdata(), dtype=np.float32)
     if not (image.shape == gm.shape == wm.shape == mask.shape):
-        raise ValueError(
+        raise InputError(
             f"nilearn MNI152 templates disagree in shape at resolution {resolution}: "
             f"T1 {image.shape}, GM {gm.shape}, WM {wm.shape}, mask {mask.shape}"
         )
@@ -124,17 +125,17 @@ class MNI152TissueDataModule(VolumeDataModule):
     ) -> None:
         super().__init__(**kwargs)
         if axis not in _AXIS_CODES:
-            raise ValueError(f"axis must be 'anterior-posterior' or 'superior-inferior' (never left-right), got {axis!r}")
+            raise InputError(f"axis must be 'anterior-posterior' or 'superior-inferior' (never left-right), got {axis!r}")
         if num_blocks < 2:
-            raise ValueError(f"num_blocks must be >= 2, got {num_blocks}")
+            raise InputError(f"num_blocks must be >= 2, got {num_blocks}")
         if not 0 <= fold < num_blocks:
-            raise ValueError(f"fold must be within [0, {num_blocks - 1}], got {fold}")
+            raise InputError(f"fold must be within [0, {num_blocks - 1}], got {fold}")
         if margin < 0:
-            raise ValueError(f"margin must be >= 0, got {margin}")
+            raise InputError(f"margin must be >= 0, got {margin}")
         if train_items < 1 or num_samples < 1:
-            raise ValueError(f"train_items and num_samples must be >= 1, got {train_items} and {num_samples}")
+            raise InputError(f"train_items and num_samples must be >= 1, got {train_items} and {num_samples}")
         if resolution < 1:
-            raise ValueError(f"resolution must be a positive number of mm, got {resolution}")
+            raise InputError(f"resolution must be a positive number of mm, got {resolution}")
         self.resolution = resolution
         self.axis = axis
         self.num_blocks = num_blocks
@@ -152,7 +153,7 @@ class MNI152TissueDataModule(VolumeDataModule):
         for i, code in enumerate(codes):
             if code in wanted:
                 return i
-        raise ValueError(f"cannot find the {self.axis} axis in the template orientation {codes}")
+        raise InputError(f"cannot find the {self.axis} axis in the template orientation {codes}")
 
     def slab_bounds(self, label: np.ndarray, axis: int) -> list[tuple[int, int]]:
         """[start, stop) of each slab along ``axis``: equal cuts of the brain's extent; the outer slabs
@@ -174,7 +175,7 @@ class MNI152TissueDataModule(VolumeDataModule):
         train_ranges = [(0, v0 - self.margin), (v1 + self.margin, label.shape[axis])]
         train_ranges = [(a, b) for a, b in train_ranges if b - a >= 4]
         if not train_ranges:
-            raise ValueError(f"{self.name}: no training slab left (num_blocks={self.num_blocks}, margin={self.margin})")
+            raise InputError(f"{self.name}: no training slab left (num_blocks={self.num_blocks}, margin={self.margin})")
 
         def take(arr: np.ndarray, a: int, b: int) -> np.ndarray:
             index = [slice(None)] * arr.ndim

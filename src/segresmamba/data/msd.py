@@ -12,6 +12,7 @@ from segresmamba.data.ondisk import OnDiskDataModule
 from segresmamba.data.splits import Split, default_split_path, load_or_create_split, read_json_object
 from segresmamba.data.transforms import ct_eval_transforms, ct_train_transforms
 from segresmamba.data.validation import CaseFiles, is_hidden, require_directory
+from segresmamba.errors import InputError
 
 __all__ = ["MSDDataModule", "read_decathlon_json"]
 
@@ -24,16 +25,16 @@ def read_decathlon_json(path: str | Path) -> dict:
     data = read_json_object(path, "dataset json")
     for key in ("modality", "labels"):
         if not isinstance(data.get(key), dict) or not data[key]:
-            raise ValueError(f"dataset json {path}: '{key}' must be a non-empty object like {{\"0\": ...}}")
+            raise InputError(f"dataset json {path}: '{key}' must be a non-empty object like {{\"0\": ...}}")
     for key in ("modality", "labels"):
         try:
             numbers = sorted(int(k) for k in data[key])
         except ValueError:
-            raise ValueError(f"dataset json {path}: '{key}' keys must be integers, got {list(data[key])}") from None
+            raise InputError(f"dataset json {path}: '{key}' keys must be integers, got {list(data[key])}") from None
         if numbers != list(range(len(numbers))):
-            raise ValueError(f"dataset json {path}: '{key}' keys must be 0..{len(numbers) - 1}, got {numbers}")
+            raise InputError(f"dataset json {path}: '{key}' keys must be 0..{len(numbers) - 1}, got {numbers}")
     if not isinstance(data.get("training"), list) or not data["training"]:
-        raise ValueError(f"dataset json {path}: needs a non-empty 'training' list")
+        raise InputError(f"dataset json {path}: needs a non-empty 'training' list")
     return data
 
 
@@ -49,7 +50,8 @@ class MSDDataModule(OnDiskDataModule):
     Multi-modal tasks store one 4D ``(X, Y, Z, C)`` image per case (e.g. Task01 BrainTumour); they are
     loaded channel-first. Entries whose file name starts with ``._`` (macOS AppleDouble files, which the
     Decathlon tarballs contain) are ignored. The Decathlon test images have no public labels, so the test
-    split is the validation split.
+    split is the validation split. ``predict`` writes masks of the test split; to predict the
+    Decathlon test images instead, set ``predict_dir: <root>/imagesTs``.
 
     Transforms: the CT recipe of :func:`~segresmamba.data.transforms.ct_train_transforms`: RAS,
     optional resampling to ``spacing``, intensity window -> [0, 1] (``intensity_window``; when ``None``:
@@ -73,9 +75,9 @@ class MSDDataModule(OnDiskDataModule):
         intensity_window: (low, high) mapped to [0, 1] with clipping, or ``None``: the recipe decides
             (``paper``: ``paper_window``, else the default above; ``nnunet``: the plan's normalisation).
         num_samples: patches per volume per step.
-        kwargs: the settings every on-disk dataset shares: ``seed``, ``split_file``, ``check_labels``,
+        kwargs: the settings every on-disk dataset shares: ``seed``, ``split_file``, ``check_voxels``,
             ``skip_bad_cases`` (:class:`~segresmamba.data.ondisk.OnDiskDataModule`) and ``patch_size``,
-            ``batch_size``, ``num_workers``, ``cache_rate``, ``test_dir``, ``recipe``,
+            ``batch_size``, ``num_workers``, ``cache_rate``, ``test_dir``, ``predict_dir``, ``empty_labels``, ``recipe``,
             ``iterations_per_epoch`` (:class:`~segresmamba.data.base.VolumeDataModule`); the patch defaults to 96;
             ``test_dir`` scans go through the evaluation chain.
     """
@@ -100,27 +102,27 @@ class MSDDataModule(OnDiskDataModule):
     ) -> None:
         super().__init__(root=root, fold=fold, **kwargs)
         if split not in ("holdout", "kfold"):
-            raise ValueError(f"split must be 'holdout' or 'kfold', got {split!r}")
+            raise InputError(f"split must be 'holdout' or 'kfold', got {split!r}")
         if split == "holdout" and fold != 0:
-            raise ValueError(f"fold={fold} needs split: kfold (a holdout split has only fold 0)")
+            raise InputError(f"fold={fold} needs split: kfold (a holdout split has only fold 0)")
         if split == "kfold" and not 0 <= fold < num_folds:
-            raise ValueError(f"fold must be within [0, {num_folds - 1}], got {fold}")
+            raise InputError(f"fold must be within [0, {num_folds - 1}], got {fold}")
         if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+            raise InputError(f"num_samples must be >= 1, got {num_samples}")
         if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
-            raise ValueError(f"spacing must be three positive numbers or null, got {spacing}")
+            raise InputError(f"spacing must be three positive numbers or null, got {spacing}")
         if intensity_window is not None and (len(intensity_window) != 2 or intensity_window[0] >= intensity_window[1]):
-            raise ValueError(f"intensity_window must be (low, high) with low < high, got {intensity_window}")
+            raise InputError(f"intensity_window must be (low, high) with low < high, got {intensity_window}")
         # the json decides the channel counts, which the model needs before training: read it now
         require_directory(self.root, self.name, "set data.init_args.root to the task folder holding dataset.json")
         self.dataset_json = self.root / "dataset.json"
         if not self.dataset_json.is_file():
-            raise ValueError(f"{self.name}: no dataset.json in {self.root} (expected a Medical Segmentation Decathlon task folder)")
+            raise InputError(f"{self.name}: no dataset.json in {self.root} (expected a Medical Segmentation Decathlon task folder)")
         self.meta = read_decathlon_json(self.dataset_json)
         self.modalities = [self.meta["modality"][str(i)] for i in range(len(self.meta["modality"]))]
         labels = [self.meta["labels"][str(i)] for i in range(len(self.meta["labels"]))]
         if len(labels) < 2:
-            raise ValueError(f"{self.name}: {self.dataset_json} declares {len(labels)} label(s); need background and at least one class")
+            raise InputError(f"{self.name}: {self.dataset_json} declares {len(labels)} label(s); need background and at least one class")
         self.in_channels = len(self.modalities)
         self.out_channels = len(labels)
         self.class_names = [str(n) for n in labels[1:]]
@@ -147,7 +149,7 @@ class MSDDataModule(OnDiskDataModule):
         allowed = frozenset(range(self.out_channels))
         for n, entry in enumerate(self.meta["training"]):
             if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-                raise ValueError(f"{self.name}: {self.dataset_json}: training entry {n} needs 'image' and 'label'")
+                raise InputError(f"{self.name}: {self.dataset_json}: training entry {n} needs 'image' and 'label'")
             if is_hidden(entry["image"]) or is_hidden(entry["label"]):
                 continue
             image = (self.root / entry["image"]).resolve()
@@ -159,11 +161,11 @@ class MSDDataModule(OnDiskDataModule):
                 )
             )
         if not cases:
-            raise ValueError(f"{self.name}: no training cases listed in {self.dataset_json}")
+            raise InputError(f"{self.name}: no training cases listed in {self.dataset_json}")
         ids = [c.case_id for c in cases]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
-            raise ValueError(f"{self.name}: {self.dataset_json} lists case(s) more than once: {dupes}")
+            raise InputError(f"{self.name}: {self.dataset_json} lists case(s) more than once: {dupes}")
         return cases, []
 
     def _num_val(self, n_cases: int) -> int:
@@ -174,7 +176,7 @@ class MSDDataModule(OnDiskDataModule):
         path = self.split_file or default_split_path(self.root, self.name, self.split_scheme, self.seed, self.num_folds, num_val)
         return load_or_create_split(
             case_ids, dataset=self.name, scheme=self.split_scheme, fold=self.fold, num_folds=self.num_folds,
-            num_val=num_val, seed=self.seed, path=path,
+            num_val=num_val, seed=self.seed, path=path, write=False,
         )
 
     def describe(self) -> dict:

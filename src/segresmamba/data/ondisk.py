@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 from monai.transforms import Compose
 
-from segresmamba.data.base import VolumeDataModule
+from segresmamba.data.base import VolumeDataModule, without_labels
 from segresmamba.data.phantoms import PHANTOM_MARKER
 from segresmamba.data.plan import cases_key, fingerprint_cases, load_or_create_plan, plan_with_overrides, read_case_ras
-from segresmamba.data.splits import Split
+from segresmamba.data.splits import Split, save_split
 from segresmamba.data.transforms import planned_preprocessing, planned_train_transforms, whole_volume_eval_transforms
 from segresmamba.data.validation import CaseFiles, validate_cases
+from segresmamba.errors import InputError
 
 __all__ = ["OnDiskDataModule", "phantom_marker"]
 
@@ -50,12 +52,18 @@ class OnDiskDataModule(VolumeDataModule):
         seed: seed of a computed split (sorted ids + ``numpy.random.default_rng(seed).permutation``).
         split_file: where the computed split is written and read back (default under ``root/splits``).
             An existing file is authoritative: it is read, not recomputed, and ``seed`` is then unused.
-        check_labels: also read every label volume to check its values (see
-            :mod:`segresmamba.data.validation` for the cost); header checks always run.
-        skip_bad_cases: skip cases failing validation with a warning naming each (default: one
-            ValueError listing them all).
-        kwargs: ``patch_size``, ``batch_size``, ``num_workers``, ``cache_rate``, ``test_dir``, ``recipe``,
-            ``iterations_per_epoch``: see :class:`~segresmamba.data.base.VolumeDataModule`.
+        check_voxels: also read every image and label file in full: the files decompress, the values are
+            finite, labels hold the declared values and some foreground (see
+            :mod:`segresmamba.data.validation` for the cost, paid once: what each file held is remembered
+            in ``<dataset>_validation_cache.json`` beside the split file); header checks always run.
+        skip_bad_cases: skip cases failing validation with a warning naming each, and list them (with why)
+            in :attr:`skipped_cases` and the run's ``metrics.json`` (default: one InputError listing them all).
+        kwargs: ``patch_size``, ``batch_size``, ``num_workers``, ``cache_rate``, ``test_dir``,
+            ``predict_dir``, ``empty_labels``, ``recipe``, ``iterations_per_epoch``: see
+            :class:`~segresmamba.data.base.VolumeDataModule`.
+
+    The split file is written only once the cases have passed validation (or the bad ones were skipped),
+    so a failed validation leaves nothing behind and a run after fixing or removing a case starts clean.
 
     Plan (recipes that use one): fingerprinted from the training cases of the fold, cached as
     ``<split file stem>_fold<k>_plan.json`` in the split file's folder (default ``root/splits``), keyed by
@@ -77,18 +85,18 @@ class OnDiskDataModule(VolumeDataModule):
         fold: int = 0,
         seed: int = 0,
         split_file: str | None = None,
-        check_labels: bool = True,
+        check_voxels: bool = True,
         skip_bad_cases: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if fold < 0:
-            raise ValueError(f"fold must be >= 0, got {fold}")
+            raise InputError(f"fold must be >= 0, got {fold}")
         self.root = Path(root).expanduser()
         self.fold = fold
         self.seed = seed
         self.split_file = split_file
-        self.check_labels = check_labels
+        self.check_voxels = check_voxels
         self.skip_bad_cases = skip_bad_cases
         self.provenance = "synthetic" if phantom_marker(self.root) is not None else "real"
         self._cases: dict[str, CaseFiles] | None = None
@@ -96,42 +104,51 @@ class OnDiskDataModule(VolumeDataModule):
 
     # -- to implement ------------------------------------------------------------------------------
     def discover(self) -> tuple[list[CaseFiles], list[CaseFiles]]:
-        """(labelled training cases, labelled test cases or []). Raise ValueError on a missing/empty root."""
+        """(labelled training cases, labelled test cases or []). Raise InputError on a missing or empty root."""
         raise NotImplementedError
 
     def make_split(self, case_ids: list[str]) -> Split:
-        """The split of the discovered (not yet validated) training case ids for ``self.fold``."""
+        """The split of the discovered (not yet validated) training case ids for ``self.fold``; a computed
+        split is not written yet (``load_or_create_split(..., write=False)``): :meth:`validate` writes it
+        once the cases pass."""
         raise NotImplementedError
 
     # -- shared ------------------------------------------------------------------------------------
     def validate(self) -> dict:
-        """Discover and check every case (headers; label values when ``check_labels``), compute or read
-        the split, and return a summary. Raises ValueError naming each bad file, before any long work."""
+        """Discover and check every case (headers; voxels when ``check_voxels``), compute or read the split,
+        write it once the cases pass, and return a summary. Raises InputError naming each bad file, before
+        any long work."""
+        self.skipped_cases = []
         train_cases, test_cases = self.discover()
         split = self.make_split(sorted(c.case_id for c in train_cases))
         used = set(split.train) | set(split.val)
-        every = [c for c in train_cases if c.case_id in used] + list(test_cases)
-        good = validate_cases(
-            every, dataset=self.name, root=self.root, check_labels=self.check_labels, skip_bad_cases=self.skip_bad_cases
+        policy = self.empty_labels
+        every = [replace(c, empty_label=policy or "error") for c in train_cases if c.case_id in used]
+        every += [replace(c, empty_label=policy or "warn") for c in test_cases]
+        good, reasons = validate_cases(
+            every, dataset=self.name, root=self.root, check_voxels=self.check_voxels,
+            skip_bad_cases=self.skip_bad_cases, cache_file=self.validation_cache,
         )
         self._cases = {c.case_id: c for c in good}
         test_ids = [c.case_id for c in test_cases]
         keep = lambda ids: [i for i in ids if i in self._cases]  # noqa: E731
-        self._split = Split(train=keep(split.train), val=keep(split.val), test=keep(test_ids), source=split.source)
+        kept = Split(train=keep(split.train), val=keep(split.val), test=keep(test_ids), source=split.source)
         for part in ("train", "val"):
-            if not getattr(self._split, part):
-                raise ValueError(f"{self.name}: the {part} split of fold {self.fold} is empty after validation ({self.root})")
-        skipped = sorted(c.case_id for c in every if c.case_id not in self._cases)
+            if not getattr(kept, part):
+                raise InputError(f"{self.name}: the {part} split of fold {self.fold} is empty after validation ({self.root})")
+        save_split(split)
+        self._split = kept
+        self.skipped_cases += [{"case_id": case_id, "reason": why} for case_id, why in reasons.items()]
         return {
             **self.describe(),
             "root": str(self.root),
             "fold": self.fold,
             "split_source": split.source,
-            "num_train": len(self._split.train),
-            "num_val": len(self._split.val),
-            "num_test": len(self._split.test or self._split.val),
-            "test_is_val": not self._split.test,
-            "skipped_cases": skipped,
+            "num_train": len(kept.train),
+            "num_val": len(kept.val),
+            "num_test": len(kept.test or kept.val),
+            "test_is_val": not kept.test,
+            "skipped_cases": sorted(s["case_id"] for s in self.skipped_cases),
         }
 
     def setup(self, stage: str | None = None) -> None:
@@ -165,12 +182,23 @@ class OnDiskDataModule(VolumeDataModule):
         facts["fold"] = self.fold
         return facts
 
+    def cache_folder(self) -> Path:
+        """The split file's folder (default ``root/splits``), where the plan and the validation cache live."""
+        return Path(self.split_file).expanduser().parent if self.split_file else self.root / "splits"
+
+    @property
+    def validation_cache(self) -> str:
+        return str(self.cache_folder() / f"{self.name}_validation_cache.json")
+
     def plan_path(self) -> Path:
         """Where the fold's plan is cached: beside the split file."""
         source = Path(self.split.source)
         stem = source.stem if source.suffix == ".json" else self.name
-        folder = Path(self.split_file).expanduser().parent if self.split_file else self.root / "splits"
-        return folder / f"{stem}_fold{self.fold}_plan.json"
+        return self.cache_folder() / f"{stem}_fold{self.fold}_plan.json"
+
+    def predict_transforms(self) -> Compose:
+        """The evaluation chain (it reads the files) without the label."""
+        return without_labels(self.eval_transforms())
 
     def make_plan(self) -> dict:
         ids = self.case_ids("train")  # validates the cases first
