@@ -195,6 +195,8 @@ class RunRecorder(L.Callback):
     checkpoint it comes from, wall time, step times, peak memory, energy, the recipe and the resolved
     settings, and the provenance (git SHA, versions, device, precision). Written on rank 0 only.
 
+    Cases that validation left out (``skip_bad_cases: true``) are listed with why in ``skipped_cases``.
+
     After a test it also writes the per-case, per-class Dice and HD95 (``test_cases.csv`` beside
     ``metrics.json``) and records their means (``test/dice_mean``, ``test/hd95_mean`` and per class), the
     evaluation space (``original`` or ``resampled``) and the number of cases.
@@ -249,6 +251,8 @@ class RunRecorder(L.Callback):
             "net_kwargs": hp.get("net_kwargs") or {},
             "params": sum(p.numel() for p in pl_module.parameters()),
             "data": dm.describe() if dm is not None and hasattr(dm, "describe") else None,
+            # cases that failed validation and were left out (skip_bad_cases: true), each with why
+            "skipped_cases": list(getattr(dm, "skipped_cases", None) or []),
             "hparams": {k: v for k, v in hp.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
             # the strategy's device, not the module's: on_fit_end runs after teardown has moved the module to the CPU
             "provenance": provenance(trainer.strategy.root_device, str(trainer.precision)),

@@ -21,6 +21,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from monai.data import MetaTensor
 from monai.transforms import SaveImage
 
+from segresmamba.errors import InputError
+
 __all__ = ["BRATS_REGIONS", "NiftiMaskWriter", "brats_label_map", "export_mask"]
 
 BRATS_REGIONS = ("TC", "WT", "ET")
@@ -94,7 +96,7 @@ class NiftiMaskWriter(BasePredictionWriter):
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
                 pass
         except OSError as err:
-            raise ValueError(f"output_dir {folder} cannot be written ({err.strerror or err}); choose another --output_dir") from None
+            raise InputError(f"output_dir {folder} cannot be written ({err.strerror or err}); choose another --output_dir") from None
         self.folder = folder
         self.written = []
         self._saver = SaveImage(
@@ -109,7 +111,7 @@ class NiftiMaskWriter(BasePredictionWriter):
             raise ValueError("NiftiMaskWriter was not set up for prediction (its setup runs at the start of predict)")
         for case_id, mask in zip(prediction["case_id"], prediction["mask"]):
             if os.sep in case_id or case_id in ("", ".", ".."):
-                raise ValueError(f"case id {case_id!r} cannot name a file")
+                raise InputError(f"case id {case_id!r} cannot name a file")
             path = self.folder / case_id
             self._saver(mask, filename=str(path))
             self.written.append(path.with_name(f"{case_id}.nii.gz"))

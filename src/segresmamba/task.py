@@ -14,6 +14,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import InvertibleTransform, Invertd
 
 from segresmamba.data.transforms import ORIGINAL_LABEL
+from segresmamba.errors import InputError
 from segresmamba.metrics import (
     activate,
     case_rows,
@@ -49,6 +50,9 @@ class SegmentationTask(L.LightningModule):
     in-memory synthetic and MNI152 sets, BraTS) are scored on their own grid either way. The per-case rows
     of the last validation or test epoch are kept in ``eval_cases["val"|"test"]`` (gathered over every
     process), which :class:`~segresmamba.callbacks.RunRecorder` writes to ``test_cases.csv``.
+
+    A non-finite input image or prediction at evaluation or prediction raises an
+    :class:`~segresmamba.errors.InputError` naming the case and its file: it never becomes a score or mask.
 
     Prediction (``predict_step``) always maps back to the scan's own grid and returns one mask per case
     (:func:`segresmamba.prediction.export_mask`), which :class:`~segresmamba.prediction.NiftiMaskWriter`
@@ -206,6 +210,28 @@ class SegmentationTask(L.LightningModule):
             raise ValueError("evaluation batches need a 'case_id' per case (every VolumeDataModule item has one)")
         return [ids] if isinstance(ids, str) else [str(i) for i in ids]
 
+    @staticmethod
+    def _source(image: torch.Tensor) -> str:
+        """`` (<file>)``: the file an evaluated image was read from, or nothing for in-memory data."""
+        name = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
+        if isinstance(name, (list, tuple)):
+            name = ", ".join(str(n) for n in name)
+        return f" ({name})" if isinstance(name, str) and name else ""
+
+    def require_finite(self, batch: dict, ids: list[str], what: Literal["input image", "prediction"], values: torch.Tensor) -> None:
+        """InputError naming the first case of ``ids`` whose ``values`` (B, ...) hold a NaN or Inf: a score
+        or mask computed from them would be a number that means nothing (a NaN image scores Dice 0)."""
+        finite = torch.isfinite(values.reshape(values.shape[0], -1)).all(1)
+        if bool(finite.all()):
+            return
+        n = int((~finite).nonzero()[0, 0])
+        images = decollate_batch(batch["image"], detach=True)
+        hint = (
+            "; check the file, or validate the data first (the data modules' check_voxels)" if what == "input image"
+            else "; the network's output is not finite (a diverged checkpoint, or too low a precision)"
+        )
+        raise InputError(f"case {ids[n]}: the {what} has non-finite values (NaN or Inf){self._source(images[n])}{hint}")
+
     def score_batch(
         self, batch: dict, space: Literal["original", "resampled"], transform: Any = None, with_hd95: bool = True
     ) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -217,7 +243,9 @@ class SegmentationTask(L.LightningModule):
         """
         task = self.hparams.task
         ids = self._case_ids(batch)
+        self.require_finite(batch, ids, "input image", batch["image"])
         probabilities = activate(self.predict_logits(batch["image"]), task)
+        self.require_finite(batch, ids, "prediction", probabilities)
         keys = [k for k in ("image", "label", ORIGINAL_LABEL) if k in batch]
         items = decollate_batch({k: batch[k] for k in keys}, detach=True)
         if len(items) != len(ids):
@@ -308,14 +336,17 @@ class SegmentationTask(L.LightningModule):
         """One mask per case on the scan's own grid (whatever ``eval_space``): ``{"case_id": [...],
         "mask": [uint8 MetaTensor per case]}`` with the scan's affine (see :func:`segresmamba.prediction.export_mask`)."""
         task = self.hparams.task
+        ids = self._case_ids(batch)
+        self.require_finite(batch, ids, "input image", batch["image"])
         probabilities = activate(self.predict_logits(batch["image"]), task)
+        self.require_finite(batch, ids, "prediction", probabilities)
         transform = self._loader_transform(self.trainer.predict_dataloaders, dataloader_idx)
         images = decollate_batch(batch["image"], detach=True)
         masks = [
             export_mask(self.to_original_grid(prob, image, transform), task, self.class_names).cpu()
             for prob, image in zip(probabilities, images)
         ]
-        return {"case_id": self._case_ids(batch), "mask": masks}
+        return {"case_id": ids, "mask": masks}
 
     # -- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self):

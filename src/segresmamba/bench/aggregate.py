@@ -7,7 +7,8 @@ or from Python: ``aggregate("results/quick/brats")`` (returns the summary table)
 Reads every ``<dir>/<recipe>/<model>/fold<k>/metrics.json`` (and ``<dir>/<model>/fold<k>/metrics.json`` of
 sweeps from before recipes existed); writes ``runs.csv``, ``summary.csv`` and ``summary.md`` (mean ± std over
 folds per recipe and model, with the recipe and the reported checkpoint in their own columns: records
-without them are ``paper`` and ``best``, what every run reported then), ``paper_vs_ours.md`` side by side,
+without them are ``paper`` and ``best``, what every run reported then; ``skipped_cases``: the cases that
+validation left out, listed per run and counted per model), ``paper_vs_ours.md`` side by side,
 and plots: Fig. 2 (mean Dice vs training memory), Fig. 3 (mean Dice vs CO2) and, with ``--efficiency``, a
 MACs chart. Plot titles name the recipe, the device, the data (real or synthetic) and the protocol.
 """
@@ -78,6 +79,7 @@ def load_runs(result_dir: Path) -> pd.DataFrame:
             "precision": prov.get("precision"),
             "git_sha": prov.get("git_sha"),
             "protocol": rec.get("protocol"),
+            "skipped_cases": ", ".join(case["case_id"] for case in rec.get("skipped_cases") or []),
         }
         for key, value in test.items():
             if key.startswith("test/dice_") and key != "test/dice_mean":
@@ -102,6 +104,7 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     summary["folds"] = summary["folds"].fillna(0).astype(int)
     summary["failed"] = runs[runs.status != "ok"].groupby(keys).size()
     summary["failed"] = summary["failed"].fillna(0).astype(int)
+    summary["skipped_cases"] = runs.groupby(keys)["skipped_cases"].agg(lambda s: len({c for v in s for c in v.split(", ") if c}))
     for col in ("reported_checkpoint", "device", "precision", "git_sha", "provenance", "dataset", "protocol"):
         summary[col] = runs.groupby(keys)[col].agg(lambda s: ", ".join(sorted({str(v) for v in s if v is not None})))
     return summary.reset_index().sort_values(["recipe", "test_dice_mean_mean"], ascending=[True, False], na_position="last")
@@ -149,6 +152,9 @@ def write_markdown(summary: pd.DataFrame, runs: pd.DataFrame, out: Path) -> None
             f"{'not measured' if pd.isna(r.peak_gib_mean) else _pm(r.peak_gib_mean, None, 2)} | "
             f"{_pm(r.energy_kwh_mean, None, 5)} | {_pm(r.co2_kg_mean, None, 5)} | {r.failed} |"
         )
+    skipped = sorted({c for v in runs.skipped_cases for c in v.split(", ") if c})
+    if skipped:
+        lines += ["", f"Cases left out by validation (skip_bad_cases: true; why: skipped_cases in each metrics.json): {', '.join(skipped)}"]
     errors = runs[runs.status != "ok"]
     if len(errors):
         lines += ["", "Failed runs:", ""] + [f"- {e.model} [{e.recipe}] fold {e.fold}: {e.error}" for e in errors.itertuples()]
