@@ -134,3 +134,22 @@ def test_setup_runs_validation(brats):
     _case_file(brats, 0, "t1ce").unlink()
     with pytest.raises(ValueError, match="missing file"):
         _dm(brats).setup("fit")
+
+
+def test_validation_cache_rereads_only_changed_files(brats, monkeypatch):
+    """What each file held is remembered by path, size and mtime: a changed file is read again (and its
+    new fault found), the others are not."""
+    from segresmamba.data import validation
+
+    _dm(brats).validate()
+    read = []
+    real = validation.read_voxel_facts
+    monkeypatch.setattr(validation, "read_voxel_facts", lambda path, role: read.append(path) or real(path, role))
+    path = _case_file(brats, 2, "seg")
+    img = nib.load(str(path))
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), str(path))
+    with pytest.raises(ValueError, match=r"BraTS2021_00002: label .*BraTS2021_00002_seg\.nii\.gz is empty"):
+        _dm(brats).validate()
+    assert read == [path]
+    (brats / "splits" / "brats2021_validation_cache.json").write_text("{not json")  # a damaged cache only costs time
+    assert _dm(brats, empty_labels="allow").validate()["skipped_cases"] == []

@@ -3,6 +3,7 @@ phantom in the Decathlon layout goes through the evaluation chain (RAS, resampli
 back on the scan's own grid, as scores and as NIfTI masks."""
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -154,3 +155,12 @@ def test_predict_writes_masks_with_the_scan_geometry(msd_root, tmp_path, monkeyp
         assert mask.shape == image.shape == SHAPE and mask.get_data_dtype() == np.uint8
         assert np.allclose(mask.affine, image.affine) and nib.aff2axcodes(mask.affine) == ("L", "S", "A")
         assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1, 2}
+
+    # unlabelled images (nnU-Net naming, <case>_0000.nii.gz) instead of the test split
+    unlabelled = tmp_path / "imagesTs"
+    unlabelled.mkdir()
+    shutil.copy(msd_root / "imagesTr" / "lsa_0.nii.gz", unlabelled / "new_scan_0000.nii.gz")
+    main(["predict", *common, "--data.predict_dir", str(unlabelled), "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "new")])
+    (mask_path,) = (tmp_path / "new").iterdir()
+    mask = nib.load(mask_path)
+    assert mask_path.name == "new_scan.nii.gz" and mask.shape == SHAPE and np.allclose(mask.affine, LSA_AFFINE)
