@@ -10,16 +10,23 @@ environment (torch, CUDA, GPU, scan backends).
 
 from __future__ import annotations
 
+import argparse
+import functools
 import os
 import sys
 import warnings
-from typing import Literal, Optional
+import zipfile
+from pathlib import Path
+from typing import Any, Literal, Optional
 
 import torch
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from segresmamba.bench.configs import read_yaml
 from segresmamba.callbacks import PeakMemory, RunRecorder, StepTimer
 from segresmamba.data.base import VolumeDataModule
+from segresmamba.errors import InputError, command_line, plain_message
 from segresmamba.prediction import NiftiMaskWriter
 from segresmamba.task import SegmentationTask
 
@@ -34,6 +41,13 @@ DEFAULT_CALLBACKS = [
 ]
 # Measured in every run (they are part of every result): added when a replaced list leaves them out
 MEASUREMENTS = (PeakMemory, StepTimer)
+# Options are never abbreviated (--trainer.max_epoch is refused, not taken as max_epochs), and a refused
+# setting is raised (then shown as one line by main) instead of printed with the usage text
+PARSER_KWARGS = {"default_env": False, "allow_abbrev": False, "exit_on_error": False}
+# What the model takes from the data; a checkpoint must agree on each before its weights are loaded
+CHECKPOINT_FACTS = ("net", "in_channels", "out_channels", "task")
+# Lightning's names for checkpoints it finds itself (not file paths)
+CHECKPOINT_NAMES = ("last", "best", "hpc")
 
 
 class SegResMambaCLI(LightningCLI):
@@ -79,15 +93,30 @@ class SegResMambaCLI(LightningCLI):
                  "(default: predictions/ in the run folder)",
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # Lightning reads the checkpoint's settings next: a missing or unreadable file is named here first
+        self.checkpoint = None
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in CHECKPOINT_NAMES and not str(ckpt_path).startswith("registry"):
+            self.checkpoint = read_checkpoint_facts(ckpt_path)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # a setting the model, the data or the trainer refuses when built
+            raise InputError(plain_message(err)) from err
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)
         precision = str(config.trainer.precision)
         accelerator = str(config.trainer.accelerator)
         if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-            raise SystemExit("error: trainer.accelerator asks for a GPU but CUDA is not available on this machine")
+            raise InputError("trainer.accelerator asks for a GPU but CUDA is not available on this machine")
         graphed = [c for c in config.trainer.callbacks or [] if str(getattr(c, "class_path", "")).endswith("ToMCudaGraphs")]
         if graphed and not torch.cuda.is_available():
-            raise SystemExit("error: the ToMCudaGraphs callback (configs/callbacks/cuda_graphs.yaml) needs a GPU, and CUDA is not available on this machine")
+            raise InputError("the ToMCudaGraphs callback (configs/callbacks/cuda_graphs.yaml) needs a GPU, and CUDA is not available on this machine")
         if "16" in precision and "mixed" in precision and not torch.cuda.is_available():
             warnings.warn(f"precision {precision} on a CPU runs slowly and is not what the benchmark measures", stacklevel=1)
         logger = config.trainer.logger
@@ -114,7 +143,28 @@ class SegResMambaCLI(LightningCLI):
         kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, RunRecorder)] + recorders
         return super().instantiate_trainer(**kwargs)
 
+    def check_checkpoint_fits(self) -> None:
+        """Before Lightning loads ``--ckpt_path``: its model must be the one these settings build (name,
+        channels, classes from the data, every weight's shape), else InputError naming the file, the
+        setting and both values instead of a state_dict size mismatch."""
+        if self.checkpoint is None:
+            return
+        path, hparams, shapes = self.checkpoint
+        here = self.model.hparams
+        differ = [f"{key} is {hparams[key]!r} in the checkpoint but {here.get(key)!r} here"
+                  for key in CHECKPOINT_FACTS if key in hparams and hparams[key] != here.get(key)]
+        if not differ:
+            own = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+            differ = [f"weight {k} has shape {shape} in the checkpoint but {own[k]} here"
+                      for k, shape in shapes.items() if k in own and own[k] != shape][:3]
+        if differ:
+            raise InputError(f"checkpoint {path} does not fit the model these settings build "
+                             f"(model.net, and the data's channels and classes): {'; '.join(differ)}")
+
+    before_fit = before_validate = before_test = check_checkpoint_fits
+
     def before_predict(self) -> None:
+        self.check_checkpoint_fits()
         # the masks go to disk: keeping every case's mask in memory as well would only cost memory
         if self.config_init.predict.get("return_predictions") is None:
             self.config_init.predict.return_predictions = False
@@ -125,10 +175,27 @@ class SegResMambaCLI(LightningCLI):
         if self.config.fit.get("report_checkpoint") == "best":
             best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
             if not best:
-                raise SystemExit("error: --report_checkpoint best, but no best checkpoint was written (no validation ran?)")
+                raise InputError("--report_checkpoint best, but no best checkpoint was written (no validation ran?)")
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
         else:  # the final weights, still in memory: no checkpoint is chosen on the cases the test scores
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=None)
+
+
+def read_checkpoint_facts(path: str) -> tuple[str, dict, dict[str, tuple[int, ...]]]:
+    """(path, saved settings, weight shapes) of a Lightning checkpoint; InputError naming a file that is
+    missing or not a readable checkpoint."""
+    if not Path(path).is_file():
+        raise InputError(f"ckpt_path {path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):  # what torch.save writes; a truncated copy has lost its zip directory
+        raise InputError(f"ckpt_path {path}: not a PyTorch checkpoint (not a zip archive: truncated, or another kind of file)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # a damaged archive
+        raise InputError(f"ckpt_path {path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise InputError(f"ckpt_path {path}: not a Lightning checkpoint (it has no state_dict)")
+    shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if hasattr(v, "shape")}
+    return path, dict(checkpoint.get("hyper_parameters") or {}), shapes
 
 
 def doctor() -> int:
@@ -153,20 +220,82 @@ def doctor() -> int:
     return 0
 
 
-def main(args: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["doctor"]:
-        raise SystemExit(doctor())
-    SegResMambaCLI(
-        SegmentationTask,
-        VolumeDataModule,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False},
-        args=args,
-        auto_configure_optimizers=False,
-    )
+CLI_KWARGS: dict[str, Any] = {
+    "subclass_mode_data": True,
+    "save_config_kwargs": {"overwrite": True},
+    "parser_kwargs": PARSER_KWARGS,
+    "auto_configure_optimizers": False,
+}
+
+
+class _ParserBuilt(Exception):
+    def __init__(self, parser: LightningArgumentParser) -> None:
+        super().__init__()
+        self.parser = parser
+
+
+class _ParserOnly(SegResMambaCLI):
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        raise _ParserBuilt(parser)  # LightningCLI builds its parser in __init__ and offers no way to stop after it
+
+
+@functools.cache
+def cli_parser() -> LightningArgumentParser:
+    """The parser of ``segresmamba fit|validate|test|predict``, built once: ``cli_parser().parse_args(["fit",
+    "-c", ...])`` checks a command's settings (an ``argparse.ArgumentError`` names a refused one) without
+    building the model, the data or the trainer."""
+    try:
+        _ParserOnly(SegmentationTask, VolumeDataModule, **CLI_KWARGS)
+    except _ParserBuilt as built:
+        return built.parser
+    raise RuntimeError("LightningCLI parsed no arguments")
+
+
+def check_config_files(args: list[str]) -> None:
+    """Every ``-c``/``--config`` file given is YAML: a syntax error names the file and its line (the CLI's
+    own reader names neither)."""
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg in ("-c", "--config") and i + 1 < len(args) else arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if value is not None and Path(value).is_file():
+            read_yaml(value)
+
+
+def _is_data_setup_error(err: BaseException) -> bool:
+    """Whether ``err`` was raised while a data module prepared or set up its cases (bad data, not a bug)."""
+    tb = err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name in ("prepare_data", "setup") and isinstance(frame.f_locals.get("self"), LightningDataModule):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def cli_error_message(err: BaseException) -> str | None:
+    """The one line a user sees for ``err``, or None for a bug (which keeps its traceback)."""
+    if isinstance(err, (InputError, argparse.ArgumentError)):
+        return plain_message(err)
+    if isinstance(err, ValueError) and _is_data_setup_error(err):
+        return str(err)
+    return None
+
+
+def run(args: list[str]) -> int:
+    """``segresmamba <args>``; errors are raised (see :func:`main`)."""
+    if args[:1] == ["doctor"]:
+        return doctor()
+    # main hands the arguments over itself (less --debug); Lightning would warn that sys.argv has them too
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    check_config_files(args)
+    SegResMambaCLI(SegmentationTask, VolumeDataModule, args=args, **CLI_KWARGS)
+    return 0
+
+
+def main(args: list[str] | None = None) -> int:
+    """The ``segresmamba`` command: a bad setting or file is one line naming it, exit status 2
+    (``--debug`` or SEGRESMAMBA_DEBUG=1: with its traceback)."""
+    return command_line(run, args, describe=cli_error_message)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -64,11 +64,12 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from segresmamba.bench import nnunetv2 as external  # noqa: E402
-from segresmamba.bench.configs import instantiate_datamodule  # noqa: E402
+from segresmamba.bench.configs import instantiate_datamodule, read_yaml  # noqa: E402
 from segresmamba.bench.project import resolve  # noqa: E402
-from segresmamba.bench.sweep import Run, Sweep, run_command, run_sweep  # noqa: E402
+from segresmamba.bench.sweep import Run, Sweep, SweepInterrupted, run_command, run_sweep  # noqa: E402
 from segresmamba.data.external import write_test_case  # noqa: E402
 from segresmamba.data.shifts import SHIFTS, apply_shift  # noqa: E402
+from segresmamba.errors import command_line  # noqa: E402
 
 __all__ = [
     "CLEAN",
@@ -142,7 +143,7 @@ def load_robustness(path: str | Path, runs_dir: str | None = None) -> tuple[Swee
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"robustness file {path} not found (see configs/bench/robustness_*.yaml)")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, "robustness file") or {}
     if not isinstance(raw, dict) or not isinstance(raw.get("robustness"), dict):
         raise ValueError(f"{path}: needs a `robustness: {{shifts: [...], shift_seed: 0}}` block beside the sweep keys")
     block = raw.pop("robustness")
@@ -450,8 +451,8 @@ def run_robustness(
     return table
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Robustness of trained nets to acquisition shifts (see the module docstring).")
+def _main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description="Robustness of trained nets to acquisition shifts (see the module docstring).", allow_abbrev=False)
     p.add_argument("config", help="robustness file, e.g. configs/bench/robustness_quick.yaml")
     p.add_argument("--out", default=None, help="results folder (default: the file's `out`; the card is appended)")
     p.add_argument("--models", nargs="+", default=None, help="subset of the file's models")
@@ -459,13 +460,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids to spread the fits over (default: every visible GPU)")
     p.add_argument("--runs-dir", default=None, help="where logs, checkpoints and the test sets go (default: the file's runs_dir)")
     p.add_argument("--verbose", action="store_true", help="show each fit's Lightning output instead of logging it")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error too (or SEGRESMAMBA_DEBUG=1)")
     args = p.parse_args(argv)
     try:
         run_robustness(args.config, out=args.out, models=args.models, recipes=args.recipes, gpus=args.gpus,
                        runs_dir=args.runs_dir, verbose=args.verbose)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+    except SweepInterrupted as stop:
+        return 128 + stop.signum
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m segresmamba.bench.robustness``: a bad file or setting is one line naming it (exit status 2),
+    a signal during the fits stops them as it stops a sweep (128 + the signal number)."""
+    return command_line(_main, argv, describe=lambda err: str(err) if isinstance(err, ValueError) else None)
 
 
 if __name__ == "__main__":
