@@ -41,7 +41,8 @@ class BraTS2021DataModule(OnDiskDataModule):
         <root>/BraTS2021_XXXXX/BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz
 
     Input channels are always stacked in :data:`~segresmamba.data.phantoms.BRATS_CHANNELS` order:
-    ``[flair, t1, t1ce, t2]``, whatever order a folds file lists them in. Labels 0/1/2/4 become three
+    ``[flair, t1, t1ce, t2]``, whatever order a folds file lists them in. Images to predict (``predict_dir``) are named
+    nnU-Net's way, ``<case>_0000.nii.gz`` to ``<case>_0003.nii.gz`` in that order. Labels 0/1/2/4 become three
     overlapping binary regions with MONAI ``ConvertToMultiChannelBasedOnBratsClassesd``, channel order
     ``[TC, WT, ET]``: TC (tumour core) = {1, 4}, WT (whole tumour) = {1, 2, 4}, ET (enhancing) = {4};
     task "multilabel" (sigmoid per region), mean Dice = mean of TC, WT, ET.
