@@ -4,6 +4,7 @@ aggregation, and (slow, with nnunetv2 installed) one tiny run end to end on a ph
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -133,17 +134,21 @@ def test_score_record_and_aggregate(spleen, tmp_path):
 
 
 @pytest.mark.slow
-def test_end_to_end_on_cpu(spleen, tmp_path, monkeypatch):
+def test_end_to_end_on_cpu(spleen, tmp_path):
     """Plan, preprocess, one epoch of 2 iterations on a CPU, predict and score: a record with a test Dice."""
     pytest.importorskip("nnunetv2")
     settings = nn.NNUNetSettings(epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1, device="cpu",
                                  preprocessing_processes=1, augmentation_processes=0, use_mirroring=False)
-    for key in nn.NNUNET_FOLDERS:
-        monkeypatch.delenv(key, raising=False)
-    nn.set_environment(tmp_path.resolve(), settings)
-    t0 = time.perf_counter()
-    record = nn.run_nnunetv2(spleen, tmp_path, settings)
-    elapsed = time.perf_counter() - t0
+    saved = dict(os.environ)  # the run sets nnU-Net's variables in this process; a later run must not inherit them
+    try:
+        nn.set_environment(tmp_path.resolve(), settings)
+        t0 = time.perf_counter()
+        record = nn.run_nnunetv2(spleen, tmp_path, settings)
+        elapsed = time.perf_counter() - t0
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert "recipe" not in record["data"]
     assert record["model"] == record["recipe"] == "nnunetv2" and record["fit"]["epochs"] == 1
     assert 0.0 <= record["test"]["test/dice_mean"] <= 1.0 and len(record["test"]["rows"]) == len(spleen.case_ids("test"))
     plan = record["nnunet"]["plan"]

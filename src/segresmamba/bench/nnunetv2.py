@@ -698,7 +698,8 @@ def run_nnunetv2(datamodule, work_dir: str | Path, settings: NNUNetSettings, ene
         "recipe_settings": {"name": RECIPE, **asdict(settings)},
         "reported_checkpoint": "last",
         "params": params,
-        "data": datamodule.describe(),
+        # the data module's own training settings (recipe, iterations) are not what nnU-Net trained with
+        "data": {k: v for k, v in datamodule.describe().items() if k not in ("recipe", "iterations_per_epoch")},
         "provenance": nnunet_provenance(device, version),
         "fit": {
             "epochs": len(epoch_s),
