@@ -115,17 +115,14 @@ def test_distributed_test_matches_one_process(fitted):
 
 
 def _trainer_callbacks(tmp_path: Path, *configs: str, extra: tuple[str, ...] = ()) -> list:
-    from segresmamba.cli import SegResMambaCLI
+    from segresmamba.cli import CLI_KWARGS, SegResMambaCLI
     from segresmamba.data.base import VolumeDataModule
     from segresmamba.task import SegmentationTask
 
     args = ["--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--model.net", "unet", *extra]
     for config in configs:
         args = ["-c", str(ROOT / "configs" / "callbacks" / config), *args]
-    cli = SegResMambaCLI(
-        SegmentationTask, VolumeDataModule, subclass_mode_data=True, run=False, args=args, auto_configure_optimizers=False,
-        parser_kwargs={"default_env": False}, save_config_kwargs={"overwrite": True},
-    )
+    cli = SegResMambaCLI(SegmentationTask, VolumeDataModule, run=False, args=args, **CLI_KWARGS)
     return cli.trainer.callbacks
 
 

@@ -215,3 +215,19 @@ def test_sweep_exits_non_zero_when_a_run_failed(phantom, tmp_path, capsys):
     assert "skip unet [paper] fold 0: finished (error)" in out.out  # a failed run waits for --retry-failed
     assert "error: 1 of 1 runs did not finish: unet [paper] fold 0 (error)" in out.err
     assert json.loads(failed.read_text())["error"] == "boom" and not (tmp_path / "runs").exists()
+
+
+def test_a_value_error_from_data_setup_is_bad_data_and_any_other_a_bug():
+    class Data(lightning.LightningDataModule):
+        def setup(self, stage: str) -> None:
+            raise ValueError("case7: label file labelsTr/case7.nii.gz is empty")
+
+    def raised(call) -> BaseException:
+        try:
+            call()
+        except ValueError as err:
+            return err
+        raise AssertionError("nothing was raised")
+
+    assert cli.cli_error_message(raised(lambda: Data().setup("fit"))) == "case7: label file labelsTr/case7.nii.gz is empty"
+    assert cli.cli_error_message(raised(lambda: int("x"))) is None  # keeps its traceback
