@@ -3,7 +3,8 @@
 The figures are the efficiency profiler's (the suite's training step, :mod:`segresmamba.bench.step`: the
 configured model's ``SegmentationTask.training_step`` with the recipe's loss, backward and optimiser step,
 batch 1, synthetic tensors), one row per
-(model, precision, CUDA graphs or not), so the models compare side by side with the scan benchmarks.
+(model, precision, CUDA graphs or not), so the models compare side by side with the scan benchmarks; each
+row also carries the profiler's sliding-window inference time of one whole volume of the config.
 ``--measure`` takes them on this GPU in one run: every model eagerly, then the models with ToM layers again
 with their small ToM layers replaying CUDA graphs (:mod:`segresmamba.ssm.cuda_graphs`); the profiler's own
 tables are kept under ``<out>/model_step_source/``. ``--table`` reshapes existing efficiency tables instead:
@@ -53,9 +54,11 @@ def reshape(table: pd.DataFrame, config: str, models: tuple[str, ...]) -> pd.Dat
     for r in table[table.model.isin(models)].itertuples():
         for precision in ("bf16", "fp32"):
             peak, step = getattr(r, f"train_peak_gib_{precision}", None), getattr(r, f"step_ms_{precision}", None)
+            volume = getattr(r, f"infer_volume_s_{precision}", None)
             rows.append({
                 "device": r.device, "model": r.model, "config": config, "precision": precision,
                 "peak_gib": pd.to_numeric(peak, errors="coerce"), "step_ms": pd.to_numeric(step, errors="coerce"),
+                "volume_s": pd.to_numeric(volume, errors="coerce"),
                 "scan_backend": getattr(r, "scan_backend", None) if isinstance(getattr(r, "scan_backend", None), str) else "-",
                 "cuda_graphs": _graphs_text(getattr(r, "cuda_graph_layers", None)),
                 "git_sha": r.git_sha,
@@ -97,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         f"From {shown} ({runs_text(df.drop_duplicates(['model', 'git_sha']))}; each row measured alone on one GPU; "
         f"cards: {', '.join(sorted(df.device.astype(str).unique()))}). "
         "the training step the efficiency profiler of that git SHA timed (see the source tables' headers), batch 1, synthetic tensors; peak = max_memory_allocated (GiB); bf16 = autocast, fp32 weights; "
-        "cuda_graphs: how many ToM layers replayed CUDA graphs (`--cuda_graphs` in training), - = all eager.",
+        "cuda_graphs: how many ToM layers replayed CUDA graphs (`--cuda_graphs` in training), - = all eager. "
+        f"volume_s: sliding-window inference of one whole {'x'.join(map(str, spec.volume))} volume "
+        f"({spec.in_channels} channels, ROI = the patch, overlap 0.5, batch 1, eval, no grad), seconds.",
         "",
         df.to_markdown(index=False, floatfmt=".3g"),
     ]
