@@ -173,6 +173,7 @@ SWEEP_FAULTS = {
     "typo in model": ({"model": {"lrr": 0.1}}, "model.lrr: no such setting"),
     "wrong type in trainer": ({"trainer": {"max_epochs": "three"}}, "trainer.max_epochs: expected int, got three"),
     "typo in data": ({"data": {"init_args": {"batch_sise": 1}}}, "'batch_sise' is not accepted"),
+    "fold the data does not have": ({"folds": [0, 7]}, "fold 7: fold must be within [0, 4], got 7"),
 }
 
 

@@ -273,15 +273,22 @@ def _write_run_config(sweep: Sweep, run: Run, runs_root: Path, data: dict) -> tu
 
 
 def check_settings(sweep: Sweep, runs: Sequence[Run], runs_root: Path, data: dict) -> None:
-    """Parse every run's full command (``segresmamba fit -c ...``) with the CLI's own parser, built once, options
-    never abbreviated: a bad key or value in the trainer, model or data settings stops the sweep before its
-    first run, naming the sweep file, the run and the setting, instead of failing every run. The run files
-    parsed here are scratch copies; nothing is written under the sweep's folders."""
+    """Before the first run: build the data module of each run's fold (not set up), and parse the full command
+    of each run of ours (``segresmamba fit -c ...``) with the CLI's own parser, built once, options never
+    abbreviated. A fold the data cannot take, or a bad key or value in the trainer, model or data settings,
+    stops the sweep naming the sweep file, the run and the setting, instead of failing every run. The run
+    files parsed here are scratch copies; nothing is written under the sweep's folders."""
     from segresmamba.cli import cli_parser
 
+    block = sweep.data_settings()
+    for run in {run.fold: run for run in runs}.values() if data["has_fold"] else []:
+        try:
+            instantiate_datamodule(merge(block, {"init_args": run_data_overrides(run, data)}))
+        except InputError as err:
+            raise InputError(f"{sweep.where()}: fold {run.fold}: {err}") from None
     parser = cli_parser()
     with tempfile.TemporaryDirectory(prefix="segresmamba-sweep-check-") as scratch:
-        for run in runs:
+        for run in [run for run in runs if run.model not in external.EXTERNAL_MODELS]:
             run_dir = runs_root / run.path()
             config_file = Path(scratch) / f"{run.recipe}-{run.model}-fold{run.fold}.yaml"
             config_file.write_text(yaml.safe_dump(run_config(sweep, run, run_dir, run_dir / "record.json", data), sort_keys=False))
@@ -582,7 +589,7 @@ def run_sweep(
     if not todo:
         print(f"results in {out_dir}", flush=True)
         return []
-    check_settings(sweep, [run for run in todo if run.model not in external.EXTERNAL_MODELS], runs_root, data)
+    check_settings(sweep, todo, runs_root, data)
     if any(run.model in external.EXTERNAL_MODELS for run in todo):
         try:
             external.preflight(merge(sweep.data_settings(), {"init_args": run_data_overrides(todo[-1], data)}), sweep.nnunet_settings())
