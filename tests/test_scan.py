@@ -110,6 +110,28 @@ def test_dispatch_names_and_fallbacks():
     assert scan_mod.resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
+def test_a_trace_runs_the_portable_scan(monkeypatch):
+    """fvcore counts MACs through torch.jit.trace; a GPU backend named by the model (Triton fails under the
+    tracer) gives way to the torch scan there, recorded as one op either way."""
+    args = {k: v.detach() for k, v in random_inputs(1, 2, 4, 9).items()}
+    called = []
+    monkeypatch.setitem(scan_mod._BACKENDS, "triton", _recording_backend("triton", called))
+    monkeypatch.setattr(scan_mod, "resolve_backend", lambda name, device: name)
+    selective_scan(**args, backend="triton")
+    assert called == ["triton"]
+    traced = torch.jit.trace(lambda u: selective_scan(u, *list(args.values())[1:], backend="triton"), (args["u"],), check_trace=False)
+    assert called == ["triton"]  # the trace ran the torch scan
+    torch.testing.assert_close(traced(args["u"]), selective_scan_torch(**args))
+
+
+def _recording_backend(name, calls):
+    def fn(*a):
+        calls.append(name)
+        return selective_scan_torch(*a)
+
+    return scan_mod.ScanBackend(name, lambda: fn, cuda_only=True)
+
+
 def test_auto_on_cuda_falls_back_with_one_warning(monkeypatch):
     def broken():
         raise OSError("selective_scan_cuda.so: undefined symbol: _ZN3c10")

@@ -274,7 +274,11 @@ def selective_scan(
 ) -> torch.Tensor:
     """Mamba-1 selective scan through the chosen backend (arguments as in :func:`selective_scan_torch`)."""
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if backend == "auto" and u.device.type == "cuda" and _measuring_allowed():
+    if torch.jit.is_tracing():
+        # a trace (fvcore's MAC count) records the scan as one op whichever backend runs it, and Triton's
+        # launcher fails under the tracer (a size argument reaches the kernel as a pointer): the portable scan runs
+        name = "torch"
+    elif backend == "auto" and u.device.type == "cuda" and _measuring_allowed():
         name = _auto_measured(args)
     else:
         name = resolve_backend(backend, u.device)
