@@ -289,7 +289,7 @@ def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
     from perf import model_step
 
     eager = _efficiency_table(tmp_path / "eager" / "brats.csv", [
-        {"model": "segresmamba", "step_ms_fp32": 300.0, "step_ms_bf16": 200.0, "scan_backend": "triton"},
+        {"model": "segresmamba", "step_ms_fp32": 300.0, "step_ms_bf16": 200.0, "scan_backend": "triton", "infer_volume_s_bf16": 0.5},
         {"model": "swinunetr", "step_ms_fp32": 150.0, "step_ms_bf16": 100.0, "scan_backend": None},
         {"model": "unet", "step_ms_fp32": 10.0, "step_ms_bf16": 8.0, "scan_backend": None},
     ])
@@ -302,6 +302,8 @@ def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
     assert len(df) == 6 and set(df.precision) == {"bf16", "fp32"} and "unet" not in set(df.model)
     mine = df[(df.model == "segresmamba") & (df.precision == "bf16")].set_index("cuda_graphs")
     assert mine.loc["-", "step_ms"] == 200.0 and mine.loc["7 ToM layers", "step_ms"] == 120.0
+    assert mine.loc["-", "volume_s"] == 0.5 and pd.isna(mine.loc["7 ToM layers", "volume_s"])  # not measured: empty
+    assert "whole 240x240x155 volume" in (out / "model_step.md").read_text()
     assert (df[df.model == "swinunetr"].cuda_graphs == "-").all() and (df[df.model == "swinunetr"].scan_backend == "-").all()
     assert set(df.config) == {"brats 128x128x128 b1"}  # the patch comes from the dataset spec
     assert "7 ToM layers" in (out / "model_step.md").read_text()
