@@ -120,7 +120,7 @@ def test_sweep_file_is_the_clis_schema_plus_the_sweeps_keys(tmp_path):
     for changes, message in (
         ({"recipes": ["adamw"]}, "unknown recipe"),
         ({"models": ["nosuchnet"]}, "unknown model"),
-        ({"folds": []}, "folds must be a non-empty list"),
+        ({"folds": []}, "folds must be a name or a non-empty list"),
         ({"dataset": "kits"}, "unknown dataset"),
         ({"data": {"init_args": {"recipe": "nnunet"}}}, "set by the sweep's `recipes` list"),
         ({"run_record": "x.json"}, "'run_record' is set by the sweep"),
