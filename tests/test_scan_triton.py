@@ -256,6 +256,39 @@ def test_kernels_half_precision(dtype, b, d, n, length, chunk):
     check_kernels("cuda", b, d, n, length, chunk, dtype=dtype, tol=1e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
+MAMBA_CASES = [
+    # batch, channels, d_state, length, softplus, full
+    (1, 48, 16, 4096, True, True),  # a ToM branch's shape at 16^3 tokens
+    (2, 24, 16, 1000, True, True),
+    (2, 7, 8, 300, False, False),  # no D, z or delta bias; positive steps without softplus
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,d,n,length,softplus,full", MAMBA_CASES)
+def test_oracle_and_triton_agree_with_mamba_ssm(b, d, n, length, softplus, full):
+    """mamba_ssm's ``selective_scan_fn`` (Gu & Dao 2023) on identical fp32 inputs: its output and every
+    gradient match the float64 oracle the suite's kernels are tested against, and the Triton scan's."""
+    mamba = pytest.importorskip("mamba_ssm.ops.selective_scan_interface")
+    args64 = make_inputs(b, d, n, length, softplus, full, seed=5)
+    grad_y = torch.randn(b, d, length, dtype=torch.float64)
+    want_y, want = oracle(args64, softplus, grad_y)
+    results = {}
+    for name, scan in (("mamba_ssm", mamba.selective_scan_fn), ("triton", triton_scan.selective_scan_triton)):
+        args = {k: v.to(device="cuda", dtype=torch.float32).requires_grad_() for k, v in args64.items()}
+        y = scan(**args, delta_softplus=softplus)
+        grads = torch.autograd.grad(y, list(args.values()), grad_y.to(device="cuda", dtype=torch.float32))
+        results[name] = (y, dict(zip(args, grads)))
+    tol = 1e-4  # fp32 kernels against float64; a different recurrence or gradient would be off by O(1)
+    for name, (y, grads) in results.items():
+        bad = [] if within(y, want_y, tol, tol / 2) else ["y"]
+        bad += [k for k, g in grads.items() if not within(g, want[k], tol, tol / 2)]
+        errors = {"y": rel_err(y, want_y), **{k: rel_err(g, want[k]) for k, g in grads.items()}}
+        assert not bad, f"{name}: {bad} off the float64 oracle (relative errors {errors})"
+    (y_m, g_m), (y_t, g_t) = results["mamba_ssm"], results["triton"]
+    assert within(y_t, y_m, 2 * tol, tol) and all(within(g_t[k], g_m[k], 2 * tol, tol) for k in g_m)
+
+
 @pytest.mark.gpu
 def test_long_sequence_matches_torch_scan():
     """64^3 tokens would take the float64 oracle too long; the verified torch scan in fp64 stands in."""
