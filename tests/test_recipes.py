@@ -34,6 +34,7 @@ def test_paper_recipe_is_the_papers_protocol():
     r = get_recipe("paper")
     assert (r.augmentation, r.loss, r.optimizer, r.lr, r.weight_decay, r.scheduler) == ("paper", "dice", "adam", 1e-4, 1e-5, "cosine")
     assert r.iterations_per_epoch is None and not r.deep_supervision and r.grad_clip_norm is None
+    assert not r.test_time_mirroring
 
 
 def test_nnunet_recipe_optimiser_is_nnunet_v2s():
@@ -43,7 +44,7 @@ def test_nnunet_recipe_optimiser_is_nnunet_v2s():
     assert isinstance(opt, torch.optim.SGD)
     assert opt.defaults["lr"] == 1e-2 and opt.defaults["momentum"] == 0.99 and opt.defaults["nesterov"]
     assert r.loss == "dicece" and r.iterations_per_epoch == 250 and r.foreground_oversampling == 0.33
-    assert r.deep_supervision and r.grad_clip_norm == 12.0
+    assert r.deep_supervision and r.grad_clip_norm == 12.0 and r.test_time_mirroring  # nnU-Net predicts mirrored
     # Mamba's convention: the scan's A_log and D are not decayed; everything else gets 3e-5
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 3e-5 for p in g["params"]}
     free = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from monai.data import DataLoader, Dataset
 
-from segresmamba.task import SegmentationTask
+from segresmamba.task import SegmentationTask, mirrored
 
 SIDE = 8
 
@@ -124,3 +124,41 @@ def test_loss_reads_the_logits_through_the_task_activation():
 def test_eval_space_is_checked():
     with pytest.raises(ValueError, match="eval_space must be 'original' or 'resampled'"):
         make_task("multilabel", 3, ["TC", "WT", "ET"], eval_space="native")
+
+
+def test_mirrored_averages_the_logits_over_every_mirroring():
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1)  # an asymmetric kernel: mirroring changes its output
+    x = torch.randn(2, 1, 6, 5, 4)
+    passes = [net(x)] + [
+        torch.flip(net(torch.flip(x, dims)), dims) for dims in ((2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(mirrored(net)(x), torch.stack(passes).mean(0))
+        assert not torch.allclose(mirrored(net)(x), net(x), atol=1e-3)
+
+
+class CountingIdentity(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+@pytest.mark.parametrize("recipe,override,passes", [("paper", None, 1), ("nnunet", None, 8), ("nnunet", False, 1), ("paper", True, 8)])
+def test_test_and_predict_mirror_by_the_recipe_and_validation_never(recipe, override, passes):
+    """nnU-Net predicts with mirroring; the validation that monitors training does not (8 passes against 1)."""
+    module = make_task("multilabel", 3, ["TC", "WT", "ET"], recipe=recipe, test_time_mirroring=override)
+    module.net = CountingIdentity()
+    assert module.recipe_settings.test_time_mirroring == (passes == 8)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    loader = DataLoader(Dataset([{k: v[0] for k, v in regions_case().items()}]), batch_size=1)
+    (results,) = trainer.test(module, dataloaders=loader)
+    assert module.net.calls == passes and results["test/dice_mean"] == 1.0  # an identity is mirror-symmetric
+    module.net.calls = 0
+    trainer.validate(module, dataloaders=loader)
+    assert module.net.calls == 1

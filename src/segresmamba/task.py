@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -29,6 +30,22 @@ from segresmamba.prediction import export_mask
 from segresmamba.recipes import get_recipe
 from segresmamba.recipes.optim import build_loss, build_optimizer, build_scheduler
 from segresmamba.registry import create_model, model_info, normalize_img_size
+
+
+def mirrored(net: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``net`` with test-time mirroring: the mean of its logits over every mirroring of the spatial axes
+    of a (B, C, *spatial) input (8 passes in 3D), each mapped back, as nnU-Net v2's predictor averages them
+    (Isensee et al., Nature Methods 2021)."""
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        spatial = range(2, x.dim())
+        flips = [dims for k in range(1, len(spatial) + 1) for dims in itertools.combinations(spatial, k)]
+        total = net(x)
+        for dims in flips:
+            total = total + torch.flip(net(torch.flip(x, dims)), dims)
+        return total / (len(flips) + 1)
+
+    return predictor
 
 
 class SegmentationTask(L.LightningModule):
@@ -81,6 +98,9 @@ class SegmentationTask(L.LightningModule):
         scheduler: ``cosine``, ``poly`` or ``none``; ``None`` takes the recipe's. The schedule runs over
             ``trainer.max_steps`` optimiser steps when that bounds the run, else over the epochs.
         sw_overlap, sw_batch_size, sw_mode: MONAI sliding-window settings at evaluation.
+        test_time_mirroring: average test and predict logits over every mirroring of the spatial axes
+            (:func:`mirrored`); ``None`` takes the recipe's (``nnunet``: on, ``paper``: off). The validation
+            that monitors training never mirrors.
         eval_space: where test scores are computed, ``original`` (the scan's own grid) or ``resampled``.
         val_eval_space: the same for validation during fit (default ``resampled``: cheaper, and the
             validation Dice only monitors training); validation computes Dice, not HD95.
@@ -103,6 +123,7 @@ class SegmentationTask(L.LightningModule):
         sw_overlap: float = 0.5,
         sw_batch_size: int = 1,
         sw_mode: Literal["constant", "gaussian"] = "constant",
+        test_time_mirroring: bool | None = None,
         eval_space: Literal["original", "resampled"] = "original",
         val_eval_space: Literal["original", "resampled"] = "resampled",
     ) -> None:
@@ -129,7 +150,8 @@ class SegmentationTask(L.LightningModule):
         self.class_names = list(class_names) if class_names else [f"class{i}" for i in range(n_scored)]
         if len(self.class_names) != n_scored:
             raise ValueError(f"class_names lists {len(self.class_names)} names but the task scores {n_scored} classes")
-        overrides = {"loss": loss, "lr": lr, "weight_decay": weight_decay, "scheduler": scheduler}
+        overrides = {"loss": loss, "lr": lr, "weight_decay": weight_decay, "scheduler": scheduler,
+                     "test_time_mirroring": test_time_mirroring}
         self.recipe_settings = dataclasses.replace(get_recipe(recipe), **{k: v for k, v in overrides.items() if v is not None})
         net_kwargs = dict(net_kwargs or {})
         if self.recipe_settings.deep_supervision and model_info(net).deep_supervision:
@@ -165,15 +187,16 @@ class SegmentationTask(L.LightningModule):
     # -- evaluation --------------------------------------------------------------------------------
     CASE_ID_BYTES = 256  # case ids travel between processes as fixed-width UTF-8 rows
 
-    def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
-        """Whole-volume logits by sliding-window inference on the preprocessed grid (ROI = training patch).
+    def predict_logits(self, image: torch.Tensor, mirror: bool = False) -> torch.Tensor:
+        """Whole-volume logits by sliding-window inference on the preprocessed grid (ROI = training patch),
+        each window's logits averaged over every mirroring of the spatial axes when ``mirror`` is set.
 
         The network sees plain tensors; a MetaTensor input keeps its metadata and transform record to itself.
         """
         data = image.as_tensor() if isinstance(image, MetaTensor) else image
         return sliding_window_inference(
-            data, roi_size=self.img_size, sw_batch_size=self.hparams.sw_batch_size, predictor=self.net,
-            overlap=self.hparams.sw_overlap, mode=self.hparams.sw_mode,
+            data, roi_size=self.img_size, sw_batch_size=self.hparams.sw_batch_size,
+            predictor=mirrored(self.net) if mirror else self.net, overlap=self.hparams.sw_overlap, mode=self.hparams.sw_mode,
         )
 
     @staticmethod
@@ -233,7 +256,8 @@ class SegmentationTask(L.LightningModule):
         raise InputError(f"case {ids[n]}: the {what} has non-finite values (NaN or Inf){self._source(images[n])}{hint}")
 
     def score_batch(
-        self, batch: dict, space: Literal["original", "resampled"], transform: Any = None, with_hd95: bool = True
+        self, batch: dict, space: Literal["original", "resampled"], transform: Any = None, with_hd95: bool = True,
+        mirror: bool = False,
     ) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores of one evaluation batch in ``space``: (case ids, Dice (B, n_classes), HD95 in mm
         (B, n_classes; NaN without ``with_hd95``), voxel size in mm of the scored grid (B, 3)).
@@ -244,7 +268,7 @@ class SegmentationTask(L.LightningModule):
         task = self.hparams.task
         ids = self._case_ids(batch)
         self.require_finite(batch, ids, "input image", batch["image"])
-        probabilities = activate(self.predict_logits(batch["image"]), task)
+        probabilities = activate(self.predict_logits(batch["image"], mirror), task)
         self.require_finite(batch, ids, "prediction", probabilities)
         keys = [k for k in ("image", "label", ORIGINAL_LABEL) if k in batch]
         items = decollate_batch({k: batch[k] for k in keys}, detach=True)
@@ -288,7 +312,7 @@ class SegmentationTask(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         space = self.hparams.eval_space
         transform = self._loader_transform(self.trainer.test_dataloaders, dataloader_idx) if space == "original" else None
-        self._scored.append(self.score_batch(batch, space, transform, with_hd95=True))
+        self._scored.append(self.score_batch(batch, space, transform, with_hd95=True, mirror=self.recipe_settings.test_time_mirroring))
 
     def _encode_ids(self, ids: list[str]) -> torch.Tensor:
         rows = torch.zeros(len(ids), self.CASE_ID_BYTES, dtype=torch.uint8)
@@ -338,7 +362,7 @@ class SegmentationTask(L.LightningModule):
         task = self.hparams.task
         ids = self._case_ids(batch)
         self.require_finite(batch, ids, "input image", batch["image"])
-        probabilities = activate(self.predict_logits(batch["image"]), task)
+        probabilities = activate(self.predict_logits(batch["image"], self.recipe_settings.test_time_mirroring), task)
         self.require_finite(batch, ids, "prediction", probabilities)
         transform = self._loader_transform(self.trainer.predict_dataloaders, dataloader_idx)
         images = decollate_batch(batch["image"], detach=True)

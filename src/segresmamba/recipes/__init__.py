@@ -13,8 +13,9 @@ every plot title. Two recipes are defined, and applied identically to every mode
   nnU-Net v2): spatial (rotation, scaling, mirroring) and intensity (noise, blur, brightness, contrast,
   low resolution, gamma) augmentation built from MONAI transforms, 33 % foreground oversampling, Dice +
   cross-entropy, SGD with Nesterov momentum 0.99, lr 1e-2, weight decay 3e-5, polynomial decay
-  (exponent 0.9), 250 iterations per epoch, deep supervision for nets that have it. Where it differs
-  from nnU-Net v2, :mod:`segresmamba.recipes.augment` says what and why.
+  (exponent 0.9), 250 iterations per epoch, deep supervision for nets that have it; at test and predict
+  time the logits are averaged over the 8 mirrorings of the spatial axes, as nnU-Net predicts. Where it
+  differs from nnU-Net v2, :mod:`segresmamba.recipes.augment` says what and why.
 
 :mod:`segresmamba.recipes.optim` builds the loss, optimiser and schedule of a recipe;
 :mod:`segresmamba.recipes.augment` builds its augmentation chains.
@@ -49,6 +50,9 @@ class Recipe:
             rest are centred anywhere in the volume (``None``: the dataset's own sampling).
         deep_supervision: train the lower-resolution heads of nets that have them.
         grad_clip_norm: clip the gradient norm to this value (``None``: no clipping).
+        test_time_mirroring: at test and predict time (not the validation that monitors training), average
+            the logits over every mirroring of the spatial axes (8 in 3D), as nnU-Net's predictor does
+            (``use_mirroring``); costs 8 forward passes per window.
     """
 
     name: str
@@ -65,6 +69,7 @@ class Recipe:
     foreground_oversampling: float | None = None
     deep_supervision: bool = False
     grad_clip_norm: float | None = None
+    test_time_mirroring: bool = False
 
     def as_dict(self) -> dict:
         """The recipe's settings, as recorded beside every result."""
@@ -79,7 +84,7 @@ RECIPES: dict[str, Recipe] = {
     "nnunet": Recipe(
         name="nnunet", augmentation="nnunet", loss="dicece", optimizer="sgd", lr=1e-2, weight_decay=3e-5,
         scheduler="poly", momentum=0.99, nesterov=True, poly_exponent=0.9, iterations_per_epoch=250,
-        foreground_oversampling=0.33, deep_supervision=True, grad_clip_norm=12.0,
+        foreground_oversampling=0.33, deep_supervision=True, grad_clip_norm=12.0, test_time_mirroring=True,
     ),
 }
 
