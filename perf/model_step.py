@@ -2,12 +2,19 @@
 
 The figures are the efficiency profiler's (the suite's training step, :mod:`segresmamba.bench.step`: the
 configured model's ``SegmentationTask.training_step`` with the recipe's loss, backward and optimiser step,
-batch 1, synthetic tensors), one row per
-(model, precision, CUDA graphs or not), so the models compare side by side with the scan benchmarks; each
-row also carries the profiler's sliding-window inference time of one whole volume of the config.
-``--measure`` takes them on this GPU in one run: every model eagerly, then the models with ToM layers again
-with their small ToM layers replaying CUDA graphs (:mod:`segresmamba.ssm.cuda_graphs`); the profiler's own
-tables are kept under ``<out>/model_step_source/``. ``--table`` reshapes existing efficiency tables instead:
+batch 1, synthetic tensors), one row per (model, precision, mode), so the models compare side by side with
+the scan benchmarks; the eager rows also carry the profiler's sliding-window inference time of one whole
+volume of the config. ``--measure`` takes them on this GPU in one run (one process, one card):
+
+- ``eager``: every model, fp32 and bf16;
+- ``tom``: the models with ToM layers again, their small ToM layers replaying CUDA graphs
+  (:mod:`segresmamba.ssm.cuda_graphs`), bf16;
+- ``step``: every model with its whole forward, loss and backward replaying CUDA graphs
+  (:mod:`segresmamba.step_graphs`, the fastest mode), bf16;
+- ``eager_cl`` and ``step_cl``: the same two with ``channels_last`` (NDHWC 3D conv layout), bf16.
+
+The profiler's own tables are kept under ``<out>/model_step_source/<mode>/``. ``--table`` reshapes existing
+efficiency tables instead:
 
     python -m perf.model_step --measure
     python -m perf.model_step --table results/efficiency/nvidia-h200/brats.csv
@@ -27,13 +34,23 @@ from segresmamba.data.spec import get_dataset_spec
 DEFAULT_MODELS = ("segresmamba", "segresmamba_notom", "swinunetr", "unetr", "nnunet", "segmamba")
 
 
-def _graphs_text(layers) -> str:
-    layers = pd.to_numeric(layers, errors="coerce")
-    return "-" if pd.isna(layers) else f"{int(layers)} ToM layers"
+MODES = ("eager", "tom", "step", "eager_cl", "step_cl")
 
 
-def measure(models: tuple[str, ...], source: Path) -> list[Path]:
-    """Efficiency tables of ``models`` on this GPU (BraTS 128^3): eager, then with ToM CUDA graphs."""
+def _graphs_text(row) -> str:
+    mode = getattr(row, "graphs", None)
+    layers = pd.to_numeric(getattr(row, "cuda_graph_layers", None), errors="coerce")
+    if mode == "step":
+        return "whole step"
+    return f"{int(layers)} ToM layers" if not pd.isna(layers) else "-"
+
+
+def _layout_text(row) -> str:
+    return "NDHWC" if str(getattr(row, "channels_last", False)).lower() == "true" else "NCDHW"
+
+
+def measure(models: tuple[str, ...], source: Path, modes: tuple[str, ...] = MODES) -> list[Path]:
+    """Efficiency tables of ``models`` on this GPU (BraTS 128^3), one per mode (see the module docstring)."""
     import torch
 
     from segresmamba.bench.efficiency import profile
@@ -41,12 +58,28 @@ def measure(models: tuple[str, ...], source: Path) -> list[Path]:
     if not torch.cuda.is_available():
         raise SystemExit("error: --measure needs a GPU (CUDA is not available); use --table to reshape existing tables")
     common = {"macs": False, "cpu_step": False}
-    eager = next(p for p in profile(models, ["brats"], out=source / "eager", **common) if p.suffix == ".csv")
-    with_tom = [m for m, backend in pd.read_csv(eager)[["model", "scan_backend"]].itertuples(index=False) if isinstance(backend, str)]
-    if not with_tom:
-        return [eager]
-    graphs = profile(with_tom, ["brats"], out=source / "cuda_graphs", cuda_graphs=True, **common)
-    return [eager, next(p for p in graphs if p.suffix == ".csv")]
+    tables = []
+
+    def run(mode: str, chosen, **options) -> None:
+        if chosen:
+            written = profile(list(chosen), ["brats"], out=source / mode, **common, **options)
+            tables.append(next(p for p in written if p.suffix == ".csv"))
+
+    run("eager", models if "eager" in modes else ())
+    with_tom = [m for m in models if _holds_tom(m)]
+    bf16 = {"precisions": ["bf16"], "inference": False}
+    run("tom", with_tom if "tom" in modes else (), graphs="tom", **bf16)
+    run("step", models if "step" in modes else (), graphs="step", **bf16)
+    run("eager_cl", models if "eager_cl" in modes else (), channels_last=True, **bf16)
+    run("step_cl", models if "step_cl" in modes else (), graphs="step", channels_last=True, **bf16)
+    return tables
+
+
+def _holds_tom(model: str) -> bool:
+    from segresmamba.bench.step import build_task
+    from segresmamba.ssm import TriOrientedMamba
+
+    return any(isinstance(m, TriOrientedMamba) for m in build_task(model, get_dataset_spec("brats")).net.modules())
 
 
 def reshape(table: pd.DataFrame, config: str, models: tuple[str, ...]) -> pd.DataFrame:
@@ -60,7 +93,8 @@ def reshape(table: pd.DataFrame, config: str, models: tuple[str, ...]) -> pd.Dat
                 "peak_gib": pd.to_numeric(peak, errors="coerce"), "step_ms": pd.to_numeric(step, errors="coerce"),
                 "volume_s": pd.to_numeric(volume, errors="coerce"),
                 "scan_backend": getattr(r, "scan_backend", None) if isinstance(getattr(r, "scan_backend", None), str) else "-",
-                "cuda_graphs": _graphs_text(getattr(r, "cuda_graph_layers", None)),
+                "cuda_graphs": _graphs_text(r),
+                "layout": _layout_text(r),
                 "git_sha": r.git_sha,
             })
     return pd.DataFrame(rows)
@@ -70,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--table", type=Path, nargs="+", help="efficiency CSVs of one config (results/efficiency/<device>/<config>.csv)")
-    source.add_argument("--measure", action="store_true", help="measure on this GPU first (BraTS 128^3, eager and with ToM CUDA graphs)")
+    source.add_argument("--measure", action="store_true", help="measure on this GPU first (BraTS 128^3, every mode of --modes)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="with --measure: which modes (default: all)")
     p.add_argument("--out", type=Path, default=Path("results") / "perf", help="default: results/perf of the working directory")
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     args = p.parse_args(argv)
-    tables = measure(tuple(args.models), args.out / "model_step_source") if args.measure else args.table
+    tables = measure(tuple(args.models), args.out / "model_step_source", tuple(args.modes)) if args.measure else args.table
     missing = [str(t) for t in tables if not t.is_file()]
     if missing:
         raise SystemExit(f"error: {', '.join(missing)} not found; run `make bench-efficiency` on the GPU first")
@@ -100,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         f"From {shown} ({runs_text(df.drop_duplicates(['model', 'git_sha']))}; each row measured alone on one GPU; "
         f"cards: {', '.join(sorted(df.device.astype(str).unique()))}). "
         "the training step the efficiency profiler of that git SHA timed (see the source tables' headers), batch 1, synthetic tensors; peak = max_memory_allocated (GiB); bf16 = autocast, fp32 weights; "
-        "cuda_graphs: how many ToM layers replayed CUDA graphs (`--cuda_graphs` in training), - = all eager. "
+        "cuda_graphs: how many ToM layers replayed CUDA graphs (`configs/callbacks/cuda_graphs.yaml` in training), "
+        "`whole step` = the forward, loss and backward replayed as CUDA graphs (`configs/callbacks/step_graphs.yaml`), "
+        "- = all eager; layout: NDHWC = `--model.channels_last true`. "
         f"volume_s: sliding-window inference of one whole {'x'.join(map(str, spec.volume))} volume "
         f"({spec.in_channels} channels, ROI = the patch, overlap 0.5, batch 1, eval, no grad), seconds.",
         "",

@@ -294,14 +294,20 @@ def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
         {"model": "unet", "step_ms_fp32": 10.0, "step_ms_bf16": 8.0, "scan_backend": None},
     ])
     graphed = _efficiency_table(tmp_path / "graphs" / "brats.csv", [
-        {"model": "segresmamba", "step_ms_fp32": 250.0, "step_ms_bf16": 120.0, "scan_backend": "triton", "cuda_graph_layers": 7},
+        {"model": "segresmamba", "step_ms_fp32": 250.0, "step_ms_bf16": 120.0, "scan_backend": "triton", "cuda_graph_layers": 7,
+         "graphs": "tom", "channels_last": False},
+    ])
+    whole = _efficiency_table(tmp_path / "step_cl" / "brats.csv", [
+        {"model": "segresmamba", "step_ms_bf16": 60.0, "scan_backend": "triton", "graphs": "step", "channels_last": True},
     ])
     out = tmp_path / "out"
-    model_step.main(["--table", str(eager), str(graphed), "--out", str(out), "--models", "segresmamba", "swinunetr"])
+    model_step.main(["--table", str(eager), str(graphed), str(whole), "--out", str(out), "--models", "segresmamba", "swinunetr"])
     df = pd.read_csv(out / "model_step.csv")
-    assert len(df) == 6 and set(df.precision) == {"bf16", "fp32"} and "unet" not in set(df.model)
+    assert len(df) == 8 and set(df.precision) == {"bf16", "fp32"} and "unet" not in set(df.model)
     mine = df[(df.model == "segresmamba") & (df.precision == "bf16")].set_index("cuda_graphs")
     assert mine.loc["-", "step_ms"] == 200.0 and mine.loc["7 ToM layers", "step_ms"] == 120.0
+    assert mine.loc["whole step", "step_ms"] == 60.0 and mine.loc["whole step", "layout"] == "NDHWC"
+    assert mine.loc["-", "layout"] == "NCDHW"
     assert mine.loc["-", "volume_s"] == 0.5 and pd.isna(mine.loc["7 ToM layers", "volume_s"])  # not measured: empty
     assert "whole 240x240x155 volume" in (out / "model_step.md").read_text()
     assert (df[df.model == "swinunetr"].cuda_graphs == "-").all() and (df[df.model == "swinunetr"].scan_backend == "-").all()
@@ -415,7 +421,12 @@ def test_step_profile_refuses_a_cpu():
         step_profile.main(["--model", "segresmamba"])
 
 
-def test_efficiency_refuses_cuda_graphs_on_a_cpu(capsys):
+@pytest.mark.parametrize("mode", ["tom", "step"])
+def test_efficiency_refuses_cuda_graphs_on_a_cpu(mode, capsys):
     with pytest.raises(SystemExit):
-        efficiency.parse_args(["--cpu", "--cuda-graphs", "--models", "unet"])
-    assert "--cuda-graphs needs a GPU" in capsys.readouterr().err
+        efficiency.parse_args(["--cpu", "--graphs", mode, "--models", "unet"])
+    assert f"--graphs {mode} needs a GPU" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="needs a GPU"):
+        efficiency.profile_model("unet", "brats", cpu=True, graphs=mode)
+    with pytest.raises(ValueError, match="graphs must be one of"):
+        efficiency.profile_model("unet", "brats", cpu=True, graphs="all")

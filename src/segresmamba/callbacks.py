@@ -17,6 +17,7 @@ import torch
 
 from segresmamba.provenance import provenance
 from segresmamba.ssm.cuda_graphs import ToMCudaGraphs
+from segresmamba.step_graphs import StepCudaGraphs
 from segresmamba.ssm.scan import auto_choices
 
 GIB = 1024**3
@@ -260,6 +261,8 @@ class RunRecorder(L.Callback):
             "scan_auto_choices": auto_choices(),
             # ToM layers whose training steps replayed CUDA graphs (ToMCudaGraphs), None without it
             "cuda_graph_layers": getattr(self._find(trainer, ToMCudaGraphs), "captured", None),
+            # the image batch shape whose training steps replayed whole-step CUDA graphs (StepCudaGraphs), None without
+            "step_graphs": getattr(self._find(trainer, StepCudaGraphs), "captured", None),
         }
 
     def on_fit_end(self, trainer, pl_module) -> None:

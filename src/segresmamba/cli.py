@@ -114,9 +114,17 @@ class SegResMambaCLI(LightningCLI):
         accelerator = str(config.trainer.accelerator)
         if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise InputError("trainer.accelerator asks for a GPU but CUDA is not available on this machine")
-        graphed = [c for c in config.trainer.callbacks or [] if str(getattr(c, "class_path", "")).endswith("ToMCudaGraphs")]
+        callbacks = [str(getattr(c, "class_path", "")).rsplit(".", 1)[-1] for c in config.trainer.callbacks or []]
+        graph_configs = {"ToMCudaGraphs": "configs/callbacks/cuda_graphs.yaml", "StepCudaGraphs": "configs/callbacks/step_graphs.yaml"}
+        graphed = [name for name in graph_configs if name in callbacks]
         if graphed and not torch.cuda.is_available():
-            raise InputError("the ToMCudaGraphs callback (configs/callbacks/cuda_graphs.yaml) needs a GPU, and CUDA is not available on this machine")
+            raise InputError(f"the {graphed[0]} callback ({graph_configs[graphed[0]]}) needs a GPU, and CUDA is not available on this machine")
+        if len(graphed) == 2:
+            raise InputError("StepCudaGraphs (configs/callbacks/step_graphs.yaml) already holds the ToM layers: drop ToMCudaGraphs "
+                             "(configs/callbacks/cuda_graphs.yaml)")
+        if "StepCudaGraphs" in callbacks and int(getattr(config.trainer, "accumulate_grad_batches", 1) or 1) != 1:
+            raise InputError(f"StepCudaGraphs (configs/callbacks/step_graphs.yaml) needs trainer.accumulate_grad_batches 1, "
+                             f"got {config.trainer.accumulate_grad_batches}")
         if "16" in precision and "mixed" in precision and not torch.cuda.is_available():
             warnings.warn(f"precision {precision} on a CPU runs slowly and is not what the benchmark measures", stacklevel=1)
         logger = config.trainer.logger

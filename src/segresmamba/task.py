@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -46,6 +48,58 @@ def mirrored(net: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Ten
         return total / (len(flips) + 1)
 
     return predictor
+
+
+class LossWatch:
+    """Stops training on a non-finite loss without a host-device synchronisation in the middle of each step.
+
+    ``loss.item()`` right after the forward makes the host wait for the whole forward before it can queue any
+    backward kernel. Here each step's loss is copied to pinned host memory without blocking, behind an event,
+    and read once that event has passed (usually during the next step); :meth:`check` with ``wait`` reads every
+    pending one, and the task calls it before each checkpoint, at the end of each training epoch and of the
+    fit, so no checkpoint and no validation sees the weights of a non-finite step. On a CPU the check is
+    immediate.
+    """
+
+    SLOTS = 8  # steps whose loss may be in flight at once
+
+    def __init__(self) -> None:
+        self._values: torch.Tensor | None = None
+        self._pending: collections.deque = collections.deque()
+        self._next = 0
+
+    @staticmethod
+    def _fail(value: float, step: int):
+        return FloatingPointError(
+            f"non-finite training loss ({value}) at step {step}; try precision 32-true or a lower lr"
+        )
+
+    def watch(self, loss: torch.Tensor, step: int) -> None:
+        """Queue the check of ``loss`` (the loss of optimiser step ``step``); raise for an earlier one that failed."""
+        if loss.device.type != "cuda":
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise self._fail(value, step)
+            return
+        self.check(wait=len(self._pending) >= self.SLOTS)
+        if self._values is None:
+            self._values = torch.zeros(self.SLOTS, dtype=torch.float32, pin_memory=True)
+        slot = self._next % self.SLOTS
+        self._next += 1
+        self._values[slot].copy_(loss.detach().float(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((event, slot, step))
+
+    def check(self, wait: bool = False) -> None:
+        """Read the losses whose copies have arrived (all of them with ``wait``); raise for a non-finite one."""
+        while self._pending and (wait or self._pending[0][0].query()):
+            event, slot, step = self._pending.popleft()
+            event.synchronize()
+            value = float(self._values[slot])
+            if not math.isfinite(value):
+                self._pending.clear()
+                raise self._fail(value, step)
 
 
 class SegmentationTask(L.LightningModule):
@@ -104,6 +158,13 @@ class SegmentationTask(L.LightningModule):
         eval_space: where test scores are computed, ``original`` (the scan's own grid) or ``resampled``.
         val_eval_space: the same for validation during fit (default ``resampled``: cheaper, and the
             validation Dice only monitors training); validation computes Dice, not HD95.
+        channels_last: keep the network's 3D convolution weights and the training input in the
+            ``channels_last_3d`` (NDHWC) memory layout, which cuDNN's tensor-core kernels use natively; the
+            same computation in another layout (a speed setting, see ``results/perf/model_step.md``).
+
+    Speed: ``step_graph`` holds the CUDA graphs of the training step when the
+    :class:`~segresmamba.step_graphs.StepCudaGraphs` callback captured them (``configs/callbacks/step_graphs.yaml``);
+    a non-finite training loss is caught without a per-step host synchronisation (:class:`LossWatch`).
     """
 
     def __init__(
@@ -126,6 +187,7 @@ class SegmentationTask(L.LightningModule):
         test_time_mirroring: bool | None = None,
         eval_space: Literal["original", "resampled"] = "original",
         val_eval_space: Literal["original", "resampled"] = "resampled",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if task not in ("multilabel", "multiclass"):
@@ -157,7 +219,15 @@ class SegmentationTask(L.LightningModule):
         if self.recipe_settings.deep_supervision and model_info(net).deep_supervision:
             net_kwargs.setdefault("deep_supervision", True)
         self.net = create_model(net, in_channels, out_channels, self.img_size, **net_kwargs)
+        self.channels_last = channels_last
+        if channels_last:
+            with torch.no_grad():  # the 5-D (3D conv) weights; every other tensor keeps its layout
+                for param in self.net.parameters():
+                    if param.dim() == 5:
+                        param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
         self.loss_fn = build_loss(self.recipe_settings, task)
+        self.step_graph = None  # a segresmamba.step_graphs.TrainingGraph while StepCudaGraphs runs
+        self._loss_watch = LossWatch()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -175,14 +245,26 @@ class SegmentationTask(L.LightningModule):
         return total
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(self.net(batch["image"]), batch["label"])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step}; try precision 32-true "
-                "or a lower lr"
-            )
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
+        image, label = batch["image"], batch["label"]
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last_3d)
+        if self.step_graph is not None and self.step_graph.matches(image, label):
+            loss = self.step_graph(image, label)
+        else:
+            loss = self._loss(self.net(image), label)
+        self._loss_watch.watch(loss, self.global_step)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
         return loss
+
+    # a non-finite loss stops the fit before any checkpoint or validation sees its weights
+    def on_train_epoch_end(self) -> None:
+        self._loss_watch.check(wait=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._loss_watch.check(wait=True)
+
+    def on_train_end(self) -> None:
+        self._loss_watch.check(wait=True)
 
     # -- evaluation --------------------------------------------------------------------------------
     CASE_ID_BYTES = 256  # case ids travel between processes as fixed-width UTF-8 rows

@@ -64,6 +64,7 @@ from segresmamba.registry import check_patch
 from segresmamba.ssm import TriOrientedMamba
 from segresmamba.ssm.cuda_graphs import graph_tom_layers, release_tom_graphs
 from segresmamba.ssm.scan import auto_choices, resolve_backend
+from segresmamba.step_graphs import TrainingGraph
 
 __all__ = ["profile_model", "profile", "write_tables", "card_slug", "time_steps", "PROFILED_DATASETS"]
 
@@ -72,6 +73,9 @@ GIB = 1024**3
 NOT_MEASURED = "not measured"
 PRECISIONS = ("fp32", "bf16")
 PROFILED_DATASETS = ("brats", "btcv", "spleen")  # the configurations the paper measures (its section 3.1, Table 8)
+# CUDA graphs in the timed step: none, the small ToM layers (segresmamba.ssm.cuda_graphs) or the whole
+# forward + loss + backward (segresmamba.step_graphs)
+GRAPH_MODES = ("none", "tom", "step")
 
 
 def card_slug(name: str) -> str:
@@ -104,29 +108,37 @@ def time_steps(step, batches: Iterator[dict], steps: int, warmup: int, device: t
     return times
 
 
-def cuda_train_step(task, spec: DatasetSpec, precision: str, steps: int, warmup: int, *, cuda_graphs: bool = False, datamodule=None) -> dict:
+def cuda_train_step(task, spec: DatasetSpec, precision: str, steps: int, warmup: int, *, graphs: str = "none", datamodule=None) -> dict:
     """Peak memory (GiB) and median time (ms) of the suite's training step of ``task`` at batch 1, on one
     fixed batch and, with a ``datamodule``, on its loader's batches.
 
-    ``cuda_graphs``: the small ToM layers replay CUDA graphs (:func:`segresmamba.ssm.cuda_graphs.graph_tom_layers`),
-    captured for this precision before the warm-up; their pool counts in the peak."""
+    ``graphs``: ``tom``, the small ToM layers replay CUDA graphs (:func:`segresmamba.ssm.cuda_graphs.graph_tom_layers`);
+    ``step``, the whole forward, loss and backward do (:class:`segresmamba.step_graphs.TrainingGraph`). Either
+    is captured for this precision before the warm-up; the graphs' memory pool counts in the peak."""
     device = torch.device("cuda")
     step = TrainingStep(task, precision, device)
     batch = synthetic_batch(spec, spec.patch, device)
     graphed = []
-    if cuda_graphs:
-        release_tom_graphs(task.net)  # those of another precision
+    release_tom_graphs(task.net)  # those of another precision
+    task.step_graph = None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    if graphs == "tom":
         graphed = graph_tom_layers(task.net, batch["image"], step.dtype)
+    elif graphs == "step":
+        task.step_graph = TrainingGraph(task, batch["image"], batch["label"], step.dtype)
+    # a replay allocates nothing: the graphs' memory is what their capture allocated, so that peak counts too
+    capture_peak = torch.cuda.max_memory_allocated() if graphs != "none" else 0
     times = time_steps(step, itertools.repeat(batch), steps, warmup, device)
     result = {
-        f"train_peak_gib_{precision}": torch.cuda.max_memory_allocated() / GIB,
+        f"train_peak_gib_{precision}": max(capture_peak, torch.cuda.max_memory_allocated()) / GIB,
         f"train_reserved_gib_{precision}": torch.cuda.max_memory_reserved() / GIB,
         f"step_ms_{precision}": statistics.median(times),
     }
     if datamodule is not None:
         loaded = time_steps(step, loader_batches(datamodule, device), steps, warmup, device)
         result[f"step_ms_loaded_{precision}"] = statistics.median(loaded)
-    if cuda_graphs:
+    if graphs == "tom":
         result["cuda_graph_layers"] = len(graphed)
     return result
 
@@ -185,10 +197,12 @@ def profile_model(
     patch: int | None = None,
     data: dict | None = None,
     cpu: bool = False,
-    cuda_graphs: bool = False,
+    graphs: str = "none",
+    channels_last: bool = False,
     cudnn_benchmark: bool = True,
     macs: bool = True,
     cpu_step: bool = True,
+    inference: bool = True,
 ) -> dict:
     """One row: every measurement of ``model`` at ``dataset``'s paper configuration on this machine's device.
 
@@ -201,10 +215,13 @@ def profile_model(
         patch: side of a cubic patch replacing the paper's (quick CPU checks; the volume becomes twice it).
         data: a ``data:`` block (``class_path``, ``init_args``) whose training loader feeds the second timing.
         cpu: profile on the CPU even when a GPU exists.
-        cuda_graphs: the small ToM layers replay CUDA graphs in the training step (GPU only).
+        graphs: CUDA graphs in the training step (GPU only): ``none``, ``tom`` (the small ToM layers) or
+            ``step`` (the whole forward, loss and backward).
+        channels_last: the task's ``channels_last`` setting (3D conv weights and the input in NDHWC layout).
         cudnn_benchmark: as in training (``configs/trainer/gpu.yaml``); without it bf16 depthwise 3D convs
             (MedNeXt, 3D UX-Net) measured slower than fp32.
         macs, cpu_step: count MACs; on a CPU, time a training step and a forward pass.
+        inference: on a GPU, time the patch forward and the whole-volume sliding window too.
 
     A failure (out of memory, a net that breaks) becomes an ``error`` field of the row; a patch the model
     cannot take raises ValueError before anything is built.
@@ -212,15 +229,17 @@ def profile_model(
     spec = at_patch(get_dataset_spec(dataset) if isinstance(dataset, str) else dataset, patch)
     check_patch(model, spec.patch)
     on_gpu = torch.cuda.is_available() and not cpu
-    if cuda_graphs and not on_gpu:
-        raise ValueError("cuda_graphs needs a GPU (CUDA graphs do not exist on a CPU)")
-    row: dict = {"model": model, "config": spec.name, "recipe": recipe}
+    if graphs not in GRAPH_MODES:
+        raise ValueError(f"graphs must be one of {GRAPH_MODES}, got {graphs!r}")
+    if graphs != "none" and not on_gpu:
+        raise ValueError(f"graphs={graphs!r} needs a GPU (CUDA graphs do not exist on a CPU)")
+    row: dict = {"model": model, "config": spec.name, "recipe": recipe, "graphs": graphs, "channels_last": channels_last}
     if on_gpu:
         torch.backends.cudnn.benchmark = cudnn_benchmark
         row["cudnn_benchmark"] = cudnn_benchmark
     try:
         torch.manual_seed(0)
-        task = build_task(model, spec, recipe=recipe)
+        task = build_task(model, spec, recipe=recipe, channels_last=channels_last)
         net = task.net
         row["params_m"] = sum(p.numel() for p in net.parameters()) / 1e6
         device = torch.device("cuda" if on_gpu else "cpu")
@@ -238,8 +257,9 @@ def profile_model(
         if on_gpu:
             for precision in precisions:
                 try:
-                    row.update(cuda_train_step(task, spec, precision, steps, warmup, cuda_graphs=cuda_graphs, datamodule=datamodule))
-                    row.update(cuda_inference(net, spec, precision, steps, warmup))
+                    row.update(cuda_train_step(task, spec, precision, steps, warmup, graphs=graphs, datamodule=datamodule))
+                    if inference:
+                        row.update(cuda_inference(net, spec, precision, steps, warmup))
                 except torch.cuda.OutOfMemoryError:
                     row[f"error_{precision}"] = "CUDA out of memory"
                 finally:
@@ -380,8 +400,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", default=None, help="the data folder of --data-config (replaces its root)")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="leave cudnn.benchmark off (the training configs turn it on; the H200 tables of git bb16966 had it off)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="the small ToM layers replay CUDA graphs in the training step (write to another --out: rows are keyed by model)")
+    p.add_argument("--graphs", default="none", choices=GRAPH_MODES,
+                   help="CUDA graphs in the training step: the small ToM layers (tom) or the whole forward, loss and "
+                        "backward (step); GPU only (write to another --out: rows are keyed by model)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="3D conv weights and the input in channels_last_3d (NDHWC) layout (the task's channels_last)")
     p.add_argument("--skip-macs", action="store_true")
     p.add_argument("--skip-cpu-times", action="store_true")
     p.add_argument("--worker-job", default=None, help=argparse.SUPPRESS)
@@ -394,8 +417,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown model(s) {unknown}; known: {', '.join(known)}")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
-    if args.cuda_graphs and (args.cpu or not torch.cuda.is_available()):
-        p.error("--cuda-graphs needs a GPU (CUDA graphs do not exist on a CPU)")
+    if args.graphs != "none" and (args.cpu or not torch.cuda.is_available()):
+        p.error(f"--graphs {args.graphs} needs a GPU (CUDA graphs do not exist on a CPU)")
     if args.data_root and not args.data_config:
         p.error("--data-root needs --data-config")
     return args
@@ -420,7 +443,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(raw)
     options = {
         "precisions": args.precisions, "steps": args.steps, "warmup": args.warmup, "recipe": args.recipe,
-        "patch": args.patch, "cpu": args.cpu, "cuda_graphs": args.cuda_graphs,
+        "patch": args.patch, "cpu": args.cpu, "graphs": args.graphs,
+        "channels_last": args.channels_last,
         "cudnn_benchmark": not args.no_cudnn_benchmark, "macs": not args.skip_macs, "cpu_step": not args.skip_cpu_times,
     }
     if args.data_config:

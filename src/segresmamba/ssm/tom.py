@@ -157,23 +157,25 @@ class TriOrientedMamba(nn.Module):
             return False
         if self.scan_backend == "triton":
             return True
-        if self.scan_backend != "auto" or x.device.type != "cuda" or not scan_mod._measuring_allowed():
+        if self.scan_backend != "auto" or x.device.type != "cuda":
             return False
         return self._choose_fused(x, nslices)
 
     def _choose_fused(self, x: torch.Tensor, nslices: int) -> bool:
-        """``auto``: time the fused path against the per-branch one once per input signature, keep the faster."""
+        """``auto``: time the fused path against the per-branch one once per input signature, keep the faster.
+
+        Where measuring is not allowed (inside a CUDA-graph capture, under ``torch.compile``), the choice
+        measured earlier for this signature holds (a capture's warm-up makes it); with none, the per-branch path."""
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         description = (f"ToM dim {self.dim} x {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
                        f"{f' autocast {autocast}' if autocast else ''} nslices {nslices}{' +grad' if torch.is_grad_enabled() else ''}")
         known = scan_mod.recorded_auto_choice(description)
-        if known is None:
-            name, times = scan_mod.measure_fastest(
+        if known is None and scan_mod._measuring_allowed():
+            known, times = scan_mod.measure_fastest(
                 {"triton_fused": lambda a: self._mix(a[0], nslices, True), "per_branch": lambda a: self._mix(a[0], nslices, False)},
                 (x,), wrt=tuple(self.parameters()),
             )
-            scan_mod.record_auto_choice(description, name, times)
-            return name == "triton_fused"
+            scan_mod.record_auto_choice(description, known, times)
         return known == "triton_fused"
 
     def _mix(self, x: torch.Tensor, nslices: int, fused: bool) -> torch.Tensor:

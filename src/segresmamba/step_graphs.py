@@ -1,0 +1,148 @@
+"""CUDA graphs of the whole training forward, loss and backward (whole-network capture): the fastest mode.
+
+An eager training step of a 3D network issues a few thousand kernel launches. Where the GPU finishes many of
+them in microseconds (SegResMamba's small ToM layers, the deep decoder levels), the step waits on the host's
+Python and launch overhead rather than on the GPU. :class:`TrainingGraph` records one training forward, the
+task's loss (deep supervision included) and the backward once, as two CUDA graphs
+(``torch.cuda.make_graphed_callables``), and replays them: two launches per step instead of thousands. The
+optimiser step, gradient clipping, loss scaling and DDP's gradient all-reduce stay eager, outside the graphs.
+
+Constraints (those of CUDA graphs, checked where they can be):
+
+- static shapes: the graphs replay only for the captured image and label (shape, dtype), in training mode with
+  gradients on; any other call runs the eager step (a smaller last batch, for instance);
+- the parameters must be updated in place (every ``torch.optim`` optimiser does) and never replaced; their
+  gradients are read from the graph's own buffers, so every optimiser step must be followed by
+  ``zero_grad(set_to_none=True)`` (Lightning's and ``torch.optim``'s default) and gradient accumulation over
+  several batches is refused;
+- nothing in the forward may synchronise with the host or branch on tensor values; the suite's networks and
+  losses do not (the GPU tests capture every ToM-holding model and the nnU-Net-style net with deep supervision);
+- the ``auto`` scan choices are measured in the warm-up before the capture and then stay fixed.
+
+:class:`StepCudaGraphs` is the Lightning callback (``configs/callbacks/step_graphs.yaml``) that captures the
+graphs on the first training batch of a fit, under the trainer's autocast.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+class _NetAndLoss(nn.Module):
+    """The task's network and loss as one module: its parameters are the network's (and the loss's, if any)."""
+
+    def __init__(self, task) -> None:
+        super().__init__()
+        self.net = task.net
+        self.loss_fn = task.loss_fn
+        self.loss_of = task._loss  # deep-supervision weighting + the recipe's loss, as the eager step runs it
+
+    def forward(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.loss_of(self.net(image), label)
+
+
+class TrainingGraph:
+    """A task's training forward + loss + backward recorded as CUDA graphs for one batch signature.
+
+    Calling it with a batch of the captured shapes returns the loss (with a ``grad_fn`` whose backward replays
+    the backward graph and hands the parameter gradients to autograd, so DDP's hooks and ``.grad``
+    accumulation see them as usual).
+
+    Args:
+        task: a :class:`~segresmamba.task.SegmentationTask` on a CUDA device.
+        image, label: one training batch (its shapes and dtypes are the ones captured).
+        autocast_dtype: the training autocast dtype (``torch.bfloat16`` for ``bf16-mixed``), or None for fp32.
+        warmup: eager forward + backward passes before the capture (cuDNN autotuning, the scan's ``auto``
+            measurement and Triton's compilation happen there, not in the graph).
+    """
+
+    def __init__(self, task, image: torch.Tensor, label: torch.Tensor, autocast_dtype: torch.dtype | None = None, warmup: int = 3) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("TrainingGraph needs a CUDA device; CUDA graphs do not exist on a CPU")
+        if image.device.type != "cuda" or label.device != image.device:
+            raise ValueError(f"image and label must be on one CUDA device, got {image.device} and {label.device}")
+        if any(p.device != image.device for p in task.net.parameters()):
+            raise ValueError(f"the network's parameters must all be on {image.device}, as the batch")
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1, got {warmup}")
+        from segresmamba.ssm.cuda_graphs import graphed_tom_layers
+
+        if graphed_tom_layers(task.net):
+            raise ValueError("the ToM layers already replay their own CUDA graphs (ToMCudaGraphs); use one of the two modes")
+        self.signature = self._signature(image, label)
+        self.task = task
+        module = _NetAndLoss(task)
+        was_training = task.net.training
+        task.net.train()
+        try:
+            # autocast's weight-cast cache cannot cross a graph boundary: the capture casts inside the graphs
+            with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None, cache_enabled=False):
+                self._graphed = torch.cuda.make_graphed_callables(
+                    module, (image.detach().clone(), label.detach().clone()), num_warmup_iters=warmup
+                )
+        finally:
+            task.net.train(was_training)
+
+    @staticmethod
+    def _signature(image: torch.Tensor, label: torch.Tensor) -> tuple:
+        return (tuple(image.shape), image.dtype, image.device, tuple(label.shape), label.dtype)
+
+    def matches(self, image: torch.Tensor, label: torch.Tensor) -> bool:
+        """Whether this call can replay the graphs: the captured batch signature, training mode, gradients on."""
+        return (self.task.net.training and torch.is_grad_enabled() and not image.requires_grad
+                and self._signature(image, label) == self.signature)
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self._graphed(image, label)
+
+
+class StepCudaGraphs(L.Callback):
+    """Replays the whole training forward, loss and backward as CUDA graphs (:class:`TrainingGraph`).
+
+    The capture runs once, before the first training step, on that step's batch and under the trainer's
+    autocast, and sets ``pl_module.step_graph``; ``SegmentationTask.training_step`` replays it for every batch of
+    the captured shapes and runs eagerly otherwise. Validation, testing and prediction are eager. The graphs are
+    released at the end of the fit.
+
+    Refused (before any work): no CUDA device, ``accumulate_grad_batches`` above 1 (the graphs' gradient buffers
+    are reused each step), and the ToM-layer graphs (``ToMCudaGraphs``) in the same run.
+    """
+
+    def __init__(self) -> None:
+        self.captured: list[int] | None = None  # the image batch shape captured
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.strategy.root_device.type != "cuda":
+            raise ValueError(f"StepCudaGraphs needs a CUDA device; this fit runs on {trainer.strategy.root_device.type}")
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(f"StepCudaGraphs cannot accumulate gradients over batches (accumulate_grad_batches={trainer.accumulate_grad_batches}); use 1")
+        from segresmamba.ssm.cuda_graphs import ToMCudaGraphs
+
+        if any(isinstance(c, ToMCudaGraphs) for c in trainer.callbacks):
+            raise ValueError("StepCudaGraphs and ToMCudaGraphs cannot run together: the step graphs already hold the ToM layers")
+        if not hasattr(pl_module, "step_graph"):
+            raise ValueError(f"StepCudaGraphs needs a SegmentationTask (a module with a step_graph slot), got {type(pl_module).__name__}")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.step_graph is None:
+            dtype = AUTOCAST.get(str(trainer.precision))
+            pl_module.step_graph = TrainingGraph(pl_module, batch["image"], batch["label"], dtype)
+            self.captured = list(batch["image"].shape)
+            log.info("CUDA graphs captured for the training step of %s, batch %s", pl_module.hparams.get("net"), tuple(batch["image"].shape))
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and getattr(pl_module, "step_graph", None) is not None:
+            pl_module.step_graph = None  # frees the graphs and their memory pool
+
+
+__all__ = ["StepCudaGraphs", "TrainingGraph"]

@@ -1,0 +1,270 @@
+"""The fastest training mode (whole-step CUDA graphs), channels_last and the deferred loss check.
+
+CPU: refusals, the training step's dispatch, LossWatch, channels_last equal to the default layout, and the
+``auto`` choices a capture reuses. GPU: the graphed step computes the eager step's gradients and trains the same,
+under both recipes (deep supervision included), fp32 and bf16, and inside a Lightning fit.
+"""
+
+import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from segresmamba.ssm import scan as scan_mod
+from segresmamba.step_graphs import StepCudaGraphs, TrainingGraph
+from segresmamba.task import LossWatch, SegmentationTask
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"feature_sizes": [8, 16, 32, 64]}
+
+
+def small_task(net="segresmamba", recipe="paper", side=48, **kwargs) -> SegmentationTask:
+    torch.manual_seed(0)
+    net_kwargs = SMALL if net == "segresmamba" else {"base_filters": 8, "max_filters": 32}
+    return SegmentationTask(net=net, net_kwargs=net_kwargs, in_channels=4, out_channels=3, img_size=side, recipe=recipe, **kwargs)
+
+
+def batch(side=48, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.randn(1, 4, side, side, side, generator=gen)
+    label = (torch.rand(1, 3, side, side, side, generator=gen) > 0.5).float()
+    return {"image": image.to(device), "label": label.to(device)}
+
+
+# ------------------------------------------------------------------------------------------------ CPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors raised without CUDA")
+def test_step_graphs_need_cuda():
+    b = batch()
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        TrainingGraph(small_task(), b["image"], b["label"])
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="StepCudaGraphs needs a CUDA device"):
+        StepCudaGraphs().setup(trainer, small_task(), "fit")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cli_refuses_step_graphs_without_gpu(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    config = ROOT / "configs" / "callbacks" / "step_graphs.yaml"
+    out = subprocess.run([sys.executable, "-m", "segresmamba", "fit", "-c", str(config), "--model.net", "unet"],
+                         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2 and "StepCudaGraphs callback (configs/callbacks/step_graphs.yaml) needs a GPU" in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+class _Trainer:  # what StepCudaGraphs.setup reads of a trainer
+    def __init__(self, accumulate=1, callbacks=()):
+        self.strategy = type("S", (), {"root_device": torch.device("cuda")})()
+        self.accumulate_grad_batches = accumulate
+        self.callbacks = list(callbacks)
+
+
+def test_step_graphs_refuse_accumulation_tom_graphs_and_other_modules():
+    from segresmamba.ssm.cuda_graphs import ToMCudaGraphs
+
+    callback = StepCudaGraphs()
+    callback.setup(_Trainer(), small_task(), "fit")  # accepted
+    callback.setup(_Trainer(accumulate=4), small_task(), "test")  # only a fit captures
+    with pytest.raises(ValueError, match="accumulate_grad_batches=4"):
+        callback.setup(_Trainer(accumulate=4), small_task(), "fit")
+    with pytest.raises(ValueError, match="cannot run together"):
+        callback.setup(_Trainer(callbacks=[ToMCudaGraphs()]), small_task(), "fit")
+    with pytest.raises(ValueError, match="needs a SegmentationTask"):
+        callback.setup(_Trainer(), L.LightningModule(), "fit")
+
+
+class _StubGraph:
+    """Stands in for a TrainingGraph: records the calls the training step routes to it."""
+
+    def __init__(self, task, accept):
+        self.task, self.accept, self.calls = task, accept, 0
+
+    def matches(self, image, label):
+        return self.accept
+
+    def __call__(self, image, label):
+        self.calls += 1
+        return self.task._loss(self.task.net(image), label)
+
+
+@pytest.mark.parametrize("accept", [True, False])
+def test_training_step_replays_a_matching_graph_only(accept):
+    task = small_task()
+    task.step_graph = stub = _StubGraph(task, accept)
+    loss = task.training_step(batch(), 0)
+    assert stub.calls == (1 if accept else 0) and loss.requires_grad and math.isfinite(loss.item())
+
+
+@pytest.mark.parametrize("net,recipe", [("segresmamba", "paper"), ("nnunet", "nnunet")])
+def test_channels_last_is_the_same_computation(net, recipe):
+    side = 48 if net == "segresmamba" else 32
+    default = small_task(net, recipe, side)
+    nhwc = small_task(net, recipe, side, channels_last=True)
+    nhwc.load_state_dict(default.state_dict())
+    convs = [p for p in nhwc.net.parameters() if p.dim() == 5]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in convs)
+    b = batch(side)
+    for task in (default, nhwc):
+        torch.manual_seed(1)
+        task.training_step(b, 0).backward()
+    for (name, a), (_, c) in zip(default.named_parameters(), nhwc.named_parameters()):
+        assert torch.allclose(a.grad, c.grad, rtol=1e-3, atol=1e-6), name
+    # evaluation too: sliding-window logits of a volume larger than the patch
+    volume = torch.randn(1, 4, side + 16, side, side)
+    with torch.no_grad():
+        assert torch.allclose(default.eval().predict_logits(volume), nhwc.eval().predict_logits(volume), atol=1e-4)
+
+
+def test_loss_watch_on_cpu_raises_at_once():
+    watch = LossWatch()
+    watch.watch(torch.tensor(0.5), 3)
+    watch.check(wait=True)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at step 4"):
+        watch.watch(torch.tensor(float("nan")), 4)
+
+
+def test_training_step_stops_on_a_non_finite_loss():
+    task = small_task()
+    b = batch()
+    b["image"][0, 0, 0, 0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        task.training_step(b, 0)
+
+
+def test_capture_reuses_the_measured_tom_choice(monkeypatch):
+    """Inside a capture (no measuring allowed) the ToM layer takes the path its warm-up measured fastest."""
+    from segresmamba.ssm.tom import TriOrientedMamba
+
+    layer = TriOrientedMamba(8, scan_backend="auto")
+    x = torch.randn(1, 8, 4, 4, 4)
+    monkeypatch.setattr(scan_mod, "_measuring_allowed", lambda: False)
+    scan_mod.auto_choices(reset=True)
+    assert layer._choose_fused(x, 4) is False  # nothing measured: the per-branch path
+    description = f"ToM dim 8 x {tuple(x.shape)} float32 nslices 4 +grad"
+    scan_mod.record_auto_choice(description, "triton_fused", {"triton_fused": 1.0, "per_branch": 2.0})
+    assert layer._choose_fused(x, 4) is True
+    scan_mod.auto_choices(reset=True)
+
+
+def test_capture_reuses_the_measured_scan_backend(monkeypatch):
+    calls = []
+    monkeypatch.setattr(scan_mod, "_measuring_allowed", lambda: False)
+    monkeypatch.setattr(scan_mod, "_call", lambda name, args: calls.append(name))
+    u = torch.randn(1, 4, 16)
+    args = (u, torch.rand(1, 4, 16), -torch.rand(4, 2), torch.randn(1, 2, 16), torch.randn(1, 2, 16), None, None, None, False)
+    scan_mod.auto_choices(reset=True)
+    scan_mod._AUTO_CHOICES[scan_mod._signature(*args)] = ("triton", {"triton": 1.0})
+    scan_mod.selective_scan(*args, backend="auto")
+    scan_mod.auto_choices(reset=True)
+    scan_mod.selective_scan(*args, backend="auto")
+    assert calls == ["triton", scan_mod.resolve_backend("auto", u.device)]
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+def _grads(task, b, autocast):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss = task.training_step(b, 0)
+    loss.backward()
+    grads = [p.grad.clone() for p in task.parameters()]
+    task.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _train(task, b, steps, autocast):
+    opt = torch.optim.Adam(task.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = task.training_step(b, 0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(task.parameters(), 12.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("net,recipe,channels_last", [("segresmamba", "paper", False), ("nnunet", "nnunet", False), ("segresmamba", "nnunet", True)])
+def test_step_graph_matches_eager(net, recipe, channels_last, autocast):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.backends.cudnn.deterministic = True
+    side = 48 if net == "segresmamba" else 32
+    b = batch(side, "cuda")
+    eager = small_task(net, recipe, side, channels_last=channels_last).cuda().train()
+    for m in eager.modules():  # one scan path on both sides, so the comparison is of the graphs alone
+        if hasattr(m, "scan_backend"):
+            m.scan_backend = "triton"
+    graphed = copy.deepcopy(eager)
+    graphed.step_graph = TrainingGraph(graphed, b["image"], b["label"], torch.bfloat16 if autocast else None)
+    assert graphed.step_graph.matches(b["image"], b["label"])
+    # one step's gradients: the graphs compute what the eager step computes, to within the spread of two eager
+    # runs (the scan sums dB and dC by atomic adds, and the normalisation layers amplify those last bits)
+    (l1, first), (l2, second), (lg, graph) = _grads(eager, b, autocast), _grads(eager, b, autocast), _grads(graphed, b, autocast)
+    assert torch.allclose(lg, l1, rtol=1e-2 if autocast else 1e-4)
+    total = torch.cat([g.flatten() for g in first]).norm()
+    floor = (2e-2 if autocast else 1e-5) * total
+    for (name, _), a, s, g in zip(eager.named_parameters(), first, second, graph):
+        assert (g - a).norm() <= 4 * (s - a).norm() + floor, name
+    # training: the graphs read the parameters the optimiser updates in place, and a new batch of the same shape
+    want = _train(eager, batch(side, "cuda", seed=1), 3, autocast)
+    got = _train(graphed, batch(side, "cuda", seed=1), 3, autocast)
+    assert got == pytest.approx(want, rel=2e-2 if autocast else 1e-3)
+    # another batch shape and evaluation run eagerly and still work
+    assert not graphed.step_graph.matches(torch.zeros(2, 4, side, side, side, device="cuda"), torch.zeros(2, 3, side, side, side, device="cuda"))
+    assert _train(graphed, {k: v.repeat(2, 1, 1, 1, 1) for k, v in b.items()}, 1, autocast)[0] > 0
+    with torch.no_grad():
+        assert graphed.eval().predict_logits(torch.randn(1, 4, side + 16, side, side, device="cuda")).shape[2] == side + 16
+
+
+@pytest.mark.gpu
+def test_loss_watch_defers_the_check_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    watch = LossWatch()
+    for step in range(20):  # more steps than slots: the watch never holds more than its slots
+        watch.watch(torch.tensor(0.25, device="cuda"), step)
+        assert len(watch._pending) <= LossWatch.SLOTS
+    watch.watch(torch.tensor(float("inf"), device="cuda"), 20)
+    with pytest.raises(FloatingPointError, match=r"\(inf\) at step 20"):
+        watch.check(wait=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("net,recipe", [("segresmamba", "paper"), ("nnunet", "nnunet")])
+def test_fit_with_step_graphs(net, recipe, tmp_path):
+    """A Lightning fit (bf16-mixed, validation, checkpoint) with the callback: the graphs are captured and replayed."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from segresmamba.data.synthetic import SyntheticBraTSDataModule
+
+    side = 48 if net == "segresmamba" else 32
+    task = small_task(net, recipe, side)
+    data = SyntheticBraTSDataModule(volume_size=side + 16, num_train=4, num_val=1, num_test=1, patch_size=side, recipe=recipe, num_workers=0)
+    callback = StepCudaGraphs()
+    replays = []
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=2, callbacks=[callback],
+                        limit_train_batches=4, limit_val_batches=1,
+                        default_root_dir=tmp_path, logger=False, enable_progress_bar=False, num_sanity_val_steps=0)
+    original = TrainingGraph.__call__
+    try:
+        TrainingGraph.__call__ = lambda self, image, label: replays.append(1) or original(self, image, label)
+        trainer.fit(task, datamodule=data)
+    finally:
+        TrainingGraph.__call__ = original
+    assert callback.captured == [1, 4, side, side, side]
+    assert len(replays) == 8 and task.step_graph is None  # every step replayed; released at the end of the fit
+    assert math.isfinite(float(trainer.callback_metrics["train/loss_epoch"]))
+    assert list(tmp_path.rglob("*.ckpt"))
