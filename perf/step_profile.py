@@ -9,13 +9,15 @@ configures it, with the recipe's loss, backward and optimiser step:
     python -m perf.step_profile --model segresmamba --config brats --out results/perf
 
 writes ``step_profile_<model>_<config>.md``: per mode (``eager``; ``cuda_graphs``: the small ToM layers
-replaying CUDA graphs, :mod:`segresmamba.ssm.cuda_graphs`), the median wall time of a step, the GPU kernel
-time and launches per step (torch.profiler), and the largest kernels.
+replaying CUDA graphs, :mod:`segresmamba.ssm.cuda_graphs`; ``step_graphs``: the whole forward, loss and
+backward replaying CUDA graphs, :mod:`segresmamba.step_graphs`), the median wall time of a step, the GPU
+kernel time and launches per step (torch.profiler), the kernel time by kind and the largest kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 from pathlib import Path
@@ -29,9 +31,33 @@ from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
 from segresmamba.data.spec import get_dataset_spec
 from segresmamba.provenance import provenance
 from segresmamba.ssm.cuda_graphs import graph_tom_layers, release_tom_graphs
+from segresmamba.step_graphs import TrainingGraph
 
-MODES = ("eager", "cuda_graphs")
+MODES = ("eager", "cuda_graphs", "step_graphs")
 TOP = 15
+# kernel kinds, first match wins (names as the profiler reports them)
+KINDS = (
+    ("selective scan (Triton)", r"^_(fwd|bwd)_(chunk_state|output|grad)|^_carry_kernel|^_bwd_grad_state_loop"),
+    ("selective scan (mamba_ssm)", r"selective_scan"),
+    ("oriented causal conv (Triton)", r"^_conv_(fwd|bwd)"),
+    ("3D convolution (cuDNN)", r"xmma|cudnn|implicit_gemm|conv_depthwise|convolution|nchwToNhwc|nhwcToNchw|dgrad|wgrad|fprop"),
+    ("normalisation", r"norm|Moments|GroupNorm|LayerNorm|welford|batch_norm|InternalGradients|GammaBeta"),
+    ("matmul (GEMM)", r"gemm|cutlass|sm90_|ampere_|cublas"),
+    ("optimiser", r"multi_tensor|adam|Adam"),
+    ("reductions", r"reduce_kernel|Reduce"),
+    ("elementwise and copies", r"elementwise|copy|fill|Memset|Memcpy|cat|index|scatter|gather|upsample|interpolate"),
+)
+
+
+def kinds_of(table: list[tuple[str, float, int]]) -> list[tuple[str, float, int]]:
+    """Kernel time and launches per step by kind (:data:`KINDS`), largest first."""
+    totals: dict[str, list] = {}
+    for name, ms, n in table:
+        kind = next((k for k, pattern in KINDS if re.search(pattern, name)), "other")
+        entry = totals.setdefault(kind, [0.0, 0])
+        entry[0] += ms
+        entry[1] += n
+    return sorted(((k, ms, n) for k, (ms, n) in totals.items()), key=lambda r: -r[1])
 
 
 def wall_ms(step, batch: dict, steps: int) -> float:
@@ -64,16 +90,21 @@ def profile(model_name: str, config: str, precision: str, modes: list[str], step
     sections = []
     for mode in modes:
         graphed = graph_tom_layers(model, x, dtype) if mode == "cuda_graphs" else []
+        step.task.step_graph = TrainingGraph(step.task, x, batch["label"], dtype) if mode == "step_graphs" else None
         for _ in range(warmup):
             step(batch)
         ms = wall_ms(step, batch, steps)
         table, total = kernel_breakdown(lambda: step(batch), iters=3)
         launches = sum(r[2] for r in table)
-        lines.append(f"| {mode} | {len(graphed)} | {ms:.1f} | {total:.1f} | {total / ms:.0%} | {launches} |")
+        in_graphs = "all (whole step)" if mode == "step_graphs" else len(graphed)
+        lines.append(f"| {mode} | {in_graphs} | {ms:.1f} | {total:.1f} | {total / ms:.0%} | {launches} |")
+        sections += ["", f"## {mode}: kernel time by kind", "", "| kind | ms / step | share | launches |", "|---|---:|---:|---:|"]
+        sections += [f"| {kind} | {k_ms:.2f} | {k_ms / total:.0%} | {n} |" for kind, k_ms, n in kinds_of(table)]
         sections += ["", f"## {mode}: largest kernels", "", "| kernel | ms / step | launches |", "|---|---:|---:|"]
         sections += [f"| `{name[:90]}` | {k_ms:.2f} | {n} |" for name, k_ms, n in table[:TOP]]
         print(f"{mode}: wall {ms:.1f} ms, kernels {total:.1f} ms, {launches} launches", flush=True)
         release_tom_graphs(model)
+        step.task.step_graph = None
     return lines + sections
 
 

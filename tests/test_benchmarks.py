@@ -430,3 +430,17 @@ def test_efficiency_refuses_cuda_graphs_on_a_cpu(mode, capsys):
         efficiency.profile_model("unet", "brats", cpu=True, graphs=mode)
     with pytest.raises(ValueError, match="graphs must be one of"):
         efficiency.profile_model("unet", "brats", cpu=True, graphs="all")
+
+
+def test_step_profile_sums_kernel_time_by_kind():
+    from perf.step_profile import kinds_of
+
+    table = [("_bwd_grad_kernel", 8.0, 1), ("_bwd_grad_state_loop_kernel", 1.0, 1), ("_conv_bwd_pre_kernel", 2.0, 1),
+             ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>", 3.0, 6),
+             ("sm80_xmma_fprop_implicit_gemm_indexed_bf16", 1.0, 3), ("void at::native::elementwise_kernel<128, 4>", 0.5, 60),
+             ("something new", 0.25, 2)]
+    kinds = {k: (ms, n) for k, ms, n in kinds_of(table)}
+    assert kinds["selective scan (Triton)"] == (9.0, 2) and kinds["oriented causal conv (Triton)"] == (2.0, 1)
+    assert kinds["normalisation"] == (3.0, 6) and kinds["3D convolution (cuDNN)"] == (1.0, 3)
+    assert kinds["elementwise and copies"] == (0.5, 60) and kinds["other"] == (0.25, 2)
+    assert [k for k, _, _ in kinds_of(table)][0] == "selective scan (Triton)"  # largest first
