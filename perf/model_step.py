@@ -11,7 +11,9 @@ volume of the config. ``--measure`` takes them on this GPU in one run (one proce
   (:mod:`segresmamba.ssm.cuda_graphs`), bf16;
 - ``step``: every model with its whole forward, loss and backward replaying CUDA graphs
   (:mod:`segresmamba.step_graphs`, the fastest mode), bf16;
-- ``eager_cl`` and ``step_cl``: the same two with ``channels_last`` (NDHWC 3D conv layout), bf16.
+- ``eager_cl`` and ``step_cl``: the same two with ``channels_last`` (NDHWC 3D conv layout), bf16;
+- ``eager_fn`` and ``step_fn``: the same two with ``fast_norms`` (GroupNorm and InstanceNorm by whole-tensor
+  reductions, :mod:`segresmamba.models.group_norm`), bf16.
 
 The profiler's own tables are kept under ``<out>/model_step_source/<mode>/``. ``--table`` reshapes existing
 efficiency tables instead:
@@ -34,7 +36,7 @@ from segresmamba.data.spec import get_dataset_spec
 DEFAULT_MODELS = ("segresmamba", "segresmamba_notom", "swinunetr", "unetr", "nnunet", "segmamba")
 
 
-MODES = ("eager", "tom", "step", "eager_cl", "step_cl")
+MODES = ("eager", "tom", "step", "eager_cl", "step_cl", "eager_fn", "step_fn")
 
 
 def _graphs_text(row) -> str:
@@ -47,6 +49,10 @@ def _graphs_text(row) -> str:
 
 def _layout_text(row) -> str:
     return "NDHWC" if str(getattr(row, "channels_last", False)).lower() == "true" else "NCDHW"
+
+
+def _norms_text(row) -> str:
+    return "whole-tensor" if str(getattr(row, "fast_norms", False)).lower() == "true" else "torch"
 
 
 def measure(models: tuple[str, ...], source: Path, modes: tuple[str, ...] = MODES) -> list[Path]:
@@ -72,6 +78,8 @@ def measure(models: tuple[str, ...], source: Path, modes: tuple[str, ...] = MODE
     run("step", models if "step" in modes else (), graphs="step", **bf16)
     run("eager_cl", models if "eager_cl" in modes else (), channels_last=True, **bf16)
     run("step_cl", models if "step_cl" in modes else (), graphs="step", channels_last=True, **bf16)
+    run("eager_fn", models if "eager_fn" in modes else (), fast_norms=True, **bf16)
+    run("step_fn", models if "step_fn" in modes else (), graphs="step", fast_norms=True, **bf16)
     return tables
 
 
@@ -95,6 +103,7 @@ def reshape(table: pd.DataFrame, config: str, models: tuple[str, ...]) -> pd.Dat
                 "scan_backend": getattr(r, "scan_backend", None) if isinstance(getattr(r, "scan_backend", None), str) else "-",
                 "cuda_graphs": _graphs_text(r),
                 "layout": _layout_text(r),
+                "norms": _norms_text(r),
                 "git_sha": r.git_sha,
             })
     return pd.DataFrame(rows)
@@ -137,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         "the training step the efficiency profiler of that git SHA timed (see the source tables' headers), batch 1, synthetic tensors; peak = max_memory_allocated (GiB); bf16 = autocast, fp32 weights; "
         "cuda_graphs: how many ToM layers replayed CUDA graphs (`configs/callbacks/cuda_graphs.yaml` in training), "
         "`whole step` = the forward, loss and backward replayed as CUDA graphs (`configs/callbacks/step_graphs.yaml`), "
-        "- = all eager; layout: NDHWC = `--model.channels_last true`. "
+        "- = all eager; layout: NDHWC = `--model.channels_last true`; norms: whole-tensor = `--model.fast_norms true` "
+        "(GroupNorm and InstanceNorm by whole-tensor reductions), torch = PyTorch's kernels. "
         f"volume_s: sliding-window inference of one whole {'x'.join(map(str, spec.volume))} volume "
         f"({spec.in_channels} channels, ROI = the patch, overlap 0.5, batch 1, eval, no grad), seconds.",
         "",

@@ -307,7 +307,7 @@ def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
     mine = df[(df.model == "segresmamba") & (df.precision == "bf16")].set_index("cuda_graphs")
     assert mine.loc["-", "step_ms"] == 200.0 and mine.loc["7 ToM layers", "step_ms"] == 120.0
     assert mine.loc["whole step", "step_ms"] == 60.0 and mine.loc["whole step", "layout"] == "NDHWC"
-    assert mine.loc["-", "layout"] == "NCDHW"
+    assert mine.loc["-", "layout"] == "NCDHW" and (df.norms == "torch").all()
     assert mine.loc["-", "volume_s"] == 0.5 and pd.isna(mine.loc["7 ToM layers", "volume_s"])  # not measured: empty
     assert "whole 240x240x155 volume" in (out / "model_step.md").read_text()
     assert (df[df.model == "swinunetr"].cuda_graphs == "-").all() and (df[df.model == "swinunetr"].scan_backend == "-").all()

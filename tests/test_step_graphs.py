@@ -123,6 +123,22 @@ def test_channels_last_is_the_same_computation(net, recipe):
         assert torch.allclose(default.eval().predict_logits(volume), nhwc.eval().predict_logits(volume), atol=1e-4)
 
 
+def test_fast_norms_is_the_same_computation():
+    default = small_task()
+    fast = small_task(fast_norms=True)
+    assert list(fast.state_dict()) == list(default.state_dict())
+    fast.load_state_dict(default.state_dict())
+    assert {type(m).__module__ for m in fast.net.modules() if "Norm" in type(m).__name__ and "Layer" not in type(m).__name__} == {
+        "segresmamba.models.group_norm"}
+    b = batch()
+    losses = [task.training_step(b, 0) for task in (default, fast)]
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    for loss in losses:
+        loss.backward()
+    for (name, a), (_, c) in zip(default.named_parameters(), fast.named_parameters()):
+        assert torch.allclose(a.grad, c.grad, rtol=1e-3, atol=1e-6), name
+
+
 def test_loss_watch_on_cpu_raises_at_once():
     watch = LossWatch()
     watch.watch(torch.tensor(0.5), 3)

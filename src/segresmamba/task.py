@@ -28,6 +28,7 @@ from segresmamba.metrics import (
     summarise,
     voxel_spacing,
 )
+from segresmamba.models.group_norm import use_fast_norms
 from segresmamba.prediction import export_mask
 from segresmamba.recipes import get_recipe
 from segresmamba.recipes.optim import build_loss, build_optimizer, build_scheduler
@@ -161,6 +162,10 @@ class SegmentationTask(L.LightningModule):
         channels_last: keep the network's 3D convolution weights and the training input in the
             ``channels_last_3d`` (NDHWC) memory layout, which cuDNN's tensor-core kernels use natively; the
             same computation in another layout (a speed setting, see ``results/perf/model_step.md``).
+        fast_norms: run the network's GroupNorm and InstanceNorm layers (those without running statistics)
+            through :mod:`segresmamba.models.group_norm`: the same function, with reductions spread over the
+            whole tensor (PyTorch's kernels give one thread block to each channel or group, which leaves a GPU
+            idle at batch 1); the same parameters and state dict (a speed setting).
 
     Speed: ``step_graph`` holds the CUDA graphs of the training step when the
     :class:`~segresmamba.step_graphs.StepCudaGraphs` callback captured them (``configs/callbacks/step_graphs.yaml``);
@@ -188,6 +193,7 @@ class SegmentationTask(L.LightningModule):
         eval_space: Literal["original", "resampled"] = "original",
         val_eval_space: Literal["original", "resampled"] = "resampled",
         channels_last: bool = False,
+        fast_norms: bool = False,
     ) -> None:
         super().__init__()
         if task not in ("multilabel", "multiclass"):
@@ -220,6 +226,8 @@ class SegmentationTask(L.LightningModule):
             net_kwargs.setdefault("deep_supervision", True)
         self.net = create_model(net, in_channels, out_channels, self.img_size, **net_kwargs)
         self.channels_last = channels_last
+        if fast_norms:
+            use_fast_norms(self.net)
         if channels_last:
             with torch.no_grad():  # the 5-D (3D conv) weights; every other tensor keeps its layout
                 for param in self.net.parameters():

@@ -199,6 +199,7 @@ def profile_model(
     cpu: bool = False,
     graphs: str = "none",
     channels_last: bool = False,
+    fast_norms: bool = False,
     cudnn_benchmark: bool = True,
     macs: bool = True,
     cpu_step: bool = True,
@@ -218,6 +219,7 @@ def profile_model(
         graphs: CUDA graphs in the training step (GPU only): ``none``, ``tom`` (the small ToM layers) or
             ``step`` (the whole forward, loss and backward).
         channels_last: the task's ``channels_last`` setting (3D conv weights and the input in NDHWC layout).
+        fast_norms: the task's ``fast_norms`` setting (GroupNorm / InstanceNorm by whole-tensor reductions).
         cudnn_benchmark: as in training (``configs/trainer/gpu.yaml``); without it bf16 depthwise 3D convs
             (MedNeXt, 3D UX-Net) measured slower than fp32.
         macs, cpu_step: count MACs; on a CPU, time a training step and a forward pass.
@@ -233,13 +235,14 @@ def profile_model(
         raise ValueError(f"graphs must be one of {GRAPH_MODES}, got {graphs!r}")
     if graphs != "none" and not on_gpu:
         raise ValueError(f"graphs={graphs!r} needs a GPU (CUDA graphs do not exist on a CPU)")
-    row: dict = {"model": model, "config": spec.name, "recipe": recipe, "graphs": graphs, "channels_last": channels_last}
+    row: dict = {"model": model, "config": spec.name, "recipe": recipe, "graphs": graphs, "channels_last": channels_last,
+                 "fast_norms": fast_norms}
     if on_gpu:
         torch.backends.cudnn.benchmark = cudnn_benchmark
         row["cudnn_benchmark"] = cudnn_benchmark
     try:
         torch.manual_seed(0)
-        task = build_task(model, spec, recipe=recipe, channels_last=channels_last)
+        task = build_task(model, spec, recipe=recipe, channels_last=channels_last, fast_norms=fast_norms)
         net = task.net
         row["params_m"] = sum(p.numel() for p in net.parameters()) / 1e6
         device = torch.device("cuda" if on_gpu else "cpu")
@@ -405,6 +408,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "backward (step); GPU only (write to another --out: rows are keyed by model)")
     p.add_argument("--channels-last", action="store_true",
                    help="3D conv weights and the input in channels_last_3d (NDHWC) layout (the task's channels_last)")
+    p.add_argument("--fast-norms", action="store_true",
+                   help="GroupNorm / InstanceNorm by whole-tensor reductions (the task's fast_norms)")
     p.add_argument("--skip-macs", action="store_true")
     p.add_argument("--skip-cpu-times", action="store_true")
     p.add_argument("--worker-job", default=None, help=argparse.SUPPRESS)
@@ -444,7 +449,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     options = {
         "precisions": args.precisions, "steps": args.steps, "warmup": args.warmup, "recipe": args.recipe,
         "patch": args.patch, "cpu": args.cpu, "graphs": args.graphs,
-        "channels_last": args.channels_last,
+        "channels_last": args.channels_last, "fast_norms": args.fast_norms,
         "cudnn_benchmark": not args.no_cudnn_benchmark, "macs": not args.skip_macs, "cpu_step": not args.skip_cpu_times,
     }
     if args.data_config:
