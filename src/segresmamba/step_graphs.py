@@ -85,8 +85,10 @@ class TrainingGraph:
         try:
             # autocast's weight-cast cache cannot cross a graph boundary: the capture casts inside the graphs
             with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None, cache_enabled=False):
+                # allow_unused_input: parameters the training forward never reads (UNETR's unused ViT parts)
+                # get no gradient, as in the eager step
                 self._graphed = torch.cuda.make_graphed_callables(
-                    module, (image.detach().clone(), label.detach().clone()), num_warmup_iters=warmup
+                    module, (image.detach().clone(), label.detach().clone()), num_warmup_iters=warmup, allow_unused_input=True
                 )
         finally:
             task.net.train(was_training)
