@@ -143,10 +143,9 @@ def scan_step(args, backend: str):
 
 
 # Triton launch settings compared by --tune on the largest scan (d_inner 96, 64^3 tokens, batch 1):
-# the default first, then one change each; the state-loop backward also over 32-token chunks (96 registers
-# per thread against 167 at 64 tokens, offline count)
+# the default first, then one change each
 _TUNE_BASE = {"chunk": 64, "warps": 1, "bwd_warps": None, "bwd_maxnreg": None, "max_group": tuning.MAX_CHANNEL_GROUP,
-              "upcast": "none", "bwd_kernel": "tile"}
+              "upcast": "none"}
 TUNE_VARIANTS = (
     _TUNE_BASE,
     {**_TUNE_BASE, "upcast": "states"},
@@ -155,16 +154,12 @@ TUNE_VARIANTS = (
     {**_TUNE_BASE, "warps": 2},
     {**_TUNE_BASE, "max_group": 8},
     {**_TUNE_BASE, "chunk": 128, "warps": 4},
-    {**_TUNE_BASE, "bwd_kernel": "state_loop"},
-    {**_TUNE_BASE, "bwd_kernel": "state_loop", "chunk": 32},
 )
 TIE = 1.02  # settings within 2 % of the fastest count as tied; the one with the lower peak memory wins
 
 
 def describe(settings: dict) -> str:
-    text = " ".join(f"{k}={settings.get(k)}" for k in ("chunk", "warps", "bwd_warps", "bwd_maxnreg", "max_group", "upcast"))
-    # named only where it is not the default, so that the rows of earlier runs keep their variant key
-    return text if settings.get("bwd_kernel", "tile") == "tile" else f"{text} bwd_kernel={settings['bwd_kernel']}"
+    return " ".join(f"{k}={settings.get(k)}" for k in ("chunk", "warps", "bwd_warps", "bwd_maxnreg", "max_group", "upcast"))
 
 
 def variant_error(batch: int = 2, d_inner: int = 16, length: int = 3001) -> float:

@@ -229,14 +229,9 @@ KERNEL_CASES = [
 ]
 
 
-BWD_KERNELS = ("tile", "state_loop")  # TUNING["bwd_kernel"]: the backward's pass 3
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("bwd_kernel", BWD_KERNELS)
 @pytest.mark.parametrize("b,d,n,length,chunk", KERNEL_CASES)
-def test_kernels_fp32(b, d, n, length, chunk, bwd_kernel, monkeypatch):
-    monkeypatch.setitem(tuning.TUNING, "bwd_kernel", bwd_kernel)
+def test_kernels_fp32(b, d, n, length, chunk):
     check_kernels("cuda", b, d, n, length, chunk)
 
 
@@ -254,12 +249,10 @@ def test_kernels_strided_inputs(b, d, n, length, chunk):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bwd_kernel", BWD_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,d,n,length,chunk", [(1, 96, 16, 1000, 128), (2, 3, 5, 37, 16), (2, 24, 16, 4097, 128), (2, 24, 16, 4097, 64)])
-def test_kernels_half_precision(dtype, b, d, n, length, chunk, bwd_kernel, monkeypatch):
+def test_kernels_half_precision(dtype, b, d, n, length, chunk):
     # state and sums in fp32; the error is the rounding of y and of the gradients to 8 (11) bits
-    monkeypatch.setitem(tuning.TUNING, "bwd_kernel", bwd_kernel)
     check_kernels("cuda", b, d, n, length, chunk, dtype=dtype, tol=1e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
@@ -342,12 +335,10 @@ def test_tom_layer_triton_matches_torch_backend(monkeypatch):
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
-@pytest.mark.parametrize("bwd_kernel", BWD_KERNELS)
 @pytest.mark.parametrize("b,d,n,length,chunk", [(1, 3, 4, 1, 16), (2, 3, 5, 37, 16), (1, 4, 16, 70, 32)])
 @pytest.mark.parametrize("softplus,full", [(True, True), (False, False)])
-def test_kernels_under_interpreter(b, d, n, length, chunk, softplus, full, bwd_kernel, monkeypatch):
+def test_kernels_under_interpreter(b, d, n, length, chunk, softplus, full, monkeypatch):
     _interpreter_index_patch(monkeypatch)
-    monkeypatch.setitem(tuning.TUNING, "bwd_kernel", bwd_kernel)
     check_kernels("cpu", b, d, n, length, chunk, softplus, full)
 
 
@@ -397,11 +388,9 @@ ORIENTED_CASES = [
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
-@pytest.mark.parametrize("bwd_kernel", BWD_KERNELS)
 @pytest.mark.parametrize("branches,b,d,n,length,nslices,chunk", ORIENTED_CASES)
-def test_oriented_scan_under_interpreter(branches, b, d, n, length, nslices, chunk, bwd_kernel, monkeypatch):
+def test_oriented_scan_under_interpreter(branches, b, d, n, length, nslices, chunk, monkeypatch):
     _interpreter_index_patch(monkeypatch)
-    monkeypatch.setitem(tuning.TUNING, "bwd_kernel", bwd_kernel)
     check_oriented("cpu", branches, b, d, n, length, nslices, chunk)
 
 
@@ -410,9 +399,7 @@ def test_oriented_scan_under_interpreter(branches, b, d, n, length, nslices, chu
     (("forward", "reverse", "slice"), 1, 96, 16, 16 * 16 * 16, 16, 128),
     (("forward", "reverse", "slice"), 2, 48, 16, 8 * 8 * 8 * 8, 8, 64),
 ])
-@pytest.mark.parametrize("bwd_kernel", BWD_KERNELS)
-def test_oriented_scan_kernels(branches, b, d, n, length, nslices, chunk, bwd_kernel, monkeypatch):
-    monkeypatch.setitem(tuning.TUNING, "bwd_kernel", bwd_kernel)
+def test_oriented_scan_kernels(branches, b, d, n, length, nslices, chunk):
     check_oriented("cuda", branches, b, d, n, length, nslices, chunk)
 
 
@@ -548,12 +535,11 @@ def test_tokens_last_linear_rejects_mismatched_shapes():
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
-@pytest.mark.parametrize("upcast,bwd_kernel", [("all", "tile"), ("states", "tile"), ("none", "tile"), ("none", "state_loop")])
-def test_half_precision_under_interpreter(upcast, bwd_kernel, monkeypatch):
+@pytest.mark.parametrize("upcast", ["all", "states", "none"])
+def test_half_precision_under_interpreter(upcast, monkeypatch):
     """16-bit inputs, with and without the fp32 copies for the kernels: same oracle, gradients in the inputs' dtype."""
     _interpreter_index_patch(monkeypatch)
     monkeypatch.setitem(tuning.TUNING, "upcast", upcast)
-    monkeypatch.setitem(tuning.TUNING, "bwd_kernel", bwd_kernel)
     check_kernels("cpu", 2, 3, 5, 37, 16, dtype=torch.float16, tol=1e-2)
 
 
@@ -561,33 +547,6 @@ def test_unknown_upcast_mode_is_refused(monkeypatch):
     monkeypatch.setitem(tuning.TUNING, "upcast", "half")
     with pytest.raises(ValueError, match="upcast"):
         tuning.kernel_inputs(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1))
-
-
-def test_unknown_bwd_kernel_is_refused(monkeypatch):
-    assert tuning.TUNING["bwd_kernel"] == "tile" and set(BWD_KERNELS) == set(tuning.BWD_KERNELS)
-    monkeypatch.setitem(tuning.TUNING, "bwd_kernel", "states")
-    with pytest.raises(ValueError, match=r"TUNING\['bwd_kernel'\] must be one of \('tile', 'state_loop'\), got 'states'"):
-        tuning.bwd_kernel()
-    if HAS_TRITON:  # every name has a kernel
-        assert set(triton_scan.BWD_GRAD_KERNELS) == set(tuning.BWD_KERNELS)
-
-
-@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
-def test_unknown_bwd_kernel_fails_the_backward(monkeypatch):
-    _interpreter_index_patch(monkeypatch)
-    u = torch.randn(1, 2, 5, requires_grad=True)
-    y = triton_scan.selective_scan_triton(u, torch.rand(1, 2, 5), -torch.rand(2, 3), torch.randn(1, 3, 5), torch.randn(1, 3, 5))
-    monkeypatch.setitem(tuning.TUNING, "bwd_kernel", "rows")
-    with pytest.raises(ValueError, match="bwd_kernel"):
-        y.sum().backward()
-
-
-def test_bwd_kernel_set_by_environment():
-    """``SEGRESMAMBA_TRITON_SCAN`` sets the backward kernel like any other tuning key."""
-    code = "from segresmamba.ssm.triton import tuning; print(tuning.TUNING['bwd_kernel'], tuning.bwd_kernel())"
-    env = {**os.environ, "SEGRESMAMBA_TRITON_SCAN": '{"bwd_kernel": "state_loop"}'}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.split() == ["state_loop", "state_loop"], out.stderr
 
 
 def test_tom_traces_the_per_branch_path(monkeypatch):

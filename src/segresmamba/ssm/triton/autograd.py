@@ -20,15 +20,11 @@ from segresmamba.ssm.scan_torch import _check_inputs
 from segresmamba.ssm.triton.kernels import (
     _bwd_chunk_state_kernel,
     _bwd_grad_kernel,
-    _bwd_grad_state_loop_kernel,
     _carry_kernel,
     _fwd_chunk_state_kernel,
     _fwd_output_kernel,
 )
-from segresmamba.ssm.triton.tuning import CARRY_LANES, CARRY_ROWS, TUNING, bwd_kernel, kernel_inputs
-
-# the backward's pass 3 by TUNING["bwd_kernel"]: same arguments, same outputs
-BWD_GRAD_KERNELS = {"tile": _bwd_grad_kernel, "state_loop": _bwd_grad_state_loop_kernel}
+from segresmamba.ssm.triton.tuning import CARRY_LANES, CARRY_ROWS, TUNING, kernel_inputs
 
 
 def launch_plan(b: int, d: int, n: int, length: int, chunk: int):
@@ -141,7 +137,6 @@ class SelectiveScanTritonFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        grad_kernel = BWD_GRAD_KERNELS[bwd_kernel()]  # checked before any launch
         u_in, delta_in, A, B_in, C_in, D, z, delta_bias, entering = ctx.saved_tensors
         T, nchunks, BN, group, warps = ctx.plan
         codes, nb, nslices = ctx.layout
@@ -180,7 +175,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         dA_part = torch.empty(rows * nchunks, d, n, **f32)
         dD_part = torch.empty(rows * nchunks, d, **f32) if has_d else dA_part
         dbias_part = torch.empty(rows * nchunks, d, **f32) if has_bias else dA_part
-        grad_kernel[grid](
+        _bwd_grad_kernel[grid](
             u, delta, A, B, C, D if has_d else u, zz, bias, grad_y, entering, into_end,
             du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part, code_t,
             d, length, n, nchunks, nb, nslices, seg,

@@ -18,9 +18,7 @@ Scan (per chunk of T tokens, a group of GROUP channels per program; the carry ke
 - ``_bwd_chunk_state_kernel``: backward pass 1, gradient reaching each chunk's entering state;
 - ``_bwd_grad_kernel``: backward pass 3, recompute h (``tl.associative_scan``), scan dh backwards, write
   du, ddelta, dz; dB and dC accumulate over a group of channels in registers and then atomically; dA, dD
-  and ddelta_bias go to one partial row per (batch, chunk), summed afterwards (deterministic);
-- ``_bwd_grad_state_loop_kernel``: the same pass 3 with the states in a loop over 1-D token vectors, dB and dC
-  the only (state x chunk) tiles (fewer registers); ``TUNING["bwd_kernel"]`` picks one of the two.
+  and ddelta_bias go to one partial row per (batch, chunk), summed afterwards (deterministic).
 
 Causal depthwise conv + SiLU along each branch's scan order (the equations are in
 :mod:`segresmamba.ssm.triton.fused_tom`): ``_conv_fwd_kernel``, ``_conv_bwd_pre_kernel``, ``_conv_bwd_dx_kernel``.
@@ -319,112 +317,6 @@ def _bwd_grad_kernel(
         tl.store(ddelta_ptr + bb64 * so_b + ch * so_d + idx_t, ddt, mask=mask_t)
         dB_acc += dh * dtu[None, :]
         dA = tl.sum(dh * dt[None, :] * decayed_prev, axis=1)
-        tl.store(dA_part_ptr + (part * D_CH + ch) * N + offs_n, dA, mask=mask_n)
-        if HAS_D:
-            tl.store(dD_part_ptr + part * D_CH + ch, tl.sum(g * u, axis=0))
-        if HAS_BIAS:
-            tl.store(dbias_part_ptr + part * D_CH + ch, tl.sum(ddt, axis=0))
-    state_idx = bb64 * N * L + offs_n[:, None] * L + offs_t[None, :]
-    tl.atomic_add(dB_ptr + state_idx, dB_acc, mask=mask_nt, sem="relaxed")
-    tl.atomic_add(dC_ptr + state_idx, dC_acc, mask=mask_nt, sem="relaxed")
-
-
-@triton.jit(do_not_specialize=SIZE_ARGS)
-def _bwd_grad_state_loop_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, enter_ptr, into_end_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, code_ptr,
-    D_CH, L, N, NCHUNKS, NB, S, M,
-    su_b, su_d, sd_b, sd_d, sz_b, sz_d, sg_b, sg_d, so_b, so_d, sA_o, sA_d, sA_n, sB_b, sB_n, sC_b, sC_n, sD_o, sbias_o,
-    GROUP, T: tl.constexpr, BN: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-):
-    """Backward pass 3 as :func:`_bwd_grad_kernel` (same arguments, same outputs), one state at a time.
-
-    Per channel, a loop over the states works on 1-D (T,) token vectors: a_n, h_n by a 1-D scan, dh_n by a
-    reverse one; du, ddelta and the output (for dz) add up over the states as 1-D vectors, dA[n] is one
-    number. dB and dC sum over the group's channels, so they alone stay (BN x T) tiles, row n added by a
-    one-hot fma: two tiles live instead of about ten (167 registers instead of 255 with spills at one warp
-    over 64 tokens), and B, C, dB, dC move as in the tile kernel (B and C rows are read again per channel,
-    from L1). The alternatives cost more: channels looped inside the state loop keep (GROUP x T) tiles of u,
-    dt, g and of the du and ddelta sums, and a separate pass for dB and dC reruns both scans. The state loop
-    is a runtime loop, so each row update touches the whole tile; unrolled, the updates would be free, but
-    the 16 states' hoisted addresses and loads take the registers back to the cap.
-    """
-    pid_g, k, bb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bb64 = bb.to(tl.int64)
-    branch = bb // NB
-    zb64 = (bb % NB).to(tl.int64)
-    code = tl.load(code_ptr + branch)
-    A_ptr += branch * sA_o
-    D_ptr += branch * sD_o
-    bias_ptr += branch * sbias_o
-    offs_t, idx_t, offs_n, mask_t, mask_n, mask_nt = _chunk_tile(k, code, L, N, S, M, T, BN)
-    tok = tl.arange(0, T)
-    idx_next = _token_index(offs_t + 1, code, L, S, M)
-    mask_next = (offs_t + 1 < L) & (tok < T - 1)
-    first = tok == 0
-    last = tok == T - 1
-    B_rows = B_ptr + bb64 * sB_b + offs_t
-    C_rows = C_ptr + bb64 * sC_b + offs_t
-    dB_acc = tl.zeros([BN, T], dtype=tl.float32)
-    dC_acc = tl.zeros([BN, T], dtype=tl.float32)
-    part = bb64 * NCHUNKS + k
-    ch0 = pid_g * GROUP
-    for i in range(GROUP):  # GROUP divides the channel count
-        ch = ch0 + i
-        delta_row = delta_ptr + bb64 * sd_b + ch * sd_d
-        u = tl.load(u_ptr + bb64 * su_b + ch * su_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
-        raw, dt = _load_steps(delta_row, bias_ptr, ch, idx_t, mask_t, HAS_BIAS, SOFTPLUS)
-        _, dt_next = _load_steps(delta_row, bias_ptr, ch, idx_next, mask_next, HAS_BIAS, SOFTPLUS)
-        dy = tl.load(dy_ptr + bb64 * sg_b + ch * sg_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
-        if HAS_D:
-            Dc = tl.load(D_ptr + ch).to(tl.float32)
-        else:
-            Dc = 0.0
-        if HAS_Z:
-            z = tl.load(z_ptr + zb64 * sz_b + ch * sz_d + idx_t, mask=mask_t, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(z)
-            g = dy * z * sig
-            dz_dout = dy * sig * (1.0 + z * (1.0 - sig))  # dz = dz_dout * (<h, C> + D u)
-        else:
-            g = dy
-        dtu = dt * u
-        state_row = (bb64 * (NCHUNKS + 1) + k) * D_CH + ch
-        out_pre = Dc * u  # <h, C> + D u, for dz
-        dh_B = tl.zeros([T], dtype=tl.float32)  # sum_n dh_n B_n
-        dh_A_prev = tl.zeros([T], dtype=tl.float32)  # sum_n A_n dh_n a_t h_{t-1}
-        dA = tl.zeros([BN], dtype=tl.float32)
-        for n in range(N):
-            A_n = tl.load(A_ptr + ch * sA_d + n * sA_n).to(tl.float32)
-            h0 = tl.load(enter_ptr + state_row * N + n)
-            g_end = tl.load(into_end_ptr + (state_row + D_CH) * N + n)
-            B_n = tl.load(B_rows + n * sB_n, mask=mask_t, other=0.0).to(tl.float32)
-            C_n = tl.load(C_rows + n * sC_n, mask=mask_t, other=0.0).to(tl.float32)
-            a = tl.exp(dt * A_n)
-            x = dtu * B_n
-            _, h = tl.associative_scan((a, x + tl.where(first, a * h0, 0.0)), 0, _combine)
-            out_pre += h * C_n
-            decayed_prev = h - x  # a_t h_{t-1}
-            a_next = tl.where(mask_next, tl.exp(dt_next * A_n), 0.0)
-            beta = g * C_n + tl.where(last, g_end, 0.0)
-            _, dh = tl.associative_scan((a_next, beta), 0, _combine, reverse=True)
-            dh_B += dh * B_n
-            w = dh * decayed_prev
-            dh_A_prev += A_n * w
-            dA = tl.where(offs_n == n, tl.sum(w * dt, axis=0), dA)
-            row = (offs_n == n).to(tl.float32)[:, None]  # one-hot: row n of the tiles, one fma per element
-            dC_acc += row * (h * g)[None, :]
-            dB_acc += row * (dh * dtu)[None, :]
-
-        if HAS_Z:
-            tl.store(dz_ptr + bb64 * so_b + ch * so_d + idx_t, dz_dout * out_pre, mask=mask_t)
-        du = g * Dc + dh_B * dt
-        ddt = dh_B * u + dh_A_prev
-        if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(raw)
-        ddt = tl.where(mask_t, ddt, 0.0)
-        tl.store(du_ptr + bb64 * so_b + ch * so_d + idx_t, du, mask=mask_t)
-        tl.store(ddelta_ptr + bb64 * so_b + ch * so_d + idx_t, ddt, mask=mask_t)
         tl.store(dA_part_ptr + (part * D_CH + ch) * N + offs_n, dA, mask=mask_n)
         if HAS_D:
             tl.store(dD_part_ptr + part * D_CH + ch, tl.sum(g * u, axis=0))

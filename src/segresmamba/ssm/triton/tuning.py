@@ -16,13 +16,6 @@ fast and need more chunk-state memory).
 8.2 ms with "none", 6.5 ms with "all": 16-bit tiles are laid out 8 tokens per thread and the backward needed
 more registers); with one warp over 64 tokens "none" is as fast (5.09 vs 5.15 ms) and needs no copies
 (0.54 vs 0.85 GiB). Outputs and gradients keep the inputs' dtypes, and copies live only while the kernels run.
-
-``bwd_kernel``: the backward's pass 3. "tile" (``_bwd_grad_kernel``, the default) holds about ten (16 states x
-chunk) fp32 tiles per channel: 255 registers with spills at one warp over 64 tokens (offline ptxas count,
-sm_90a). "state_loop" (``_bwd_grad_state_loop_kernel``) loops over the states with 1-D token vectors and keeps
-only the dB and dC accumulators as tiles: 163-167 registers, no spills (95-96 over 32-token chunks), but about
-2.3x the instructions per channel (a row update touches the whole accumulator). Same outputs; not yet timed
-on a GPU (``--tune`` compares both).
 """
 
 from __future__ import annotations
@@ -36,11 +29,9 @@ MAX_CHANNEL_GROUP = 16  # channels one program walks through, reusing its B and 
 CARRY_ROWS = 64  # chunks per step of the cross-chunk carry
 CARRY_LANES = 32  # (channel, state) lanes per carry program
 UPCAST_MODES = ("all", "states", "none")
-BWD_KERNELS = ("tile", "state_loop")  # backward pass 3: _bwd_grad_kernel, _bwd_grad_state_loop_kernel
 TUNING_ENV = "SEGRESMAMBA_TRITON_SCAN"
 
-TUNING = {"chunk": 64, "warps": 1, "bwd_warps": None, "bwd_maxnreg": None, "max_group": MAX_CHANNEL_GROUP, "upcast": "none",
-          "bwd_kernel": "tile"}
+TUNING = {"chunk": 64, "warps": 1, "bwd_warps": None, "bwd_maxnreg": None, "max_group": MAX_CHANNEL_GROUP, "upcast": "none"}
 
 
 def _read_environment() -> None:
@@ -72,13 +63,4 @@ def kernel_inputs(u, delta, B, C, grad_y=None) -> tuple:
     return up(u, every), up(delta, every), up(B, mode != "none"), up(C, mode != "none"), up(grad_y, every)
 
 
-def bwd_kernel() -> str:
-    """``TUNING["bwd_kernel"]``, checked against :data:`BWD_KERNELS`."""
-    name = TUNING["bwd_kernel"]
-    if name not in BWD_KERNELS:
-        raise ValueError(f"TUNING['bwd_kernel'] must be one of {BWD_KERNELS}, got {name!r}")
-    return name
-
-
-__all__ = ["BWD_KERNELS", "CARRY_LANES", "CARRY_ROWS", "MAX_CHANNEL_GROUP", "TUNING", "TUNING_ENV", "UPCAST_MODES", "bwd_kernel",
-           "kernel_inputs"]
+__all__ = ["CARRY_LANES", "CARRY_ROWS", "MAX_CHANNEL_GROUP", "TUNING", "TUNING_ENV", "UPCAST_MODES", "kernel_inputs"]
