@@ -143,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"From {shown} ({runs_text(df.drop_duplicates(['model', 'git_sha']))}; each row measured alone on one GPU; "
         f"cards: {', '.join(sorted(df.device.astype(str).unique()))}). "
-        "the training step the efficiency profiler of that git SHA timed (see the source tables' headers), batch 1, synthetic tensors; peak = max_memory_allocated (GiB); bf16 = autocast, fp32 weights; "
+        "the training step the efficiency profiler of that git SHA timed (see the source tables' headers), batch 1, synthetic tensors; "
+        "peak = max_memory_allocated (GiB), with CUDA graphs plus the part of the graphs' memory pool no live tensor holds "
+        "(an upper bound: a replay allocates nothing the allocator counts); an empty peak was not validly measured in "
+        "that run (`results/perf/scan_notes.md` says why); bf16 = autocast, fp32 weights; "
         "cuda_graphs: how many ToM layers replayed CUDA graphs (`configs/callbacks/cuda_graphs.yaml` in training), "
         "`whole step` = the forward, loss and backward replayed as CUDA graphs (`configs/callbacks/step_graphs.yaml`), "
         "- = all eager; layout: NDHWC = `--model.channels_last true`; norms: whole-tensor = `--model.fast_norms true` "

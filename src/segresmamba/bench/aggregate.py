@@ -233,13 +233,18 @@ def plot_macs(efficiency_csv: Path, out: Path) -> Path:
     ax.set_yticks(list(y), df.model)
     ax.set_xlabel("GMACs, batch 1")
     device = df.device.iloc[0] if "device" in df else "?"
-    ax.set_title(f"MACs, {efficiency_csv.stem} config · {device} · git {df.git_sha.iloc[0] if 'git_sha' in df else '?'}", fontsize=9)
+    ax.set_title(f"MACs, {efficiency_csv.stem} config · {device} · git {_shas(df)}", fontsize=9)
     ax.legend()
     fig.tight_layout()
     dest = out / f"macs_{efficiency_csv.stem}.png"
     fig.savefig(dest, dpi=120)
     plt.close(fig)
     return dest
+
+
+def _shas(df: pd.DataFrame) -> str:
+    """The short git SHAs of a table's rows (a table can hold rows of several runs)."""
+    return ", ".join(sorted({str(s)[:7] for s in df.git_sha.dropna()})) if "git_sha" in df else "?"
 
 
 def plot_memory(efficiency_csv: Path, out: Path) -> Path:
@@ -257,7 +262,7 @@ def plot_memory(efficiency_csv: Path, out: Path) -> Path:
         ax.barh([i - 0.27 for i in y], df.paper_train_mem_gb.fillna(0), height=0.27, color="tab:gray", label="paper, A100 (GB)")
     ax.set_yticks(y, df.model)
     ax.set_xlabel("peak training memory, batch 1 (fwd + bwd + Adam)")
-    ax.set_title(f"{efficiency_csv.stem}: {df.device.iloc[0]} · torch {df.torch.iloc[0]} · git {str(df.git_sha.iloc[0])[:10]}", fontsize=9)
+    ax.set_title(f"{efficiency_csv.stem}: {df.device.iloc[0]} · torch {df.torch.iloc[0]} · git {_shas(df)}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     dest = out / f"memory_{efficiency_csv.stem}.png"
