@@ -82,10 +82,10 @@ bench-efficiency: $(STAMP) ## params, MACs, memory and the suite's training step
 bench-scan: $(STAMP) ## scan backends on the ToM layer and the scan alone, tuned, with a kernel profile (GPU) -> results/perf/
 	$(PY) -m perf.scan_bench --tune --profile --out results/perf
 
-model-step: $(STAMP) ## whole-model training step on this GPU, eager and with ToM CUDA graphs (BraTS 128^3) -> results/perf/
+model-step: $(STAMP) ## whole-model training step on this GPU in seven modes: eager, ToM graphs, whole-step graphs, fast norms, channels_last (BraTS 128^3) -> results/perf/
 	$(PY) -m perf.model_step --measure --out results/perf
 
-step-profile: $(STAMP) ## GPU kernel time against wall time of a SegResMamba training step, eager and with ToM CUDA graphs -> results/perf/
+step-profile: $(STAMP) ## GPU kernel time (by kind) against wall time of a SegResMamba training step: eager, ToM graphs, whole-step graphs -> results/perf/
 	$(PY) -m perf.step_profile --model $(or $(MODEL),segresmamba) --config brats --out results/perf
 
 ddp-check: $(STAMP) ## DDP on 2 GPUs vs 1 GPU (2 seeds), same fold of the phantoms -> results/ddp/<card>/
