@@ -444,3 +444,17 @@ def test_step_profile_sums_kernel_time_by_kind():
     assert kinds["normalisation"] == (3.0, 6) and kinds["3D convolution (cuDNN)"] == (1.0, 3)
     assert kinds["elementwise and copies"] == (0.5, 60) and kinds["other"] == (0.25, 2)
     assert [k for k, _, _ in kinds_of(table)][0] == "selective scan (Triton)"  # largest first
+
+
+def test_graph_pool_bytes_counts_the_free_part_of_private_pools(monkeypatch):
+    """A replayed graph allocates nothing the allocator counts: the profiler adds the part of the graphs' private
+    pools (pool id other than (0, 0)) that no live tensor holds, on the current device only."""
+    segments = [
+        {"total_size": 100, "allocated_size": 40, "segment_pool_id": (0, 0), "device": 0},  # the default pool
+        {"total_size": 1000, "allocated_size": 300, "segment_pool_id": (1, 7), "device": 0},
+        {"total_size": 500, "allocated_size": 500, "segment_pool_id": (1, 7), "device": 0},
+        {"total_size": 800, "allocated_size": 0, "segment_pool_id": (2, 1), "device": 1},  # another device
+    ]
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert efficiency.graph_pool_bytes() == 700
