@@ -53,22 +53,9 @@ def test_cli_callback_config_refused_without_gpu(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def _train_steps(model, x, y, steps, autocast):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(steps):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = (model(x).float() - y).square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("autocast", [False, True])
-def test_graphed_training_matches_eager(autocast):
+def test_graphed_training_matches_eager(autocast, graph_check):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     torch.backends.cudnn.deterministic = True
@@ -81,24 +68,19 @@ def test_graphed_training_matches_eager(autocast):
     graphed = copy.deepcopy(eager)
     names = graph_tom_layers(graphed, x, torch.bfloat16 if autocast else None, max_tokens=None)
     assert names == graphed_tom_layers(graphed) and len(names) == 8
-    # one step's gradients: the graphs compute what the eager layers compute, to within the spread of two eager
-    # runs (the scan sums dB and dC by atomic adds, and the normalisation layers amplify those last bits upstream)
-    def step_grads(model):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            (model(x).float() - y).square().mean().backward()
-        grads = [p.grad.clone() for p in model.parameters()]
-        model.zero_grad(set_to_none=True)
-        return grads
+    def loss_of(model, x=x):
+        return lambda: (model(x).float() - y).square().mean()
 
-    first, second, graph = step_grads(eager), step_grads(eager), step_grads(graphed)
-    total = torch.cat([g.flatten() for g in first]).norm()
-    floor = (2e-2 if autocast else 1e-5) * total
-    for (name, _), a, b, g in zip(eager.named_parameters(), first, second, graph):
-        assert (g - a).norm() <= 4 * (b - a).norm() + floor, name
+    def train_steps(model, x, steps):
+        return graph_check.adam_losses(model.parameters(), loss_of(model, x), steps, autocast)
+
+    # one step's gradients: the graphs compute what the eager layers compute, to within the spread of two eager runs
+    first, second, graph = (graph_check.step_grads(m.parameters(), loss_of(m), autocast)[1] for m in (eager, eager, graphed))
+    graph_check.assert_within_eager_spread([n for n, _ in eager.named_parameters()], first, second, graph, autocast)
     # then training: the graphs read the parameters the optimizer updates in place. The scan's dB and dC
     # are summed by atomic adds, so two runs differ in the last bits and Adam carries that along.
-    want = _train_steps(eager, x, y, 3, autocast)
-    got = _train_steps(graphed, x, y, 3, autocast)
+    want = train_steps(eager, x, 3)
+    got = train_steps(graphed, x, 3)
     assert got == pytest.approx(want, rel=1e-2 if autocast else 1e-3)
     assert got[-1] < got[0]
     # another shape, eval mode and no-grad calls run eagerly and still work
@@ -106,7 +88,7 @@ def test_graphed_training_matches_eager(autocast):
     with torch.no_grad():
         assert graphed(torch.randn(1, 4, 96, 96, 96, device="cuda")).shape == (1, 3, 96, 96, 96)
     graphed.train()
-    assert _train_steps(graphed, torch.randn(2, 4, 48, 48, 48, device="cuda"), y, 1, autocast)[0] > 0
+    assert train_steps(graphed, torch.randn(2, 4, 48, 48, 48, device="cuda"), 1)[0] > 0
     assert release_tom_graphs(graphed) == names and graphed_tom_layers(graphed) == []
 
 
