@@ -37,7 +37,7 @@ MODES = ("eager", "cuda_graphs", "step_graphs")
 TOP = 15
 # kernel kinds, first match wins (names as the profiler reports them)
 KINDS = (
-    ("selective scan (Triton)", r"^_(fwd|bwd)_(chunk_state|output|grad)|^_carry_kernel|^_bwd_grad_state_loop"),
+    ("selective scan (Triton)", r"^_(fwd|bwd)_(chunk_state|output|grad)|^_carry_kernel"),
     ("selective scan (mamba_ssm)", r"selective_scan"),
     ("oriented causal conv (Triton)", r"^_conv_(fwd|bwd)"),
     ("3D convolution (cuDNN)", r"xmma|cudnn|implicit_gemm|conv_depthwise|convolution|nchwToNhwc|nhwcToNchw|dgrad|wgrad|fprop"),

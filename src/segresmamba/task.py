@@ -225,7 +225,6 @@ class SegmentationTask(L.LightningModule):
         if self.recipe_settings.deep_supervision and model_info(net).deep_supervision:
             net_kwargs.setdefault("deep_supervision", True)
         self.net = create_model(net, in_channels, out_channels, self.img_size, **net_kwargs)
-        self.channels_last = channels_last
         if fast_norms:
             use_fast_norms(self.net)
         if channels_last:
@@ -254,7 +253,7 @@ class SegmentationTask(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image, label = batch["image"], batch["label"]
-        if self.channels_last:
+        if self.hparams.channels_last:
             image = image.contiguous(memory_format=torch.channels_last_3d)
         if self.step_graph is not None and self.step_graph.matches(image, label):
             loss = self.step_graph(image, label)

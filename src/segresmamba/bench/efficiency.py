@@ -138,7 +138,6 @@ def cuda_train_step(task, spec: DatasetSpec, precision: str, steps: int, warmup:
     is captured for this precision before the warm-up. The peak is then the larger of the capture's and the
     steady state's, the latter with the graphs' whole memory pool added (:func:`graph_pool_bytes`)."""
     device = torch.device("cuda")
-    _release(task)  # those of another precision
     step = TrainingStep(task, precision, device)
     batch = synthetic_batch(spec, spec.patch, device)
     graphed = []

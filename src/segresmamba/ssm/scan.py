@@ -280,9 +280,9 @@ def selective_scan(
         name = "torch"
     elif backend == "auto" and u.device.type == "cuda" and _measuring_allowed():
         name = _auto_measured(args)
-    elif backend == "auto" and _signature(*args) in _AUTO_CHOICES:
+    elif backend == "auto" and (measured := _AUTO_CHOICES.get(_signature(*args))):
         # inside a CUDA-graph capture: the choice measured in the warm-up, never a different default
-        name = _AUTO_CHOICES[_signature(*args)][0]
+        name = measured[0]
     else:
         name = resolve_backend(backend, u.device)
     return _call(name, args)
