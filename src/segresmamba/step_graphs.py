@@ -31,6 +31,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from segresmamba.ssm.cuda_graphs import ToMCudaGraphs, graphed_tom_layers
+
 log = logging.getLogger(__name__)
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -73,8 +75,6 @@ class TrainingGraph:
             raise ValueError(f"the network's parameters must all be on {image.device}, as the batch")
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1, got {warmup}")
-        from segresmamba.ssm.cuda_graphs import graphed_tom_layers
-
         if graphed_tom_layers(task.net):
             raise ValueError("the ToM layers already replay their own CUDA graphs (ToMCudaGraphs); use one of the two modes")
         self.signature = self._signature(image, label)
@@ -128,8 +128,6 @@ class StepCudaGraphs(L.Callback):
             raise ValueError(f"StepCudaGraphs needs a CUDA device; this fit runs on {trainer.strategy.root_device.type}")
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(f"StepCudaGraphs cannot accumulate gradients over batches (accumulate_grad_batches={trainer.accumulate_grad_batches}); use 1")
-        from segresmamba.ssm.cuda_graphs import ToMCudaGraphs
-
         if any(isinstance(c, ToMCudaGraphs) for c in trainer.callbacks):
             raise ValueError("StepCudaGraphs and ToMCudaGraphs cannot run together: the step graphs already hold the ToM layers")
         if not hasattr(pl_module, "step_graph"):
