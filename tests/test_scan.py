@@ -211,6 +211,54 @@ def test_auto_order_mode_skips_measuring(monkeypatch):
     assert scan_mod._measuring_allowed()
 
 
+def test_kernel_time_choices_are_kept_apart_from_eager_ones():
+    """A choice made for CUDA-graph replays (timing kernels) is another signature than the eager one."""
+    u = torch.randn(1, 4, 16)
+    args = (u, torch.rand(1, 4, 16), -torch.rand(4, 2), torch.randn(1, 2, 16), torch.randn(1, 2, 16), None, None, None, False)
+    eager = scan_mod._signature(*args)
+    assert not scan_mod.timing_kernels_now()
+    with scan_mod.timing_kernels():
+        with scan_mod.timing_kernels():  # nests
+            assert scan_mod.timing_kernels_now()
+        replay = scan_mod._signature(*args)
+        assert scan_mod.timing_kernels_now()
+    assert not scan_mod.timing_kernels_now()
+    assert replay != eager and replay[:-1] == eager[:-1]
+    assert scan_mod._describe(replay).endswith("(kernel time)") and "kernel" not in scan_mod._describe(eager)
+    with pytest.raises(RuntimeError), scan_mod.timing_kernels():
+        raise RuntimeError("the block fails")
+    assert not scan_mod.timing_kernels_now()  # left on no failure
+
+
+def test_kernel_timing_on_a_cpu_times_the_wall_clock():
+    calls = []
+
+    def fn(a):
+        calls.append(1)
+        time.sleep(0.01)
+        return a[0] * 2
+
+    with scan_mod.timing_kernels():
+        _, times = scan_mod.measure_fastest({"f": fn}, (torch.ones(3),), repeats=2)
+    assert len(calls) == 3 and times["f"] >= 10  # one warm-up, no sleep kernel on a CPU
+
+
+@pytest.mark.gpu
+def test_kernel_timing_hides_the_host():
+    """Inside timing_kernels a call that waits 30 ms on the host and 1 ms on the GPU measures near 1 ms."""
+    x = torch.randn(2048, 2048, device="cuda")
+
+    def host_bound(a):
+        time.sleep(0.03)
+        return a[0] @ a[0]
+
+    _, wall = scan_mod.measure_fastest({"f": host_bound}, (x,), repeats=3)
+    with scan_mod.timing_kernels():
+        _, kernels = scan_mod.measure_fastest({"f": host_bound}, (x,), repeats=3)
+    assert wall["f"] >= 30
+    assert kernels["f"] < 10, kernels
+
+
 def test_import_survives_a_broken_mamba_ssm(tmp_path):
     # a mamba_ssm whose extension fails to load, first on the path
     pkg = tmp_path / "mamba_ssm"

@@ -167,6 +167,10 @@ def test_capture_reuses_the_measured_tom_choice(monkeypatch):
     description = f"ToM dim 8 x {tuple(x.shape)} float32 nslices 4 +grad"
     scan_mod.record_auto_choice(description, "triton_fused", {"triton_fused": 1.0, "per_branch": 2.0})
     assert layer._choose_fused(x, 4) is True
+    with scan_mod.timing_kernels():  # a capture's warm-up times kernels: the eager choice is not its
+        assert layer._choose_fused(x, 4) is False
+        scan_mod.record_auto_choice(f"{description} (kernel time)", "triton_fused", {"triton_fused": 1.0, "per_branch": 2.0})
+        assert layer._choose_fused(x, 4) is True
     scan_mod.auto_choices(reset=True)
 
 

@@ -17,7 +17,8 @@ Constraints (those of CUDA graphs, checked where they can be):
   several batches is refused;
 - nothing in the forward may synchronise with the host or branch on tensor values; the suite's networks and
   losses do not (the GPU tests capture every ToM-holding model and the nnU-Net-style net with deep supervision);
-- the ``auto`` scan choices are measured in the warm-up before the capture and then stay fixed.
+- the ``auto`` scan choices are measured in the warm-up before the capture, by the GPU's time alone (a replay
+  has no launch cost; :func:`segresmamba.ssm.scan.timing_kernels`), and then stay fixed.
 
 :class:`StepCudaGraphs` is the Lightning callback (``configs/callbacks/step_graphs.yaml``) that captures the
 graphs on the first training batch of a fit, under the trainer's autocast.
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from segresmamba.ssm.cuda_graphs import ToMCudaGraphs, graphed_tom_layers
+from segresmamba.ssm.scan import timing_kernels
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,9 @@ class TrainingGraph:
         task.net.train()
         try:
             # autocast's weight-cast cache cannot cross a graph boundary: the capture casts inside the graphs
-            with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None, cache_enabled=False):
+            # timing_kernels: the warm-up's ``auto`` choices are for replays, where launches cost nothing
+            with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None, cache_enabled=False), \
+                    timing_kernels():
                 # allow_unused_input: parameters the training forward never reads (UNETR's unused ViT parts)
                 # get no gradient, as in the eager step
                 self._graphed = torch.cuda.make_graphed_callables(

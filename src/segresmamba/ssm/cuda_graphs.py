@@ -15,7 +15,8 @@ Constraints (those of partial-network capture, checked where they can be):
 - the captured layers share one memory pool and must run in the order of the capture, forward then
   backward in reverse, as an encoder does; the parameters must be updated in place (every
   ``torch.optim`` optimizer does) and must not be replaced;
-- the ``auto`` scan choices are made in the warm-up before the capture and then stay fixed.
+- the ``auto`` scan choices are made in the warm-up before the capture, by the GPU's time alone
+  (:func:`segresmamba.ssm.scan.timing_kernels`), and then stay fixed.
 
 :func:`release_tom_graphs` restores the ordinary forward and frees the graphs. :class:`ToMCudaGraphs` is the
 Lightning callback that captures them before a fit's first training step.
@@ -29,6 +30,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from segresmamba.ssm.scan import timing_kernels
 from segresmamba.ssm.tom import TriOrientedMamba
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,9 @@ def graph_tom_layers(
     model.train()
     try:
         # autocast's weight-cast cache cannot cross a graph boundary: the capture casts inside the graphs
-        with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None, cache_enabled=False):
+        # timing_kernels: the warm-up's ``auto`` choices are for replays, where launches cost nothing
+        with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None, cache_enabled=False), \
+                timing_kernels():
             torch.cuda.make_graphed_callables(layers, samples, num_warmup_iters=warmup)
     finally:
         model.train(was_training)

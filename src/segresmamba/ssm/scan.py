@@ -9,6 +9,9 @@
   signature (shape, dtypes, options, grad mode) times every available GPU backend on those very inputs
   (forward, plus backward when gradients are on; one warm-up and three timed calls each) and keeps the
   fastest for that signature: which one wins depends on size and precision (results/perf/scan.md).
+  Eagerly it times the wall clock, launches included; inside :func:`timing_kernels` (the warm-up before a
+  CUDA-graph capture, whose replays cost no launches) it times the GPU's work alone, and keeps that choice
+  apart from the eager one.
   Under CUDA-graph capture or ``torch.compile``, or with ``SEGRESMAMBA_SCAN_AUTO=order``, it takes the
   first available in ``AUTO_CUDA_ORDER`` instead (``mamba_ssm``, ``triton``, then ``torch``). On a CPU
   it is ``torch``. :func:`auto_choices` lists what was chosen and the times behind it.
@@ -26,7 +29,8 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -92,7 +96,32 @@ _warned: set[str] = set()
 # signature -> (chosen backend, {backend: ms per call}); filled by ``auto`` on CUDA
 _AUTO_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
 AUTO_REPEATS = 3
+# > 0 inside ``timing_kernels``: ``auto`` measures GPU time, not wall time (see measure_fastest)
+_kernel_timing_depth = 0
+# an upper bound of a GPU's SM clock, to turn milliseconds into torch.cuda._sleep cycles (a longer sleep is harmless)
+_SLEEP_CYCLES_PER_MS = 2_000_000
+_MAX_SLEEP_MS = 500.0
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def timing_kernels() -> Iterator[None]:
+    """Within this block ``auto`` times its candidates by the GPU's work alone, the host's launch time hidden.
+
+    For choices that CUDA graphs will replay (:mod:`segresmamba.step_graphs`, :mod:`segresmamba.ssm.cuda_graphs`):
+    a replay costs no launches, so a path of many short kernels can win there and lose eagerly. Choices made
+    here are kept apart from the eager ones (their signature says "kernel time")."""
+    global _kernel_timing_depth
+    _kernel_timing_depth += 1
+    try:
+        yield
+    finally:
+        _kernel_timing_depth -= 1
+
+
+def timing_kernels_now() -> bool:
+    """Whether ``auto`` measures GPU time here (inside :func:`timing_kernels`)."""
+    return _kernel_timing_depth > 0
 
 
 def register_scan_backend(name: str, load: Callable[[], ScanFn], cuda_only: bool, prefer_on_cuda: bool = False) -> None:
@@ -161,8 +190,9 @@ def auto_choices(reset: bool = False) -> dict[str, dict]:
 def _describe(key: tuple) -> str:
     if key[0] == "text":  # choices recorded by other layers (see record_auto_choice)
         return key[1]
-    device, dtypes, shape, n, flags, grad = key
-    return f"cuda:{device} {'/'.join(dtypes)} (b, d, L)={shape} N={n} {flags}{' +grad' if grad else ''}"
+    device, dtypes, shape, n, flags, grad, kernel_time = key
+    return (f"cuda:{device} {'/'.join(dtypes)} (b, d, L)={shape} N={n} {flags}{' +grad' if grad else ''}"
+            f"{' (kernel time)' if kernel_time else ''}")
 
 
 def recorded_auto_choice(description: str) -> str | None:
@@ -180,7 +210,7 @@ def record_auto_choice(description: str, name: str, times: dict[str, float]) -> 
 def _signature(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tuple:
     flags = "".join(f for f, on in (("z", z is not None), ("D", D is not None), ("b", delta_bias is not None), ("s", delta_softplus)) if on)
     dtypes = tuple(str(t.dtype).removeprefix("torch.") for t in (u, delta, B))
-    return (u.device.index, dtypes, tuple(u.shape), A.shape[-1], flags, torch.is_grad_enabled())
+    return (u.device.index, dtypes, tuple(u.shape), A.shape[-1], flags, torch.is_grad_enabled(), timing_kernels_now())
 
 
 def _call(name: str, args: tuple) -> torch.Tensor:
@@ -204,29 +234,45 @@ def measure_fastest(
     """Time each ``fns[name](args)`` on copies of ``args`` (forward, and backward when grad is on);
     returns the fastest name and the median milliseconds per call of each.
 
+    Eagerly the time is the wall clock between two device synchronisations. Inside :func:`timing_kernels`, on
+    CUDA, it is the GPU's time alone: a sleep kernel holds the GPU while the host queues the call, and CUDA
+    events around the call time its kernels back to back (one more untimed wall-clock call sizes the sleep).
+
     The backward differentiates with respect to the copies and ``wrt`` (e.g. a layer's parameters)
     through ``torch.autograd.grad``, so no ``.grad`` of the caller's tensors is touched."""
     repeats = AUTO_REPEATS if repeats is None else repeats
     grad = torch.is_grad_enabled()
     device = args[0].device
+    kernel_time = timing_kernels_now() and device.type == "cuda"
+    untimed = 2 if kernel_time else 1  # compile / warm up; in kernel time also size the sleep
     times: dict[str, float] = {}
     for name, fn in fns.items():
         samples = []
         try:
-            for i in range(repeats + 1):  # the first call compiles / warms up and is not counted
+            host_ms = 0.0
+            for i in range(repeats + untimed):
                 copies = tuple(
                     t.detach().clone().requires_grad_(grad and t.is_floating_point()) if isinstance(t, torch.Tensor) else t
                     for t in args
                 )
                 _sync(device)
+                if kernel_time and i >= untimed:
+                    torch.cuda._sleep(int(min(2 * host_ms + 1, _MAX_SLEEP_MS) * _SLEEP_CYCLES_PER_MS))
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
                 t0 = time.perf_counter()
                 y = fn(copies)
                 if grad:
                     leaves = [t for t in copies if isinstance(t, torch.Tensor) and t.requires_grad] + [w for w in wrt if w.requires_grad]
                     torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
+                if kernel_time and i >= untimed:
+                    end.record()
                 _sync(device)
-                if i:
-                    samples.append((time.perf_counter() - t0) * 1000)
+                wall_ms = (time.perf_counter() - t0) * 1000
+                if i == untimed - 1:
+                    host_ms = wall_ms
+                elif i >= untimed:
+                    samples.append(start.elapsed_time(end) if kernel_time else wall_ms)
         except Exception as err:  # noqa: BLE001 - a backend that fails here is left out, with a warning
             warnings.warn(f"scan backend {name!r} failed while auto measured it and is not used: {type(err).__name__}: {err}", stacklevel=2)
             continue

@@ -165,10 +165,12 @@ class TriOrientedMamba(nn.Module):
         """``auto``: time the fused path against the per-branch one once per input signature, keep the faster.
 
         Where measuring is not allowed (inside a CUDA-graph capture, under ``torch.compile``), the choice
-        measured earlier for this signature holds (a capture's warm-up makes it); with none, the per-branch path."""
+        measured earlier for this signature holds (a capture's warm-up makes it, timing kernels only: see
+        :func:`segresmamba.ssm.scan.timing_kernels`); with none, the per-branch path."""
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         description = (f"ToM dim {self.dim} x {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
-                       f"{f' autocast {autocast}' if autocast else ''} nslices {nslices}{' +grad' if torch.is_grad_enabled() else ''}")
+                       f"{f' autocast {autocast}' if autocast else ''} nslices {nslices}{' +grad' if torch.is_grad_enabled() else ''}"
+                       f"{' (kernel time)' if scan_mod.timing_kernels_now() else ''}")
         known = scan_mod.recorded_auto_choice(description)
         if known is None and scan_mod._measuring_allowed():
             known, times = scan_mod.measure_fastest(
