@@ -53,6 +53,13 @@ def _token_index(p, code, L, S, M):
 
 
 @triton.jit
+def _scan_position(n, code, L, S, M):
+    """Inverse of :func:`_token_index`: the scan position of natural token n (inter-slice: n = s M + m is
+    visited at p = m S + s)."""
+    return tl.where(code == FORWARD_CODE, n, tl.where(code == REVERSE_CODE, L - 1 - n, (n % M) * S + n // M))
+
+
+@triton.jit
 def _chunk_tile(k, code, L, N, S, M, T: tl.constexpr, BN: tl.constexpr):
     """Scan positions of chunk k, their addresses in the branch's order, state lanes and masks.
 
@@ -330,7 +337,7 @@ def _bwd_grad_kernel(
 @triton.jit
 def _conv_pre(x_row, w_row, bias_row, p, ch, mask_d, code, L, S, M, sx_d, sx_l, sw_d,
               K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """Pre-activation (BD channels x BT scan positions) of one branch's causal conv, in fp32."""
+    """Pre-activation (BD channels x BT tokens at scan positions p) of one branch's causal conv, in fp32."""
     acc = tl.zeros([BD, BT], dtype=tl.float32) + tl.load(bias_row + ch, mask=mask_d, other=0.0).to(tl.float32)[:, None]
     for k in tl.static_range(K):
         q = p - (K - 1) + k
@@ -340,6 +347,11 @@ def _conv_pre(x_row, w_row, bias_row, p, ch, mask_d, code, L, S, M, sx_d, sx_l, 
         wk = tl.load(w_row + ch * sw_d + k, mask=mask_d, other=0.0).to(tl.float32)
         acc += wk[:, None] * xv.to(tl.float32)
     return acc
+
+
+# The conv kernels tile natural token indices n (and find each one's scan position p): every load and store
+# of a (channels x tokens) tensor is then contiguous along the tokens in every order. A tap's neighbour in the
+# inter-slice order is the same position of the previous slice, M tokens away, itself contiguous in n.
 
 
 @triton.jit(do_not_specialize=("L", "D_CH", "NB", "S", "M"))
@@ -353,15 +365,15 @@ def _conv_fwd_kernel(
     branch = row // NB
     xb = (row % NB).to(tl.int64)
     code = tl.load(code_ptr + branch)
-    p = pid_t * BT + tl.arange(0, BT)
+    n = pid_t * BT + tl.arange(0, BT)
+    p = _scan_position(n, code, L, S, M)
     ch = pid_d * BD + tl.arange(0, BD)
     mask_d = ch < D_CH
     acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, p, ch, mask_d, code, L, S, M,
                     sx_d, sx_l, sw_d, K, BT, BD)
     out = acc * tl.sigmoid(acc)
-    idx_p = _token_index(p, code, L, S, M)
-    mask = mask_d[:, None] & (p < L)[None, :]
-    tl.store(u_ptr + row.to(tl.int64) * su_r + ch[:, None] * su_d + idx_p[None, :], out, mask=mask)
+    mask = mask_d[:, None] & (n < L)[None, :]
+    tl.store(u_ptr + row.to(tl.int64) * su_r + ch[:, None] * su_d + n[None, :], out, mask=mask)
 
 
 @triton.jit(do_not_specialize=("L", "D_CH", "NB", "S", "M", "NT"))
@@ -371,24 +383,23 @@ def _conv_bwd_pre_kernel(
     sx_b, sx_d, sx_l, sw_o, sw_d, sb_o, sg_r, sg_d,
     K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
-    """gp (scan order) = g * silu'(pre); partial dw, dbias per (row, token block)."""
+    """gp (natural order) = g * silu'(pre); partial dw, dbias per (row, token block)."""
     pid_t, pid_d, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     branch = row // NB
     xb = (row % NB).to(tl.int64)
     row64 = row.to(tl.int64)
     code = tl.load(code_ptr + branch)
-    p = pid_t * BT + tl.arange(0, BT)
+    n = pid_t * BT + tl.arange(0, BT)
+    p = _scan_position(n, code, L, S, M)
     ch = pid_d * BD + tl.arange(0, BD)
     mask_d = ch < D_CH
-    mask_p = p < L
     acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, p, ch, mask_d, code, L, S, M,
                     sx_d, sx_l, sw_d, K, BT, BD)
     sig = tl.sigmoid(acc)
-    idx_p = _token_index(p, code, L, S, M)
-    mask = mask_d[:, None] & mask_p[None, :]
-    g = tl.load(gu_ptr + row64 * sg_r + ch[:, None] * sg_d + idx_p[None, :], mask=mask, other=0.0).to(tl.float32)
+    mask = mask_d[:, None] & (n < L)[None, :]
+    g = tl.load(gu_ptr + row64 * sg_r + ch[:, None] * sg_d + n[None, :], mask=mask, other=0.0).to(tl.float32)
     gp = tl.where(mask, g * sig * (1.0 + acc * (1.0 - sig)), 0.0)
-    tl.store(gp_ptr + row64 * L * D_CH + ch[:, None] * L + p[None, :], gp, mask=mask)
+    tl.store(gp_ptr + row64 * L * D_CH + ch[:, None] * L + n[None, :], gp, mask=mask)
     part = (row64 * NT + pid_t) * D_CH + ch
     tl.store(db_part_ptr + part, tl.sum(gp, axis=1), mask=mask_d)
     for k in tl.static_range(K):
@@ -406,21 +417,22 @@ def _conv_bwd_dx_kernel(
     sw_o, sw_d,
     K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
-    """dx of one branch, natural order: dx[idx(q)] = sum_k w[k] gp[q + K - 1 - k]."""
+    """dx of one branch at natural tokens n, scan position q: dx[n] = sum_k w[k] gp[idx(q + K - 1 - k)]."""
     pid_t, pid_d, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     branch = row // NB
     row64 = row.to(tl.int64)
     code = tl.load(code_ptr + branch)
-    q = pid_t * BT + tl.arange(0, BT)
+    n = pid_t * BT + tl.arange(0, BT)
+    q = _scan_position(n, code, L, S, M)
     ch = pid_d * BD + tl.arange(0, BD)
     mask_d = ch < D_CH
     acc = tl.zeros([BD, BT], dtype=tl.float32)
     for k in tl.static_range(K):
         src = q + (K - 1) - k
         valid = src < L
-        gp = tl.load(gp_ptr + row64 * L * D_CH + ch[:, None] * L + src[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
+        idx = _token_index(src, code, L, S, M)
+        gp = tl.load(gp_ptr + row64 * L * D_CH + ch[:, None] * L + idx[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
         wk = tl.load(w_ptr + branch * sw_o + ch * sw_d + k, mask=mask_d, other=0.0).to(tl.float32)
         acc += wk[:, None] * gp
-    idx_q = _token_index(q, code, L, S, M)
-    mask = mask_d[:, None] & (q < L)[None, :]
-    tl.store(dx_ptr + row64 * L * D_CH + ch[:, None] * L + idx_q[None, :], acc, mask=mask)
+    mask = mask_d[:, None] & (n < L)[None, :]
+    tl.store(dx_ptr + row64 * L * D_CH + ch[:, None] * L + n[None, :], acc, mask=mask)
