@@ -85,8 +85,8 @@ bench-scan: $(STAMP) ## scan backends on the ToM layer and the scan alone, tuned
 model-step: $(STAMP) ## whole-model training step on this GPU in seven modes: eager, ToM graphs, whole-step graphs, fast norms, channels_last (BraTS 128^3) -> results/perf/
 	$(PY) -m perf.model_step --measure --out results/perf
 
-step-profile: $(STAMP) ## GPU kernel time (by kind) against wall time of a SegResMamba training step: eager, ToM graphs, whole-step graphs -> results/perf/
-	$(PY) -m perf.step_profile --model $(or $(MODEL),segresmamba) --config brats --out results/perf
+step-profile: $(STAMP) ## GPU kernel time (by kind) against wall time of a SegResMamba training step: eager, ToM graphs, whole-step graphs (FAST_NORMS=1: with fast_norms) -> results/perf/
+	$(PY) -m perf.step_profile --model $(or $(MODEL),segresmamba) --config brats --out results/perf $(if $(FAST_NORMS),--fast-norms)
 
 ddp-check: $(STAMP) ## DDP on 2 GPUs vs 1 GPU (2 seeds), same fold of the phantoms -> results/ddp/<card>/
 	test -f data/phantoms/brats/PHANTOM.json || $(PY) -m segresmamba.data.write_phantoms brats --out data/phantoms/brats --cases 10 --size 64 --seed 0

@@ -12,6 +12,8 @@ writes ``step_profile_<model>_<config>.md``: per mode (``eager``; ``cuda_graphs`
 replaying CUDA graphs, :mod:`segresmamba.ssm.cuda_graphs`; ``step_graphs``: the whole forward, loss and
 backward replaying CUDA graphs, :mod:`segresmamba.step_graphs`), the median wall time of a step, the GPU
 kernel time and launches per step (torch.profiler), the kernel time by kind and the largest kernels.
+``--fast-norms`` profiles the nets with ``fast_norms`` (the fastest mode is ``step_graphs`` with it) and writes
+``step_profile_<model>_<config>_fast_norms.md``.
 """
 
 from __future__ import annotations
@@ -71,18 +73,20 @@ def wall_ms(step, batch: dict, steps: int) -> float:
     return statistics.median(times)
 
 
-def profile(model_name: str, config: str, precision: str, modes: list[str], steps: int, warmup: int, recipe: str = "paper") -> list[str]:
+def profile(model_name: str, config: str, precision: str, modes: list[str], steps: int, warmup: int, recipe: str = "paper",
+            fast_norms: bool = False) -> list[str]:
     spec = get_dataset_spec(config)
     torch.backends.cudnn.benchmark = True  # as the training configs
     torch.manual_seed(0)
     device = torch.device("cuda")
-    step = TrainingStep(build_task(model_name, spec, recipe=recipe), precision, device)
+    step = TrainingStep(build_task(model_name, spec, recipe=recipe, fast_norms=fast_norms), precision, device)
     batch = synthetic_batch(spec, spec.patch, device)
     model, x, dtype = step.task.net, batch["image"], step.dtype
     prov = provenance(device, precision)
     lines = [f"# Training step of {model_name}, {config} {'x'.join(map(str, spec.patch))} b1 {precision}: GPU kernels against wall time", "",
              f"{prov['device']} · git {prov['git_sha']} · torch {prov['versions'].get('torch')} · triton {prov['versions'].get('triton')} · "
              f"synthetic tensors, the suite's training step (recipe {recipe}: task loss, backward, optimiser step), "
+             f"norms: {'whole-tensor (`--model.fast_norms true`)' if fast_norms else 'PyTorch kernels'}, "
              f"`cudnn.benchmark` on. Wall: median of {steps} steps after {warmup} warm-ups "
              "(CUDA synchronised around each). Kernels: torch.profiler, mean of 3 steps. Names are cut at 90 characters.", "",
              "| mode | ToM layers in CUDA graphs | wall ms / step | GPU kernel ms / step | kernel share of wall | launches / step |",
@@ -117,15 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--fast-norms", action="store_true", help="GroupNorm and InstanceNorm by whole-tensor reductions (--model.fast_norms)")
     p.add_argument("--out", type=Path, default=Path("results/perf"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: step_profile needs a GPU (CUDA is not available)")
     if args.model not in segresmamba.list_models():
         raise SystemExit(f"error: unknown model {args.model!r}; known models: {', '.join(segresmamba.list_models())}")
-    lines = profile(args.model, args.config, args.precision, args.modes, args.steps, args.warmup, args.recipe)
+    lines = profile(args.model, args.config, args.precision, args.modes, args.steps, args.warmup, args.recipe, args.fast_norms)
     args.out.mkdir(parents=True, exist_ok=True)
-    dest = args.out / f"step_profile_{args.model}_{args.config}.md"
+    dest = args.out / f"step_profile_{args.model}_{args.config}{'_fast_norms' if args.fast_norms else ''}.md"
     dest.write_text("\n".join(lines) + "\n")
     print(f"wrote {dest}")
     return 0
