@@ -435,7 +435,7 @@ def test_efficiency_refuses_cuda_graphs_on_a_cpu(mode, capsys):
 def test_step_profile_sums_kernel_time_by_kind():
     from perf.step_profile import kinds_of
 
-    table = [("_bwd_grad_kernel", 8.0, 1), ("_carry_kernel", 1.0, 1), ("_conv_bwd_kernel", 2.0, 1),
+    table = [("_bwd_grad_kernel", 8.0, 1), ("_carry_kernel", 1.0, 1), ("_conv_bwd_pre_kernel", 2.0, 1),
              ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>", 3.0, 6),
              ("sm80_xmma_fprop_implicit_gemm_indexed_bf16", 1.0, 3), ("void at::native::elementwise_kernel<128, 4>", 0.5, 60),
              ("something new", 0.25, 2)]

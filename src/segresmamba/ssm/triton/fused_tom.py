@@ -18,9 +18,8 @@ w (d, K) and bias c::
 
 Backward (g = grad of u): ``gp[p] = g[idx(p)] silu'(pre[p])``, ``dx[idx(q)] = sum_k w[k] gp[q + K - 1 - k]``,
 ``dw[k] = sum_p gp[p] x[idx(p - K + 1 + k)]``, ``dc = sum_p gp[p]``; dx of the branches is summed (they share x).
-The kernels tile natural token indices, so that the inter-slice branch reads and writes whole runs of tokens
-rather than one token per M-strided cache sector. The backward is one kernel: it recomputes the K values of gp
-each dx needs (gp is never stored) and sums dx over the branches before its one store.
+The kernels tile natural token indices and store gp in natural order too, so that the inter-slice branch reads
+and writes whole runs of tokens rather than one token per M-strided cache sector.
 
 Imports Triton: :class:`~segresmamba.ssm.tom.TriOrientedMamba` loads this module on the first fused call
 (where :func:`segresmamba.ssm.triton.fused_available` says the path runs).
@@ -33,7 +32,7 @@ import triton
 
 from segresmamba.ssm.orientations import orientation_codes
 from segresmamba.ssm.triton.autograd import codes_on, last_dim_unit, oriented_scan_triton
-from segresmamba.ssm.triton.kernels import _conv_bwd_kernel, _conv_fwd_kernel
+from segresmamba.ssm.triton.kernels import _conv_bwd_dx_kernel, _conv_bwd_pre_kernel, _conv_fwd_kernel
 
 BLOCK_T, BLOCK_D = 128, 16
 
@@ -67,15 +66,22 @@ class OrientedConvSiluFn(torch.autograd.Function):
         grad_u = last_dim_unit(grad_u.reshape(branches * b, d, length))
         code_t = codes_on(x.device, codes)
         nt = triton.cdiv(length, BLOCK_T)
+        grid = (nt, triton.cdiv(d, BLOCK_D), branches * b)
         f32 = dict(dtype=torch.float32, device=x.device)
-        dx = torch.empty(b, d, length, dtype=x.dtype, device=x.device)
+        gp = torch.empty(branches * b, d, length, **f32)
         dw_part = torch.empty(branches * b * nt, d, k, **f32)
         db_part = torch.empty(branches * b * nt, d, **f32)
-        _conv_bwd_kernel[(nt, triton.cdiv(d, BLOCK_D), b)](
-            x, weight, bias, grad_u, dx, dw_part, db_part, code_t, length, d, b, branches, nslices, length // nslices, nt,
+        _conv_bwd_pre_kernel[grid](
+            x, weight, bias, grad_u, gp, dw_part, db_part, code_t, length, d, b, nslices, length // nslices, nt,
             x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), bias.stride(0), grad_u.stride(0), grad_u.stride(1),
             K=k, BT=BLOCK_T, BD=BLOCK_D,
         )
+        dx_branch = torch.empty(branches * b, d, length, **f32)
+        _conv_bwd_dx_kernel[grid](
+            weight, gp, dx_branch, code_t, length, d, b, nslices, length // nslices, weight.stride(0), weight.stride(1),
+            K=k, BT=BLOCK_T, BD=BLOCK_D,
+        )
+        dx = dx_branch.view(branches, b, d, length).sum(0).to(x.dtype)
         dw = dw_part.view(branches, -1, d, k).sum(1).to(weight.dtype)
         db = db_part.view(branches, -1, d).sum(1).to(bias.dtype)
         return dx, dw, db, None, None

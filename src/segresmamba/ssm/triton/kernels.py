@@ -21,7 +21,7 @@ Scan (per chunk of T tokens, a group of GROUP channels per program; the carry ke
   and ddelta_bias go to one partial row per (batch, chunk), summed afterwards (deterministic).
 
 Causal depthwise conv + SiLU along each branch's scan order (the equations are in
-:mod:`segresmamba.ssm.triton.fused_tom`): ``_conv_fwd_kernel``, ``_conv_bwd_kernel``.
+:mod:`segresmamba.ssm.triton.fused_tom`): ``_conv_fwd_kernel``, ``_conv_bwd_pre_kernel``, ``_conv_bwd_dx_kernel``.
 """
 
 from __future__ import annotations
@@ -376,46 +376,63 @@ def _conv_fwd_kernel(
     tl.store(u_ptr + row.to(tl.int64) * su_r + ch[:, None] * su_d + n[None, :], out, mask=mask)
 
 
-@triton.jit(do_not_specialize=("L", "D_CH", "NB", "R", "S", "M", "NT"))
-def _conv_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, gu_ptr, dx_ptr, dw_part_ptr, db_part_ptr, code_ptr,
-    L, D_CH, NB, R, S, M, NT,
+@triton.jit(do_not_specialize=("L", "D_CH", "NB", "S", "M", "NT"))
+def _conv_bwd_pre_kernel(
+    x_ptr, w_ptr, bias_ptr, gu_ptr, gp_ptr, dw_part_ptr, db_part_ptr, code_ptr,
+    L, D_CH, NB, S, M, NT,
     sx_b, sx_d, sx_l, sw_o, sw_d, sb_o, sg_r, sg_d,
     K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
-    """The whole conv backward of every branch at natural tokens n of one batch element, in one pass.
-
-    Branch by branch, at n's scan position q: ``dx[n] += sum_j w[K-1-j] gp[q + j]``, with each
-    ``gp[q + j] = g[idx(q + j)] silu'(pre[q + j])`` recomputed from x (no gp tensor is written), and the
-    partial dw, dbias of the positions q. dx is summed over the branches here and stored once, in x's dtype.
-    """
-    pid_t, pid_d, xb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    xb64 = xb.to(tl.int64)
+    """gp (natural order) = g * silu'(pre); partial dw, dbias per (row, token block)."""
+    pid_t, pid_d, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    branch = row // NB
+    xb = (row % NB).to(tl.int64)
+    row64 = row.to(tl.int64)
+    code = tl.load(code_ptr + branch)
     n = pid_t * BT + tl.arange(0, BT)
+    p = _scan_position(n, code, L, S, M)
     ch = pid_d * BD + tl.arange(0, BD)
     mask_d = ch < D_CH
+    acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, p, ch, mask_d, code, L, S, M,
+                    sx_d, sx_l, sw_d, K, BT, BD)
+    sig = tl.sigmoid(acc)
     mask = mask_d[:, None] & (n < L)[None, :]
-    x_row = x_ptr + xb64 * sx_b
-    dx = tl.zeros([BD, BT], dtype=tl.float32)
-    for branch in range(R):
-        row64 = (branch * NB + xb).to(tl.int64)
-        code = tl.load(code_ptr + branch)
-        w_row = w_ptr + branch * sw_o
-        q = _scan_position(n, code, L, S, M)
-        for j in tl.static_range(K):
-            p = q + j
-            valid = mask & (p < L)[None, :]
-            pre = _conv_pre(x_row, w_row, bias_ptr + branch * sb_o, p, ch, mask_d, code, L, S, M, sx_d, sx_l, sw_d, K, BT, BD)
-            g = tl.load(gu_ptr + row64 * sg_r + ch[:, None] * sg_d + _token_index(p, code, L, S, M)[None, :], mask=valid, other=0.0)
-            sig = tl.sigmoid(pre)
-            gp = tl.where(valid, g.to(tl.float32) * sig * (1.0 + pre * (1.0 - sig)), 0.0)
-            dx += tl.load(w_row + ch * sw_d + (K - 1 - j), mask=mask_d, other=0.0).to(tl.float32)[:, None] * gp
-            if j == 0:  # the positions q themselves: this tile's share of dw and dbias
-                part = (row64 * NT + pid_t) * D_CH + ch
-                tl.store(db_part_ptr + part, tl.sum(gp, axis=1), mask=mask_d)
-                for k in tl.static_range(K):
-                    src = q - (K - 1) + k
-                    xv = tl.load(x_row + ch[:, None] * sx_d + _token_index(src, code, L, S, M)[None, :] * sx_l,
-                                 mask=mask & (src >= 0)[None, :], other=0.0)
-                    tl.store(dw_part_ptr + part * K + k, tl.sum(gp * xv.to(tl.float32), axis=1), mask=mask_d)
-    tl.store(dx_ptr + xb64 * D_CH * L + ch[:, None] * L + n[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    g = tl.load(gu_ptr + row64 * sg_r + ch[:, None] * sg_d + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    gp = tl.where(mask, g * sig * (1.0 + acc * (1.0 - sig)), 0.0)
+    tl.store(gp_ptr + row64 * L * D_CH + ch[:, None] * L + n[None, :], gp, mask=mask)
+    part = (row64 * NT + pid_t) * D_CH + ch
+    tl.store(db_part_ptr + part, tl.sum(gp, axis=1), mask=mask_d)
+    for k in tl.static_range(K):
+        q = p - (K - 1) + k
+        valid = (q >= 0) & (q < L)
+        idx = _token_index(q, code, L, S, M)
+        xv = tl.load(x_ptr + xb * sx_b + ch[:, None] * sx_d + idx[None, :] * sx_l, mask=mask_d[:, None] & valid[None, :], other=0.0)
+        tl.store(dw_part_ptr + part * K + k, tl.sum(gp * xv.to(tl.float32), axis=1), mask=mask_d)
+
+
+@triton.jit(do_not_specialize=("L", "D_CH", "NB", "S", "M"))
+def _conv_bwd_dx_kernel(
+    w_ptr, gp_ptr, dx_ptr, code_ptr,
+    L, D_CH, NB, S, M,
+    sw_o, sw_d,
+    K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+):
+    """dx of one branch at natural tokens n, scan position q: dx[n] = sum_k w[k] gp[idx(q + K - 1 - k)]."""
+    pid_t, pid_d, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    branch = row // NB
+    row64 = row.to(tl.int64)
+    code = tl.load(code_ptr + branch)
+    n = pid_t * BT + tl.arange(0, BT)
+    q = _scan_position(n, code, L, S, M)
+    ch = pid_d * BD + tl.arange(0, BD)
+    mask_d = ch < D_CH
+    acc = tl.zeros([BD, BT], dtype=tl.float32)
+    for k in tl.static_range(K):
+        src = q + (K - 1) - k
+        valid = src < L
+        idx = _token_index(src, code, L, S, M)
+        gp = tl.load(gp_ptr + row64 * L * D_CH + ch[:, None] * L + idx[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
+        wk = tl.load(w_ptr + branch * sw_o + ch * sw_d + k, mask=mask_d, other=0.0).to(tl.float32)
+        acc += wk[:, None] * gp
+    mask = mask_d[:, None] & (n < L)[None, :]
+    tl.store(dx_ptr + row64 * L * D_CH + ch[:, None] * L + n[None, :], acc, mask=mask)
