@@ -394,3 +394,77 @@ def test_instance_norm_under_cuda_autocast_keeps_bf16():
         y, yf = ref(x), fast(x)
     assert yf.dtype == y.dtype == torch.bfloat16
     assert torch.allclose(yf.float(), y.float(), atol=3e-2, rtol=3e-2)
+
+
+# ------------------------------------------------------------------ the Triton kernels (interpreter on a CPU)
+
+
+def _interpreting() -> bool:
+    import os
+
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture
+def small_kernel_blocks(monkeypatch):
+    """Small reduction chunks and blocks, so that a few hundred elements span several programs and a ragged tail."""
+    from segresmamba.models import group_norm_kernels as kernels
+
+    monkeypatch.setattr(kernels, "CHUNK", 64)
+    monkeypatch.setattr(kernels, "BLOCK", 16)
+    return kernels
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("shape,groups,affine", [((2, 6, 5, 7, 3), 3, True), ((1, 4, 9, 9, 9), 4, True),
+                                                 ((2, 8, 3, 4, 5), 2, False), ((1, 6, 10), 1, True)])
+def test_kernels_under_interpreter_match_nn(shape, groups, affine, small_kernel_blocks):
+    assert gn_mod._use_kernels(torch.zeros(shape))
+    ref, ours = _pair(shape, groups, affine, torch.float32)
+    x = torch.randn(shape) * 2 + 0.5
+    grad = torch.randn(shape)
+    y_ref, g_ref = _run(ref, x, grad)
+    y, g = _run(ours, x, grad)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+def test_kernel_statistics_under_interpreter_keep_precision(small_kernel_blocks):
+    """Mean/std = 3000 in fp32: the Welford/Chan statistics err no more than fp32 var_mean (a sum of squares
+    would lose the variance entirely), against the same fp32 values in fp64."""
+    x = (torch.randn(1, 4, 7, 9, 5, dtype=torch.float64) * 1e-2 + 30.0).float()
+    mean, rstd = small_kernel_blocks.group_stats(x, 2, 1e-8)
+    var64, mean64 = torch.var_mean(x.double().view(1, 2, -1), dim=-1, correction=0)
+    var32, mean32 = torch.var_mean(x.view(1, 2, -1), dim=-1, correction=0)
+    rstd64, rstd32 = torch.rsqrt(var64 + 1e-8), torch.rsqrt(var32.double() + 1e-8)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-7, atol=0)
+    ours, torchs = ((r.double() - rstd64).abs().max() / rstd64.max() for r in (rstd, rstd32))
+    assert ours <= max(2 * torchs, 1e-4), (ours, torchs)
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+def test_kernels_under_interpreter_bf16_instance_norm(small_kernel_blocks):
+    """bf16 in, bf16 out (instance norm keeps its input's dtype), against the fp32 computation of the same input."""
+    from segresmamba.models.group_norm import InstanceNorm3d
+
+    x = (torch.randn(1, 6, 10, 10, 3) * 3 + 5).to(torch.bfloat16)
+    ref = nn.InstanceNorm3d(6, affine=True)
+    fast = copy.deepcopy(ref)
+    fast.__class__ = InstanceNorm3d
+    grad = torch.randn(x.shape)
+    x32 = x.float().requires_grad_()
+    xb = x.clone().requires_grad_()
+    y_ref, y = ref(x32), fast(xb)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref, rtol=0, atol=2e-2)  # one bf16 rounding of values within +-4
+    y_ref.backward(grad)
+    y.backward(grad.to(torch.bfloat16))
+    assert xb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(xb.grad.float(), x32.grad, rtol=0, atol=5e-2)
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=2e-2, atol=5e-2)

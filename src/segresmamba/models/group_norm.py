@@ -26,6 +26,12 @@ otherwise), keeps and saves ``x`` in its own dtype, and computes in fp32 interna
 switched off (autocast's ``promote`` policy for ``addcmul`` would otherwise materialise an fp32 copy).
 A custom ``autograd.Function`` is not seen by autocast, so nothing is cast on the way in.
 
+On CUDA, with Triton, for contiguous fp32 / bf16 / fp16 input, the same algebra runs as Triton kernels
+(:mod:`segresmamba.models.group_norm_kernels`): two passes over the tensor forward (the statistics by
+Welford/Chan updates, then the affine map written in the output dtype) and two backward (the per-channel
+sums, then dx), with no full-size fp32 temporaries. Elsewhere (CPU, fp64, channels-last input) the torch ops
+below run.
+
 Tracing (``torch.jit.trace``, which fvcore's MAC counting uses) goes through ``F.group_norm``: fvcore
 counts ``aten::group_norm`` with its norm handle (5 per element with affine, 4 without), while a custom
 Function appears as ``prim::PythonOp.GroupNormFunction``, which fvcore has no handle for (counted 0).
@@ -34,6 +40,8 @@ Function appears as ``prim::PythonOp.GroupNormFunction``, which fvcore has no ha
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +65,22 @@ def _no_autocast(device: torch.device):
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp16 / bf16 / fp32, fp64 for fp64."""
     return torch.promote_types(dtype, torch.float32)
+
+
+@functools.cache
+def _kernels():
+    """:mod:`segresmamba.models.group_norm_kernels`, or None where Triton does not import."""
+    try:
+        from segresmamba.models import group_norm_kernels
+    except ImportError:
+        return None
+    return group_norm_kernels
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    """The Triton path: CUDA (or Triton's interpreter), a contiguous fp32 / bf16 / fp16 tensor, Triton present."""
+    on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return on_device and x.dtype in (torch.float32, *_LOW_PRECISION) and x.is_contiguous() and _kernels() is not None
 
 
 def _per_channel(t: torch.Tensor, channels: int) -> torch.Tensor:
@@ -115,11 +139,15 @@ class GroupNormFunction(torch.autograd.Function):
             raise ValueError(f"num_channels {c} is not divisible by num_groups {num_groups}")
         acc = _acc_dtype(x.dtype)
         out_dtype = x.dtype if out_dtype is None else out_dtype
+        kernels = _kernels() if _use_kernels(x) else None
         with _no_autocast(x.device):
-            xg = x.unflatten(1, (num_groups, c // num_groups))  # a view for contiguous and channels-last x
-            dims = tuple(range(2, xg.dim()))
-            var, mean = torch.var_mean(xg if x.dtype == acc else xg.to(acc), dim=dims, correction=0)
-            rstd = torch.rsqrt(var + eps)  # (N, G)
+            if kernels is not None:
+                mean, rstd = kernels.group_stats(x, num_groups, eps)
+            else:
+                xg = x.unflatten(1, (num_groups, c // num_groups))  # a view for contiguous and channels-last x
+                dims = tuple(range(2, xg.dim()))
+                var, mean = torch.var_mean(xg if x.dtype == acc else xg.to(acc), dim=dims, correction=0)
+                rstd = torch.rsqrt(var + eps)  # (N, G)
             scale = _per_channel(rstd, c)
             if weight is not None:
                 scale = scale * weight.to(acc)
@@ -127,7 +155,10 @@ class GroupNormFunction(torch.autograd.Function):
             shift = bias.to(acc) - shift if bias is not None else -shift
             bshape = (n, c) + (1,) * (x.dim() - 2)
             y = torch.empty_like(x, dtype=out_dtype)
-            torch.addcmul(shift.view(bshape), x, scale.view(bshape), out=y)  # computed in acc, stored in out_dtype
+            if kernels is not None:
+                kernels.affine_per_channel(x, y, scale, shift)
+            else:
+                torch.addcmul(shift.view(bshape), x, scale.view(bshape), out=y)  # computed in acc, stored in out_dtype
         ctx.save_for_backward(x, mean, rstd, weight)
         ctx.num_groups = num_groups
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -145,9 +176,15 @@ class GroupNormFunction(torch.autograd.Function):
         m = x.numel() // (n * g)
         dims = tuple(range(2, x.dim()))
         bshape = (n, c) + (1,) * (x.dim() - 2)
+        kernels = _kernels() if _use_kernels(x) else None
+        if kernels is not None:
+            grad_y = grad_y.contiguous()
         with _no_autocast(x.device):
-            s1 = grad_y.sum(dim=dims, dtype=acc)  # (N, C)
-            s2 = _mul_acc(grad_y, x, acc).sum(dim=dims) if (need_x or need_w) else None
+            if kernels is not None:
+                s1, s2 = kernels.grad_sums(grad_y, x)  # (N, C) each
+            else:
+                s1 = grad_y.sum(dim=dims, dtype=acc)  # (N, C)
+                s2 = _mul_acc(grad_y, x, acc).sum(dim=dims) if (need_x or need_w) else None
             mean_c, rstd_c = _per_channel(mean, c), _per_channel(rstd, c)
             if need_x:
                 w = None if weight is None else weight.to(acc)
@@ -156,13 +193,16 @@ class GroupNormFunction(torch.autograd.Function):
                 sum_gwx = gw2.view(n, g, c // g).sum(-1)  # B
                 a = (mean * sum_gw - sum_gwx) * rstd.pow(3) / m
                 b2 = -a * mean - rstd * sum_gw / m
-                p = rstd_c if w is None else rstd_c * w
-                t = torch.addcmul(_per_channel(b2, c).view(bshape), x, _per_channel(a, c).view(bshape))
-                if x.dtype == acc:
-                    dx = t.addcmul_(grad_y, p.view(bshape))
+                p, a, b2 = rstd_c if w is None else rstd_c * w, _per_channel(a, c), _per_channel(b2, c)
+                if kernels is not None:
+                    dx = kernels.grad_input(grad_y, x, p, a, b2)
                 else:
-                    dx = torch.addcmul(t, grad_y, p.view(bshape), out=torch.empty_like(x))
-                    del t
+                    t = torch.addcmul(b2.view(bshape), x, a.view(bshape))
+                    if x.dtype == acc:
+                        dx = t.addcmul_(grad_y, p.view(bshape))
+                    else:
+                        dx = torch.addcmul(t, grad_y, p.view(bshape), out=torch.empty_like(x))
+                        del t
             if need_w and weight is not None:
                 dw = ((s2 - mean_c * s1) * rstd_c).sum(0).to(weight.dtype)
             if need_b and ctx.bias_dtype is not None:

@@ -1,0 +1,170 @@
+"""Triton kernels of :class:`segresmamba.models.group_norm.GroupNormFunction` on CUDA (two passes each way).
+
+Imports Triton: :mod:`segresmamba.models.group_norm` loads this module on the first CUDA call (or, for tests,
+under ``TRITON_INTERPRET=1`` on a CPU). The input is an (N, C, S) view of a contiguous (N, C, *spatial)
+tensor, so a group's C/G channels are one contiguous run of M = (C/G) S elements.
+
+Forward, three launches:
+
+- ``_stats_kernel``: grid (N G, splits); each program folds ``CHUNK`` elements of one group into a
+  (count, mean, M2) triple, lane by lane with Welford's update and then across lanes with Chan et al.'s
+  pairwise combination ("Algorithms for computing the sample variance", 1983): no sum of squares, so no
+  cancellation when the mean is large against the spread;
+- ``_finalize_kernel``: grid (N G,); combines a group's triples the same way: mean and rstd = 1/sqrt(var + eps);
+- ``_apply_kernel``: grid (N C, S blocks); y = x scale[n, c] + shift[n, c], scale = rstd w[c],
+  shift = b[c] - mean scale, stored in the output dtype.
+
+Backward, two full passes (the (N, C)-sized algebra between them is in :mod:`~segresmamba.models.group_norm`):
+
+- ``_grad_sums_kernel``: grid (N C, splits); per spatial chunk the partial sums of grad_y and grad_y x;
+- ``_grad_input_kernel``: grid (N C, S blocks); dx = p[n, c] grad_y + a[n, c] x + b2[n, c], in x's dtype.
+
+All arithmetic in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# elements per program of the reductions, and per program of the elementwise passes
+CHUNK = 8192
+BLOCK = 1024
+
+
+@triton.jit
+def _chan_combine(n1, m1, v1, n2, m2, v2):
+    # two (count, mean, M2) summaries -> their union's; an empty side (count 0) leaves the other as it is
+    n = n1 + n2
+    delta = m2 - m1
+    frac = tl.where(n > 0, n2 / tl.maximum(n, 1.0), 0.0)
+    return n, m1 + delta * frac, v1 + v2 + delta * delta * n1 * frac
+
+
+@triton.jit
+def _stats_kernel(x_ptr, part_ptr, M, SPLITS, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, split = tl.program_id(0), tl.program_id(1)
+    base = x_ptr + row.to(tl.int64) * M
+    lanes = tl.arange(0, BLOCK)
+    cnt = tl.zeros([BLOCK], dtype=tl.float32)
+    mean = tl.zeros([BLOCK], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK], dtype=tl.float32)
+    start = split * CHUNK
+    for off in tl.static_range(0, CHUNK, BLOCK):
+        idx = start + off + lanes
+        mask = idx < M
+        x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
+        cnt += mask.to(tl.float32)
+        delta = tl.where(mask, x - mean, 0.0)
+        mean += delta / tl.maximum(cnt, 1.0)
+        m2 += delta * tl.where(mask, x - mean, 0.0)
+    n, mu, v = tl.reduce((cnt, mean, m2), 0, _chan_combine)
+    out = part_ptr + (row.to(tl.int64) * SPLITS + split) * 3
+    tl.store(out, n)
+    tl.store(out + 1, mu)
+    tl.store(out + 2, v)
+
+
+@triton.jit
+def _finalize_kernel(part_ptr, mean_ptr, rstd_ptr, SPLITS, eps, BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)
+    cnt = tl.zeros([BLOCK_S], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_S], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = s < SPLITS
+        src = part_ptr + (row.to(tl.int64) * SPLITS + s) * 3
+        n2 = tl.load(src, mask=mask, other=0.0)
+        mu2 = tl.load(src + 1, mask=mask, other=0.0)
+        v2 = tl.load(src + 2, mask=mask, other=0.0)
+        cnt, mean, m2 = _chan_combine(cnt, mean, m2, n2, mu2, v2)
+    n, mu, v = tl.reduce((cnt, mean, m2), 0, _chan_combine)
+    tl.store(mean_ptr + row, mu)
+    tl.store(rstd_ptr + row, 1.0 / tl.sqrt(v / n + eps))
+
+
+@triton.jit
+def _apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, S, BLOCK: tl.constexpr):
+    plane, blk = tl.program_id(0), tl.program_id(1)
+    idx = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < S
+    off = plane.to(tl.int64) * S + idx
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    y = x * tl.load(scale_ptr + plane) + tl.load(shift_ptr + plane)
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_sums_kernel(dy_ptr, x_ptr, part_ptr, S, SPLITS, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    plane, split = tl.program_id(0), tl.program_id(1)
+    base = plane.to(tl.int64) * S
+    lanes = tl.arange(0, BLOCK)
+    s1 = tl.zeros([BLOCK], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK], dtype=tl.float32)
+    start = split * CHUNK
+    for off in tl.static_range(0, CHUNK, BLOCK):
+        idx = start + off + lanes
+        mask = idx < S
+        dy = tl.load(dy_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        s1 += dy
+        s2 += dy * x
+    out = part_ptr + (plane.to(tl.int64) * SPLITS + split) * 2
+    tl.store(out, tl.sum(s1, axis=0))
+    tl.store(out + 1, tl.sum(s2, axis=0))
+
+
+@triton.jit
+def _grad_input_kernel(dy_ptr, x_ptr, dx_ptr, p_ptr, a_ptr, b_ptr, S, BLOCK: tl.constexpr):
+    plane, blk = tl.program_id(0), tl.program_id(1)
+    idx = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < S
+    off = plane.to(tl.int64) * S + idx
+    dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    dx = tl.load(p_ptr + plane) * dy + tl.load(a_ptr + plane) * x + tl.load(b_ptr + plane)
+    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def group_stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and rstd (N, G), fp32, of a contiguous (N, C, *spatial) tensor's groups."""
+    n = x.shape[0]
+    rows, m = n * groups, x.numel() // (n * groups)
+    splits = triton.cdiv(m, CHUNK)
+    part = torch.empty(rows, splits, 3, dtype=torch.float32, device=x.device)
+    _stats_kernel[(rows, splits)](x, part, m, splits, CHUNK=CHUNK, BLOCK=min(BLOCK, CHUNK))
+    mean = torch.empty(n, groups, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    _finalize_kernel[(rows,)](part, mean, rstd, splits, eps, BLOCK_S=min(triton.next_power_of_2(splits), 1024))
+    return mean, rstd
+
+
+def affine_per_channel(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``out = x * scale[n, c] + shift[n, c]`` over a contiguous (N, C, *spatial) x (fp32 (N, C) scale and shift)."""
+    planes, s = x.shape[0] * x.shape[1], x[0, 0].numel()
+    _apply_kernel[(planes, triton.cdiv(s, BLOCK))](x, out, scale.contiguous(), shift.contiguous(), s, BLOCK=BLOCK)
+    return out
+
+
+def grad_sums(grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_s grad_y, sum_s grad_y * x)``, each (N, C) fp32, for contiguous tensors of one shape."""
+    n, c = x.shape[:2]
+    s = x[0, 0].numel()
+    splits = triton.cdiv(s, CHUNK)
+    part = torch.empty(n * c, splits, 2, dtype=torch.float32, device=x.device)
+    _grad_sums_kernel[(n * c, splits)](grad_y, x, part, s, splits, CHUNK=CHUNK, BLOCK=min(BLOCK, CHUNK))
+    sums = part.sum(1)
+    return sums[:, 0].view(n, c), sums[:, 1].view(n, c)
+
+
+def grad_input(grad_y: torch.Tensor, x: torch.Tensor, p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``dx = p[n, c] grad_y + a[n, c] x + b[n, c]`` in x's dtype (contiguous tensors, fp32 (N, C) coefficients)."""
+    planes, s = x.shape[0] * x.shape[1], x[0, 0].numel()
+    dx = torch.empty_like(x)
+    _grad_input_kernel[(planes, triton.cdiv(s, BLOCK))](grad_y, x, dx, p.contiguous(), a.contiguous(), b.contiguous(), s, BLOCK=BLOCK)
+    return dx
+
+
+__all__ = ["affine_per_channel", "grad_input", "grad_sums", "group_stats"]
