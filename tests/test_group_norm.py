@@ -416,6 +416,7 @@ def small_kernel_blocks(monkeypatch):
 
     monkeypatch.setattr(kernels, "CHUNK", 64)
     monkeypatch.setattr(kernels, "BLOCK", 16)
+    monkeypatch.setattr(kernels, "COEFF_TILE", 16)
     return kernels
 
 
@@ -432,6 +433,24 @@ def test_kernels_under_interpreter_match_nn(shape, groups, affine, small_kernel_
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(g, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+def test_kernels_under_interpreter_partial_gradients(small_kernel_blocks):
+    """Only some inputs needing a gradient (a frozen input, frozen parameters), as gradcheck's cases above."""
+    x = torch.randn(2, 6, 4, 5, 6, dtype=torch.float64)
+    w, b = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    grad = torch.randn(x.shape, dtype=torch.float64)
+    for needs in ((True, False, False), (False, True, True), (True, True, False)):
+        leaves = [t.clone().requires_grad_(need) for t, need in zip((x, w, b), needs)]
+        want = [t.clone().requires_grad_(need) for t, need in zip((x, w, b), needs)]
+        y = GroupNormFunction.apply(leaves[0].float(), 3, leaves[1].float(), leaves[2].float(), 1e-5, None)
+        F.group_norm(want[0], 3, want[1], want[2], 1e-5).backward(grad)
+        y.backward(grad.float())
+        for got, ref in zip(leaves, want):
+            assert (got.grad is None) == (ref.grad is None)
+            if ref.grad is not None:
+                torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")

@@ -139,25 +139,23 @@ class GroupNormFunction(torch.autograd.Function):
             raise ValueError(f"num_channels {c} is not divisible by num_groups {num_groups}")
         acc = _acc_dtype(x.dtype)
         out_dtype = x.dtype if out_dtype is None else out_dtype
+        y = torch.empty_like(x, dtype=out_dtype)
         kernels = _kernels() if _use_kernels(x) else None
         with _no_autocast(x.device):
             if kernels is not None:
                 mean, rstd = kernels.group_stats(x, num_groups, eps)
+                kernels.normalize(x, y, mean, rstd, weight, bias)
             else:
                 xg = x.unflatten(1, (num_groups, c // num_groups))  # a view for contiguous and channels-last x
                 dims = tuple(range(2, xg.dim()))
                 var, mean = torch.var_mean(xg if x.dtype == acc else xg.to(acc), dim=dims, correction=0)
                 rstd = torch.rsqrt(var + eps)  # (N, G)
-            scale = _per_channel(rstd, c)
-            if weight is not None:
-                scale = scale * weight.to(acc)
-            shift = _per_channel(mean, c) * scale
-            shift = bias.to(acc) - shift if bias is not None else -shift
-            bshape = (n, c) + (1,) * (x.dim() - 2)
-            y = torch.empty_like(x, dtype=out_dtype)
-            if kernels is not None:
-                kernels.affine_per_channel(x, y, scale, shift)
-            else:
+                scale = _per_channel(rstd, c)
+                if weight is not None:
+                    scale = scale * weight.to(acc)
+                shift = _per_channel(mean, c) * scale
+                shift = bias.to(acc) - shift if bias is not None else -shift
+                bshape = (n, c) + (1,) * (x.dim() - 2)
                 torch.addcmul(shift.view(bshape), x, scale.view(bshape), out=y)  # computed in acc, stored in out_dtype
         ctx.save_for_backward(x, mean, rstd, weight)
         ctx.num_groups = num_groups
@@ -176,15 +174,16 @@ class GroupNormFunction(torch.autograd.Function):
         m = x.numel() // (n * g)
         dims = tuple(range(2, x.dim()))
         bshape = (n, c) + (1,) * (x.dim() - 2)
-        kernels = _kernels() if _use_kernels(x) else None
-        if kernels is not None:
-            grad_y = grad_y.contiguous()
         with _no_autocast(x.device):
-            if kernels is not None:
-                s1, s2 = kernels.grad_sums(grad_y, x)  # (N, C) each
-            else:
-                s1 = grad_y.sum(dim=dims, dtype=acc)  # (N, C)
-                s2 = _mul_acc(grad_y, x, acc).sum(dim=dims) if (need_x or need_w) else None
+            if _use_kernels(x):
+                dx, dw_n, db_n = _kernels().backward(grad_y.contiguous(), x, mean, rstd, weight, need_x)
+                if need_w and weight is not None:
+                    dw = dw_n.sum(0).to(weight.dtype)
+                if need_b and ctx.bias_dtype is not None:
+                    db = db_n.sum(0).to(ctx.bias_dtype)
+                return dx, None, dw, db, None, None
+            s1 = grad_y.sum(dim=dims, dtype=acc)  # (N, C)
+            s2 = _mul_acc(grad_y, x, acc).sum(dim=dims) if (need_x or need_w) else None
             mean_c, rstd_c = _per_channel(mean, c), _per_channel(rstd, c)
             if need_x:
                 w = None if weight is None else weight.to(acc)
@@ -193,16 +192,13 @@ class GroupNormFunction(torch.autograd.Function):
                 sum_gwx = gw2.view(n, g, c // g).sum(-1)  # B
                 a = (mean * sum_gw - sum_gwx) * rstd.pow(3) / m
                 b2 = -a * mean - rstd * sum_gw / m
-                p, a, b2 = rstd_c if w is None else rstd_c * w, _per_channel(a, c), _per_channel(b2, c)
-                if kernels is not None:
-                    dx = kernels.grad_input(grad_y, x, p, a, b2)
+                p = rstd_c if w is None else rstd_c * w
+                t = torch.addcmul(_per_channel(b2, c).view(bshape), x, _per_channel(a, c).view(bshape))
+                if x.dtype == acc:
+                    dx = t.addcmul_(grad_y, p.view(bshape))
                 else:
-                    t = torch.addcmul(b2.view(bshape), x, a.view(bshape))
-                    if x.dtype == acc:
-                        dx = t.addcmul_(grad_y, p.view(bshape))
-                    else:
-                        dx = torch.addcmul(t, grad_y, p.view(bshape), out=torch.empty_like(x))
-                        del t
+                    dx = torch.addcmul(t, grad_y, p.view(bshape), out=torch.empty_like(x))
+                    del t
             if need_w and weight is not None:
                 dw = ((s2 - mean_c * s1) * rstd_c).sum(0).to(weight.dtype)
             if need_b and ctx.bias_dtype is not None:

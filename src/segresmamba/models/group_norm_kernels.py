@@ -11,12 +11,14 @@ Forward, three launches:
   pairwise combination ("Algorithms for computing the sample variance", 1983): no sum of squares, so no
   cancellation when the mean is large against the spread;
 - ``_finalize_kernel``: grid (N G,); combines a group's triples the same way: mean and rstd = 1/sqrt(var + eps);
-- ``_apply_kernel``: grid (N C, S blocks); y = x scale[n, c] + shift[n, c], scale = rstd w[c],
-  shift = b[c] - mean scale, stored in the output dtype.
+- ``_apply_kernel``: grid (N C, S blocks); y = x scale + shift, scale = rstd[n, g] w[c],
+  shift = b[c] - mean[n, g] scale, stored in the output dtype.
 
-Backward, two full passes (the (N, C)-sized algebra between them is in :mod:`~segresmamba.models.group_norm`):
+Backward, two full passes and one small launch between them (the algebra is
+:class:`~segresmamba.models.group_norm.GroupNormFunction`'s):
 
 - ``_grad_sums_kernel``: grid (N C, splits); per spatial chunk the partial sums of grad_y and grad_y x;
+- ``_grad_coeff_kernel``: grid (N G,); dx's per-channel coefficients and the shares of dw and dbias;
 - ``_grad_input_kernel``: grid (N C, S blocks); dx = p[n, c] grad_y + a[n, c] x + b2[n, c], in x's dtype.
 
 All arithmetic in fp32.
@@ -31,6 +33,7 @@ import triton.language as tl
 # elements per program of the reductions, and per program of the elementwise passes
 CHUNK = 8192
 BLOCK = 1024
+COEFF_TILE = 4096  # (channels x splits) partial sums one program of _grad_coeff_kernel loads at a time
 
 
 @triton.jit
@@ -86,14 +89,22 @@ def _finalize_kernel(part_ptr, mean_ptr, rstd_ptr, SPLITS, eps, BLOCK_S: tl.cons
 
 
 @triton.jit
-def _apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, S, BLOCK: tl.constexpr):
+def _apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, S, C, CG,
+                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
     plane, blk = tl.program_id(0), tl.program_id(1)
+    c = plane % C
+    group = (plane // C) * (C // CG) + c // CG
+    scale = tl.load(rstd_ptr + group)
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + c).to(tl.float32)
+    shift = -tl.load(mean_ptr + group) * scale
+    if HAS_B:
+        shift += tl.load(b_ptr + c).to(tl.float32)
     idx = blk * BLOCK + tl.arange(0, BLOCK)
     mask = idx < S
     off = plane.to(tl.int64) * S + idx
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    y = x * tl.load(scale_ptr + plane) + tl.load(shift_ptr + plane)
-    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + off, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -114,6 +125,43 @@ def _grad_sums_kernel(dy_ptr, x_ptr, part_ptr, S, SPLITS, CHUNK: tl.constexpr, B
     out = part_ptr + (plane.to(tl.int64) * SPLITS + split) * 2
     tl.store(out, tl.sum(s1, axis=0))
     tl.store(out + 1, tl.sum(s2, axis=0))
+
+
+@triton.jit
+def _grad_coeff_kernel(part_ptr, mean_ptr, rstd_ptr, w_ptr, p_ptr, a_ptr, b_ptr, dw_ptr, db_ptr, C, CG, SPLITS, M,
+                       HAS_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per group (n, g): the channel sums S1 = sum grad_y, S2 = sum grad_y x from the partials, then dx's
+    coefficients p = r w, a = r^3 (mu A - B) / M, b2 = -a mu - r A / M with A = sum_c w S1, B = sum_c w S2,
+    and each channel's share of dw, r (S2 - mu S1), and of dbias, S1 (summed over the batch afterwards)."""
+    row = tl.program_id(0)
+    n = row // (C // CG)
+    ch = (row % (C // CG)) * CG + tl.arange(0, BLOCK_C)
+    mask_c = ch < (row % (C // CG)) * CG + CG
+    planes = (n * C + ch).to(tl.int64)
+    s1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        mask = mask_c[:, None] & (sp < SPLITS)[None, :]
+        src = part_ptr + (planes[:, None] * SPLITS + sp[None, :]) * 2
+        s1 += tl.sum(tl.load(src, mask=mask, other=0.0), axis=1)
+        s2 += tl.sum(tl.load(src + 1, mask=mask, other=0.0), axis=1)
+    if HAS_W:
+        w = tl.load(w_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(mask_c, 1.0, 0.0)
+    sum_gw = tl.sum(w * s1, axis=0)
+    sum_gwx = tl.sum(w * s2, axis=0)
+    mu = tl.load(mean_ptr + row)
+    r = tl.load(rstd_ptr + row)
+    a = (mu * sum_gw - sum_gwx) * r * r * r / M
+    b2 = -a * mu - r * sum_gw / M
+    out = n * C + ch
+    tl.store(p_ptr + out, r * w, mask=mask_c)
+    tl.store(a_ptr + out, tl.zeros([BLOCK_C], dtype=tl.float32) + a, mask=mask_c)
+    tl.store(b_ptr + out, tl.zeros([BLOCK_C], dtype=tl.float32) + b2, mask=mask_c)
+    tl.store(dw_ptr + out, r * (s2 - mu * s1), mask=mask_c)
+    tl.store(db_ptr + out, s1, mask=mask_c)
 
 
 @triton.jit
@@ -141,30 +189,39 @@ def group_stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor,
     return mean, rstd
 
 
-def affine_per_channel(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``out = x * scale[n, c] + shift[n, c]`` over a contiguous (N, C, *spatial) x (fp32 (N, C) scale and shift)."""
-    planes, s = x.shape[0] * x.shape[1], x[0, 0].numel()
-    _apply_kernel[(planes, triton.cdiv(s, BLOCK))](x, out, scale.contiguous(), shift.contiguous(), s, BLOCK=BLOCK)
+def normalize(x: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+              weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """``out = (x - mean[n, g]) rstd[n, g] w[c] + b[c]`` over a contiguous (N, C, *spatial) x, into ``out``."""
+    n, c = x.shape[:2]
+    planes, s = n * c, x[0, 0].numel()
+    _apply_kernel[(planes, triton.cdiv(s, BLOCK))](
+        x, out, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean, s, c, c // mean.shape[1],
+        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=BLOCK,
+    )
     return out
 
 
-def grad_sums(grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum_s grad_y, sum_s grad_y * x)``, each (N, C) fp32, for contiguous tensors of one shape."""
+def backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor | None,
+             need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(dx in x's dtype or None, dw and dbias per (N, C) in fp32, to be summed over N) of GroupNorm, from
+    contiguous ``grad_y`` and ``x`` and the forward's (N, G) mean and rstd: two passes over the tensors."""
     n, c = x.shape[:2]
+    groups = mean.shape[1]
     s = x[0, 0].numel()
     splits = triton.cdiv(s, CHUNK)
     part = torch.empty(n * c, splits, 2, dtype=torch.float32, device=x.device)
     _grad_sums_kernel[(n * c, splits)](grad_y, x, part, s, splits, CHUNK=CHUNK, BLOCK=min(BLOCK, CHUNK))
-    sums = part.sum(1)
-    return sums[:, 0].view(n, c), sums[:, 1].view(n, c)
+    coeffs = torch.empty(5, n, c, dtype=torch.float32, device=x.device)  # p, a, b2, dw share, dbias share
+    block_c = triton.next_power_of_2(c // groups)
+    _grad_coeff_kernel[(n * groups,)](
+        part, mean, rstd, weight if weight is not None else mean, *coeffs, c, c // groups, splits, (c // groups) * s,
+        HAS_W=weight is not None, BLOCK_C=block_c, BLOCK_S=max(1, min(triton.next_power_of_2(splits), COEFF_TILE // block_c)),
+    )
+    dx = None
+    if need_x:
+        dx = torch.empty_like(x)
+        _grad_input_kernel[(n * c, triton.cdiv(s, BLOCK))](grad_y, x, dx, coeffs[0], coeffs[1], coeffs[2], s, BLOCK=BLOCK)
+    return dx, coeffs[3], coeffs[4]
 
 
-def grad_input(grad_y: torch.Tensor, x: torch.Tensor, p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``dx = p[n, c] grad_y + a[n, c] x + b[n, c]`` in x's dtype (contiguous tensors, fp32 (N, C) coefficients)."""
-    planes, s = x.shape[0] * x.shape[1], x[0, 0].numel()
-    dx = torch.empty_like(x)
-    _grad_input_kernel[(planes, triton.cdiv(s, BLOCK))](grad_y, x, dx, p.contiguous(), a.contiguous(), b.contiguous(), s, BLOCK=BLOCK)
-    return dx
-
-
-__all__ = ["affine_per_channel", "grad_input", "grad_sums", "group_stats"]
+__all__ = ["backward", "group_stats", "normalize"]
