@@ -416,13 +416,14 @@ def small_kernel_blocks(monkeypatch):
 
     monkeypatch.setattr(kernels, "CHUNK", 64)
     monkeypatch.setattr(kernels, "BLOCK", 16)
-    monkeypatch.setattr(kernels, "COEFF_TILE", 16)
+    monkeypatch.setattr(kernels, "COEFF_BLOCK", 16)
     return kernels
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
 @pytest.mark.parametrize("shape,groups,affine", [((2, 6, 5, 7, 3), 3, True), ((1, 4, 9, 9, 9), 4, True),
-                                                 ((2, 8, 3, 4, 5), 2, False), ((1, 6, 10), 1, True)])
+                                                 ((2, 8, 3, 4, 5), 2, False), ((1, 6, 10), 1, True),
+                                                 ((1, 2, 12, 12, 12), 1, True)])  # 27 partial sums per channel
 def test_kernels_under_interpreter_match_nn(shape, groups, affine, small_kernel_blocks):
     assert gn_mod._use_kernels(torch.zeros(shape))
     ref, ours = _pair(shape, groups, affine, torch.float32)

@@ -33,7 +33,7 @@ import triton.language as tl
 # elements per program of the reductions, and per program of the elementwise passes
 CHUNK = 8192
 BLOCK = 1024
-COEFF_TILE = 4096  # (channels x splits) partial sums one program of _grad_coeff_kernel loads at a time
+COEFF_BLOCK = 1024  # partial sums of one channel that _grad_coeff_kernel loads at a time
 
 
 @triton.jit
@@ -129,39 +129,45 @@ def _grad_sums_kernel(dy_ptr, x_ptr, part_ptr, S, SPLITS, CHUNK: tl.constexpr, B
 
 @triton.jit
 def _grad_coeff_kernel(part_ptr, mean_ptr, rstd_ptr, w_ptr, p_ptr, a_ptr, b_ptr, dw_ptr, db_ptr, C, CG, SPLITS, M,
-                       HAS_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                       HAS_W: tl.constexpr, BLOCK_S: tl.constexpr):
     """Per group (n, g): the channel sums S1 = sum grad_y, S2 = sum grad_y x from the partials, then dx's
     coefficients p = r w, a = r^3 (mu A - B) / M, b2 = -a mu - r A / M with A = sum_c w S1, B = sum_c w S2,
-    and each channel's share of dw, r (S2 - mu S1), and of dbias, S1 (summed over the batch afterwards)."""
+    and each channel's share of dw, r (S2 - mu S1), and of dbias, S1 (summed over the batch afterwards).
+    Channel by channel over 1-D vectors of partials (a 2-D (channel x split) tile of one channel row failed
+    Triton 3.6's thread-locality pass on sm_90)."""
     row = tl.program_id(0)
-    n = row // (C // CG)
-    ch = (row % (C // CG)) * CG + tl.arange(0, BLOCK_C)
-    mask_c = ch < (row % (C // CG)) * CG + CG
-    planes = (n * C + ch).to(tl.int64)
-    s1 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    s2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for s0 in range(0, SPLITS, BLOCK_S):
-        sp = s0 + tl.arange(0, BLOCK_S)
-        mask = mask_c[:, None] & (sp < SPLITS)[None, :]
-        src = part_ptr + (planes[:, None] * SPLITS + sp[None, :]) * 2
-        s1 += tl.sum(tl.load(src, mask=mask, other=0.0), axis=1)
-        s2 += tl.sum(tl.load(src + 1, mask=mask, other=0.0), axis=1)
-    if HAS_W:
-        w = tl.load(w_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
-    else:
-        w = tl.where(mask_c, 1.0, 0.0)
-    sum_gw = tl.sum(w * s1, axis=0)
-    sum_gwx = tl.sum(w * s2, axis=0)
+    groups = C // CG
+    first = (row // groups) * C + (row % groups) * CG  # flat (n, c) index of the group's first channel
     mu = tl.load(mean_ptr + row)
     r = tl.load(rstd_ptr + row)
+    sum_gw = 0.0
+    sum_gwx = 0.0
+    for i in range(CG):
+        plane = (first + i).to(tl.int64)
+        acc1 = tl.zeros([BLOCK_S], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_S], dtype=tl.float32)
+        for s0 in range(0, SPLITS, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            mask = sp < SPLITS
+            src = part_ptr + (plane * SPLITS + sp) * 2
+            acc1 += tl.load(src, mask=mask, other=0.0)
+            acc2 += tl.load(src + 1, mask=mask, other=0.0)
+        s1 = tl.sum(acc1, axis=0)
+        s2 = tl.sum(acc2, axis=0)
+        if HAS_W:
+            w = tl.load(w_ptr + plane % C).to(tl.float32)
+        else:
+            w = 1.0
+        sum_gw += w * s1
+        sum_gwx += w * s2
+        tl.store(p_ptr + plane, r * w)
+        tl.store(dw_ptr + plane, r * (s2 - mu * s1))
+        tl.store(db_ptr + plane, s1)
     a = (mu * sum_gw - sum_gwx) * r * r * r / M
     b2 = -a * mu - r * sum_gw / M
-    out = n * C + ch
-    tl.store(p_ptr + out, r * w, mask=mask_c)
-    tl.store(a_ptr + out, tl.zeros([BLOCK_C], dtype=tl.float32) + a, mask=mask_c)
-    tl.store(b_ptr + out, tl.zeros([BLOCK_C], dtype=tl.float32) + b2, mask=mask_c)
-    tl.store(dw_ptr + out, r * (s2 - mu * s1), mask=mask_c)
-    tl.store(db_ptr + out, s1, mask=mask_c)
+    for i in range(CG):
+        tl.store(a_ptr + first + i, a)
+        tl.store(b_ptr + first + i, b2)
 
 
 @triton.jit
@@ -185,7 +191,7 @@ def group_stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor,
     _stats_kernel[(rows, splits)](x, part, m, splits, CHUNK=CHUNK, BLOCK=min(BLOCK, CHUNK))
     mean = torch.empty(n, groups, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    _finalize_kernel[(rows,)](part, mean, rstd, splits, eps, BLOCK_S=min(triton.next_power_of_2(splits), 1024))
+    _finalize_kernel[(rows,)](part, mean, rstd, splits, eps, BLOCK_S=min(max(triton.next_power_of_2(splits), 16), 1024))
     return mean, rstd
 
 
@@ -212,10 +218,9 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: to
     part = torch.empty(n * c, splits, 2, dtype=torch.float32, device=x.device)
     _grad_sums_kernel[(n * c, splits)](grad_y, x, part, s, splits, CHUNK=CHUNK, BLOCK=min(BLOCK, CHUNK))
     coeffs = torch.empty(5, n, c, dtype=torch.float32, device=x.device)  # p, a, b2, dw share, dbias share
-    block_c = triton.next_power_of_2(c // groups)
     _grad_coeff_kernel[(n * groups,)](
         part, mean, rstd, weight if weight is not None else mean, *coeffs, c, c // groups, splits, (c // groups) * s,
-        HAS_W=weight is not None, BLOCK_C=block_c, BLOCK_S=max(1, min(triton.next_power_of_2(splits), COEFF_TILE // block_c)),
+        HAS_W=weight is not None, BLOCK_S=min(max(triton.next_power_of_2(splits), 16), COEFF_BLOCK),
     )
     dx = None
     if need_x:
