@@ -140,8 +140,9 @@ def _grad_coeff_kernel(part_ptr, mean_ptr, rstd_ptr, w_ptr, p_ptr, a_ptr, b_ptr,
     first = (row // groups) * C + (row % groups) * CG  # flat (n, c) index of the group's first channel
     mu = tl.load(mean_ptr + row)
     r = tl.load(rstd_ptr + row)
-    sum_gw = 0.0
-    sum_gwx = 0.0
+    # w-weighted partials of the group, lane by lane: loop-carried values keep one type (1-D fp32 tensors)
+    gw = tl.zeros([BLOCK_S], dtype=tl.float32)
+    gwx = tl.zeros([BLOCK_S], dtype=tl.float32)
     for i in range(CG):
         plane = (first + i).to(tl.int64)
         acc1 = tl.zeros([BLOCK_S], dtype=tl.float32)
@@ -158,11 +159,13 @@ def _grad_coeff_kernel(part_ptr, mean_ptr, rstd_ptr, w_ptr, p_ptr, a_ptr, b_ptr,
             w = tl.load(w_ptr + plane % C).to(tl.float32)
         else:
             w = 1.0
-        sum_gw += w * s1
-        sum_gwx += w * s2
+        gw += w * acc1
+        gwx += w * acc2
         tl.store(p_ptr + plane, r * w)
         tl.store(dw_ptr + plane, r * (s2 - mu * s1))
         tl.store(db_ptr + plane, s1)
+    sum_gw = tl.sum(gw, axis=0)
+    sum_gwx = tl.sum(gwx, axis=0)
     a = (mu * sum_gw - sum_gwx) * r * r * r / M
     b2 = -a * mu - r * sum_gw / M
     for i in range(CG):
