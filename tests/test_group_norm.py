@@ -455,6 +455,34 @@ def test_kernels_under_interpreter_partial_gradients(small_kernel_blocks):
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+def test_kernels_under_interpreter_bias_without_weight(small_kernel_blocks):
+    x = torch.randn(2, 6, 5, 6, 7, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    grad = torch.randn(x.shape, dtype=torch.float64)
+    xs, bs = x.clone().requires_grad_(), b.clone().requires_grad_()
+    xr, br = x.clone().requires_grad_(), b.clone().requires_grad_()
+    y = group_norm(xs.float(), 3, None, bs.float())
+    # the reference with weight ones: PyTorch's own CPU backward fails for a bias without a weight
+    y_ref = F.group_norm(xr, 3, torch.ones(6, dtype=torch.float64), br)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    y.backward(grad.float())
+    y_ref.backward(grad)
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bs.grad, br.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_chunks_must_be_whole_blocks(monkeypatch):
+    """A reduction program reads exactly its chunk: a chunk that is not a whole number of blocks is refused."""
+    kernels = pytest.importorskip("segresmamba.models.group_norm_kernels")
+    monkeypatch.setattr(kernels, "CHUNK", 48)
+    monkeypatch.setattr(kernels, "BLOCK", 32)
+    with pytest.raises(ValueError, match="CHUNK .48. must be a multiple of BLOCK .32."):
+        kernels._reduction_block()
+    monkeypatch.setattr(kernels, "CHUNK", 16)
+    assert kernels._reduction_block() == 16  # a chunk below one block is read in one
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
 def test_kernel_statistics_under_interpreter_keep_precision(small_kernel_blocks):
     """Mean/std = 3000 in fp32: the Welford/Chan statistics err no more than fp32 var_mean (a sum of squares
     would lose the variance entirely), against the same fp32 values in fp64."""

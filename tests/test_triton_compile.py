@@ -37,6 +37,7 @@ def compile_for_sm90(kernel, constexprs: dict, pointer_types: dict | None = None
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
     missing = [p.name for p in kernel.params if p.is_constexpr and p.name not in constexprs]
     assert not missing, f"give values for the constexpr arguments {missing}"
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)

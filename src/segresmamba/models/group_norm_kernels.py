@@ -6,20 +6,20 @@ tensor, so a group's C/G channels are one contiguous run of M = (C/G) S elements
 
 Forward, three launches:
 
-- ``_stats_kernel``: grid (N G, splits); each program folds ``CHUNK`` elements of one group into a
+- ``_stats_kernel``: grid (splits, N G); each program folds ``CHUNK`` elements of one group into a
   (count, mean, M2) triple, lane by lane with Welford's update and then across lanes with Chan et al.'s
   pairwise combination ("Algorithms for computing the sample variance", 1983): no sum of squares, so no
   cancellation when the mean is large against the spread;
 - ``_finalize_kernel``: grid (N G,); combines a group's triples the same way: mean and rstd = 1/sqrt(var + eps);
-- ``_apply_kernel``: grid (N C, S blocks); y = x scale + shift, scale = rstd[n, g] w[c],
+- ``_apply_kernel``: grid (S blocks, N C); y = x scale + shift, scale = rstd[n, g] w[c],
   shift = b[c] - mean[n, g] scale, stored in the output dtype.
 
 Backward, two full passes and one small launch between them (the algebra is
 :class:`~segresmamba.models.group_norm.GroupNormFunction`'s):
 
-- ``_grad_sums_kernel``: grid (N C, splits); per spatial chunk the partial sums of grad_y and grad_y x;
+- ``_grad_sums_kernel``: grid (splits, N C); per spatial chunk the partial sums of grad_y and grad_y x;
 - ``_grad_coeff_kernel``: grid (N G,); dx's per-channel coefficients and the shares of dw and dbias;
-- ``_grad_input_kernel``: grid (N C, S blocks); dx = p[n, c] grad_y + a[n, c] x + b2[n, c], in x's dtype.
+- ``_grad_input_kernel``: grid (S blocks, N C); dx = p[n, c] grad_y + a[n, c] x + b2[n, c], in x's dtype.
 
 All arithmetic in fp32.
 """
@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-# elements per program of the reductions, and per program of the elementwise passes
+# elements per program of the reductions, and per program of the elementwise passes. The grids put these blocks
+# on axis 0 (up to 2^31 - 1 programs); (N C) planes and (N G) rows go on axis 1 (at most 65535)
 CHUNK = 8192
 BLOCK = 1024
 COEFF_BLOCK = 1024  # partial sums of one channel that _grad_coeff_kernel loads at a time
@@ -47,7 +48,7 @@ def _chan_combine(n1, m1, v1, n2, m2, v2):
 
 @triton.jit
 def _stats_kernel(x_ptr, part_ptr, M, SPLITS, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    row, split = tl.program_id(0), tl.program_id(1)
+    split, row = tl.program_id(0), tl.program_id(1)
     base = x_ptr + row.to(tl.int64) * M
     lanes = tl.arange(0, BLOCK)
     cnt = tl.zeros([BLOCK], dtype=tl.float32)
@@ -91,7 +92,7 @@ def _finalize_kernel(part_ptr, mean_ptr, rstd_ptr, SPLITS, eps, BLOCK_S: tl.cons
 @triton.jit
 def _apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, S, C, CG,
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
-    plane, blk = tl.program_id(0), tl.program_id(1)
+    blk, plane = tl.program_id(0), tl.program_id(1)
     c = plane % C
     group = (plane // C) * (C // CG) + c // CG
     scale = tl.load(rstd_ptr + group)
@@ -109,7 +110,7 @@ def _apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, S, C, CG,
 
 @triton.jit
 def _grad_sums_kernel(dy_ptr, x_ptr, part_ptr, S, SPLITS, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    plane, split = tl.program_id(0), tl.program_id(1)
+    split, plane = tl.program_id(0), tl.program_id(1)
     base = plane.to(tl.int64) * S
     lanes = tl.arange(0, BLOCK)
     s1 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -175,7 +176,7 @@ def _grad_coeff_kernel(part_ptr, mean_ptr, rstd_ptr, w_ptr, p_ptr, a_ptr, b_ptr,
 
 @triton.jit
 def _grad_input_kernel(dy_ptr, x_ptr, dx_ptr, p_ptr, a_ptr, b_ptr, S, BLOCK: tl.constexpr):
-    plane, blk = tl.program_id(0), tl.program_id(1)
+    blk, plane = tl.program_id(0), tl.program_id(1)
     idx = blk * BLOCK + tl.arange(0, BLOCK)
     mask = idx < S
     off = plane.to(tl.int64) * S + idx
@@ -185,13 +186,21 @@ def _grad_input_kernel(dy_ptr, x_ptr, dx_ptr, p_ptr, a_ptr, b_ptr, S, BLOCK: tl.
     tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+def _reduction_block() -> int:
+    """Lanes of a reduction program: BLOCK, or CHUNK when smaller; a program reads exactly its CHUNK elements."""
+    block = min(BLOCK, CHUNK)
+    if CHUNK % block:
+        raise ValueError(f"CHUNK ({CHUNK}) must be a multiple of BLOCK ({BLOCK}): a program would read into the next chunk")
+    return block
+
+
 def group_stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """mean and rstd (N, G), fp32, of a contiguous (N, C, *spatial) tensor's groups."""
     n = x.shape[0]
     rows, m = n * groups, x.numel() // (n * groups)
     splits = triton.cdiv(m, CHUNK)
     part = torch.empty(rows, splits, 3, dtype=torch.float32, device=x.device)
-    _stats_kernel[(rows, splits)](x, part, m, splits, CHUNK=CHUNK, BLOCK=min(BLOCK, CHUNK))
+    _stats_kernel[(splits, rows)](x, part, m, splits, CHUNK=CHUNK, BLOCK=_reduction_block())
     mean = torch.empty(n, groups, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     _finalize_kernel[(rows,)](part, mean, rstd, splits, eps, BLOCK_S=min(max(triton.next_power_of_2(splits), 16), 1024))
@@ -203,7 +212,7 @@ def normalize(x: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, rstd: torc
     """``out = (x - mean[n, g]) rstd[n, g] w[c] + b[c]`` over a contiguous (N, C, *spatial) x, into ``out``."""
     n, c = x.shape[:2]
     planes, s = n * c, x[0, 0].numel()
-    _apply_kernel[(planes, triton.cdiv(s, BLOCK))](
+    _apply_kernel[(triton.cdiv(s, BLOCK), planes)](
         x, out, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean, s, c, c // mean.shape[1],
         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=BLOCK,
     )
@@ -219,7 +228,7 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: to
     s = x[0, 0].numel()
     splits = triton.cdiv(s, CHUNK)
     part = torch.empty(n * c, splits, 2, dtype=torch.float32, device=x.device)
-    _grad_sums_kernel[(n * c, splits)](grad_y, x, part, s, splits, CHUNK=CHUNK, BLOCK=min(BLOCK, CHUNK))
+    _grad_sums_kernel[(splits, n * c)](grad_y, x, part, s, splits, CHUNK=CHUNK, BLOCK=_reduction_block())
     coeffs = torch.empty(5, n, c, dtype=torch.float32, device=x.device)  # p, a, b2, dw share, dbias share
     _grad_coeff_kernel[(n * groups,)](
         part, mean, rstd, weight if weight is not None else mean, *coeffs, c, c // groups, splits, (c // groups) * s,
@@ -228,7 +237,7 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: to
     dx = None
     if need_x:
         dx = torch.empty_like(x)
-        _grad_input_kernel[(n * c, triton.cdiv(s, BLOCK))](grad_y, x, dx, coeffs[0], coeffs[1], coeffs[2], s, BLOCK=BLOCK)
+        _grad_input_kernel[(triton.cdiv(s, BLOCK), n * c)](grad_y, x, dx, coeffs[0], coeffs[1], coeffs[2], s, BLOCK=BLOCK)
     return dx, coeffs[3], coeffs[4]
 
 

@@ -429,7 +429,7 @@ def _conv_bwd_dx_kernel(
     acc = tl.zeros([BD, BT], dtype=tl.float32)
     for k in tl.static_range(K):
         src = q + (K - 1) - k
-        valid = src < L
+        valid = (src >= 0) & (src < L)  # tail lanes (n >= L) of a reverse branch have q < 0
         idx = _token_index(src, code, L, S, M)
         gp = tl.load(gp_ptr + row64 * L * D_CH + ch[:, None] * L + idx[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
         wk = tl.load(w_ptr + branch * sw_o + ch * sw_d + k, mask=mask_d, other=0.0).to(tl.float32)
