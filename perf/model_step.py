@@ -95,10 +95,13 @@ def reshape(table: pd.DataFrame, config: str, models: tuple[str, ...]) -> pd.Dat
     for r in table[table.model.isin(models)].itertuples():
         for precision in ("bf16", "fp32"):
             peak, step = getattr(r, f"train_peak_gib_{precision}", None), getattr(r, f"step_ms_{precision}", None)
+            peak = pd.to_numeric(peak, errors="coerce")
+            # reserved is shown where the peak was validly measured (an empty peak marks a run whose memory was not)
+            reserved = pd.to_numeric(getattr(r, f"train_reserved_gib_{precision}", None), errors="coerce") if pd.notna(peak) else float("nan")
             volume = getattr(r, f"infer_volume_s_{precision}", None)
             rows.append({
                 "device": r.device, "model": r.model, "config": config, "precision": precision,
-                "peak_gib": pd.to_numeric(peak, errors="coerce"), "step_ms": pd.to_numeric(step, errors="coerce"),
+                "peak_gib": peak, "reserved_gib": reserved, "step_ms": pd.to_numeric(step, errors="coerce"),
                 "volume_s": pd.to_numeric(volume, errors="coerce"),
                 "scan_backend": getattr(r, "scan_backend", None) if isinstance(getattr(r, "scan_backend", None), str) else "-",
                 "cuda_graphs": _graphs_text(r),
@@ -146,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         "the training step the efficiency profiler of that git SHA timed (see the source tables' headers), batch 1, synthetic tensors; "
         "peak = max_memory_allocated (GiB), with CUDA graphs plus the part of the graphs' memory pool no live tensor holds "
         "(an upper bound: a replay allocates nothing the allocator counts); an empty peak was not validly measured in "
-        "that run (`results/perf/scan_notes.md` says why); bf16 = autocast, fp32 weights; "
+        "that run (`results/perf/scan_notes.md` says why); reserved = max_memory_reserved (GiB), what the process held "
+        "from the GPU, the graphs' pool included: the like-for-like memory of an eager and a graphed step; "
+        "bf16 = autocast, fp32 weights; "
         "cuda_graphs: how many ToM layers replayed CUDA graphs (`configs/callbacks/cuda_graphs.yaml` in training), "
         "`whole step` = the forward, loss and backward replayed as CUDA graphs (`configs/callbacks/step_graphs.yaml`), "
         "- = all eager; layout: NDHWC = `--model.channels_last true`; norms: whole-tensor = `--model.fast_norms true` "

@@ -289,7 +289,8 @@ def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
     from perf import model_step
 
     eager = _efficiency_table(tmp_path / "eager" / "brats.csv", [
-        {"model": "segresmamba", "step_ms_fp32": 300.0, "step_ms_bf16": 200.0, "scan_backend": "triton", "infer_volume_s_bf16": 0.5},
+        {"model": "segresmamba", "step_ms_fp32": 300.0, "step_ms_bf16": 200.0, "scan_backend": "triton", "infer_volume_s_bf16": 0.5,
+         "train_reserved_gib_bf16": 2.5},
         {"model": "swinunetr", "step_ms_fp32": 150.0, "step_ms_bf16": 100.0, "scan_backend": None},
         {"model": "unet", "step_ms_fp32": 10.0, "step_ms_bf16": 8.0, "scan_backend": None},
     ])
@@ -298,7 +299,8 @@ def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
          "graphs": "tom", "channels_last": False},
     ])
     whole = _efficiency_table(tmp_path / "step_cl" / "brats.csv", [
-        {"model": "segresmamba", "step_ms_bf16": 60.0, "scan_backend": "triton", "graphs": "step", "channels_last": True},
+        {"model": "segresmamba", "step_ms_bf16": 60.0, "scan_backend": "triton", "graphs": "step", "channels_last": True,
+         "train_peak_gib_bf16": None, "train_reserved_gib_bf16": 9.0},
     ])
     out = tmp_path / "out"
     model_step.main(["--table", str(eager), str(graphed), str(whole), "--out", str(out), "--models", "segresmamba", "swinunetr"])
@@ -309,6 +311,8 @@ def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
     assert mine.loc["whole step", "step_ms"] == 60.0 and mine.loc["whole step", "layout"] == "NDHWC"
     assert mine.loc["-", "layout"] == "NCDHW" and (df.norms == "torch").all()
     assert mine.loc["-", "volume_s"] == 0.5 and pd.isna(mine.loc["7 ToM layers", "volume_s"])  # not measured: empty
+    assert mine.loc["-", "reserved_gib"] == 2.5 and pd.isna(mine.loc["7 ToM layers", "reserved_gib"])
+    assert pd.isna(mine.loc["whole step", "reserved_gib"])  # no valid peak in that run: its reserved is not shown either
     assert "whole 240x240x155 volume" in (out / "model_step.md").read_text()
     assert (df[df.model == "swinunetr"].cuda_graphs == "-").all() and (df[df.model == "swinunetr"].scan_backend == "-").all()
     assert set(df.config) == {"brats 128x128x128 b1"}  # the patch comes from the dataset spec
