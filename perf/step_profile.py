@@ -28,11 +28,11 @@ import torch
 
 import segresmamba
 from perf.scan_bench import kernel_breakdown
-from segresmamba.bench.efficiency import PROFILED_DATASETS
+from segresmamba.bench.efficiency import PROFILED_DATASETS, release_graphs
 from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
 from segresmamba.data.spec import get_dataset_spec
 from segresmamba.provenance import provenance
-from segresmamba.ssm.cuda_graphs import graph_tom_layers, release_tom_graphs
+from segresmamba.ssm.cuda_graphs import graph_tom_layers
 from segresmamba.step_graphs import TrainingGraph
 
 MODES = ("eager", "cuda_graphs", "step_graphs")
@@ -107,8 +107,7 @@ def profile(model_name: str, config: str, precision: str, modes: list[str], step
         sections += ["", f"## {mode}: largest kernels", "", "| kernel | ms / step | launches |", "|---|---:|---:|"]
         sections += [f"| `{name[:90]}` | {k_ms:.2f} | {n} |" for name, k_ms, n in table[:TOP]]
         print(f"{mode}: wall {ms:.1f} ms, kernels {total:.1f} ms, {launches} launches", flush=True)
-        release_tom_graphs(model)
-        step.task.step_graph = None
+        release_graphs(step.task)
     return lines + sections
 
 

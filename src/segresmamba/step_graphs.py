@@ -32,8 +32,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from segresmamba.ssm.cuda_graphs import ToMCudaGraphs, graphed_tom_layers
-from segresmamba.ssm.scan import timing_kernels
+from segresmamba.ssm.cuda_graphs import ToMCudaGraphs, capture_setting, graphed_tom_layers
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +81,12 @@ class TrainingGraph:
         self.signature = self._signature(image, label)
         self.task = task
         module = _NetAndLoss(task)
-        was_training = task.net.training
-        task.net.train()
-        try:
-            # autocast's weight-cast cache cannot cross a graph boundary: the capture casts inside the graphs
-            # timing_kernels: the warm-up's ``auto`` choices are for replays, where launches cost nothing
-            with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None, cache_enabled=False), \
-                    timing_kernels():
-                # allow_unused_input: parameters the training forward never reads (UNETR's unused ViT parts)
-                # get no gradient, as in the eager step
-                self._graphed = torch.cuda.make_graphed_callables(
-                    module, (image.detach().clone(), label.detach().clone()), num_warmup_iters=warmup, allow_unused_input=True
-                )
-        finally:
-            task.net.train(was_training)
+        with capture_setting(task.net, autocast_dtype):
+            # allow_unused_input: parameters the training forward never reads (UNETR's unused ViT parts)
+            # get no gradient, as in the eager step
+            self._graphed = torch.cuda.make_graphed_callables(
+                module, (image.detach().clone(), label.detach().clone()), num_warmup_iters=warmup, allow_unused_input=True
+            )
 
     @staticmethod
     def _signature(image: torch.Tensor, label: torch.Tensor) -> tuple:

@@ -67,7 +67,7 @@ from segresmamba.ssm.cuda_graphs import graph_tom_layers, release_tom_graphs
 from segresmamba.ssm.scan import auto_choices, resolve_backend
 from segresmamba.step_graphs import TrainingGraph
 
-__all__ = ["profile_model", "profile", "write_tables", "card_slug", "time_steps", "PROFILED_DATASETS"]
+__all__ = ["profile_model", "profile", "write_tables", "card_slug", "time_steps", "release_graphs", "PROFILED_DATASETS"]
 
 RESULTS = Path("results") / "efficiency"
 GIB = 1024**3
@@ -121,7 +121,7 @@ def graph_pool_bytes() -> int:
     )
 
 
-def _release(task) -> None:
+def release_graphs(task) -> None:
     """Drop a task's CUDA graphs (ToM layers and whole step) and their pools before the next measurement."""
     release_tom_graphs(task.net)
     task.step_graph = None
@@ -163,7 +163,7 @@ def cuda_train_step(task, spec: DatasetSpec, precision: str, steps: int, warmup:
         return result
     finally:
         del step
-        _release(task)
+        release_graphs(task)
 
 
 def cuda_inference(net: torch.nn.Module, spec: DatasetSpec, precision: str, repeats: int, warmup: int) -> dict:

@@ -25,6 +25,8 @@ Lightning callback that captures them before a fit's first training step.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lightning as L
 import torch
@@ -59,6 +61,23 @@ def tom_input_shapes(model: nn.Module, example_input: torch.Tensor, autocast_dty
             hook.remove()
         model.train(was_training)
     return seen
+
+
+@contextmanager
+def capture_setting(model: nn.Module, autocast_dtype: torch.dtype | None) -> Iterator[None]:
+    """The setting of a training-step capture (``make_graphed_callables``' warm-up and capture), shared by the
+    ToM-layer graphs and the whole-step graphs (:mod:`segresmamba.step_graphs`): ``model`` in training mode
+    (restored afterwards), the training autocast without its weight-cast cache, which cannot cross a graph
+    boundary (the capture casts inside the graphs), and ``auto`` timing kernels alone, since a replay costs no
+    launches (:func:`segresmamba.ssm.scan.timing_kernels`)."""
+    was_training = model.training
+    model.train()
+    try:
+        with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None, cache_enabled=False), \
+                timing_kernels():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def graph_tom_layers(
@@ -105,16 +124,8 @@ def graph_tom_layers(
         return []
     layers = tuple(modules[name] for name, _, _ in chosen)
     samples = tuple((torch.randn(shape, dtype=dtype, device=example_input.device, requires_grad=True),) for _, shape, dtype in chosen)
-    was_training = model.training
-    model.train()
-    try:
-        # autocast's weight-cast cache cannot cross a graph boundary: the capture casts inside the graphs
-        # timing_kernels: the warm-up's ``auto`` choices are for replays, where launches cost nothing
-        with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None, cache_enabled=False), \
-                timing_kernels():
-            torch.cuda.make_graphed_callables(layers, samples, num_warmup_iters=warmup)
-    finally:
-        model.train(was_training)
+    with capture_setting(model, autocast_dtype):
+        torch.cuda.make_graphed_callables(layers, samples, num_warmup_iters=warmup)
     for layer, (_, shape, dtype) in zip(layers, chosen):
         _dispatch(layer, shape, dtype)
     names = [name for name, _, _ in chosen]
