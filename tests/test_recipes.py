@@ -81,6 +81,39 @@ def test_cosine_and_constant_schedules():
         build_optimizer(dataclasses.replace(r, optimizer="lamb"), torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("recipe", ["paper", "nnunet"])
+def test_optimiser_keeps_torchs_default_kernels_on_the_cpu(recipe):
+    opt = build_optimizer(get_recipe(recipe), torch.nn.Linear(2, 2))
+    assert not opt.defaults.get("fused") and not opt.defaults.get("foreach")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["paper", "nnunet"])
+def test_optimiser_is_fused_on_a_gpu_and_steps_as_the_default(recipe, monkeypatch):
+    """On CUDA the recipe's optimiser runs its fused kernels: the same update as torch's default for-each
+    kernels, to float rounding, over a few steps of both weight-decay groups."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from segresmamba.recipes import optim
+
+    r = get_recipe(recipe)
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), TriOrientedMamba(2, scan_backend="torch")).cuda() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    fused = build_optimizer(r, nets[0])
+    monkeypatch.setattr(optim, "_fused", lambda kind, groups: {})
+    plain = build_optimizer(r, nets[1])
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    x = torch.randn(2, 1, 8, 8, 8, device="cuda")
+    for _ in range(3):
+        for net, opt in zip(nets, (fused, plain)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_loss_follows_recipe_and_task():
     assert type(build_loss(get_recipe("paper"), "multilabel")) is DiceLoss
     loss = build_loss(get_recipe("nnunet"), "multiclass")
