@@ -89,9 +89,10 @@ def test_optimiser_keeps_torchs_default_kernels_on_the_cpu(recipe):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("recipe", ["paper", "nnunet"])
-def test_optimiser_is_fused_on_a_gpu_and_steps_as_the_default(recipe, monkeypatch):
-    """On CUDA the recipe's optimiser runs its fused kernels: the same update as torch's default for-each
-    kernels, to float rounding, over a few steps of both weight-decay groups."""
+def test_optimiser_is_fused_on_a_gpu_unless_clipped_and_steps_as_the_default(recipe, monkeypatch):
+    """On CUDA an unclipped recipe's optimiser runs its fused kernels: the same update as torch's default
+    for-each kernels, to float rounding, over a few steps of both weight-decay groups. A clipped one (the
+    nnU-Net recipe clips at 12; or the caller's clipping) keeps the default, which Lightning can clip."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from segresmamba.recipes import optim
@@ -100,9 +101,12 @@ def test_optimiser_is_fused_on_a_gpu_and_steps_as_the_default(recipe, monkeypatc
     torch.manual_seed(0)
     nets = [torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), TriOrientedMamba(2, scan_backend="torch")).cuda() for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
-    fused = build_optimizer(r, nets[0])
-    monkeypatch.setattr(optim, "_fused", lambda kind, groups: {})
-    plain = build_optimizer(r, nets[1])
+    assert bool(build_optimizer(r, nets[0]).defaults["fused"]) == (r.grad_clip_norm is None)
+    assert not build_optimizer(r, nets[0], clipped=True).defaults["fused"]
+    unclipped = dataclasses.replace(r, grad_clip_norm=None)
+    fused = build_optimizer(unclipped, nets[0])
+    monkeypatch.setattr(optim, "_fused", lambda kind, groups, clipped: {})
+    plain = build_optimizer(unclipped, nets[1])
     assert fused.defaults["fused"] and not plain.defaults["fused"]
     x = torch.randn(2, 1, 8, 8, 8, device="cuda")
     for _ in range(3):
@@ -148,10 +152,10 @@ def test_deep_supervision_follows_recipe_where_the_net_has_heads():
 
 def test_task_optimiser_and_schedule_interval():
     task = _tiny_task(recipe="nnunet")
-    task.trainer = SimpleNamespace(max_steps=-1, max_epochs=7)  # type: ignore[assignment]
+    task.trainer = SimpleNamespace(max_steps=-1, max_epochs=7, gradient_clip_val=None)  # type: ignore[assignment]
     config = task.configure_optimizers()
     assert isinstance(config["optimizer"], torch.optim.SGD) and config["lr_scheduler"]["interval"] == "epoch"
-    task.trainer = SimpleNamespace(max_steps=40, max_epochs=7)  # type: ignore[assignment]
+    task.trainer = SimpleNamespace(max_steps=40, max_epochs=7, gradient_clip_val=None)  # type: ignore[assignment]
     assert task.configure_optimizers()["lr_scheduler"]["interval"] == "step"
 
 

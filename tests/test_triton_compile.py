@@ -58,7 +58,7 @@ def _scan_cases():
         ("bwd grad", k._bwd_grad_kernel, {**tile, **flags, "HAS_D": True, "HAS_Z": True}, bf16_inputs, 1),
         ("conv fwd", k._conv_fwd_kernel, {"K": 4, "BT": 128, "BD": 16}, {"x_ptr": "*bf16", "u_ptr": "*bf16"}, 4),
         ("conv bwd pre", k._conv_bwd_pre_kernel, {"K": 4, "BT": 128, "BD": 16}, {"x_ptr": "*bf16", "gu_ptr": "*bf16"}, 4),
-        ("conv bwd dx", k._conv_bwd_dx_kernel, {"K": 4, "BT": 128, "BD": 16}, None, 4),
+        ("conv bwd dx", k._conv_bwd_dx_kernel, {"K": 4, "BT": 128, "BD": 16}, {"dx_ptr": "*bf16"}, 4),
     ]
 
 

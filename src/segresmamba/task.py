@@ -464,8 +464,8 @@ class SegmentationTask(L.LightningModule):
     # -- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self):
         recipe = self.recipe_settings
-        optimizer = build_optimizer(recipe, self)
         trainer = self.trainer
+        optimizer = build_optimizer(recipe, self, clipped=bool(trainer.gradient_clip_val))
         if trainer.max_steps and trainer.max_steps > 0:
             total, interval = trainer.max_steps, "step"
         else:

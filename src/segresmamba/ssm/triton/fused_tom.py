@@ -76,12 +76,12 @@ class OrientedConvSiluFn(torch.autograd.Function):
             x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), bias.stride(0), grad_u.stride(0), grad_u.stride(1),
             K=k, BT=BLOCK_T, BD=BLOCK_D,
         )
-        dx_branch = torch.empty(branches * b, d, length, **f32)
-        _conv_bwd_dx_kernel[grid](
-            weight, gp, dx_branch, code_t, length, d, b, nslices, length // nslices, weight.stride(0), weight.stride(1),
+        # the branches' shares of dx are summed in the kernel's registers: one (b, d, L) tensor in x's dtype
+        dx = torch.empty(b, d, length, dtype=x.dtype, device=x.device)
+        _conv_bwd_dx_kernel[(nt, grid[1], b)](
+            weight, gp, dx, code_t, length, d, b, branches, nslices, length // nslices, weight.stride(0), weight.stride(1),
             K=k, BT=BLOCK_T, BD=BLOCK_D,
         )
-        dx = dx_branch.view(branches, b, d, length).sum(0).to(x.dtype)
         dw = dw_part.view(branches, -1, d, k).sum(1).to(weight.dtype)
         db = db_part.view(branches, -1, d).sum(1).to(bias.dtype)
         return dx, dw, db, None, None

@@ -410,29 +410,30 @@ def _conv_bwd_pre_kernel(
         tl.store(dw_part_ptr + part * K + k, tl.sum(gp * xv.to(tl.float32), axis=1), mask=mask_d)
 
 
-@triton.jit(do_not_specialize=("L", "D_CH", "NB", "S", "M"))
+@triton.jit(do_not_specialize=("L", "D_CH", "NB", "NR", "S", "M"))
 def _conv_bwd_dx_kernel(
     w_ptr, gp_ptr, dx_ptr, code_ptr,
-    L, D_CH, NB, S, M,
+    L, D_CH, NB, NR, S, M,
     sw_o, sw_d,
     K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
-    """dx of one branch at natural tokens n, scan position q: dx[n] = sum_k w[k] gp[idx(q + K - 1 - k)]."""
-    pid_t, pid_d, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    branch = row // NB
-    row64 = row.to(tl.int64)
-    code = tl.load(code_ptr + branch)
+    """dx of batch element i at natural tokens n, summed over the NR branches in registers and stored in dx's
+    dtype: branch r, at scan position q of n, adds sum_k w[r, k] gp[r i, idx(q + K - 1 - k)]."""
+    pid_t, pid_d, xb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = pid_t * BT + tl.arange(0, BT)
-    q = _scan_position(n, code, L, S, M)
     ch = pid_d * BD + tl.arange(0, BD)
     mask_d = ch < D_CH
     acc = tl.zeros([BD, BT], dtype=tl.float32)
-    for k in tl.static_range(K):
-        src = q + (K - 1) - k
-        valid = (src >= 0) & (src < L)  # tail lanes (n >= L) of a reverse branch have q < 0
-        idx = _token_index(src, code, L, S, M)
-        gp = tl.load(gp_ptr + row64 * L * D_CH + ch[:, None] * L + idx[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
-        wk = tl.load(w_ptr + branch * sw_o + ch * sw_d + k, mask=mask_d, other=0.0).to(tl.float32)
-        acc += wk[:, None] * gp
+    for branch in range(NR):
+        row64 = (branch * NB + xb).to(tl.int64)
+        code = tl.load(code_ptr + branch)
+        q = _scan_position(n, code, L, S, M)
+        for k in tl.static_range(K):
+            src = q + (K - 1) - k
+            valid = (src >= 0) & (src < L)  # tail lanes (n >= L) of a reverse branch have q < 0
+            idx = _token_index(src, code, L, S, M)
+            gp = tl.load(gp_ptr + row64 * L * D_CH + ch[:, None] * L + idx[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
+            wk = tl.load(w_ptr + branch * sw_o + ch * sw_d + k, mask=mask_d, other=0.0).to(tl.float32)
+            acc += wk[:, None] * gp
     mask = mask_d[:, None] & (n < L)[None, :]
-    tl.store(dx_ptr + row64 * L * D_CH + ch[:, None] * L + n[None, :], acc, mask=mask)
+    tl.store(dx_ptr + xb.to(tl.int64) * L * D_CH + ch[:, None] * L + n[None, :], acc, mask=mask)
