@@ -15,6 +15,10 @@ volume of the config. ``--measure`` takes them on this GPU in one run (one proce
 - ``eager_fn`` and ``step_fn``: the same two with ``fast_norms`` (GroupNorm and InstanceNorm by whole-tensor
   reductions, :mod:`segresmamba.models.group_norm`), bf16.
 
+The eager steps of the Mamba models are bound by the host's kernel launches (about 1,900 per SegResMamba step),
+so their times move with whatever else runs on the host's CPUs: measure on an otherwise idle machine. The
+graphed modes are bound by the GPU.
+
 The profiler's own tables are kept under ``<out>/model_step_source/<mode>/``. ``--table`` reshapes existing
 efficiency tables instead:
 
