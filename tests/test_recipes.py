@@ -159,6 +159,19 @@ def test_task_optimiser_and_schedule_interval():
     assert task.configure_optimizers()["lr_scheduler"]["interval"] == "step"
 
 
+def test_task_tells_the_optimiser_builder_about_a_trainers_clipping(monkeypatch):
+    """A trainer's gradient_clip_val reaches build_optimizer, which then keeps the for-each kernels on a GPU."""
+    import segresmamba.task as task_module
+
+    seen = []
+    monkeypatch.setattr(task_module, "build_optimizer", lambda recipe, module, clipped=False: seen.append(clipped) or torch.optim.SGD(module.parameters(), lr=0.1))
+    task = _tiny_task(recipe="paper")
+    for clip in (None, 0.0, 1.0):
+        task.trainer = SimpleNamespace(max_steps=-1, max_epochs=2, gradient_clip_val=clip)  # type: ignore[assignment]
+        task.configure_optimizers()
+    assert seen == [False, False, True]
+
+
 def test_task_clips_gradients_by_the_recipe():
     task = _tiny_task(recipe="nnunet")
     seen = {}

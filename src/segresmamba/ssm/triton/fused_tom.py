@@ -17,7 +17,8 @@ w (d, K) and bias c::
     u[idx(p)] = silu(pre[p])
 
 Backward (g = grad of u): ``gp[p] = g[idx(p)] silu'(pre[p])``, ``dx[idx(q)] = sum_k w[k] gp[q + K - 1 - k]``,
-``dw[k] = sum_p gp[p] x[idx(p - K + 1 + k)]``, ``dc = sum_p gp[p]``; dx of the branches is summed (they share x).
+``dw[k] = sum_p gp[p] x[idx(p - K + 1 + k)]``, ``dc = sum_p gp[p]``; dx of the branches is summed (they share x)
+in the dx kernel's registers.
 The kernels tile natural token indices and store gp in natural order too, so that the inter-slice branch reads
 and writes whole runs of tokens rather than one token per M-strided cache sector.
 
