@@ -342,6 +342,28 @@ def test_kernels_under_interpreter(b, d, n, length, chunk, softplus, full, monke
     check_kernels("cpu", b, d, n, length, chunk, softplus, full)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_launch_plan_keeps_the_chunks_within_the_grid():
+    from segresmamba.ssm.triton.autograd import MAX_CHUNKS, launch_plan
+
+    assert launch_plan(1, 96, 16, 64**3, 64)[:2] == (64, 4096)
+    for length in (MAX_CHUNKS * 64, MAX_CHUNKS * 64 + 1, 256**3, 3 * MAX_CHUNKS * 64):
+        T, nchunks = launch_plan(1, 96, 16, length, 64)[:2]
+        assert nchunks <= MAX_CHUNKS and T * nchunks >= length and T & (T - 1) == 0
+    assert launch_plan(1, 96, 16, MAX_CHUNKS * 64 + 1, 64)[0] == 128
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+def test_longer_chunks_past_the_grid_limit_under_interpreter(monkeypatch):
+    """With the chunk limit lowered to 4, 150 tokens at 16-token chunks run as 64-token chunks, still exact."""
+    from segresmamba.ssm.triton import autograd
+
+    _interpreter_index_patch(monkeypatch)
+    monkeypatch.setattr(autograd, "MAX_CHUNKS", 4)
+    assert autograd.launch_plan(2, 3, 4, 150, 16)[:2] == (64, 3)
+    check_kernels("cpu", 2, 3, 4, 150, 16)
+
+
 # ------------------------------------------------------------------ several ToM branches in one launch
 
 def check_oriented(device, branches, b, d, n, length, nslices, chunk, tol=2e-5):

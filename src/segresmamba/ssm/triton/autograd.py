@@ -27,11 +27,18 @@ from segresmamba.ssm.triton.kernels import (
 from segresmamba.ssm.triton.tuning import CARRY_LANES, CARRY_ROWS, TUNING, kernel_inputs
 
 
+MAX_CHUNKS = 65535  # the scan kernels put the chunks on grid axis 1, which CUDA stops at 65535
+
+
 def launch_plan(b: int, d: int, n: int, length: int, chunk: int):
-    """Chunk length T (power of two), state block, channels per program, warps."""
+    """Chunk length T (power of two), state block, channels per program, warps.
+
+    A sequence of more than ``MAX_CHUNKS`` chunks (over 4.2 M tokens at 64-token chunks) gets longer chunks, enough
+    to fit the grid: slower than the tuned length, but a valid launch."""
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
     T = max(16, min(chunk, triton.next_power_of_2(length)))
+    T = max(T, triton.next_power_of_2(triton.cdiv(length, MAX_CHUNKS)))
     nchunks = triton.cdiv(length, T)
     BN = max(2, triton.next_power_of_2(n))
     # channels per program: a divisor of d (no ragged group), as large as keeps the grid several waves deep
@@ -285,4 +292,4 @@ def oriented_scan_triton(
     return y.view(branches, b, d, length)
 
 
-__all__ = ["SelectiveScanTritonFn", "launch_plan", "oriented_scan_triton", "selective_scan_triton"]
+__all__ = ["MAX_CHUNKS", "SelectiveScanTritonFn", "launch_plan", "oriented_scan_triton", "selective_scan_triton"]
