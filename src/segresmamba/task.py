@@ -165,7 +165,10 @@ class SegmentationTask(L.LightningModule):
         fast_norms: run the network's GroupNorm and InstanceNorm layers (those without running statistics)
             through :mod:`segresmamba.models.group_norm`: the same function, with reductions spread over the
             whole tensor (PyTorch's kernels give one thread block to each channel or group, which leaves a GPU
-            idle at batch 1); the same parameters and state dict (a speed setting).
+            idle at batch 1); the same parameters and state dict (a speed setting). On a GPU each norm then
+            costs the host six Triton launches: it pays with the step-graph callback, or eagerly where the step
+            is bound by the GPU (the nnU-Net-style net), not for a host-bound eager step such as SegResMamba's
+            (``results/perf/scan_notes.md``, run 7).
 
     Speed: ``step_graph`` holds the CUDA graphs of the training step when the
     :class:`~segresmamba.step_graphs.StepCudaGraphs` callback captured them (``configs/callbacks/step_graphs.yaml``);
