@@ -243,10 +243,11 @@ def test_loss_watch_defers_the_check_on_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("net,recipe,precision", [("segresmamba", "paper", "bf16-mixed"), ("nnunet", "nnunet", "bf16-mixed"),
-                                                  ("segresmamba", "nnunet", "16-mixed")])
+                                                  ("segresmamba", "nnunet", "16-mixed"), ("segresmamba", "paper", "16-mixed")])
 def test_fit_with_step_graphs(net, recipe, precision, tmp_path):
     """A Lightning fit (validation, checkpoint) with the callback: the graphs are captured and replayed. Under
-    16-mixed the GradScaler's scaled loss seeds the backward graph and its unscale and skip run eagerly."""
+    16-mixed the GradScaler's scaled loss seeds the backward graph and its unscale and skip run eagerly: by
+    Lightning before the clipping of the nnunet recipe, inside the fused Adam step of the paper recipe."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from segresmamba.data.synthetic import SyntheticBraTSDataModule
