@@ -409,6 +409,24 @@ ORIENTED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("branches,b,d,n,length,nslices,chunk", ORIENTED_CASES)
+def test_states_reorder_in_one_gather_matches_orient(branches, b, d, n, length, nslices, chunk):
+    """The B / C reorder the kernels read (one gather, rows ``r * b + i`` in branch r's order) equals ``orient`` per
+    branch, its inverse restores the natural order, and a leading axis (dB and dC side by side) is carried along; forward-only
+    orders are left in place."""
+    autograd = pytest.importorskip("segresmamba.ssm.triton.autograd")
+    from segresmamba.ssm.orientations import orientation_codes
+
+    codes = orientation_codes(branches)
+    t = torch.randn(2, len(branches) * b, n, length)
+    got = autograd._states_in_scan_order(t, codes, b, nslices)
+    want = torch.cat([orient(t[:, r * b:(r + 1) * b], o, nslices) for r, o in enumerate(branches)], dim=1)
+    assert torch.equal(got, want)
+    assert torch.equal(autograd._states_in_scan_order(got, codes, b, nslices, inverse=True), t)
+    forward_only = t[0]
+    assert autograd._states_in_scan_order(forward_only, (0,) * len(branches), b, nslices) is forward_only  # nothing to reorder
+
+
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
 @pytest.mark.parametrize("branches,b,d,n,length,nslices,chunk", ORIENTED_CASES)
 def test_oriented_scan_under_interpreter(branches, b, d, n, length, nslices, chunk, monkeypatch):
@@ -531,6 +549,38 @@ def test_auto_times_fused_against_per_branch_under_interpreter(monkeypatch):
     assert choice["backend"] == ("triton_fused" if first else "per_branch") and set(choice["ms"]) == {"triton_fused", "per_branch"}
     assert layer._choose_fused(x, 4) == first and len(calls) == 4  # cached for this signature
     assert all(p.grad is None for p in layer.parameters()) and x.grad is None  # measuring leaves no gradients
+
+
+@needs_triton
+def test_stacked_branch_parameters_match_per_kind_stacks_and_route_gradients():
+    """One concatenation gives the same (R, ...) stacks as a ``torch.stack`` per kind, and its backward gives every
+    branch parameter its own gradient; parameters of mixed dtypes are stacked per kind."""
+    from segresmamba.ssm import TriOrientedMamba
+
+    torch.manual_seed(0)
+    layer = TriOrientedMamba(4, dt_rank=2)
+    branches = list(layer.branches.values())
+    stacked = fused_tom.stacked_branch_parameters(branches)
+    per_kind = {
+        "conv_weight": torch.stack([br.conv1d.weight[:, 0, :] for br in branches]),
+        "conv_bias": torch.stack([br.conv1d.bias for br in branches]),
+        "x_proj": torch.stack([br.x_proj.weight for br in branches]),
+        "dt_weight": torch.stack([br.dt_proj.weight for br in branches]),
+        "dt_bias": torch.stack([br.dt_proj.bias for br in branches]),
+        "A_log": torch.stack([br.A_log for br in branches]),
+        "D": torch.stack([br.D for br in branches]),
+    }
+    assert stacked.keys() == per_kind.keys()
+    for name, want in per_kind.items():
+        assert torch.equal(stacked[name], want), name
+    weights = {name: torch.randn_like(t) for name, t in per_kind.items()}
+    params = list(layer.branches.parameters())
+    got = torch.autograd.grad(sum((stacked[k] * w).sum() for k, w in weights.items()), params)
+    want = torch.autograd.grad(sum((per_kind[k] * w).sum() for k, w in weights.items()), params)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    branches[0].D.data = branches[0].D.data.double()
+    assert fused_tom.stacked_branch_parameters(branches)["D"].dtype == torch.float64  # per-kind stack, promoted
 
 
 @needs_triton

@@ -63,15 +63,32 @@ def _run_carry(decay: torch.Tensor, local: torch.Tensor, reverse: bool) -> torch
     return out
 
 
+_order_indices: dict[tuple, torch.Tensor] = {}
+
+
+def _scan_order_index(device: torch.device, codes: tuple[int, ...], nb: int, length: int, nslices: int, inverse: bool) -> torch.Tensor:
+    """(R nb, 1, L) int64: for row ``r * nb + i``, the natural token read at each scan position of branch r's
+    order (``inverse``: the scan position read at each natural token). Built from :func:`orient` itself, so it
+    cannot drift from the per-branch path; cached per (device, orders, length), like :func:`codes_on`, and made
+    by a call's first (eager) run, before any CUDA-graph capture of it."""
+    key = (device, codes, nb, length, nslices, inverse)
+    if key not in _order_indices:
+        tokens = torch.arange(length, device=device).view(1, 1, length)
+        reorder = unorient if inverse else orient
+        index = torch.cat([reorder(tokens, ORIENTATIONS[code], nslices) for code in codes])
+        _order_indices[key] = index.repeat_interleave(nb, dim=0).contiguous()
+    return _order_indices[key]
+
+
 def _states_in_scan_order(t: torch.Tensor, codes: tuple[int, ...], nb: int, nslices: int, inverse: bool = False) -> torch.Tensor:
-    """B, C (or their gradients) of rows ``r * nb + i`` reordered along L into branch r's scan order
-    (``inverse``: back to the natural order). These (n x L) tensors are small next to the (d x L)
+    """B, C (or their gradients; any leading dims before the rows) of rows ``r * nb + i`` reordered along L into branch r's scan order
+    (``inverse``: back to the natural order), in one gather. These (n x L) tensors are small next to the (d x L)
     activations, and contiguous in scan order they load as token-contiguous tiles, which keeps every scan
     inside one warp; the activations themselves stay in place and are addressed by index arithmetic."""
     if not any(codes):
         return t
-    reorder = unorient if inverse else orient
-    return torch.cat([reorder(t[r * nb:(r + 1) * nb], ORIENTATIONS[code], nslices) for r, code in enumerate(codes)])
+    index = _scan_order_index(t.device, codes, nb, t.shape[-1], nslices, inverse)
+    return torch.gather(t, -1, index.expand(t.shape))
 
 
 _code_tensors: dict[tuple, torch.Tensor] = {}
@@ -177,11 +194,12 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         ddelta = torch.empty(rows, d, length, dtype=delta_in.dtype, device=u.device)
         # one dz row per (branch, batch element); the branches' shares are summed below
         dz = torch.empty(rows, d, length, dtype=z.dtype, device=u.device) if has_z else du
-        dB = torch.zeros(rows, n, length, **f32)
-        dC = torch.zeros(rows, n, length, **f32)
+        dBC = torch.zeros(2, rows, n, length, **f32)  # dB and dC: one fill, one reorder and one cast for both
+        dB, dC = dBC.unbind(0)
         dA_part = torch.empty(rows * nchunks, d, n, **f32)
-        dD_part = torch.empty(rows * nchunks, d, **f32) if has_d else dA_part
-        dbias_part = torch.empty(rows * nchunks, d, **f32) if has_bias else dA_part
+        # the D and delta_bias partials side by side: one reduction for both
+        d_bias_parts = torch.empty(2, rows * nchunks, d, **f32)
+        dD_part, dbias_part = d_bias_parts.unbind(0)
         _bwd_grad_kernel[grid](
             u, delta, A, B, C, D if has_d else u, zz, bias, grad_y, entering, into_end,
             du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part, code_t,
@@ -195,16 +213,19 @@ class SelectiveScanTritonFn(torch.autograd.Function):
             **({"maxnreg": TUNING["bwd_maxnreg"]} if TUNING["bwd_maxnreg"] else {}),
         )
 
-        def per_branch(part):  # (rows * nchunks, ...) partial rows -> (branches, ...)
-            return part.view(branches, -1, *part.shape[1:]).sum(1)
-
+        # partial rows (rows * nchunks) summed per branch
+        dA = dA_part.view(branches, -1, d, n).sum(1).to(A.dtype)
+        dD, dbias = d_bias_parts.view(2, branches, -1, d).sum(2).unbind(0)
         if has_z:
-            dz = dz if branches == 1 else dz.view(branches, nb, d, length).sum(0, dtype=torch.float32).to(z.dtype)
-        dB, dC = (_states_in_scan_order(t, codes, nb, nslices, inverse=True) for t in (dB, dC))
+            dz = dz if branches == 1 else dz.view(branches, nb, d, length).sum(0)  # fp32 accumulation, z's dtype
+        dBC = _states_in_scan_order(dBC, codes, nb, nslices, inverse=True)
+        if B_in.dtype == C_in.dtype:
+            dB, dC = dBC.to(B_in.dtype).unbind(0)
+        else:
+            dB, dC = dBC[0].to(B_in.dtype), dBC[1].to(C_in.dtype)
         return (
-            du, ddelta, per_branch(dA_part).to(A.dtype), dB.to(B_in.dtype), dC.to(C_in.dtype),
-            per_branch(dD_part).to(D.dtype) if has_d else None, dz if has_z else None,
-            per_branch(dbias_part).to(delta_bias.dtype) if has_bias else None, None, None, None, None, None,
+            du, ddelta, dA, dB, dC, dD.to(D.dtype) if has_d else None, dz if has_z else None,
+            dbias.to(delta_bias.dtype) if has_bias else None, None, None, None, None, None,
         )
 
 

@@ -99,14 +99,15 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, piece: int | None = None) -> 
     r, b, o, length = g.shape
     i = x.shape[2]
     full = length - length % piece
-    out = torch.zeros(r, o, i, dtype=torch.float32, device=g.device)
+    out = None
     if full:
         k = full // piece
         gp = g[..., :full].reshape(r, b, o, k, piece).transpose(2, 3)  # (R, b, k, O, piece)
         xp = x[..., :full].reshape(r, b, i, k, piece).transpose(2, 3)  # (R, b, k, I, piece)
-        out += torch.matmul(gp, xp.transpose(-1, -2)).float().sum((1, 2))
+        out = torch.matmul(gp, xp.transpose(-1, -2)).sum((1, 2), dtype=torch.float32)
     if full < length:
-        out += torch.matmul(g[..., full:], x[..., full:].transpose(-1, -2)).float().sum(1)
+        rest = torch.matmul(g[..., full:], x[..., full:].transpose(-1, -2)).sum(1, dtype=torch.float32)
+        out = rest if out is None else out + rest
     return out
 
 
@@ -157,6 +158,34 @@ def oriented_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return OrientedConvSiluFn.apply(x, weight, bias, orientation_codes(orientations), nslices)
 
 
+def stacked_branch_parameters(branches) -> dict[str, torch.Tensor]:
+    """Each parameter of the ToM branches stacked along a new first axis (R, ...), from a single concatenation.
+
+    One copy for all of them instead of one per kind: a host-bound eager step pays per launch, and a ToM layer
+    has seven kinds. The stacks are views of that copy, whose backward hands every parameter a view of one
+    gradient buffer. The conv taps are squeezed rather than indexed (``[:, 0, :]``): a select's backward fills and
+    copies a new tensor, a squeeze's is a view."""
+    kinds = {
+        "conv_weight": [br.conv1d.weight.squeeze(1) for br in branches],  # (d, K)
+        "conv_bias": [br.conv1d.bias for br in branches],
+        "x_proj": [br.x_proj.weight for br in branches],  # (rank + 2N, d)
+        "dt_weight": [br.dt_proj.weight for br in branches],  # (d, rank)
+        "dt_bias": [br.dt_proj.bias for br in branches],
+        "A_log": [br.A_log for br in branches],
+        "D": [br.D for br in branches],
+    }
+    params = [p for group in kinds.values() for p in group]
+    if len({p.dtype for p in params}) > 1:  # a model with mixed parameter dtypes: stack each kind on its own
+        return {name: torch.stack(group) for name, group in kinds.items()}
+    flat = torch.cat([p.reshape(-1) for p in params])
+    stacked, offset = {}, 0
+    for name, group in kinds.items():
+        size = sum(p.numel() for p in group)
+        stacked[name] = flat[offset:offset + size].view(len(group), *group[0].shape)
+        offset += size
+    return stacked
+
+
 def tri_oriented_branches(xz: torch.Tensor, branches, orientations: tuple[str, ...], nslices: int) -> torch.Tensor:
     """Sum over the branches of their outputs, natural order: the fused equivalent of ToM's branch loop.
 
@@ -171,21 +200,16 @@ def tri_oriented_branches(xz: torch.Tensor, branches, orientations: tuple[str, .
     x = xz[..., :d_inner].transpose(1, 2)  # (b, d, L) views into xz: the kernels read them in place
     z = xz[..., d_inner:].transpose(1, 2)
     first = branches[0]
-    weight = torch.stack([br.conv1d.weight[:, 0, :] for br in branches])
-    conv_bias = torch.stack([br.conv1d.bias for br in branches])
-    u = oriented_conv_silu(x, weight, conv_bias, orientations, nslices)  # (R, b, d, L)
+    p = stacked_branch_parameters(branches)
+    u = oriented_conv_silu(x, p["conv_weight"], p["conv_bias"], orientations, nslices)  # (R, b, d, L)
     # projections with the weights on the left keep tokens last: dt, B, C and delta come out (R, b, ., L)
     # with unit token stride, as the scan reads them, so no transposed copy is made
-    x_proj = torch.stack([br.x_proj.weight for br in branches])  # (R, rank + 2N, d)
-    x_dbl = tokens_last_linear(x_proj, u)  # (R, b, rank + 2N, L)
+    x_dbl = tokens_last_linear(p["x_proj"], u)  # (R, b, rank + 2N, L)
     dt, B, C = torch.split(x_dbl, [first.dt_rank, first.d_state, first.d_state], dim=2)
-    dt_w = torch.stack([br.dt_proj.weight for br in branches])  # (R, d, rank)
-    delta = tokens_last_linear(dt_w, dt)  # (R, b, d, L)
-    A = -torch.exp(torch.stack([br.A_log for br in branches]).float())
-    D = torch.stack([br.D for br in branches]).float()
-    dt_bias = torch.stack([br.dt_proj.bias for br in branches]).float()
-    y = oriented_scan_triton(u, delta, A, B, C, D, z, dt_bias, orientations, nslices, delta_softplus=True)
+    delta = tokens_last_linear(p["dt_weight"], dt)  # (R, b, d, L)
+    A = -torch.exp(p["A_log"].float())
+    y = oriented_scan_triton(u, delta, A, B, C, p["D"].float(), z, p["dt_bias"].float(), orientations, nslices, delta_softplus=True)
     return y.sum(0)
 
 
-__all__ = ["oriented_conv_silu", "tokens_last_linear", "tri_oriented_branches"]
+__all__ = ["oriented_conv_silu", "stacked_branch_parameters", "tokens_last_linear", "tri_oriented_branches"]
