@@ -427,6 +427,29 @@ def test_states_reorder_in_one_gather_matches_orient(branches, b, d, n, length, 
     assert autograd._states_in_scan_order(forward_only, (0,) * len(branches), b, nslices) is forward_only  # nothing to reorder
 
 
+@pytest.mark.gpu
+def test_states_reorder_inside_a_cuda_graph_capture_is_right_and_not_cached(monkeypatch):
+    """A reorder index first built inside a capture runs in the graph and stays out of the cache (its kernels run only
+    at replay); the next eager call builds and caches its own."""
+    autograd = pytest.importorskip("segresmamba.ssm.triton.autograd")
+    from segresmamba.ssm.orientations import ORIENTATIONS
+
+    monkeypatch.setattr(autograd, "_order_indices", {})
+    codes, nslices = (0, 1, 2), 4
+    t = torch.randn(3, 5, 64, device="cuda")
+    want = torch.cat([orient(t[r:r + 1], o, nslices) for r, o in enumerate(ORIENTATIONS)])
+    out = torch.empty_like(t)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(autograd._states_in_scan_order(t, codes, 1, nslices))
+    assert autograd._order_indices == {}
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+    assert torch.equal(autograd._states_in_scan_order(t, codes, 1, nslices), want)
+    assert len(autograd._order_indices) == 1
+
+
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
 @pytest.mark.parametrize("branches,b,d,n,length,nslices,chunk", ORIENTED_CASES)
 def test_oriented_scan_under_interpreter(branches, b, d, n, length, nslices, chunk, monkeypatch):

@@ -69,15 +69,19 @@ _order_indices: dict[tuple, torch.Tensor] = {}
 def _scan_order_index(device: torch.device, codes: tuple[int, ...], nb: int, length: int, nslices: int, inverse: bool) -> torch.Tensor:
     """(R nb, 1, L) int64: for row ``r * nb + i``, the natural token read at each scan position of branch r's
     order (``inverse``: the scan position read at each natural token). Built from :func:`orient` itself, so it
-    cannot drift from the per-branch path; cached per (device, orders, length), like :func:`codes_on`, and made
-    by a call's first (eager) run, before any CUDA-graph capture of it."""
+    cannot drift from the per-branch path, and cached per (device, orders, length).
+
+    Inside a CUDA-graph capture the index is built but not cached: its kernels run only when the graph replays, so
+    a cached copy would hold garbage for an eager call made before the first replay."""
     key = (device, codes, nb, length, nslices, inverse)
-    if key not in _order_indices:
-        tokens = torch.arange(length, device=device).view(1, 1, length)
-        reorder = unorient if inverse else orient
-        index = torch.cat([reorder(tokens, ORIENTATIONS[code], nslices) for code in codes])
-        _order_indices[key] = index.repeat_interleave(nb, dim=0).contiguous()
-    return _order_indices[key]
+    if key in _order_indices:
+        return _order_indices[key]
+    tokens = torch.arange(length, device=device).view(1, 1, length)
+    reorder = unorient if inverse else orient
+    index = torch.cat([reorder(tokens, ORIENTATIONS[code], nslices) for code in codes]).repeat_interleave(nb, dim=0)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _order_indices[key] = index
+    return index
 
 
 def _states_in_scan_order(t: torch.Tensor, codes: tuple[int, ...], nb: int, nslices: int, inverse: bool = False) -> torch.Tensor:
