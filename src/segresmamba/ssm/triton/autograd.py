@@ -85,10 +85,10 @@ def _scan_order_index(device: torch.device, codes: tuple[int, ...], nb: int, len
 
 
 def _states_in_scan_order(t: torch.Tensor, codes: tuple[int, ...], nb: int, nslices: int, inverse: bool = False) -> torch.Tensor:
-    """B, C (or their gradients; any leading dims before the rows) of rows ``r * nb + i`` reordered along L into branch r's scan order
-    (``inverse``: back to the natural order), in one gather. These (n x L) tensors are small next to the (d x L)
-    activations, and contiguous in scan order they load as token-contiguous tiles, which keeps every scan
-    inside one warp; the activations themselves stay in place and are addressed by index arithmetic."""
+    """B, C (or their gradients; any leading dims before the rows) of rows ``r * nb + i`` reordered along L into
+    branch r's scan order (``inverse``: back to the natural order), in one gather. These (n x L) tensors are small
+    next to the (d x L) activations, and contiguous in scan order they load as token-contiguous tiles, which keeps
+    every scan inside one warp; the activations themselves stay in place and are addressed by index arithmetic."""
     if not any(codes):
         return t
     index = _scan_order_index(t.device, codes, nb, t.shape[-1], nslices, inverse)
