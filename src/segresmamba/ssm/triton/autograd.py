@@ -222,14 +222,13 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         dD, dbias = d_bias_parts.view(2, branches, -1, d).sum(2).unbind(0)
         if has_z:
             dz = dz if branches == 1 else dz.view(branches, nb, d, length).sum(0)  # fp32 accumulation, z's dtype
-        # cast, then reorder: the same values (a reorder moves them, a cast acts on each), and the reorder's
-        # output is 16-bit where the inputs are
         if B_in.dtype == C_in.dtype:
-            dB, dC = _states_in_scan_order(dBC.to(B_in.dtype), codes, nb, nslices, inverse=True).unbind(0)
-        else:
-            dB, dC = (_states_in_scan_order(t, codes, nb, nslices, inverse=True) for t in (dB.to(B_in.dtype), dC.to(C_in.dtype)))
+            # cast, then reorder: the same values (a reorder moves them, a cast acts on each), and the reorder's
+            # output is 16-bit where the inputs are
+            dBC = dBC.to(B_in.dtype)
+        dB, dC = _states_in_scan_order(dBC, codes, nb, nslices, inverse=True).unbind(0)
         return (
-            du, ddelta, dA, dB, dC, dD.to(D.dtype) if has_d else None, dz if has_z else None,
+            du, ddelta, dA, dB.to(B_in.dtype), dC.to(C_in.dtype), dD.to(D.dtype) if has_d else None, dz if has_z else None,
             dbias.to(delta_bias.dtype) if has_bias else None, None, None, None, None, None,
         )
 
