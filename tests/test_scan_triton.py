@@ -523,12 +523,12 @@ def test_oriented_conv_kernels(branches, b, d, length, nslices):
     check_oriented_conv("cuda", branches, b, d, length, nslices)
 
 
-def check_fused_tom(device, dim, shape, nslices=None, orientations=("forward", "reverse", "slice")):
+def check_fused_tom(device, dim, shape, nslices=None, orientations=("forward", "reverse", "slice"), batch=2):
     from segresmamba.ssm import TriOrientedMamba
 
     torch.manual_seed(0)
     layer = TriOrientedMamba(dim, nslices=nslices, orientations=orientations, scan_backend="torch").to(device)
-    x = torch.randn(2, dim, *shape, device=device, requires_grad=True)
+    x = torch.randn(batch, dim, *shape, device=device, requires_grad=True)
     ref = layer(x)
     ref_grads = torch.autograd.grad(ref.square().sum(), [x, *layer.parameters()])
     layer.scan_backend = "triton"  # fused by default
@@ -541,10 +541,14 @@ def check_fused_tom(device, dim, shape, nslices=None, orientations=("forward", "
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
-@pytest.mark.parametrize("nslices,orientations", [(None, ("forward", "reverse", "slice")), (2, ("slice", "forward"))])
-def test_fused_tom_under_interpreter(nslices, orientations, monkeypatch):
+@pytest.mark.parametrize("nslices,orientations,batch", [
+    (None, ("forward", "reverse", "slice"), 2),
+    (None, ("forward", "reverse", "slice"), 1),  # the branches read one broadcast output gradient (row stride 0)
+    (2, ("slice", "forward"), 2),
+])
+def test_fused_tom_under_interpreter(nslices, orientations, batch, monkeypatch):
     _interpreter_index_patch(monkeypatch)
-    check_fused_tom("cpu", 4, (4, 4, 4), nslices, orientations)
+    check_fused_tom("cpu", 4, (4, 4, 4), nslices, orientations, batch)
 
 
 @pytest.mark.gpu
@@ -552,6 +556,7 @@ def test_fused_tom_matches_torch_backend(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     check_fused_tom("cuda", 16, (8, 8, 8))
+    check_fused_tom("cuda", 16, (8, 8, 8), batch=1)
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
@@ -575,15 +580,17 @@ def test_auto_times_fused_against_per_branch_under_interpreter(monkeypatch):
 
 
 @needs_triton
-def test_stacked_branch_parameters_match_per_kind_stacks_and_route_gradients():
-    """One concatenation gives the same (R, ...) stacks as a ``torch.stack`` per kind, and its backward gives every
-    branch parameter its own gradient; parameters of mixed dtypes are stacked per kind."""
+def test_stacked_branch_parameters_match_per_kind_stacks():
+    """One concatenation gives the same (R, ...) stacks as a ``torch.stack`` per kind (conv taps as (R, d, K));
+    parameters of mixed dtypes are stacked per kind."""
     from segresmamba.ssm import TriOrientedMamba
 
     torch.manual_seed(0)
     layer = TriOrientedMamba(4, dt_rank=2)
     branches = list(layer.branches.values())
-    stacked = fused_tom.stacked_branch_parameters(branches)
+    params = fused_tom.branch_parameters(branches)
+    assert len(params) == 7 * len(branches) and {id(p) for p in params} == {id(p) for p in layer.branches.parameters()}
+    stacked = fused_tom.stack_branch_parameters(params, len(branches))
     per_kind = {
         "conv_weight": torch.stack([br.conv1d.weight[:, 0, :] for br in branches]),
         "conv_bias": torch.stack([br.conv1d.bias for br in branches]),
@@ -593,40 +600,23 @@ def test_stacked_branch_parameters_match_per_kind_stacks_and_route_gradients():
         "A_log": torch.stack([br.A_log for br in branches]),
         "D": torch.stack([br.D for br in branches]),
     }
-    assert stacked.keys() == per_kind.keys()
+    assert tuple(stacked) == fused_tom.PARAMETER_KINDS == tuple(per_kind)
     for name, want in per_kind.items():
         assert torch.equal(stacked[name], want), name
-    weights = {name: torch.randn_like(t) for name, t in per_kind.items()}
-    params = list(layer.branches.parameters())
-    got = torch.autograd.grad(sum((stacked[k] * w).sum() for k, w in weights.items()), params)
-    want = torch.autograd.grad(sum((per_kind[k] * w).sum() for k, w in weights.items()), params)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
     branches[0].D.data = branches[0].D.data.double()
-    assert fused_tom.stacked_branch_parameters(branches)["D"].dtype == torch.float64  # per-kind stack, promoted
+    mixed = fused_tom.stack_branch_parameters(fused_tom.branch_parameters(branches), len(branches))
+    assert mixed["D"].dtype == torch.float64 and mixed["A_log"].dtype == torch.float32  # per-kind stacks, promoted
 
 
 @needs_triton
 @pytest.mark.parametrize("piece,length", [(8, 37), (16, 32), (64, 20)])  # split with a remainder, exact pieces, one partial piece
-def test_tokens_last_linear_matches_matmul(piece, length, monkeypatch):
-    monkeypatch.setattr(fused_tom, "SPLIT_K_PIECE", piece)
+def test_weight_grad_in_token_pieces_matches_one_matmul(piece, length):
+    """The projections' weight gradients, summed from partial products over token pieces, equal one matmul's."""
     torch.manual_seed(0)
-    weight = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(3, 2, 7, length, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(3, 2, 5, length, dtype=torch.float64)
-    got = fused_tom.tokens_last_linear(weight, x)
-    want = torch.matmul(weight.unsqueeze(1), x)
-    torch.testing.assert_close(got, want)
-    gw, gx = torch.autograd.grad(got, (weight, x), grad)
-    ww, wx = torch.autograd.grad(want, (weight, x), grad)
-    torch.testing.assert_close(gx, wx)
-    torch.testing.assert_close(gw, ww, rtol=1e-6, atol=1e-6)  # the weight gradient sums in fp32
-
-
-@needs_triton
-def test_tokens_last_linear_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match="do not match"):
-        fused_tom.tokens_last_linear(torch.zeros(3, 5, 7), torch.zeros(2, 1, 7, 9))
+    g = torch.randn(3, 2, 5, length, dtype=torch.float64)
+    x = torch.randn(3, 2, 7, length, dtype=torch.float64)
+    want = torch.matmul(g, x.transpose(-1, -2)).sum(1)
+    torch.testing.assert_close(fused_tom._weight_grad(g, x, piece), want.float(), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")

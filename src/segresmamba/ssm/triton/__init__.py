@@ -9,7 +9,7 @@ layer's fused branches, one concern per module:
   :func:`~segresmamba.ssm.triton.autograd.selective_scan_triton` and
   :func:`~segresmamba.ssm.triton.autograd.oriented_scan_triton`;
 - :mod:`~segresmamba.ssm.triton.fused_tom`: the ToM branches' causal conv, projections and scans without
-  permuted copies of the activations.
+  permuted copies of the activations, as one autograd node.
 
 Importing this package imports no Triton: :mod:`segresmamba.ssm.scan` and the ToM layer load the modules
 that need it on first use.

@@ -2,15 +2,18 @@
 
 :func:`selective_scan_triton` is the ``scan_backend="triton"`` of :mod:`segresmamba.ssm.scan` (Mamba-1
 semantics, arguments as :func:`segresmamba.ssm.scan_torch.selective_scan_torch`); :func:`oriented_scan_triton`
-runs the scans of several ToM branches, each in its own token order, in one launch per pass (used by
-:mod:`segresmamba.ssm.triton.fused_tom`). Both go through :class:`SelectiveScanTritonFn`, which launches the
+runs the scans of several ToM branches, each in its own token order, in one launch per pass. Both go through
+:class:`SelectiveScanTritonFn`, whose passes are :func:`scan_forward` and :func:`scan_backward`: they launch the
 kernels of :mod:`segresmamba.ssm.triton.kernels` with the settings of :mod:`segresmamba.ssm.triton.tuning`,
-read at call time. The algorithm, and its plain-PyTorch oracle, is :mod:`segresmamba.ssm.triton.reference`.
+read at call time. The fused ToM layer (:mod:`segresmamba.ssm.triton.fused_tom`) calls the two passes inside its
+own autograd node. The algorithm, and its plain-PyTorch oracle, is :mod:`segresmamba.ssm.triton.reference`.
 
 Imports Triton: :mod:`segresmamba.ssm.scan` loads this module on the first use of the Triton backend.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -106,6 +109,135 @@ def codes_on(device: torch.device, codes: tuple[int, ...]) -> torch.Tensor:
     return _code_tensors[key]
 
 
+class ScanSaved(NamedTuple):
+    """What the scan's backward needs from its forward: ``tensors`` (u, delta, A, B, C, D, z, delta_bias, entering;
+    None where absent), the launch ``plan``, the ``layout`` (codes, nb, nslices) and the softplus flag."""
+
+    tensors: tuple
+    plan: tuple
+    layout: tuple
+    delta_softplus: bool
+
+
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, codes, nb, nslices, chunk):
+    """The forward passes of :class:`SelectiveScanTritonFn` (arguments as its ``forward``), without autograd.
+
+    Returns y (R nb, d, L) in u's dtype, and ``saved``, what :func:`scan_backward` needs: the inputs as given
+    (16-bit where they are; the backward makes its own kernel copies) and the chunk-entering states."""
+    u_in, delta_in, B_in, C_in, z = (last_dim_unit(t) for t in (u, delta, B, C, z))
+    D, delta_bias = last_dim_unit(D), last_dim_unit(delta_bias)  # (R, d): the kernels index channels directly
+    u, delta, B, C, _ = kernel_inputs(u_in, delta_in, B_in, C_in)
+    rows, d, length = u.shape
+    B, C = (_states_in_scan_order(t, codes, nb, nslices) for t in (B, C))
+    n = A.shape[-1]
+    seg = length // nslices
+    code_t = codes_on(u.device, codes)
+    T, nchunks, BN, group, warps = launch_plan(rows, d, n, length, chunk)
+    grid = (d // group, nchunks, rows)
+    f32 = dict(dtype=torch.float32, device=u.device)
+    local_end = torch.empty(rows, nchunks, d, n, **f32)
+    decay = torch.empty(rows, nchunks, d, n, **f32)
+    bias = delta_bias if delta_bias is not None else u
+    sbias = delta_bias.stride(0) if delta_bias is not None else 0
+    _fwd_chunk_state_kernel[grid](
+        u, delta, A, B, bias, local_end, decay, code_t,
+        d, length, n, nchunks, nb, nslices, seg,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1), A.stride(2),
+        B.stride(0), B.stride(1), sbias,
+        GROUP=group, T=T, BN=BN, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=warps,
+    )
+    entering = _run_carry(decay, local_end, reverse=False)
+    del local_end, decay
+    y = torch.empty(rows, d, length, dtype=u_in.dtype, device=u.device)
+    zz = z if z is not None else u
+    DD = D if D is not None else u
+    _fwd_output_kernel[grid](
+        u, delta, A, B, C, DD, zz, bias, entering, y, code_t,
+        d, length, n, nchunks, nb, nslices, seg,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
+        y.stride(0), y.stride(1), A.stride(0), A.stride(1), A.stride(2), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        D.stride(0) if D is not None else 0, sbias,
+        GROUP=group, T=T, BN=BN, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, num_warps=warps,
+    )
+    return y, ScanSaved((u_in, delta_in, A, B_in, C_in, D, z, delta_bias, entering), (T, nchunks, BN, group, warps),
+                        (codes, nb, nslices), delta_softplus)
+
+
+def scan_backward(saved: ScanSaved, grad_y: torch.Tensor) -> tuple:
+    """The backward passes of :class:`SelectiveScanTritonFn` for ``grad_y`` (R nb, d, L; any row stride, a
+    stride-0 broadcast included), without autograd.
+
+    Returns du, ddelta, dA, dB, dC, dD, dz, ddelta_bias in their inputs' dtypes (None for absent inputs); dz is
+    summed over the branches, (nb, d, L), as z is shared."""
+    u_in, delta_in, A, B_in, C_in, D, z, delta_bias, entering = saved.tensors
+    T, nchunks, BN, group, warps = saved.plan
+    codes, nb, nslices = saved.layout
+    branches = len(codes)
+    u, delta, B, C, grad_y = kernel_inputs(u_in, delta_in, B_in, C_in, last_dim_unit(grad_y))
+    rows, d, length = u.shape
+    B, C = (_states_in_scan_order(t, codes, nb, nslices) for t in (B, C))
+    n = A.shape[-1]
+    seg = length // nslices
+    code_t = codes_on(u.device, codes)
+    grid = (d // group, nchunks, rows)
+    f32 = dict(dtype=torch.float32, device=u.device)
+    has_bias, has_z, has_d = delta_bias is not None, z is not None, D is not None
+    bias = delta_bias if has_bias else u
+    sbias = delta_bias.stride(0) if has_bias else 0
+    zz = z if has_z else u
+
+    first = torch.empty(rows, nchunks, d, n, **f32)
+    decay = torch.empty(rows, nchunks, d, n, **f32)
+    _bwd_chunk_state_kernel[grid](
+        delta, A, C, zz, bias, grad_y, first, decay, code_t,
+        d, length, n, nchunks, nb, nslices, seg,
+        delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), grad_y.stride(0), grad_y.stride(1),
+        A.stride(0), A.stride(1), A.stride(2), C.stride(0), C.stride(1), sbias,
+        GROUP=group, T=T, BN=BN, HAS_Z=has_z, HAS_BIAS=has_bias, SOFTPLUS=saved.delta_softplus, num_warps=warps,
+    )
+    into_end = _run_carry(decay, first, reverse=True)
+    del first, decay
+
+    du = torch.empty(rows, d, length, dtype=u_in.dtype, device=u.device)
+    ddelta = torch.empty(rows, d, length, dtype=delta_in.dtype, device=u.device)
+    # one dz row per (branch, batch element); the branches' shares are summed below
+    dz = torch.empty(rows, d, length, dtype=z.dtype, device=u.device) if has_z else du
+    dBC = torch.zeros(2, rows, n, length, **f32)  # dB and dC: one fill, one reorder and one cast for both
+    dB, dC = dBC.unbind(0)
+    dA_part = torch.empty(rows * nchunks, d, n, **f32)
+    # the D and delta_bias partials side by side: one reduction for both
+    d_bias_parts = torch.empty(2, rows * nchunks, d, **f32)
+    dD_part, dbias_part = d_bias_parts.unbind(0)
+    _bwd_grad_kernel[grid](
+        u, delta, A, B, C, D if has_d else u, zz, bias, grad_y, entering, into_end,
+        du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part, code_t,
+        d, length, n, nchunks, nb, nslices, seg,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
+        grad_y.stride(0), grad_y.stride(1), du.stride(0), du.stride(1),
+        A.stride(0), A.stride(1), A.stride(2), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        D.stride(0) if has_d else 0, sbias,
+        GROUP=group, T=T, BN=BN, HAS_D=has_d, HAS_Z=has_z, HAS_BIAS=has_bias, SOFTPLUS=saved.delta_softplus,
+        num_warps=TUNING["bwd_warps"] or warps,
+        **({"maxnreg": TUNING["bwd_maxnreg"]} if TUNING["bwd_maxnreg"] else {}),
+    )
+
+    # partial rows (rows * nchunks) summed per branch
+    dA = dA_part.view(branches, -1, d, n).sum(1).to(A.dtype)
+    dD, dbias = d_bias_parts.view(2, branches, -1, d).sum(2).unbind(0)
+    if has_z:
+        dz = dz if branches == 1 else dz.view(branches, nb, d, length).sum(0)  # fp32 accumulation, z's dtype
+    if B_in.dtype == C_in.dtype:
+        # cast, then reorder: the same values (a reorder moves them, a cast acts on each), and the reorder's
+        # output is 16-bit where the inputs are
+        dBC = dBC.to(B_in.dtype)
+    dB, dC = _states_in_scan_order(dBC, codes, nb, nslices, inverse=True).unbind(0)
+    return (
+        du, ddelta, dA, dB.to(B_in.dtype), dC.to(C_in.dtype), dD.to(D.dtype) if has_d else None, dz if has_z else None,
+        dbias.to(delta_bias.dtype) if has_bias else None,
+    )
+
+
 class SelectiveScanTritonFn(torch.autograd.Function):
     """Chunk-parallel selective scan of R branches x nb batch elements in one launch per pass.
 
@@ -120,117 +252,15 @@ class SelectiveScanTritonFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, codes, nb, nslices, chunk):
-        u_in, delta_in, B_in, C_in, z = (last_dim_unit(t) for t in (u, delta, B, C, z))
-        D, delta_bias = last_dim_unit(D), last_dim_unit(delta_bias)  # (R, d): the kernels index channels directly
-        u, delta, B, C, _ = kernel_inputs(u_in, delta_in, B_in, C_in)
-        rows, d, length = u.shape
-        B, C = (_states_in_scan_order(t, codes, nb, nslices) for t in (B, C))
-        n = A.shape[-1]
-        seg = length // nslices
-        code_t = codes_on(u.device, codes)
-        T, nchunks, BN, group, warps = launch_plan(rows, d, n, length, chunk)
-        grid = (d // group, nchunks, rows)
-        f32 = dict(dtype=torch.float32, device=u.device)
-        local_end = torch.empty(rows, nchunks, d, n, **f32)
-        decay = torch.empty(rows, nchunks, d, n, **f32)
-        bias = delta_bias if delta_bias is not None else u
-        sbias = delta_bias.stride(0) if delta_bias is not None else 0
-        _fwd_chunk_state_kernel[grid](
-            u, delta, A, B, bias, local_end, decay, code_t,
-            d, length, n, nchunks, nb, nslices, seg,
-            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1), A.stride(2),
-            B.stride(0), B.stride(1), sbias,
-            GROUP=group, T=T, BN=BN, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=warps,
-        )
-        entering = _run_carry(decay, local_end, reverse=False)
-        del local_end, decay
-        y = torch.empty(rows, d, length, dtype=u_in.dtype, device=u.device)
-        zz = z if z is not None else u
-        DD = D if D is not None else u
-        _fwd_output_kernel[grid](
-            u, delta, A, B, C, DD, zz, bias, entering, y, code_t,
-            d, length, n, nchunks, nb, nslices, seg,
-            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
-            y.stride(0), y.stride(1), A.stride(0), A.stride(1), A.stride(2), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
-            D.stride(0) if D is not None else 0, sbias,
-            GROUP=group, T=T, BN=BN, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=delta_softplus, num_warps=warps,
-        )
-        # the 16-bit originals, not the kernels' fp32 copies: the backward makes its own copies
-        ctx.save_for_backward(u_in, delta_in, A, B_in, C_in, D, z, delta_bias, entering)
-        ctx.delta_softplus = delta_softplus
-        ctx.plan = (T, nchunks, BN, group, warps)
-        ctx.layout = (codes, nb, nslices)
+        y, saved = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, codes, nb, nslices, chunk)
+        ctx.save_for_backward(*saved.tensors)
+        ctx.saved = saved._replace(tensors=None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        u_in, delta_in, A, B_in, C_in, D, z, delta_bias, entering = ctx.saved_tensors
-        T, nchunks, BN, group, warps = ctx.plan
-        codes, nb, nslices = ctx.layout
-        branches = len(codes)
-        u, delta, B, C, grad_y = kernel_inputs(u_in, delta_in, B_in, C_in, last_dim_unit(grad_y))
-        rows, d, length = u.shape
-        B, C = (_states_in_scan_order(t, codes, nb, nslices) for t in (B, C))
-        n = A.shape[-1]
-        seg = length // nslices
-        code_t = codes_on(u.device, codes)
-        grid = (d // group, nchunks, rows)
-        f32 = dict(dtype=torch.float32, device=u.device)
-        has_bias, has_z, has_d = delta_bias is not None, z is not None, D is not None
-        bias = delta_bias if has_bias else u
-        sbias = delta_bias.stride(0) if has_bias else 0
-        zz = z if has_z else u
-
-        first = torch.empty(rows, nchunks, d, n, **f32)
-        decay = torch.empty(rows, nchunks, d, n, **f32)
-        _bwd_chunk_state_kernel[grid](
-            delta, A, C, zz, bias, grad_y, first, decay, code_t,
-            d, length, n, nchunks, nb, nslices, seg,
-            delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), grad_y.stride(0), grad_y.stride(1),
-            A.stride(0), A.stride(1), A.stride(2), C.stride(0), C.stride(1), sbias,
-            GROUP=group, T=T, BN=BN, HAS_Z=has_z, HAS_BIAS=has_bias, SOFTPLUS=ctx.delta_softplus, num_warps=warps,
-        )
-        into_end = _run_carry(decay, first, reverse=True)
-        del first, decay
-
-        du = torch.empty(rows, d, length, dtype=u_in.dtype, device=u.device)
-        ddelta = torch.empty(rows, d, length, dtype=delta_in.dtype, device=u.device)
-        # one dz row per (branch, batch element); the branches' shares are summed below
-        dz = torch.empty(rows, d, length, dtype=z.dtype, device=u.device) if has_z else du
-        dBC = torch.zeros(2, rows, n, length, **f32)  # dB and dC: one fill, one reorder and one cast for both
-        dB, dC = dBC.unbind(0)
-        dA_part = torch.empty(rows * nchunks, d, n, **f32)
-        # the D and delta_bias partials side by side: one reduction for both
-        d_bias_parts = torch.empty(2, rows * nchunks, d, **f32)
-        dD_part, dbias_part = d_bias_parts.unbind(0)
-        _bwd_grad_kernel[grid](
-            u, delta, A, B, C, D if has_d else u, zz, bias, grad_y, entering, into_end,
-            du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part, code_t,
-            d, length, n, nchunks, nb, nslices, seg,
-            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
-            grad_y.stride(0), grad_y.stride(1), du.stride(0), du.stride(1),
-            A.stride(0), A.stride(1), A.stride(2), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
-            D.stride(0) if has_d else 0, sbias,
-            GROUP=group, T=T, BN=BN, HAS_D=has_d, HAS_Z=has_z, HAS_BIAS=has_bias, SOFTPLUS=ctx.delta_softplus,
-            num_warps=TUNING["bwd_warps"] or warps,
-            **({"maxnreg": TUNING["bwd_maxnreg"]} if TUNING["bwd_maxnreg"] else {}),
-        )
-
-        # partial rows (rows * nchunks) summed per branch
-        dA = dA_part.view(branches, -1, d, n).sum(1).to(A.dtype)
-        dD, dbias = d_bias_parts.view(2, branches, -1, d).sum(2).unbind(0)
-        if has_z:
-            dz = dz if branches == 1 else dz.view(branches, nb, d, length).sum(0)  # fp32 accumulation, z's dtype
-        if B_in.dtype == C_in.dtype:
-            # cast, then reorder: the same values (a reorder moves them, a cast acts on each), and the reorder's
-            # output is 16-bit where the inputs are
-            dBC = dBC.to(B_in.dtype)
-        dB, dC = _states_in_scan_order(dBC, codes, nb, nslices, inverse=True).unbind(0)
-        return (
-            du, ddelta, dA, dB.to(B_in.dtype), dC.to(C_in.dtype), dD.to(D.dtype) if has_d else None, dz if has_z else None,
-            dbias.to(delta_bias.dtype) if has_bias else None, None, None, None, None, None,
-        )
+        grads = scan_backward(ctx.saved._replace(tensors=ctx.saved_tensors), grad_y)
+        return (*grads, None, None, None, None, None)
 
 
 def selective_scan_triton(
@@ -317,4 +347,5 @@ def oriented_scan_triton(
     return y.view(branches, b, d, length)
 
 
-__all__ = ["MAX_CHUNKS", "SelectiveScanTritonFn", "launch_plan", "oriented_scan_triton", "selective_scan_triton"]
+__all__ = ["MAX_CHUNKS", "ScanSaved", "SelectiveScanTritonFn", "launch_plan", "oriented_scan_triton", "scan_backward", "scan_forward",
+           "selective_scan_triton"]

@@ -3,12 +3,14 @@
 :class:`segresmamba.ssm.tom.TriOrientedMamba` computes, per orientation o (forward, reverse, inter-slice),
 ``unorient(scan(silu(conv_o(orient(x)))), o)``. Here the activations stay in the natural (D, H, W) token
 order and the orientations are index arithmetic inside the kernels (only the scan's small B and C, d_state
-channels, are copied into each branch's order: see :func:`segresmamba.ssm.triton.autograd.oriented_scan_triton`):
+channels, are copied into each branch's order by :func:`segresmamba.ssm.triton.autograd.scan_forward`):
 
-- :func:`oriented_conv_silu`: the causal depthwise conv of every branch along its own scan order, with
+- :func:`conv_silu_forward`: the causal depthwise conv of every branch along its own scan order, with
   the SiLU fused, reading the in_proj output in place (any strides) and writing ``(R, b, d, L)``;
 - the x / dt projections are per token, so they run on the natural order as batched matmuls;
-- :func:`segresmamba.ssm.triton.autograd.oriented_scan_triton`: all branches' scans in one launch per pass.
+- :func:`segresmamba.ssm.triton.autograd.scan_forward`: all branches' scans in one launch per pass.
+
+:class:`TriOrientedBranchesFn` runs these steps as a single autograd node with a hand-written backward.
 
 Causal conv in scan order, for a branch whose order visits token ``idx(p)`` at position p, with weights
 w (d, K) and bias c::
@@ -32,60 +34,73 @@ import torch
 import triton
 
 from segresmamba.ssm.orientations import orientation_codes
-from segresmamba.ssm.triton.autograd import codes_on, last_dim_unit, oriented_scan_triton
+from segresmamba.ssm.triton.autograd import codes_on, last_dim_unit, scan_backward, scan_forward
 from segresmamba.ssm.triton.kernels import _conv_bwd_dx_kernel, _conv_bwd_pre_kernel, _conv_fwd_kernel
+from segresmamba.ssm.triton.tuning import TUNING
 
 BLOCK_T, BLOCK_D = 128, 16
 
 
+def conv_silu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, codes: tuple[int, ...], nslices: int) -> torch.Tensor:
+    """``u[r] = silu(causal depthwise conv of x along branch r's scan order)``, natural token order, no autograd.
+
+    x (b, d, L) any strides; weight (R, d, K) and bias (R, d), contiguous. Returns u (R, b, d, L) in x's dtype."""
+    b, d, length = x.shape
+    branches, _, k = weight.shape
+    code_t = codes_on(x.device, codes)
+    u = torch.empty(branches * b, d, length, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(length, BLOCK_T), triton.cdiv(d, BLOCK_D), branches * b)
+    _conv_fwd_kernel[grid](
+        x, weight, bias, u, code_t, length, d, b, nslices, length // nslices,
+        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), bias.stride(0), u.stride(0), u.stride(1),
+        K=k, BT=BLOCK_T, BD=BLOCK_D,
+    )
+    return u.view(branches, b, d, length)
+
+
+def conv_silu_backward(x, weight, bias, codes, nslices, grad_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`conv_silu_forward` for ``grad_u`` (R, b, d, L): dx (b, d, L) in x's dtype, summed over
+    the branches; dweight (R, d, K) and dbias (R, d) in fp32."""
+    b, d, length = x.shape
+    branches, _, k = weight.shape
+    grad_u = last_dim_unit(grad_u.reshape(branches * b, d, length))
+    code_t = codes_on(x.device, codes)
+    nt = triton.cdiv(length, BLOCK_T)
+    grid = (nt, triton.cdiv(d, BLOCK_D), branches * b)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    gp = torch.empty(branches * b, d, length, **f32)
+    dw_part = torch.empty(branches * b * nt, d, k, **f32)
+    db_part = torch.empty(branches * b * nt, d, **f32)
+    _conv_bwd_pre_kernel[grid](
+        x, weight, bias, grad_u, gp, dw_part, db_part, code_t, length, d, b, nslices, length // nslices, nt,
+        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), bias.stride(0), grad_u.stride(0), grad_u.stride(1),
+        K=k, BT=BLOCK_T, BD=BLOCK_D,
+    )
+    # the branches' shares of dx are summed in the kernel's registers: one (b, d, L) tensor in x's dtype
+    dx = torch.empty(b, d, length, dtype=x.dtype, device=x.device)
+    _conv_bwd_dx_kernel[(nt, grid[1], b)](
+        weight, gp, dx, code_t, length, d, b, branches, nslices, length // nslices, weight.stride(0), weight.stride(1),
+        K=k, BT=BLOCK_T, BD=BLOCK_D,
+    )
+    return dx, dw_part.view(branches, -1, d, k).sum(1), db_part.view(branches, -1, d).sum(1)
+
+
 class OrientedConvSiluFn(torch.autograd.Function):
-    """``u[r] = silu(causal depthwise conv of x along branch r's scan order)``, natural token order."""
+    """:func:`conv_silu_forward` with its gradients (the conv alone; the ToM layer runs it inside
+    :class:`TriOrientedBranchesFn`)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, codes, nslices):
-        b, d, length = x.shape
-        branches, _, k = weight.shape
         weight, bias = weight.contiguous(), bias.contiguous()
-        code_t = codes_on(x.device, codes)
-        u = torch.empty(branches * b, d, length, dtype=x.dtype, device=x.device)
-        grid = (triton.cdiv(length, BLOCK_T), triton.cdiv(d, BLOCK_D), branches * b)
-        _conv_fwd_kernel[grid](
-            x, weight, bias, u, code_t, length, d, b, nslices, length // nslices,
-            x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), bias.stride(0), u.stride(0), u.stride(1),
-            K=k, BT=BLOCK_T, BD=BLOCK_D,
-        )
         ctx.save_for_backward(x, weight, bias)
         ctx.layout = (codes, nslices)
-        return u.view(branches, b, d, length)
+        return conv_silu_forward(x, weight, bias, codes, nslices)
 
     @staticmethod
     def backward(ctx, grad_u):
         x, weight, bias = ctx.saved_tensors
-        codes, nslices = ctx.layout
-        b, d, length = x.shape
-        branches, _, k = weight.shape
-        grad_u = last_dim_unit(grad_u.reshape(branches * b, d, length))
-        code_t = codes_on(x.device, codes)
-        nt = triton.cdiv(length, BLOCK_T)
-        grid = (nt, triton.cdiv(d, BLOCK_D), branches * b)
-        f32 = dict(dtype=torch.float32, device=x.device)
-        gp = torch.empty(branches * b, d, length, **f32)
-        dw_part = torch.empty(branches * b * nt, d, k, **f32)
-        db_part = torch.empty(branches * b * nt, d, **f32)
-        _conv_bwd_pre_kernel[grid](
-            x, weight, bias, grad_u, gp, dw_part, db_part, code_t, length, d, b, nslices, length // nslices, nt,
-            x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), bias.stride(0), grad_u.stride(0), grad_u.stride(1),
-            K=k, BT=BLOCK_T, BD=BLOCK_D,
-        )
-        # the branches' shares of dx are summed in the kernel's registers: one (b, d, L) tensor in x's dtype
-        dx = torch.empty(b, d, length, dtype=x.dtype, device=x.device)
-        _conv_bwd_dx_kernel[(nt, grid[1], b)](
-            weight, gp, dx, code_t, length, d, b, branches, nslices, length // nslices, weight.stride(0), weight.stride(1),
-            K=k, BT=BLOCK_T, BD=BLOCK_D,
-        )
-        dw = dw_part.view(branches, -1, d, k).sum(1).to(weight.dtype)
-        db = db_part.view(branches, -1, d).sum(1).to(bias.dtype)
-        return dx, dw, db, None, None
+        dx, dw, db = conv_silu_backward(x, weight, bias, *ctx.layout, grad_u)
+        return dx, dw.to(weight.dtype), db.to(bias.dtype), None, None
 
 
 SPLIT_K_PIECE = 4096  # tokens per partial product of a weight gradient
@@ -111,34 +126,6 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, piece: int | None = None) -> 
     return out
 
 
-class TokensLastLinearFn(torch.autograd.Function):
-    """``y[r, i] = weight[r] @ x[r, i]`` for weight (R, O, I) and x (R, b, I, L): a per-branch linear map
-    with tokens last, in x's dtype (the weights are cast, as autocast would); the weight gradient is
-    accumulated over token pieces (see :func:`_weight_grad`)."""
-
-    @staticmethod
-    def forward(ctx, weight, x):
-        w = weight.to(x.dtype)
-        ctx.save_for_backward(w, x)
-        ctx.weight_dtype = weight.dtype
-        return torch.matmul(w.unsqueeze(1), x)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        w, x = ctx.saved_tensors
-        grad_y = grad_y.to(x.dtype)
-        gw = _weight_grad(grad_y, x).to(ctx.weight_dtype) if ctx.needs_input_grad[0] else None
-        gx = torch.matmul(w.transpose(1, 2).unsqueeze(1), grad_y) if ctx.needs_input_grad[1] else None
-        return gw, gx
-
-
-def tokens_last_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(R, O, I) weights applied to (R, b, I, L) tokens-last inputs -> (R, b, O, L), in x's dtype."""
-    if weight.dim() != 3 or x.dim() != 4 or weight.shape[0] != x.shape[0] or weight.shape[2] != x.shape[2]:
-        raise ValueError(f"weight (R, O, I) and x (R, b, I, L) do not match: {tuple(weight.shape)} and {tuple(x.shape)}")
-    return TokensLastLinearFn.apply(weight, x)
-
-
 def oriented_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, orientations: tuple[str, ...], nslices: int) -> torch.Tensor:
     """SiLU of each branch's causal depthwise conv along its scan order.
 
@@ -158,32 +145,120 @@ def oriented_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return OrientedConvSiluFn.apply(x, weight, bias, orientation_codes(orientations), nslices)
 
 
-def stacked_branch_parameters(branches) -> dict[str, torch.Tensor]:
-    """Each parameter of the ToM branches stacked along a new first axis (R, ...), from a single concatenation.
+PARAMETER_KINDS = ("conv_weight", "conv_bias", "x_proj", "dt_weight", "dt_bias", "A_log", "D")
 
-    One copy for all of them instead of one per kind: a host-bound eager step pays per launch, and a ToM layer
-    has seven kinds. The stacks are views of that copy, whose backward hands every parameter a view of one
-    gradient buffer. The conv taps are squeezed rather than indexed (``[:, 0, :]``): a select's backward fills and
-    copies a new tensor, a squeeze's is a view."""
-    kinds = {
-        "conv_weight": [br.conv1d.weight.squeeze(1) for br in branches],  # (d, K)
-        "conv_bias": [br.conv1d.bias for br in branches],
-        "x_proj": [br.x_proj.weight for br in branches],  # (rank + 2N, d)
-        "dt_weight": [br.dt_proj.weight for br in branches],  # (d, rank)
-        "dt_bias": [br.dt_proj.bias for br in branches],
-        "A_log": [br.A_log for br in branches],
-        "D": [br.D for br in branches],
-    }
-    params = [p for group in kinds.values() for p in group]
-    if len({p.dtype for p in params}) > 1:  # a model with mixed parameter dtypes: stack each kind on its own
-        return {name: torch.stack(group) for name, group in kinds.items()}
-    flat = torch.cat([p.reshape(-1) for p in params])
-    stacked, offset = {}, 0
-    for name, group in kinds.items():
-        size = sum(p.numel() for p in group)
-        stacked[name] = flat[offset:offset + size].view(len(group), *group[0].shape)
-        offset += size
-    return stacked
+
+def branch_parameters(branches) -> list[torch.Tensor]:
+    """The ToM branches' parameters, kind by kind (:data:`PARAMETER_KINDS`), branches in order within a kind."""
+    kinds = (
+        lambda br: br.conv1d.weight, lambda br: br.conv1d.bias, lambda br: br.x_proj.weight, lambda br: br.dt_proj.weight,
+        lambda br: br.dt_proj.bias, lambda br: br.A_log, lambda br: br.D,
+    )
+    return [get(br) for get in kinds for br in branches]
+
+
+def stack_branch_parameters(params, branches: int) -> dict[str, torch.Tensor]:
+    """Each kind of :func:`branch_parameters` stacked along a new first axis (R, ...), from a single concatenation
+    (one copy for the seven kinds; the stacks are views of it). The conv taps come out (R, d, K). Parameters of
+    mixed dtypes are stacked kind by kind, each stack in its kind's promoted dtype."""
+    groups = [params[i:i + branches] for i in range(0, len(params), branches)]
+    if len({p.dtype for p in params}) > 1:
+        stacked = [torch.stack(group) for group in groups]
+    else:
+        flat = torch.cat([p.reshape(-1) for p in params])
+        stacked, offset = [], 0
+        for group in groups:
+            size = branches * group[0].numel()
+            stacked.append(flat[offset:offset + size].view(branches, *group[0].shape))
+            offset += size
+    out = dict(zip(PARAMETER_KINDS, stacked))
+    out["conv_weight"] = out["conv_weight"].flatten(1, 2)  # (R, d, 1, K) -> (R, d, K)
+    return out
+
+
+class TriOrientedBranchesFn(torch.autograd.Function):
+    """The ToM branches' whole computation as one autograd node: per branch r, the causal conv along its scan
+    order with SiLU, the x and dt projections, the selective scan, and the sum over the branches.
+
+    Forward (tokens last, natural order): ``u_r = silu(conv_r(x))``, ``[dt_r, B_r, C_r] = W_x,r u_r``,
+    ``delta_r = W_dt,r dt_r``, ``y = sum_r scan_r(u_r, delta_r, -exp(A_log,r), B_r, C_r, D_r, z, dt_bias_r)``.
+    The backward applies the chain rule through the same steps by hand (the scan's and conv's kernels, two
+    matmuls per projection). One node instead of the few dozen small ones of the op-by-op graph: a ToM layer's
+    eager step is bound by the host's time per op (results/perf/scan_notes.md), and each node and view costs it.
+
+    Autocast is off inside: 16-bit activations stay 16-bit, the weights are cast to the activations' dtype,
+    A, D and the delta bias are used in fp32, and the branch sum accumulates in fp32 into the activations' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, xz, layout, *params):
+        codes, nslices, dt_rank, d_state, chunk = layout
+        branches = len(codes)
+        b, length, two_d = xz.shape
+        d = two_d // 2
+        with torch.autocast(xz.device.type, enabled=False):
+            x = xz[..., :d].transpose(1, 2)  # (b, d, L) views into xz: the kernels read them in place
+            z = xz[..., d:].transpose(1, 2)
+            p = stack_branch_parameters(params, branches)
+            conv_w, conv_b = p["conv_weight"], p["conv_bias"]
+            u = conv_silu_forward(x, conv_w, conv_b, codes, nslices)  # (R, b, d, L)
+            # weights on the left keep tokens last: dt, B, C and delta come out (R, b, ., L) with unit token
+            # stride, as the scan reads them, so no transposed copy is made
+            w_x, w_dt = p["x_proj"].to(u.dtype), p["dt_weight"].to(u.dtype)
+            x_dbl = torch.matmul(w_x.unsqueeze(1), u)  # (R, b, rank + 2N, L)
+            dt = x_dbl[:, :, :dt_rank]
+            delta = torch.matmul(w_dt.unsqueeze(1), dt)  # (R, b, d, L)
+            A = torch.exp(p["A_log"].float()).neg_()
+
+            def rows(t):  # (R, b, c, L) -> (R b, c, L): a view, the first two dims being contiguous
+                return t.reshape(branches * b, *t.shape[2:])
+
+            B, C = x_dbl[:, :, dt_rank:dt_rank + d_state], x_dbl[:, :, dt_rank + d_state:]
+            y, scan_saved = scan_forward(
+                rows(u), rows(delta), A, rows(B), rows(C), p["D"].float(), z, p["dt_bias"].float(), True, codes, b, nslices, chunk,
+            )
+            out = torch.sum(y.view(branches, b, d, length), 0)  # in y's dtype, accumulated in fp32
+        ctx.save_for_backward(xz, conv_w, conv_b, w_x, w_dt, x_dbl, *scan_saved.tensors)
+        ctx.scan = scan_saved._replace(tensors=None)
+        ctx.layout = layout
+        ctx.param_shapes = [(p.shape, p.dtype) for p in params]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xz, conv_w, conv_b, w_x, w_dt, x_dbl, *scan_tensors = ctx.saved_tensors
+        codes, nslices, dt_rank, d_state, _ = ctx.layout
+        branches = len(codes)
+        u, delta = scan_tensors[0], scan_tensors[1]  # (R b, d, L)
+        rb, d, length = u.shape
+        b = rb // branches
+        # every branch receives the sum's gradient: a stride-0 broadcast over the branches where b == 1
+        grad_y = grad_out.to(u.dtype).unsqueeze(0).expand(branches, b, d, length).reshape(rb, d, length)
+        du, ddelta, dA, dB, dC, dD, dz, dbias = scan_backward(ctx.scan._replace(tensors=tuple(scan_tensors)), grad_y)
+        A = scan_tensors[2]
+        dA_log = dA * A  # A = -exp(A_log)
+
+        def four(t):  # (R b, c, L) -> (R, b, c, L)
+            return t.view(branches, b, *t.shape[1:])
+
+        u4, ddelta4 = four(u), four(ddelta)
+        dt = x_dbl[:, :, :dt_rank]
+        d_dt = torch.matmul(w_dt.transpose(1, 2).unsqueeze(1), ddelta4)  # (R, b, rank, L)
+        d_xdbl = torch.cat([d_dt, four(dB), four(dC)], dim=2)  # (R, b, rank + 2N, L)
+        du = four(du)
+        du += torch.matmul(w_x.transpose(1, 2).unsqueeze(1), d_xdbl)
+        dw_x, dw_dt = _weight_grad(d_xdbl, u4), _weight_grad(ddelta4, dt)
+        x = xz[..., :d].transpose(1, 2)
+        dx, dconv_w, dconv_b = conv_silu_backward(x, conv_w, conv_b, codes, nslices, du)
+        dxz = torch.cat([dx, dz.to(dx.dtype)], dim=1).transpose(1, 2)  # (b, L, 2 d) for (b, L, 2 d) xz
+        grads = []
+        for kind_grad in (dconv_w, dconv_b, dw_x, dw_dt, dbias, dA_log, dD):
+            grads.extend(kind_grad.unbind(0))
+        params = [
+            None if not needed else g.view(shape).to(dtype)
+            for g, (shape, dtype), needed in zip(grads, ctx.param_shapes, ctx.needs_input_grad[2:])
+        ]
+        return (dxz if ctx.needs_input_grad[0] else None), None, *params
 
 
 def tri_oriented_branches(xz: torch.Tensor, branches, orientations: tuple[str, ...], nslices: int) -> torch.Tensor:
@@ -196,20 +271,12 @@ def tri_oriented_branches(xz: torch.Tensor, branches, orientations: tuple[str, .
     Returns:
         (b, d_inner, L).
     """
-    d_inner = xz.shape[-1] // 2
-    x = xz[..., :d_inner].transpose(1, 2)  # (b, d, L) views into xz: the kernels read them in place
-    z = xz[..., d_inner:].transpose(1, 2)
+    if xz.shape[1] % nslices:
+        raise ValueError(f"sequence length {xz.shape[1]} is not divisible by nslices={nslices}")
     first = branches[0]
-    p = stacked_branch_parameters(branches)
-    u = oriented_conv_silu(x, p["conv_weight"], p["conv_bias"], orientations, nslices)  # (R, b, d, L)
-    # projections with the weights on the left keep tokens last: dt, B, C and delta come out (R, b, ., L)
-    # with unit token stride, as the scan reads them, so no transposed copy is made
-    x_dbl = tokens_last_linear(p["x_proj"], u)  # (R, b, rank + 2N, L)
-    dt, B, C = torch.split(x_dbl, [first.dt_rank, first.d_state, first.d_state], dim=2)
-    delta = tokens_last_linear(p["dt_weight"], dt)  # (R, b, d, L)
-    A = -torch.exp(p["A_log"].float())
-    y = oriented_scan_triton(u, delta, A, B, C, p["D"].float(), z, p["dt_bias"].float(), orientations, nslices, delta_softplus=True)
-    return y.sum(0)
+    layout = (orientation_codes(orientations), nslices, first.dt_rank, first.d_state, TUNING["chunk"])
+    return TriOrientedBranchesFn.apply(xz, layout, *branch_parameters(branches))
 
 
-__all__ = ["oriented_conv_silu", "stacked_branch_parameters", "tokens_last_linear", "tri_oriented_branches"]
+__all__ = ["PARAMETER_KINDS", "TriOrientedBranchesFn", "branch_parameters", "conv_silu_backward", "conv_silu_forward",
+           "oriented_conv_silu", "stack_branch_parameters", "tri_oriented_branches"]
