@@ -80,3 +80,20 @@ def test_tom_settings_reach_the_layers():
     model = segresmamba.create_model("segresmamba", 1, 2, 48, feature_sizes=(8, 16, 32, 64), tom_kwargs={"nslices": 4, "residual": False})
     toms = [m for m in model.modules() if isinstance(m, segresmamba.ssm.TriOrientedMamba)]
     assert all(t.nslices == 4 and not t.residual for t in toms)
+
+
+def test_backward_graph_copies_no_gradient_slices():
+    """No in-place op on a view in the forward: such an op makes the backward copy the whole gradient twice
+    (CopySlices and as_strided nodes), as an in-place ReLU after PyTorch's instance norm (a view) did."""
+    model = segresmamba.create_model("segresmamba", 1, 2, 48, **SMALL)
+    y = model(torch.randn(1, 1, 48, 48, 48))
+    kinds, seen, stack = set(), set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        kinds.add(type(node).__name__)
+        stack.extend(f for f, _ in node.next_functions)
+    assert "ConvolutionBackward0" in kinds  # the walk reached the network
+    assert not kinds & {"CopySlices", "AsStridedBackward0"}, sorted(kinds)

@@ -22,8 +22,11 @@ from segresmamba.ssm import TriOrientedMamba
 
 
 def conv_in_relu(conv: nn.Module, channels: int) -> nn.Sequential:
-    """conv -> InstanceNorm (affine=False, PyTorch default) -> ReLU, the CMMB's unit."""
-    return nn.Sequential(conv, nn.InstanceNorm3d(channels), nn.ReLU(inplace=True))
+    """conv -> InstanceNorm (affine=False, PyTorch default) -> ReLU, the CMMB's unit.
+
+    The ReLU is not in place: PyTorch's instance norm returns a view (it runs batch norm on a reshaped input), and an
+    in-place op on a view makes the backward copy the whole gradient twice (CopySlices, as_strided)."""
+    return nn.Sequential(conv, nn.InstanceNorm3d(channels), nn.ReLU())
 
 
 class CMMB(nn.Module):
