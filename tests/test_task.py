@@ -162,3 +162,25 @@ def test_test_and_predict_mirror_by_the_recipe_and_validation_never(recipe, over
     module.net.calls = 0
     trainer.validate(module, dataloaders=loader)
     assert module.net.calls == 1
+
+
+def test_fit_reads_no_loss_on_the_host_per_step(monkeypatch):
+    """With the progress bar on, a fit converts logged tensors to Python numbers (a host-device synchronisation on
+    a GPU) once an epoch, not once a step; the logger and the callbacks still get the step and epoch losses."""
+    from lightning.pytorch.trainer.connectors.logger_connector import result
+
+    module = SegmentationTask(net="unet", net_kwargs={"channels": [4, 8], "strides": [2], "num_res_units": 0},
+                              in_channels=1, out_channels=2, img_size=SIDE, task="multiclass", class_names=["fg"])
+    g = torch.Generator().manual_seed(0)
+    items = [{"image": torch.randn(1, SIDE, SIDE, SIDE, generator=g),
+              "label": (torch.rand(1, SIDE, SIDE, SIDE, generator=g) > 0.5).long()} for _ in range(6)]
+    at_steps = []  # the optimiser step count at each conversion
+    convert = result.convert_tensors_to_scalars
+    monkeypatch.setattr(result, "convert_tensors_to_scalars", lambda value: at_steps.append(trainer.global_step) or convert(value))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=True,
+                        enable_model_summary=False, max_epochs=2, limit_val_batches=0, log_every_n_steps=50)
+    trainer.fit(module, train_dataloaders=DataLoader(Dataset(items), batch_size=1))
+    assert trainer.global_step == 12
+    assert at_steps and set(at_steps) <= {6, 12}, at_steps  # at the two epochs' ends only (a step loss in the bar: every step)
+    assert {"train/loss_step", "train/loss_epoch"} <= set(trainer.callback_metrics)
+    assert math.isfinite(float(trainer.callback_metrics["train/loss_epoch"]))

@@ -263,7 +263,12 @@ class SegmentationTask(L.LightningModule):
         else:
             loss = self._loss(self.net(image), label)
         self._loss_watch.watch(loss, self.global_step)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
+        # The progress bar turns each value it shows into a Python number, a host-device synchronisation on every
+        # refresh: a per-step loss in the bar would make the host wait for each step's last kernel before queueing
+        # the next step. So the bar shows the epoch mean (read once an epoch); the per-step loss goes to the logger,
+        # which reads it every `log_every_n_steps`. The keys are those Lightning forks from one on_step+on_epoch log.
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=image.shape[0])
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
         return loss
 
     # a non-finite loss stops the fit before any checkpoint or validation sees its weights
