@@ -1,7 +1,9 @@
-"""Run-record details that a CPU fit cannot show by itself."""
+"""The measuring callbacks: run-record details that a CPU fit cannot show by itself, the step timer's two clocks,
+and (GPU) a fit that does not wait for the GPU within an epoch."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from segresmamba import callbacks
@@ -57,3 +59,84 @@ def test_peak_memory_restarts_after_the_first_step_once(monkeypatch):
     single.on_train_start(SimpleNamespace(global_step=0, estimated_stepping_batches=1), module)
     single.on_train_batch_end(SimpleNamespace(global_step=1, estimated_stepping_batches=1), module, None, None, 0)
     assert len(resets) == 3  # a one-step fit keeps its only step
+
+
+class FakeEvent:
+    """A CUDA event on a fake timeline: ``record`` stamps the clock; an event has passed once the GPU's clock
+    (``gpu_now``) reaches its stamp. ``synchronize`` advances the GPU's clock and counts the waits."""
+
+    clock = {"host": 0.0, "gpu_now": 0.0, "waits": 0}
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.stamp = None
+
+    def record(self):
+        self.stamp = self.clock["host"]
+
+    def query(self):
+        return self.clock["gpu_now"] >= self.stamp
+
+    def synchronize(self):
+        if not self.query():
+            self.clock["waits"] += 1
+            self.clock["gpu_now"] = self.stamp
+
+    def elapsed_time(self, end):
+        return (end.stamp - self.stamp) * 1000.0  # ms, as CUDA events give
+
+
+def test_step_timer_on_a_gpu_times_by_events_without_waiting_each_step(monkeypatch):
+    """Each step's time is its events' span, read once they have passed: no step waits for the GPU, the times
+    come out in step order, and the warm-up steps are left out of the median."""
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setitem(FakeEvent.clock, "host", 0.0)
+    monkeypatch.setitem(FakeEvent.clock, "gpu_now", 0.0)
+    monkeypatch.setitem(FakeEvent.clock, "waits", 0)
+    module = SimpleNamespace(device=torch.device("cuda", 0))
+    timer = callbacks.StepTimer(warmup=1)
+    timer.on_train_epoch_start(None, module)
+    for i, seconds in enumerate([5.0, 1.0, 2.0, 3.0]):
+        timer.on_train_batch_start(None, module, None, i)
+        FakeEvent.clock["host"] += seconds
+        timer.on_train_batch_end(None, module, None, None, i)
+        FakeEvent.clock["gpu_now"] = FakeEvent.clock["host"] - 2.5  # the GPU runs behind the host
+    assert FakeEvent.clock["waits"] == 0
+    assert timer.step_s == [5.0]  # the one step whose end the GPU has passed; three are still in flight
+    timer.on_train_epoch_end(None, module)  # reads the rest, waiting for them
+    assert timer.step_s == [5.0, 1.0, 2.0, 3.0] and FakeEvent.clock["waits"] > 0
+    assert timer.median_step_ms == 2000.0 and len(timer.epoch_s) == 1
+
+
+def test_step_timer_on_a_cpu_uses_the_wall_clock():
+    module = SimpleNamespace(device=torch.device("cpu"))
+    timer = callbacks.StepTimer(warmup=0)
+    timer.on_train_batch_start(None, module, None, 0)
+    timer.on_train_batch_end(None, module, None, None, 0)
+    assert len(timer.step_s) == 1 and 0 <= timer.step_s[0] < 1 and timer.median_step_ms >= 0
+
+
+@pytest.mark.gpu
+def test_cuda_fit_waits_for_the_gpu_only_at_epoch_ends(monkeypatch):
+    """A CUDA fit with a progress bar and the step timer makes the host wait for the GPU (an explicit synchronise or
+    a logged value read back) only at the end of an epoch, never within one; the timer still reports its steps."""
+    import lightning as L
+    from lightning.pytorch.trainer.connectors.logger_connector import result
+
+    from segresmamba.data import SyntheticBraTSDataModule
+    from segresmamba.task import SegmentationTask
+
+    waits = []
+    synchronize, convert = torch.cuda.synchronize, result.convert_tensors_to_scalars
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: waits.append(trainer.global_step) or synchronize(*a, **k))
+    monkeypatch.setattr(result, "convert_tensors_to_scalars", lambda v: waits.append(trainer.global_step) or convert(v))
+    dm = SyntheticBraTSDataModule(volume_size=32, num_train=6, num_val=1, num_test=1, patch_size=16)
+    module = SegmentationTask(net="unet", net_kwargs={"channels": [4, 8], "strides": [2], "num_res_units": 0},
+                              in_channels=4, out_channels=3, img_size=16, task="multilabel", class_names=["TC", "WT", "ET"])
+    timer = callbacks.StepTimer(warmup=1)
+    trainer = L.Trainer(accelerator="gpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=True,
+                        enable_model_summary=False, max_epochs=2, limit_val_batches=0, log_every_n_steps=50, callbacks=[timer])
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 12
+    assert set(waits) <= {0, 6, 12}, waits  # before the first step and at the two epochs' ends
+    assert len(timer.step_s) == 12 and all(t > 0 for t in timer.step_s) and timer.median_step_ms > 0

@@ -1,12 +1,14 @@
 """configs/data/*.yaml parse as Lightning CLI data configs and build their data modules."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from jsonargparse import ArgumentParser
 
-from segresmamba.data import VolumeDataModule
+from segresmamba.data import SyntheticBraTSDataModule, VolumeDataModule
 from segresmamba.data.write_phantoms import write_spleen_phantom
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
@@ -32,3 +34,16 @@ def test_config_builds(name, tmp_path):
     assert isinstance(dm, VolumeDataModule)
     assert dm.in_channels >= 1 and dm.out_channels >= 2 and dm.task in ("multilabel", "multiclass")
     assert len(dm.class_names) == (dm.out_channels if dm.task == "multilabel" else dm.out_channels - 1)
+
+
+@pytest.mark.parametrize("device,pinned", [("cuda", True), ("cpu", False)])
+def test_training_batches_are_pinned_for_a_cuda_trainer_only(device, pinned):
+    """A CUDA fit's training batches come from pinned memory (their copy to the GPU then does not wait for its
+    queued work); evaluation volumes never are, and no trainer means no pinning."""
+    dm = SyntheticBraTSDataModule(volume_size=32, num_train=2, num_val=1, num_test=1, patch_size=16)
+    dm.setup("fit")
+    assert not dm.train_dataloader().pin_memory
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+    assert dm.train_dataloader().pin_memory is pinned
+    assert not dm.val_dataloader().pin_memory
+

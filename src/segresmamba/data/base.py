@@ -227,9 +227,17 @@ class VolumeDataModule(L.LightningDataModule):
             shuffle=shuffle,
             sampler=sampler,
             num_workers=self.num_workers,
-            pin_memory=False,
+            pin_memory=split == "train" and self._trains_on_cuda(),
             persistent_workers=self.num_workers > 0,
         )
+
+    def _trains_on_cuda(self) -> bool:
+        """Whether the attached trainer runs on a CUDA device. Its training batches are then pinned: a copy from
+        pageable memory makes the host wait for the GPU's queued work first, one stall per step that keeps the host
+        from preparing the next step while the GPU runs this one. Whole-volume evaluation batches stay pageable
+        (one copy per volume costs nothing next to its sliding window; pinning them would hold large buffers)."""
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def train_dataloader(self) -> DataLoader:
         if self.iterations_per_epoch is None:
