@@ -290,7 +290,7 @@ def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
 
     eager = _efficiency_table(tmp_path / "eager" / "brats.csv", [
         {"model": "segresmamba", "step_ms_fp32": 300.0, "step_ms_bf16": 200.0, "scan_backend": "triton", "infer_volume_s_bf16": 0.5,
-         "train_reserved_gib_bf16": 2.5},
+         "train_reserved_gib_bf16": 2.5, "step_ms_pipelined_bf16": 170.0},
         {"model": "swinunetr", "step_ms_fp32": 150.0, "step_ms_bf16": 100.0, "scan_backend": None},
         {"model": "unet", "step_ms_fp32": 10.0, "step_ms_bf16": 8.0, "scan_backend": None},
     ])
@@ -313,6 +313,7 @@ def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
     assert mine.loc["-", "volume_s"] == 0.5 and pd.isna(mine.loc["7 ToM layers", "volume_s"])  # not measured: empty
     assert mine.loc["-", "reserved_gib"] == 2.5 and pd.isna(mine.loc["7 ToM layers", "reserved_gib"])
     assert pd.isna(mine.loc["whole step", "reserved_gib"])  # no valid peak in that run: its reserved is not shown either
+    assert mine.loc["-", "pipelined_ms"] == 170.0 and pd.isna(mine.loc["7 ToM layers", "pipelined_ms"])  # older runs: empty
     assert "whole 240x240x155 volume" in (out / "model_step.md").read_text()
     assert (df[df.model == "swinunetr"].cuda_graphs == "-").all() and (df[df.model == "swinunetr"].scan_backend == "-").all()
     assert set(df.config) == {"brats 128x128x128 b1"}  # the patch comes from the dataset spec
@@ -462,3 +463,14 @@ def test_graph_pool_bytes_counts_the_free_part_of_private_pools(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert efficiency.graph_pool_bytes() == 700
+
+
+def test_pipelined_step_time_synchronises_only_before_and_after(monkeypatch):
+    """Back-to-back steps: one synchronisation before the first and one after the last, and the mean per step."""
+    syncs, calls = [], []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(len(calls)))
+    clock = iter(range(0, 100, 8))  # 8 s from the first reading to the second
+    monkeypatch.setattr(efficiency.time, "perf_counter", lambda: next(clock))
+    ms = efficiency.time_pipelined(lambda batch: calls.append(batch), {"image": 0}, steps=4)
+    assert len(calls) == 4 and syncs == [0, 4]  # before any step, after the last
+    assert ms == 8 * 1000 / 4

@@ -15,14 +15,16 @@ The step timed is the suite's training step (:mod:`segresmamba.bench.step`): ``S
 of the model as ``configs/model/<model>.yaml`` configures it, with the recipe's loss (deep supervision
 included), backward and optimiser step. As nnU-Net benchmarks its trainers, it is measured twice: on one
 fixed batch of synthetic tensors already on the device (``step_ms_<precision>``: the step alone, CUDA
-synchronised, warm-up steps first) and, when ``--data-config`` names a data config, on batches of that data
+synchronised, warm-up steps first; ``step_ms_pipelined_<precision>``: the same steps back to back, as a fit runs
+them) and, when ``--data-config`` names a data config, on batches of that data
 module's training loader (``step_ms_loaded_<precision>``: loading, augmentation and the host-to-device copy
 included).
 
 - MACs: fvcore, one multiply-add = 1, plus the selective-scan handle (``segresmamba.profiling.macs``);
   the uncounted (elementwise) ops are listed in the row; a count with an uncounted scan/matmul/conv fails.
 - training step for fp32 and bf16-mixed (autocast, fp32 weights): peak ``torch.cuda.max_memory_allocated``
-  after a reset, peak reserved, median step time by CUDA events;
+  after a reset, peak reserved, median step time (wall clock, synchronised around each step) and mean step time
+  of steps run back to back;
 - inference: one patch (eval, no_grad) median time, and one whole volume by sliding window
   (ROI = patch, overlap 0.5).
 
@@ -109,6 +111,22 @@ def time_steps(step, batches: Iterator[dict], steps: int, warmup: int, device: t
     return times
 
 
+def time_pipelined(step, batch: dict, steps: int) -> float:
+    """Mean milliseconds per step of ``steps`` calls ``step(batch)`` back to back on CUDA, the device synchronised
+    before the first and after the last only.
+
+    The host then queues step i + 1 while the GPU runs step i, as in a fit (whose step timer and logging do not
+    wait for the GPU within an epoch): a step bound by the host comes out below :func:`time_steps`' synchronised
+    median, which also holds the GPU's work left after the host's last launch; a step bound by the GPU comes out the
+    same."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(batch)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
 def graph_pool_bytes() -> int:
     """Bytes of the private (CUDA-graph) memory pools on the current device that no live tensor holds.
 
@@ -154,6 +172,7 @@ def cuda_train_step(task, spec: DatasetSpec, precision: str, steps: int, warmup:
             f"train_peak_gib_{precision}": max(capture_peak, steady_peak) / GIB,
             f"train_reserved_gib_{precision}": torch.cuda.max_memory_reserved() / GIB,
             f"step_ms_{precision}": statistics.median(times),
+            f"step_ms_pipelined_{precision}": time_pipelined(step, batch, steps),
         }
         if datamodule is not None:
             loaded = time_steps(step, loader_batches(datamodule, device), steps, warmup, device)
@@ -297,7 +316,7 @@ def profile_model(
                 row["scan_auto_choices"] = json.dumps(auto_choices(), sort_keys=True)
         else:
             for precision in precisions:
-                for key in ("train_peak_gib", "train_reserved_gib", "step_ms", "infer_patch_ms", "infer_volume_s"):
+                for key in ("train_peak_gib", "train_reserved_gib", "step_ms", "step_ms_pipelined", "infer_patch_ms", "infer_volume_s"):
                     row[f"{key}_{precision}"] = NOT_MEASURED
             if cpu_step:
                 row.update(cpu_times(task, spec, datamodule))
@@ -331,8 +350,10 @@ def write_tables(rows: list[dict], out_dir: Path, meta: dict, specs: dict[str, D
             "",
             "Ours: MACs by fvcore (1 multiply-add = 1) plus 4.5 MACs per (token, channel, state) per selective scan; "
             "train = the suite's training step (`SegmentationTask.training_step` of `configs/model/<model>.yaml` "
-            "with the recipe's loss, backward and optimiser step) on one batch of synthetic tensors (`step_ms_*`) "
-            "and on a data loader's batches (`step_ms_loaded_*`, when measured); peak = max_memory_allocated; "
+            "with the recipe's loss, backward and optimiser step) on one batch of synthetic tensors (`step_ms_*`: "
+            "median of steps synchronised one by one; `step_ms_pipelined_*`: mean of steps run back to back, as a fit "
+            "runs them, when measured) and on a data loader's batches (`step_ms_loaded_*`, when measured); "
+            "peak = max_memory_allocated; "
             "bf16 = autocast with fp32 weights; empty GPU cells = not measured (no GPU). `paper_*` columns: "
             "Das et al. 2025 (A100 40GB), Tables 1-3 (MACs, inference s), 7 (params, FLOPs), 8 (training memory).",
             "",
