@@ -50,3 +50,17 @@ def test_bad_input_is_named(tmp_path):
         gpu_hours.estimate(tmp_path / "brats.csv", "fp8")
     with pytest.raises(SystemExit, match="no brats/btcv/spleen.csv"):
         gpu_hours.main([str(tmp_path / "empty")])
+
+
+def test_back_to_back_step_time_is_used_where_the_row_has_it(tmp_path):
+    """A fit runs steps back to back: where the profiler recorded that mean, it is the step time; older rows keep the
+    synchronised median, and the table says which each row used."""
+    pipelined = {**_row("segresmamba", 100.0, 0.5), "step_ms_pipelined_bf16": 80.0}
+    older = {**_row("unet", 20.0, 0.1), "step_ms_pipelined_bf16": float("nan")}
+    csv = _table(tmp_path / "brats.csv", [pipelined, older])
+    df = gpu_hours.estimate(csv, "bf16").set_index("model")
+    assert df.loc["segresmamba", "train_gpu_h"] == pytest.approx(5 * 200 * 1001 * 0.08 / 3600)
+    assert df.loc["segresmamba", "step_timing"] == "back to back"
+    assert df.loc["unet", "train_gpu_h"] == pytest.approx(5 * 200 * 1001 * 0.02 / 3600)
+    assert df.loc["unet", "step_timing"] == "synchronised"
+    assert "| segresmamba | back to back |" in gpu_hours.to_markdown(df.reset_index())

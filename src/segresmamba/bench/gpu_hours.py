@@ -8,6 +8,11 @@ one validation case = sliding-window inference over a typical whole volume) and 
     train hours = folds x epochs x training cases per fold x step time
     val hours   = folds x epochs x validation cases per fold x whole-volume inference time
 
+The step time is the mean of steps run back to back (``step_ms_pipelined_<precision>``), as a fit runs them,
+where the row has it, and the median of steps synchronised one by one (``step_ms_<precision>``) in older rows;
+the ``step_timing`` column and the table say which. The two agree for a GPU-bound step; for a host-bound one the
+synchronised figure is the higher.
+
 Data loading and augmentation are not in either figure (the profiler feeds tensors already on the GPU), so
 a real run costs more wherever the loader cannot keep up; the estimate is a floor for the GPU's own work.
 
@@ -45,15 +50,19 @@ def estimate(efficiency_csv: Path, precision: str = "bf16", folds: int = 5, epoc
         raise ValueError(f"{efficiency_csv}: columns {missing} missing; was it written by segresmamba.bench.efficiency?")
     n_train, n_val = get_dataset_spec(config).split(folds)
     rows = []
+    pipelined_col = f"step_ms_pipelined_{precision}"
     for r in table.itertuples():
-        step_s, volume_s = getattr(r, step_col) / 1000, getattr(r, volume_col)
+        pipelined = pd.to_numeric(getattr(r, pipelined_col, None), errors="coerce")
+        timing = "back to back" if pd.notna(pipelined) else "synchronised"
+        step_ms = pipelined if pd.notna(pipelined) else pd.to_numeric(getattr(r, step_col), errors="coerce")
+        step_s, volume_s = step_ms / 1000, pd.to_numeric(getattr(r, volume_col), errors="coerce")
         if pd.isna(step_s) or pd.isna(volume_s):
             continue  # not measured on this device (e.g. CPU rows)
         train_h = folds * epochs * n_train * step_s / 3600
         val_h = folds * epochs * n_val * volume_s / 3600
         paper_epoch_s = paper_value(config, r.model, "epoch_time")
         rows.append({
-            "config": config, "model": r.model, "precision": precision, "folds": folds, "epochs": epochs,
+            "config": config, "model": r.model, "precision": precision, "step_timing": timing, "folds": folds, "epochs": epochs,
             "train_cases": n_train, "val_cases": n_val,
             "epoch_s": n_train * step_s + n_val * volume_s,
             "train_gpu_h": train_h, "val_gpu_h": val_h, "total_gpu_h": train_h + val_h,
@@ -84,16 +93,18 @@ def to_markdown(df: pd.DataFrame) -> str:
         f"{first.train_cases} training + {first.val_cases} validation cases per fold, validation every epoch",
         "",
         f"From `{first.precision}` step and whole-volume times measured on {first.device} ({runs_text(df)}) "
-        f"with {first.data or 'unrecorded inputs'}; data loading not included.",
+        f"with {first.data or 'unrecorded inputs'}; data loading not included. Step timing: back to back = the mean "
+        "of steps run as a fit runs them; synchronised = the median of steps timed one by one (rows measured before "
+        "the profiler recorded the former).",
         "",
-        "| model | epoch (s) | train GPU h | validation GPU h | total GPU h | kWh at board power | paper epoch (s, A100) | paper 5-fold h |",
-        "|:--|--:|--:|--:|--:|--:|--:|--:|",
+        "| model | step timing | epoch (s) | train GPU h | validation GPU h | total GPU h | kWh at board power | paper epoch (s, A100) | paper 5-fold h |",
+        "|:--|:--|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in df.itertuples():
         paper = f"{r.paper_epoch_s:.0f} | {r.paper_5fold_h:.1f}" if pd.notna(r.paper_epoch_s) else " | "
-        lines.append(f"| {r.model} | {r.epoch_s:.1f} | {r.train_gpu_h:.1f} | {r.val_gpu_h:.1f} | {r.total_gpu_h:.1f} | "
-                     f"{r.energy_kwh_at_tdp:.1f} | {paper} |")
-    lines.append(f"| **all {len(df)} models** | | | | **{df.total_gpu_h.sum():.1f}** | {df.energy_kwh_at_tdp.sum():.1f} | | |")
+        lines.append(f"| {r.model} | {r.step_timing} | {r.epoch_s:.1f} | {r.train_gpu_h:.1f} | {r.val_gpu_h:.1f} | "
+                     f"{r.total_gpu_h:.1f} | {r.energy_kwh_at_tdp:.1f} | {paper} |")
+    lines.append(f"| **all {len(df)} models** | | | | | **{df.total_gpu_h.sum():.1f}** | {df.energy_kwh_at_tdp.sum():.1f} | | |")
     return "\n".join(lines) + "\n"
 
 
