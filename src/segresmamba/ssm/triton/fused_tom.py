@@ -145,16 +145,22 @@ def oriented_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return OrientedConvSiluFn.apply(x, weight, bias, orientation_codes(orientations), nslices)
 
 
-PARAMETER_KINDS = ("conv_weight", "conv_bias", "x_proj", "dt_weight", "dt_bias", "A_log", "D")
+# each kind of branch parameter and where a branch holds it; the order is that of the node's inputs and gradients
+_PARAMETER_OF = {
+    "conv_weight": lambda br: br.conv1d.weight,
+    "conv_bias": lambda br: br.conv1d.bias,
+    "x_proj": lambda br: br.x_proj.weight,
+    "dt_weight": lambda br: br.dt_proj.weight,
+    "dt_bias": lambda br: br.dt_proj.bias,
+    "A_log": lambda br: br.A_log,
+    "D": lambda br: br.D,
+}
+PARAMETER_KINDS = tuple(_PARAMETER_OF)
 
 
 def branch_parameters(branches) -> list[torch.Tensor]:
     """The ToM branches' parameters, kind by kind (:data:`PARAMETER_KINDS`), branches in order within a kind."""
-    kinds = (
-        lambda br: br.conv1d.weight, lambda br: br.conv1d.bias, lambda br: br.x_proj.weight, lambda br: br.dt_proj.weight,
-        lambda br: br.dt_proj.bias, lambda br: br.A_log, lambda br: br.D,
-    )
-    return [get(br) for get in kinds for br in branches]
+    return [get(br) for get in _PARAMETER_OF.values() for br in branches]
 
 
 def stack_branch_parameters(params, branches: int) -> dict[str, torch.Tensor]:
@@ -227,9 +233,9 @@ class TriOrientedBranchesFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         xz, conv_w, conv_b, w_x, w_dt, x_dbl, *scan_tensors = ctx.saved_tensors
-        codes, nslices, dt_rank, d_state, _ = ctx.layout
+        codes, nslices, dt_rank, _, _ = ctx.layout
         branches = len(codes)
-        u, delta = scan_tensors[0], scan_tensors[1]  # (R b, d, L)
+        u = scan_tensors[0]  # (R b, d, L)
         rb, d, length = u.shape
         b = rb // branches
         # every branch receives the sum's gradient: a stride-0 broadcast over the branches where b == 1
@@ -250,10 +256,10 @@ class TriOrientedBranchesFn(torch.autograd.Function):
         dw_x, dw_dt = _weight_grad(d_xdbl, u4), _weight_grad(ddelta4, dt)
         x = xz[..., :d].transpose(1, 2)
         dx, dconv_w, dconv_b = conv_silu_backward(x, conv_w, conv_b, codes, nslices, du)
-        dxz = torch.cat([dx, dz.to(dx.dtype)], dim=1).transpose(1, 2)  # (b, L, 2 d) for (b, L, 2 d) xz
-        grads = []
-        for kind_grad in (dconv_w, dconv_b, dw_x, dw_dt, dbias, dA_log, dD):
-            grads.extend(kind_grad.unbind(0))
+        dxz = torch.cat([dx, dz], dim=1).transpose(1, 2)  # (b, L, 2 d) for (b, L, 2 d) xz; z is a view of xz
+        by_kind = {"conv_weight": dconv_w, "conv_bias": dconv_b, "x_proj": dw_x, "dt_weight": dw_dt, "dt_bias": dbias,
+                   "A_log": dA_log, "D": dD}
+        grads = [g for kind in PARAMETER_KINDS for g in by_kind[kind].unbind(0)]
         params = [
             None if not needed else g.view(shape).to(dtype)
             for g, (shape, dtype), needed in zip(grads, ctx.param_shapes, ctx.needs_input_grad[2:])
