@@ -113,6 +113,8 @@ def reshape(table: pd.DataFrame, config: str, models: tuple[str, ...]) -> pd.Dat
                 "layout": _layout_text(r),
                 "norms": _norms_text(r),
                 "git_sha": r.git_sha,
+                "triton_scan_settings": getattr(r, "triton_scan_settings", None)
+                if isinstance(getattr(r, "triton_scan_settings", None), str) else "-",
             })
     return pd.DataFrame(rows)
 
@@ -166,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         f"volume_s: sliding-window inference of one whole {'x'.join(map(str, spec.volume))} volume "
         f"({spec.in_channels} channels, ROI = the patch, overlap 0.5, batch 1, eval, no grad), seconds.",
         "",
-        df.to_markdown(index=False, floatfmt=".3g"),
+        df.drop(columns="triton_scan_settings").to_markdown(index=False, floatfmt=".3g"),
     ]
+    settings = sorted({s for s in df.triton_scan_settings if s != "-"})
+    if settings:  # rows measured before the profiler recorded them have none
+        md += ["", "Triton scan launch settings of the rows that ran it (`segresmamba.ssm.triton.tuning.TUNING`; per row in "
+               "the CSV): " + "; ".join(f"`{s}`" for s in settings) + "."]
     (args.out / "model_step.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -314,6 +314,10 @@ def profile_model(
                 row["scan_backend"] = "+".join(sorted({c["backend"] for c in auto_choices().values()}))
                 # every signature's choice and the times behind it (JSON), for reading a step time back
                 row["scan_auto_choices"] = json.dumps(auto_choices(), sort_keys=True)
+            if has_scan and "triton" in str(row["scan_backend"]):
+                from segresmamba.ssm.triton.tuning import TUNING
+
+                row["triton_scan_settings"] = json.dumps(TUNING, sort_keys=True)  # launch settings, env overrides included
         else:
             for precision in precisions:
                 for key in ("train_peak_gib", "train_reserved_gib", "step_ms", "step_ms_pipelined", "infer_patch_ms", "infer_volume_s"):
@@ -342,7 +346,7 @@ def write_tables(rows: list[dict], out_dir: Path, meta: dict, specs: dict[str, D
             part = pd.concat([kept[~kept.model.isin(part.model)], part], ignore_index=True)
         part.to_csv(csv, index=False, float_format="%.4g")
         spec = specs[cfg_name]
-        shown = [c for c in part.columns if c not in meta and c not in ("uncounted_ops", "scan_auto_choices")]
+        shown = [c for c in part.columns if c not in meta and c not in ("uncounted_ops", "scan_auto_choices", "triton_scan_settings")]
         md = [
             f"# Efficiency, {cfg_name}: {spec.in_channels} -> {spec.out_channels} channels, patch {'x'.join(map(str, spec.patch))}, batch 1",
             "",
