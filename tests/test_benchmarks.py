@@ -296,7 +296,7 @@ def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
     ])
     graphed = _efficiency_table(tmp_path / "graphs" / "brats.csv", [
         {"model": "segresmamba", "step_ms_fp32": 250.0, "step_ms_bf16": 120.0, "scan_backend": "triton", "cuda_graph_layers": 7,
-         "graphs": "tom", "channels_last": False, "triton_scan_settings": '{"bwd_mirror": true, "chunk": 64}'},
+         "graphs": "tom", "channels_last": False, "triton_scan_settings": '{"chunk": 32, "warps": 1}'},
     ])
     whole = _efficiency_table(tmp_path / "step_cl" / "brats.csv", [
         {"model": "segresmamba", "step_ms_bf16": 60.0, "scan_backend": "triton", "graphs": "step", "channels_last": True,
@@ -319,9 +319,9 @@ def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
     assert set(df.config) == {"brats 128x128x128 b1"}  # the patch comes from the dataset spec
     assert "7 ToM layers" in (out / "model_step.md").read_text()
     # the Triton scan's launch settings: per row in the CSV (none for rows of older runs), listed under the table
-    assert mine.loc["7 ToM layers", "triton_scan_settings"] == '{"bwd_mirror": true, "chunk": 64}'
+    assert mine.loc["7 ToM layers", "triton_scan_settings"] == '{"chunk": 32, "warps": 1}'
     assert mine.loc["-", "triton_scan_settings"] == "-"
-    assert '`{"bwd_mirror": true, "chunk": 64}`' in (out / "model_step.md").read_text()
+    assert '`{"chunk": 32, "warps": 1}`' in (out / "model_step.md").read_text()
     # tables of two configs are refused, and so is a config no spec knows
     spleen = _efficiency_table(tmp_path / "spleen.csv", [{"model": "unet", "step_ms_fp32": 1.0, "step_ms_bf16": 1.0}])
     with pytest.raises(SystemExit, match="different configs"):

@@ -30,8 +30,6 @@ if HAS_TRITON:  # the modules that import Triton
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-# the backward kernel's two ways of running the dh recurrence (tuning.TUNING["bwd_mirror"])
-MIRROR = pytest.mark.parametrize("mirror", [False, True], ids=["reverse_scan", "mirrored"])
 
 
 def make_inputs(b, d, n, length, softplus=True, full=True, dtype=torch.float64, seed=0):
@@ -232,19 +230,15 @@ KERNEL_CASES = [
 
 
 @pytest.mark.gpu
-@MIRROR
 @pytest.mark.parametrize("b,d,n,length,chunk", KERNEL_CASES)
-def test_kernels_fp32(b, d, n, length, chunk, mirror, monkeypatch):
-    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", mirror)
+def test_kernels_fp32(b, d, n, length, chunk):
     check_kernels("cuda", b, d, n, length, chunk)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,d,n,length,chunk", [(2, 3, 5, 37, 16), (1, 96, 16, 1000, 128), (1, 4, 16, 1, 128)])
 @pytest.mark.parametrize("softplus,full", [(False, True), (True, False), (False, False)])
-@MIRROR
-def test_kernels_fp32_optional_parts(b, d, n, length, chunk, softplus, full, mirror, monkeypatch):
-    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", mirror)
+def test_kernels_fp32_optional_parts(b, d, n, length, chunk, softplus, full):
     check_kernels("cuda", b, d, n, length, chunk, softplus, full)
 
 
@@ -257,9 +251,7 @@ def test_kernels_strided_inputs(b, d, n, length, chunk):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,d,n,length,chunk", [(1, 96, 16, 1000, 128), (2, 3, 5, 37, 16), (2, 24, 16, 4097, 128), (2, 24, 16, 4097, 64)])
-@MIRROR
-def test_kernels_half_precision(dtype, b, d, n, length, chunk, mirror, monkeypatch):
-    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", mirror)
+def test_kernels_half_precision(dtype, b, d, n, length, chunk):
     # state and sums in fp32; the error is the rounding of y and of the gradients to 8 (11) bits
     check_kernels("cuda", b, d, n, length, chunk, dtype=dtype, tol=1e-2 if dtype == torch.bfloat16 else 2e-3)
 
@@ -345,10 +337,8 @@ def test_tom_layer_triton_matches_torch_backend(monkeypatch):
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
 @pytest.mark.parametrize("b,d,n,length,chunk", [(1, 3, 4, 1, 16), (2, 3, 5, 37, 16), (1, 4, 16, 70, 32)])
 @pytest.mark.parametrize("softplus,full", [(True, True), (False, False)])
-@MIRROR
-def test_kernels_under_interpreter(b, d, n, length, chunk, softplus, full, mirror, monkeypatch):
+def test_kernels_under_interpreter(b, d, n, length, chunk, softplus, full, monkeypatch):
     _interpreter_index_patch(monkeypatch)
-    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", mirror)
     check_kernels("cpu", b, d, n, length, chunk, softplus, full)
 
 
@@ -462,10 +452,8 @@ def test_states_reorder_inside_a_cuda_graph_capture_is_right_and_not_cached(monk
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
 @pytest.mark.parametrize("branches,b,d,n,length,nslices,chunk", ORIENTED_CASES)
-@MIRROR
-def test_oriented_scan_under_interpreter(branches, b, d, n, length, nslices, chunk, mirror, monkeypatch):
+def test_oriented_scan_under_interpreter(branches, b, d, n, length, nslices, chunk, monkeypatch):
     _interpreter_index_patch(monkeypatch)
-    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", mirror)
     check_oriented("cpu", branches, b, d, n, length, nslices, chunk)
 
 
@@ -474,9 +462,7 @@ def test_oriented_scan_under_interpreter(branches, b, d, n, length, nslices, chu
     (("forward", "reverse", "slice"), 1, 96, 16, 16 * 16 * 16, 16, 128),
     (("forward", "reverse", "slice"), 2, 48, 16, 8 * 8 * 8 * 8, 8, 64),
 ])
-@MIRROR
-def test_oriented_scan_kernels(branches, b, d, n, length, nslices, chunk, mirror, monkeypatch):
-    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", mirror)
+def test_oriented_scan_kernels(branches, b, d, n, length, nslices, chunk):
     check_oriented("cuda", branches, b, d, n, length, nslices, chunk)
 
 
@@ -635,11 +621,9 @@ def test_weight_grad_in_token_pieces_matches_one_matmul(piece, length):
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
 @pytest.mark.parametrize("upcast", ["all", "states", "none"])
-@MIRROR
-def test_half_precision_under_interpreter(upcast, mirror, monkeypatch):
+def test_half_precision_under_interpreter(upcast, monkeypatch):
     """16-bit inputs, with and without the fp32 copies for the kernels: same oracle, gradients in the inputs' dtype."""
     _interpreter_index_patch(monkeypatch)
-    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", mirror)
     monkeypatch.setitem(tuning.TUNING, "upcast", upcast)
     check_kernels("cpu", 2, 3, 5, 37, 16, dtype=torch.float16, tol=1e-2)
 

@@ -218,7 +218,7 @@ def scan_backward(saved: ScanSaved, grad_y: torch.Tensor) -> tuple:
         A.stride(0), A.stride(1), A.stride(2), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
         D.stride(0) if has_d else 0, sbias,
         GROUP=group, T=T, BN=BN, HAS_D=has_d, HAS_Z=has_z, HAS_BIAS=has_bias, SOFTPLUS=saved.delta_softplus,
-        MIRROR=bool(TUNING["bwd_mirror"]), num_warps=TUNING["bwd_warps"] or warps,
+        num_warps=TUNING["bwd_warps"] or warps,
         **({"maxnreg": TUNING["bwd_maxnreg"]} if TUNING["bwd_maxnreg"] else {}),
     )
 

@@ -248,19 +248,19 @@ def _bwd_grad_kernel(
     D_CH, L, N, NCHUNKS, NB, S, M,
     su_b, su_d, sd_b, sd_d, sz_b, sz_d, sg_b, sg_d, so_b, so_d, sA_o, sA_d, sA_n, sB_b, sB_n, sC_b, sC_n, sD_o, sbias_o,
     GROUP, T: tl.constexpr, BN: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, MIRROR: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
     """Backward pass 3: recompute h, scan dh from the carried-in gradient, write every gradient.
 
     du, ddelta, dz are contiguous (rows, d, L), dz one row per branch and batch element; dB, dC fp32
     (rows, n, L) accumulated atomically; dA/dD/ddelta_bias partials are one row per (row, chunk).
 
-    The dh recurrence runs right to left. Without MIRROR it is a reverse ``tl.associative_scan``, which Triton
-    lowers by flipping its two operands and its two results across the warp's lanes. With MIRROR the dh side
-    works on the chunk read backwards (tile column j is chunk token T - 1 - j), where the recurrence is a forward
-    scan: B and C are flipped once per program, and per channel one (state x token) tile, ``a_t h_{t-1}`` from the
-    forward side, and four token rows, where the reverse scan flipped four tiles. For sm_90, one warp over 64 tokens:
-    252 shuffles per channel against 598, and fewer instructions in all (2,688 against 2,786 in the channel loop).
+    Triton lowers the reverse scan of dh by flipping its two operand tiles and its two result tiles across the
+    warp's lanes: 480 of this kernel's 598 shuffles per channel (sm_90 SASS, one warp over 64 tokens). Running the
+    dh side on the chunk read backwards instead (a forward scan; B and C flipped once per program, one tile and
+    four token rows per channel) cut them to 252 but measured slower on an H200 (fp32 5.10 against 4.96 ms, bf16
+    6.07 against 5.08 ms, the scan of d 96 over 64^3 tokens, fwd+bwd, git f55e222): with more registers spilled
+    and B and C read again per channel, the shuffles were not what bounds this kernel.
     """
     pid_g, k, bb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bb64 = bb.to(tl.int64)
@@ -272,28 +272,14 @@ def _bwd_grad_kernel(
     bias_ptr += branch * sbias_o
     offs_t, idx_t, offs_n, mask_t, mask_n, mask_nt = _chunk_tile(k, code, L, N, S, M, T, BN)
     tok = tl.arange(0, T)
-    B_tile = B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + offs_t[None, :]
-    C_tile = C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + offs_t[None, :]
+    idx_next = _token_index(offs_t + 1, code, L, S, M)
+    # a_{t+1} for the dh recurrence: within the chunk only, the next chunk enters through into_end
+    mask_next = (offs_t + 1 < L) & (tok < T - 1)
+    Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
     first = tok[None, :] == 0
-    if MIRROR:
-        # the dh side's columns: scan positions in reverse, and a_{t+1} at each (0 at the chunk's last token:
-        # the next chunk enters through into_end)
-        offs_s = k * T + (T - 1 - tok)
-        mask_s = offs_s < L
-        idx_s = _token_index(offs_s, code, L, S, M)
-        idx_next = _token_index(offs_s + 1, code, L, S, M)
-        mask_next = (offs_s + 1 < L) & (tok > 0)
-        Bs = tl.flip(tl.load(B_tile, mask=mask_nt, other=0.0).to(tl.float32), 1)
-        Cs = tl.flip(tl.load(C_tile, mask=mask_nt, other=0.0).to(tl.float32), 1)
-        end_col = first  # the chunk's last token
-    else:
-        offs_s, mask_s, idx_s = offs_t, mask_t, idx_t
-        idx_next = _token_index(offs_t + 1, code, L, S, M)
-        mask_next = (offs_t + 1 < L) & (tok < T - 1)
-        Bs = tl.load(B_tile, mask=mask_nt, other=0.0).to(tl.float32)
-        Cs = tl.load(C_tile, mask=mask_nt, other=0.0).to(tl.float32)
-        end_col = tok[None, :] == T - 1
-    dB_acc = tl.zeros([BN, T], dtype=tl.float32)  # in the dh side's columns
+    last = tok[None, :] == T - 1
+    dB_acc = tl.zeros([BN, T], dtype=tl.float32)
     dC_acc = tl.zeros([BN, T], dtype=tl.float32)
     part = bb64 * NCHUNKS + k
     ch0 = pid_g * GROUP
@@ -308,11 +294,6 @@ def _bwd_grad_kernel(
         state_row = (bb64 * (NCHUNKS + 1) + k) * D_CH + ch
         h0 = tl.load(enter_ptr + state_row * N + offs_n, mask=mask_n, other=0.0)
         g_end = tl.load(into_end_ptr + (state_row + D_CH) * N + offs_n, mask=mask_n, other=0.0)
-        if MIRROR:  # B and C in natural columns for the forward side, reloaded (cached) rather than held
-            Bt = tl.load(B_tile, mask=mask_nt, other=0.0).to(tl.float32)
-            Ct = tl.load(C_tile, mask=mask_nt, other=0.0).to(tl.float32)
-        else:
-            Bt, Ct = Bs, Cs
 
         a = tl.exp(dt[None, :] * A[:, None])
         dtu = dt * u
@@ -332,36 +313,32 @@ def _bwd_grad_kernel(
             g = dy * z * sig
         else:
             g = dy
-        if HAS_D:
-            tl.store(dD_part_ptr + part * D_CH + ch, tl.sum(g * u, axis=0))
 
         # h and x are not needed past this point: what the gradients use of them is taken now, so
         # that fewer (state x chunk) tiles are live across the second scan
         dC_acc += h * g[None, :]
         decayed_prev = h - x  # a_t h_{t-1}, without dividing by a_t
-        if MIRROR:  # into the dh side's columns
-            decayed_prev = tl.flip(decayed_prev, 1)
-            u, raw, dt, g = tl.flip(u, 0), tl.flip(raw, 0), tl.flip(dt, 0), tl.flip(g, 0)
-            dtu = dt * u
         a_next = tl.where(mask_next[None, :], tl.exp(dt_next[None, :] * A[:, None]), 0.0)
-        beta = g[None, :] * Cs + tl.where(end_col, g_end[:, None], 0.0)
-        _, dh = tl.associative_scan((a_next, beta), 1, _combine, reverse=not MIRROR)
+        beta = g[None, :] * Ct + tl.where(last, g_end[:, None], 0.0)
+        _, dh = tl.associative_scan((a_next, beta), 1, _combine, reverse=True)
 
-        du = g * Dc + tl.sum(dh * Bs, axis=0) * dt
-        ddt = tl.sum(dh * (Bs * u[None, :] + A[:, None] * decayed_prev), axis=0)
+        du = g * Dc + tl.sum(dh * Bt, axis=0) * dt
+        ddt = tl.sum(dh * (Bt * u[None, :] + A[:, None] * decayed_prev), axis=0)
         if SOFTPLUS:
             ddt = ddt * tl.sigmoid(raw)
-        ddt = tl.where(mask_s, ddt, 0.0)
-        tl.store(du_ptr + bb64 * so_b + ch * so_d + idx_s, du, mask=mask_s)
-        tl.store(ddelta_ptr + bb64 * so_b + ch * so_d + idx_s, ddt, mask=mask_s)
+        ddt = tl.where(mask_t, ddt, 0.0)
+        tl.store(du_ptr + bb64 * so_b + ch * so_d + idx_t, du, mask=mask_t)
+        tl.store(ddelta_ptr + bb64 * so_b + ch * so_d + idx_t, ddt, mask=mask_t)
         dB_acc += dh * dtu[None, :]
         dA = tl.sum(dh * dt[None, :] * decayed_prev, axis=1)
         tl.store(dA_part_ptr + (part * D_CH + ch) * N + offs_n, dA, mask=mask_n)
+        if HAS_D:
+            tl.store(dD_part_ptr + part * D_CH + ch, tl.sum(g * u, axis=0))
         if HAS_BIAS:
             tl.store(dbias_part_ptr + part * D_CH + ch, tl.sum(ddt, axis=0))
-    states = bb64 * N * L + offs_n[:, None] * L
-    tl.atomic_add(dB_ptr + states + offs_s[None, :], dB_acc, mask=mask_n[:, None] & mask_s[None, :], sem="relaxed")
-    tl.atomic_add(dC_ptr + states + offs_t[None, :], dC_acc, mask=mask_nt, sem="relaxed")
+    state_idx = bb64 * N * L + offs_n[:, None] * L + offs_t[None, :]
+    tl.atomic_add(dB_ptr + state_idx, dB_acc, mask=mask_nt, sem="relaxed")
+    tl.atomic_add(dC_ptr + state_idx, dC_acc, mask=mask_nt, sem="relaxed")
 
 
 @triton.jit

@@ -16,12 +16,6 @@ fast and need more chunk-state memory).
 8.2 ms with "none", 6.5 ms with "all": 16-bit tiles are laid out 8 tokens per thread and the backward needed
 more registers); with one warp over 64 tokens "none" is as fast (5.09 vs 5.15 ms) and needs no copies
 (0.54 vs 0.85 GiB). Outputs and gradients keep the inputs' dtypes, and copies live only while the kernels run.
-
-``bwd_mirror``: how the backward kernel runs the right-to-left dh recurrence. False: a reverse
-``tl.associative_scan``, which Triton lowers by flipping two operand and two result tiles across the lanes of the
-warp (480 of the kernel's 662 shuffles per channel, sm_90 SASS, one warp over 64 tokens). True: the dh side works on
-the chunk read backwards, where the recurrence is a forward scan, and flips one tile and four token rows per
-channel (252 shuffles).
 """
 
 from __future__ import annotations
@@ -37,8 +31,7 @@ CARRY_LANES = 32  # (channel, state) lanes per carry program
 UPCAST_MODES = ("all", "states", "none")
 TUNING_ENV = "SEGRESMAMBA_TRITON_SCAN"
 
-TUNING = {"chunk": 64, "warps": 1, "bwd_warps": None, "bwd_maxnreg": None, "max_group": MAX_CHANNEL_GROUP, "upcast": "none",
-          "bwd_mirror": False}
+TUNING = {"chunk": 64, "warps": 1, "bwd_warps": None, "bwd_maxnreg": None, "max_group": MAX_CHANNEL_GROUP, "upcast": "none"}
 
 
 def _read_environment() -> None:
