@@ -106,6 +106,7 @@ def reshape(table: pd.DataFrame, config: str, models: tuple[str, ...]) -> pd.Dat
             rows.append({
                 "device": r.device, "model": r.model, "config": config, "precision": precision,
                 "peak_gib": peak, "reserved_gib": reserved, "step_ms": pd.to_numeric(step, errors="coerce"),
+                "spread_ms": pd.to_numeric(getattr(r, f"step_ms_spread_{precision}", None), errors="coerce"),
                 "pipelined_ms": pd.to_numeric(getattr(r, f"step_ms_pipelined_{precision}", None), errors="coerce"),
                 "volume_s": pd.to_numeric(volume, errors="coerce"),
                 "scan_backend": getattr(r, "scan_backend", None) if isinstance(getattr(r, "scan_backend", None), str) else "-",
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         f"From {shown} ({runs_text(df.drop_duplicates(['model', 'git_sha']))}; each row measured alone on one GPU; "
         f"cards: {', '.join(sorted(df.device.astype(str).unique()))}). "
         "the training step the efficiency profiler of that git SHA timed (see the source tables' headers), batch 1, synthetic tensors; "
-        "step_ms = median of steps synchronised one by one; pipelined_ms = mean of steps run back to back, as a fit runs "
+        "step_ms = median of steps synchronised one by one; spread_ms = the slowest of them minus the fastest (empty: "
+        "not recorded by that run); pipelined_ms = mean of steps run back to back, as a fit runs "
         "them (empty: not measured by that run); "
         "peak = max_memory_allocated (GiB), with CUDA graphs plus the part of the graphs' memory pool no live tensor holds "
         "(an upper bound: a replay allocates nothing the allocator counts); an empty peak was not validly measured in "

@@ -478,3 +478,21 @@ def test_pipelined_step_time_synchronises_only_before_and_after(monkeypatch):
     ms = efficiency.time_pipelined(lambda batch: calls.append(batch), {"image": 0}, steps=4)
     assert len(calls) == 4 and syncs == [0, 4]  # before any step, after the last
     assert ms == 8 * 1000 / 4
+
+
+def test_step_time_figures_hold_the_median_and_the_spread():
+    """A host-bound step's times scatter: the row keeps the median and the slowest minus the fastest beside it."""
+    figures = efficiency.step_time_figures([70.0, 63.0, 90.0, 66.0, 64.0], "bf16")
+    assert figures == {"step_ms_bf16": 66.0, "step_ms_spread_bf16": 27.0}
+    assert efficiency.step_time_figures([5.0], "fp32")["step_ms_spread_fp32"] == 0.0
+
+
+def test_model_step_table_carries_the_spread(tmp_path):
+    from perf import model_step
+
+    table = _efficiency_table(tmp_path / "eager" / "brats.csv", [
+        {"model": "segresmamba", "step_ms_bf16": 66.0, "step_ms_spread_bf16": 27.0, "step_ms_fp32": 80.0},
+    ])
+    model_step.main(["--table", str(table), "--out", str(tmp_path / "out"), "--models", "segresmamba"])
+    df = pd.read_csv(tmp_path / "out" / "model_step.csv").set_index("precision")
+    assert df.loc["bf16", "spread_ms"] == 27.0 and pd.isna(df.loc["fp32", "spread_ms"])  # not recorded: empty

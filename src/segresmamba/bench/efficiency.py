@@ -23,8 +23,8 @@ included).
 - MACs: fvcore, one multiply-add = 1, plus the selective-scan handle (``segresmamba.profiling.macs``);
   the uncounted (elementwise) ops are listed in the row; a count with an uncounted scan/matmul/conv fails.
 - training step for fp32 and bf16-mixed (autocast, fp32 weights): peak ``torch.cuda.max_memory_allocated``
-  after a reset, peak reserved, median step time (wall clock, synchronised around each step) and mean step time
-  of steps run back to back;
+  after a reset, peak reserved, median step time (wall clock, synchronised around each step) with its spread
+  (``step_ms_spread_<precision>``: slowest minus fastest) and mean step time of steps run back to back;
 - inference: one patch (eval, no_grad) median time, and one whole volume by sliding window
   (ROI = patch, overlap 0.5).
 
@@ -111,6 +111,13 @@ def time_steps(step, batches: Iterator[dict], steps: int, warmup: int, device: t
     return times
 
 
+def step_time_figures(times: Sequence[float], precision: str) -> dict:
+    """The median of synchronised step times (ms) and their spread, the slowest minus the fastest: a step bound by
+    the host moves by tens of milliseconds between steps of one process, so a median alone hides how far one
+    row can be trusted."""
+    return {f"step_ms_{precision}": statistics.median(times), f"step_ms_spread_{precision}": max(times) - min(times)}
+
+
 def time_pipelined(step, batch: dict, steps: int) -> float:
     """Mean milliseconds per step of ``steps`` calls ``step(batch)`` back to back on CUDA, the device synchronised
     before the first and after the last only.
@@ -171,7 +178,7 @@ def cuda_train_step(task, spec: DatasetSpec, precision: str, steps: int, warmup:
         result = {
             f"train_peak_gib_{precision}": max(capture_peak, steady_peak) / GIB,
             f"train_reserved_gib_{precision}": torch.cuda.max_memory_reserved() / GIB,
-            f"step_ms_{precision}": statistics.median(times),
+            **step_time_figures(times, precision),
             f"step_ms_pipelined_{precision}": time_pipelined(step, batch, steps),
         }
         if datamodule is not None:
@@ -320,7 +327,8 @@ def profile_model(
                 row["triton_scan_settings"] = json.dumps(TUNING, sort_keys=True)  # launch settings, env overrides included
         else:
             for precision in precisions:
-                for key in ("train_peak_gib", "train_reserved_gib", "step_ms", "step_ms_pipelined", "infer_patch_ms", "infer_volume_s"):
+                for key in ("train_peak_gib", "train_reserved_gib", "step_ms", "step_ms_spread", "step_ms_pipelined", "infer_patch_ms",
+                            "infer_volume_s"):
                     row[f"{key}_{precision}"] = NOT_MEASURED
             if cpu_step:
                 row.update(cpu_times(task, spec, datamodule))
@@ -355,8 +363,8 @@ def write_tables(rows: list[dict], out_dir: Path, meta: dict, specs: dict[str, D
             "Ours: MACs by fvcore (1 multiply-add = 1) plus 4.5 MACs per (token, channel, state) per selective scan; "
             "train = the suite's training step (`SegmentationTask.training_step` of `configs/model/<model>.yaml` "
             "with the recipe's loss, backward and optimiser step) on one batch of synthetic tensors (`step_ms_*`: "
-            "median of steps synchronised one by one; `step_ms_pipelined_*`: mean of steps run back to back, as a fit "
-            "runs them, when measured) and on a data loader's batches (`step_ms_loaded_*`, when measured); "
+            "median of steps synchronised one by one; `step_ms_spread_*`: the slowest of them minus the fastest, when "
+            "measured; `step_ms_pipelined_*`: mean of steps run back to back, as a fit runs them, when measured) and on a data loader's batches (`step_ms_loaded_*`, when measured); "
             "peak = max_memory_allocated; "
             "bf16 = autocast with fp32 weights; empty GPU cells = not measured (no GPU). `paper_*` columns: "
             "Das et al. 2025 (A100 40GB), Tables 1-3 (MACs, inference s), 7 (params, FLOPs), 8 (training memory).",
