@@ -12,36 +12,9 @@ import pytest
 triton = pytest.importorskip("triton")
 
 try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError:  # another Triton layout
+    from perf.kernel_resources import compile_for_sm90
+except ImportError:  # another Triton layout (no ASTSource / GPUTarget)
     pytest.skip("this Triton has no ASTSource / GPUTarget", allow_module_level=True)
-
-SM90 = GPUTarget("cuda", 90, 32)
-FLOAT_SCALARS = {"eps"}
-
-
-def compile_for_sm90(kernel, constexprs: dict, pointer_types: dict | None = None, num_warps: int = 4):
-    """Compile ``kernel`` (a ``@triton.jit`` function) for sm_90 with ``constexprs``; other arguments are pointers
-    (``*fp32`` unless ``pointer_types`` says otherwise, for names ending in ``_ptr``) or 32-bit integers."""
-    pointer_types = pointer_types or {}
-    signature, attrs = {}, {}
-    for i, param in enumerate(kernel.params):
-        name = param.name
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = pointer_types.get(name, "*fp32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in FLOAT_SCALARS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    missing = [p.name for p in kernel.params if p.is_constexpr and p.name not in constexprs]
-    assert not missing, f"give values for the constexpr arguments {missing}"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=SM90, options={"num_warps": num_warps})
 
 
 def _scan_cases():
@@ -91,3 +64,42 @@ CASES = _scan_cases() + _norm_cases()
 def test_kernel_compiles_for_sm90(name, kernel, constexprs, pointer_types, num_warps):
     compiled = compile_for_sm90(kernel, constexprs, pointer_types, num_warps)
     assert compiled.asm.get("cubin"), f"{name}: no cubin"
+
+
+def test_longest_loop_is_the_body_of_the_longest_backward_branch():
+    from perf.kernel_resources import longest_loop
+
+    sass = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        ".L_x_0:",
+        "        /*0010*/                   FADD R2, R2, R3 ;",
+        "        /*0020*/               @P0 BRA `(.L_x_0) ;",
+        ".L_x_1:",
+        "        /*0030*/                   SHFL.BFLY PT, R4, R4, 0x1, 0x1f ;",
+        "        /*0040*/                   FFMA R5, R4, R4, R5 ;",
+        "        /*0050*/                   LDL R6, [R1] ;",
+        "        /*0060*/              @!P1 BRA `(.L_x_1) ;",
+        "        /*0070*/                   BRA `(.L_x_2) ;",  # forward branch: not a loop
+        ".L_x_2:",
+        "        /*0080*/                   EXIT ;",
+        ".L_x_3:",
+        "        /*0090*/                   BRA `(.L_x_3);",  # the trap after the exit: not a loop either
+    ])
+    body = longest_loop(sass)
+    assert [line.split()[1] for line in body] == ["SHFL.BFLY", "FFMA", "LDL", "@!P1"]
+    assert longest_loop("        /*0000*/                   EXIT ;") == []
+    assert longest_loop(".L_x_0:\n        /*0000*/                   BRA `(.L_x_0);") == []
+
+
+def test_kernel_resources_report_counts_every_scan_kernel(tmp_path):
+    from perf import kernel_resources
+
+    dest = kernel_resources.report(tmp_path)
+    assert dest.name == f"kernel_resources_triton-{triton.__version__}.md"
+    rows = [line for line in dest.read_text().splitlines() if line.startswith("| ") and "registers" not in line]
+    assert len(rows) == len(kernel_resources.scan_cases())
+    bwd = next(r for r in rows if r.startswith("| bwd grad, T=64 "))
+    cells = [c.strip() for c in bwd.strip("|").split("|")]
+    registers, loop_total, shuffles = int(cells[2]), int(cells[5]), int(cells[6])
+    assert 0 < registers <= 255 and loop_total > 100 and 0 < shuffles < loop_total  # its scans shuffle across lanes
+    assert f"Triton {triton.__version__}" in dest.read_text()
