@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency bench-scan kernel-report model-step step-profile ddp-check gpu-hours params plots clean
+.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency bench-scan scan-ablation kernel-report model-step step-profile ddp-check gpu-hours params plots clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -81,6 +81,9 @@ bench-efficiency: $(STAMP) ## params, MACs, memory and the suite's training step
 
 bench-scan: $(STAMP) ## scan backends on the ToM layer and the scan alone, tuned, with a kernel profile (GPU) -> results/perf/
 	$(PY) -m perf.scan_bench --tune --profile --out results/perf
+
+scan-ablation: $(STAMP) ## the scan backward with parts cut out: timed on the GPU, or compiled for sm_90 with STATIC=1 (CPU) -> results/perf/
+	$(PY) -m perf.scan_ablation --out results/perf $(if $(STATIC),--static)
 
 kernel-report: $(STAMP) ## registers, spills and hot-loop instructions of the scan kernels, compiled for sm_90 on this CPU -> results/perf/
 	$(PY) -m perf.kernel_resources --out results/perf

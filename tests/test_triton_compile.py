@@ -103,3 +103,23 @@ def test_kernel_resources_report_counts_every_scan_kernel(tmp_path):
     registers, loop_total, shuffles = int(cells[2]), int(cells[5]), int(cells[6])
     assert 0 < registers <= 255 and loop_total > 100 and 0 < shuffles < loop_total  # its scans shuffle across lanes
     assert f"Triton {triton.__version__}" in dest.read_text()
+
+
+def test_scan_ablations_apply_to_the_kernel_source_and_compile():
+    """Every ablation's replacement text is still in the kernel (else the list drifted), and an edited kernel compiles."""
+    from perf import scan_ablation
+    from perf.kernel_resources import BF16_INPUTS, resources
+
+    kernels = {name: scan_ablation.edited_kernel(name) for name in scan_ablation.ABLATIONS}
+    constexprs = {"T": 64, "BN": 16, "HAS_BIAS": True, "SOFTPLUS": True, "HAS_D": True, "HAS_Z": True}
+    as_is = resources(compile_for_sm90(kernels["as is"], constexprs, BF16_INPUTS, 1))
+    no_scans = resources(compile_for_sm90(kernels["no scans"], constexprs, BF16_INPUTS, 1))
+    assert no_scans["loop_shfl"] < as_is["loop_shfl"] and no_scans["loop_instructions"] < as_is["loop_instructions"]
+
+
+def test_a_stale_ablation_is_refused(monkeypatch):
+    from perf import scan_ablation
+
+    monkeypatch.setitem(scan_ablation.ABLATIONS, "stale", ("a line that is gone", [("no such line in the kernel", "")]))
+    with pytest.raises(ValueError, match="no longer in"):
+        scan_ablation.edited_kernel("stale")
