@@ -277,7 +277,7 @@ def _bwd_grad_kernel(
     offs_t, idx_t, offs_n, mask_t, mask_n, mask_nt = _chunk_tile(k, code, L, N, S, M, T, BN)
     tok = tl.arange(0, T)
     idx_next = _token_index(offs_t + 1, code, L, S, M)
-    # a_{t+1} for the dh recurrence: within the chunk only, the next chunk enters through into_end
+    # dt_{t+1} for the dh recurrence, read within the chunk only (the next chunk enters through into_end)
     mask_next = (offs_t + 1 < L) & (tok < T - 1)
     Bt = tl.load(B_ptr + bb64 * sB_b + offs_n[:, None] * sB_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
@@ -323,7 +323,9 @@ def _bwd_grad_kernel(
         # that fewer (state x chunk) tiles are live across the second scan
         dC_acc += h * g[None, :]
         decayed_prev = h - x  # a_t h_{t-1}, without dividing by a_t
-        a_next = tl.where(mask_next[None, :], tl.math.exp2(dt_next[None, :] * A2[:, None]), 0.0)
+        # a_{t+1}; 1 past the chunk or the sequence (dt_next masked to 0), where nothing reads it: the chunk's last
+        # token starts the right-to-left scan, and past the sequence beta and dh are 0
+        a_next = tl.math.exp2(dt_next[None, :] * A2[:, None])
         beta = g[None, :] * Ct + tl.where(last, g_end[:, None], 0.0)
         _, dh = tl.associative_scan((a_next, beta), 1, _combine, reverse=True)
 
