@@ -98,6 +98,7 @@ def resources(compiled) -> dict:
         raise RuntimeError(f"cuobjdump reported no resource usage: {usage[:300]}")
     loop = collections.Counter(_opcode(line) for line in longest_loop(sass))
     return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2)), "shared_bytes": int(found.group(3)),
+            "instructions": sum(1 for line in sass.splitlines() if _opcode(line)),
             "loop_instructions": sum(loop.values()), **{f"loop_{op.lower()}": loop[op] for op in COUNTED}}
 
 
@@ -134,7 +135,7 @@ def report(out: Path) -> Path:
     rows = []
     for name, kernel, constexprs, pointer_types, warps in scan_cases():
         rows.append({"kernel": name, "warps": warps, **resources(compile_for_sm90(kernel, constexprs, pointer_types, warps))})
-    header = ["kernel", "warps", "registers", "stack_bytes", "shared_bytes", "loop_instructions",
+    header = ["kernel", "warps", "registers", "stack_bytes", "shared_bytes", "instructions", "loop_instructions",
               *(f"loop_{op.lower()}" for op in COUNTED)]
     lines = [
         "# Triton kernels of the scan and the oriented conv: registers and hot-loop instructions on sm_90",
@@ -142,7 +143,7 @@ def report(out: Path) -> Path:
         f"Compiled on a CPU for sm_90 by Triton {triton.__version__} (its ptxas; no GPU), git {sha[:7]}"
         f"{'-dirty' if sha.endswith('-dirty') else ''}, "
         "`python -m perf.kernel_resources`. registers per thread (255 is the cap; past it ptxas spills to "
-        "`stack_bytes`); loop_*: SASS instructions of the kernel's longest loop, once through (the channel loop of "
+        "`stack_bytes`); instructions: the whole kernel's SASS, once through its code; loop_*: SASS instructions of the kernel's longest loop, once through (the channel loop of "
         "the scan kernels: one channel of one chunk; 0: no loop, its loops unrolled); shfl = shuffles across a warp's lanes, ldl/stl = spill "
         "loads/stores, mufu = exponentials and other special functions, bar = barriers. The GPU runs use the Triton "
         "of their machine (results/perf/scan.md); counts from another Triton version can differ.",

@@ -100,8 +100,8 @@ def test_kernel_resources_report_counts_every_scan_kernel(tmp_path):
     assert len(rows) == len(kernel_resources.scan_cases())
     bwd = next(r for r in rows if r.startswith("| bwd grad, T=64 "))
     cells = [c.strip() for c in bwd.strip("|").split("|")]
-    registers, loop_total, shuffles = int(cells[2]), int(cells[5]), int(cells[6])
-    assert 0 < registers <= 255 and loop_total > 100 and 0 < shuffles < loop_total  # its scans shuffle across lanes
+    registers, total, loop_total, shuffles = int(cells[2]), int(cells[5]), int(cells[6]), int(cells[7])
+    assert 0 < registers <= 255 and total > loop_total > 100 and 0 < shuffles < loop_total  # its scans shuffle across lanes
     assert f"Triton {triton.__version__}" in dest.read_text()
 
 
