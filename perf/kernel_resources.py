@@ -22,9 +22,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as err:  # no Triton, or one without the ahead-of-time compiler API
+    raise SystemExit(f"error: perf.kernel_resources needs Triton with triton.compiler.ASTSource ({err}); "
+                     "`pip install -e \".[dev]\"` installs it on Linux x86-64") from None
 
 SM90 = GPUTarget("cuda", 90, 32)
 FLOAT_SCALARS = {"eps"}

@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton")
 
 try:
     from perf.kernel_resources import compile_for_sm90
-except ImportError:  # another Triton layout (no ASTSource / GPUTarget)
+except SystemExit:  # another Triton layout (no ASTSource / GPUTarget)
     pytest.skip("this Triton has no ASTSource / GPUTarget", allow_module_level=True)
 
 
@@ -123,3 +123,14 @@ def test_a_stale_ablation_is_refused(monkeypatch):
     monkeypatch.setitem(scan_ablation.ABLATIONS, "stale", ("a line that is gone", [("no such line in the kernel", "")]))
     with pytest.raises(ValueError, match="no longer in"):
         scan_ablation.edited_kernel("stale")
+
+
+def test_kernel_report_without_triton_says_what_is_missing():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import sys; sys.modules['triton'] = None; import perf.kernel_resources"
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert run.returncode == 1 and "perf.kernel_resources needs Triton" in run.stderr
