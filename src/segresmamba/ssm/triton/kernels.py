@@ -329,15 +329,17 @@ def _bwd_grad_kernel(
         beta = g[None, :] * Ct + tl.where(last, g_end[:, None], 0.0)
         _, dh = tl.associative_scan((a_next, beta), 1, _combine, reverse=True)
 
-        du = g * Dc + tl.sum(dh * Bt, axis=0) * dt
-        ddt = tl.sum(dh * (Bt * u[None, :] + A[:, None] * decayed_prev), axis=0)
+        dh_B = tl.sum(dh * Bt, axis=0)
+        dh_dp = dh * decayed_prev
+        du = g * Dc + dh_B * dt
+        ddt = u * dh_B + tl.sum(A[:, None] * dh_dp, axis=0)
         if SOFTPLUS:
             ddt = ddt * tl.sigmoid(raw)
         ddt = tl.where(mask_t, ddt, 0.0)
         tl.store(du_ptr + bb64 * so_b + ch * so_d + idx_t, du, mask=mask_t)
         tl.store(ddelta_ptr + bb64 * so_b + ch * so_d + idx_t, ddt, mask=mask_t)
         dB_acc += dh * dtu[None, :]
-        dA = tl.sum(dh * dt[None, :] * decayed_prev, axis=1)
+        dA = tl.sum(dh_dp * dt[None, :], axis=1)
         tl.store(dA_part_ptr + (part * D_CH + ch) * N + offs_n, dA, mask=mask_n)
         if HAS_D:
             tl.store(dD_part_ptr + part * D_CH + ch, tl.sum(g * u, axis=0))
