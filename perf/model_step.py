@@ -55,6 +55,12 @@ def _layout_text(row) -> str:
     return "NDHWC" if str(getattr(row, "channels_last", False)).lower() == "true" else "NCDHW"
 
 
+def _text(row, column: str) -> str:
+    """A text column of a source row, ``-`` where the row has none (an empty cell, or a run before the column)."""
+    value = getattr(row, column, None)
+    return value if isinstance(value, str) else "-"
+
+
 def _norms_text(row) -> str:
     return "whole-tensor" if str(getattr(row, "fast_norms", False)).lower() == "true" else "torch"
 
@@ -109,13 +115,12 @@ def reshape(table: pd.DataFrame, config: str, models: tuple[str, ...]) -> pd.Dat
                 "spread_ms": pd.to_numeric(getattr(r, f"step_ms_spread_{precision}", None), errors="coerce"),
                 "pipelined_ms": pd.to_numeric(getattr(r, f"step_ms_pipelined_{precision}", None), errors="coerce"),
                 "volume_s": pd.to_numeric(volume, errors="coerce"),
-                "scan_backend": getattr(r, "scan_backend", None) if isinstance(getattr(r, "scan_backend", None), str) else "-",
+                "scan_backend": _text(r, "scan_backend"),
                 "cuda_graphs": _graphs_text(r),
                 "layout": _layout_text(r),
                 "norms": _norms_text(r),
                 "git_sha": r.git_sha,
-                "triton_scan_settings": getattr(r, "triton_scan_settings", None)
-                if isinstance(getattr(r, "triton_scan_settings", None), str) else "-",
+                "triton_scan_settings": _text(r, "triton_scan_settings"),
             })
     return pd.DataFrame(rows)
 
