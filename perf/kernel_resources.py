@@ -22,6 +22,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import pandas as pd
+
 try:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -139,8 +141,6 @@ def report(out: Path) -> Path:
     rows = []
     for name, kernel, constexprs, pointer_types, warps in scan_cases():
         rows.append({"kernel": name, "warps": warps, **resources(compile_for_sm90(kernel, constexprs, pointer_types, warps))})
-    header = ["kernel", "warps", "registers", "stack_bytes", "shared_bytes", "instructions", "loop_instructions",
-              *(f"loop_{op.lower()}" for op in COUNTED)]
     lines = [
         "# Triton kernels of the scan and the oriented conv: registers and hot-loop instructions on sm_90",
         "",
@@ -152,10 +152,8 @@ def report(out: Path) -> Path:
         "loads/stores, mufu = exponentials and other special functions, bar = barriers. The GPU runs use the Triton "
         "of their machine (results/perf/scan.md); counts from another Triton version can differ.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] + ["--:"] * (len(header) - 1)) + "|",
+        pd.DataFrame(rows).to_markdown(index=False),
     ]
-    lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
     out.mkdir(parents=True, exist_ok=True)
     dest = out / f"kernel_resources_triton-{triton.__version__}.md"
     dest.write_text("\n".join(lines) + "\n")

@@ -6,8 +6,9 @@ replacement and loads the edited kernel in place of the real one; the launch-set
 their time counts. A replacement whose text is no longer in the kernel fails loudly, so the list cannot drift
 from the source silently.
 
-- on a GPU: the whole backward pass of one scan (d 96 over 64^3 tokens, batch 1, random synthetic inputs, the
-  Mamba layer's flags), CUDA events, median of ``--iters`` after 3 warm-ups, fp32 and bf16 inputs;
+- on a GPU: the whole backward pass of one scan (the tune case of :mod:`perf.scan_bench`: d 96 over 64^3 tokens,
+  batch 1, its synthetic inputs, the Mamba layer's flags), CUDA events, median of ``--iters`` after 3 warm-ups,
+  fp32 and bf16 inputs;
   ``<out>/scan_ablation.md``.
 - ``--static`` (any machine): each variant compiled for sm_90 (:mod:`perf.kernel_resources`), its registers,
   spills and hot-loop instructions; ``<out>/scan_ablation_static_triton-<version>.md``.
@@ -20,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 # name -> (what it removes, [(text in the kernel, replacement)])
@@ -75,31 +76,17 @@ def edited_kernel(name: str):
     return module._bwd_grad_kernel
 
 
-def _inputs(dtype: torch.dtype, d: int = 96, n: int = 16, length: int = 64**3):
-    g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g).cuda()  # noqa: E731
-    A = -(torch.rand(1, d, n, generator=g) * 3 + 0.05).cuda()
-    return (r(1, d, length).to(dtype), (r(1, d, length) * 0.5).to(dtype), A, r(1, n, length).to(dtype),
-            r(1, n, length).to(dtype), r(1, d), r(1, d, length).to(dtype), r(1, d) * 0.3)
-
-
 def time_backward(dtype: torch.dtype, iters: int) -> float:
-    """Median ms of the scan's backward pass (its kernels and the reductions after them)."""
+    """Median ms of the scan's backward pass (its kernels and the reductions after them), on the inputs and with
+    the event timing of the scan benchmark's tune case."""
+    from perf.scan_bench import cuda_time_ms, scan_inputs
     from segresmamba.ssm.triton import autograd, tuning
 
-    y, saved = autograd.scan_forward(*_inputs(dtype), True, (0,), 1, 1, tuning.TUNING["chunk"])
+    a = {k: v.detach() for k, v in scan_inputs(1, 96, 64**3, dtype).items()}
+    y, saved = autograd.scan_forward(a["u"], a["delta"], a["A"][None], a["B"], a["C"], a["D"][None], a["z"],
+                                     a["delta_bias"][None], True, (0,), 1, 1, tuning.TUNING["chunk"])
     grad_y = torch.randn_like(y)
-    for _ in range(3):
-        autograd.scan_backward(saved, grad_y)
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        autograd.scan_backward(saved, grad_y)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_time_ms(lambda: autograd.scan_backward(saved, grad_y), warmup=3, iters=iters)[0]
 
 
 def _variants():
@@ -146,12 +133,6 @@ def static_counts() -> list[dict]:
     return rows
 
 
-def _table(rows: list[dict]) -> list[str]:
-    header = list(rows[0])
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows)]
-
-
 def main(argv: list[str] | None = None) -> int:
     import triton
 
@@ -174,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = measure(args.iters)
         dest = args.out / "scan_ablation.md"
         intro = (f"{device_name()} · torch {torch.__version__} · Triton {triton.__version__} · git {git_sha()[:7]}. The "
-                 "backward pass of one scan, d 96 over 64^3 tokens, batch 1, random synthetic inputs, median ms of "
+                 "backward pass of one scan, d 96 over 64^3 tokens, batch 1, the scan benchmark's synthetic inputs, median ms of "
                  f"{args.iters} after 3 warm-ups (CUDA events); fp32 and bf16 inputs.")
     lines = ["# Scan backward ablations", "", intro,
              "The edited kernels compute wrong gradients on purpose: only their cost counts (`perf/scan_ablation.py`).", "",
-             *_table(rows)]
+             pd.DataFrame(rows).to_markdown(index=False)]
     dest.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
