@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = static_counts()
         dest = args.out / f"scan_ablation_static_triton-{triton.__version__}.md"
         intro = (f"Compiled for sm_90 on a CPU by Triton {triton.__version__}, git {git_sha()[:7]}; columns as in "
-                 "`kernel_resources_*.md`.")
+                 "`kernel_resources_*.md`; bf16 activations, the Mamba layer's flags, one warp over 64-token chunks, 16 states; "
+                 "nothing runs, so no data.")
     else:
         if not torch.cuda.is_available():
             raise SystemExit("error: timing the ablations needs a GPU; --static compiles them on a CPU")
