@@ -12,6 +12,8 @@ writes ``step_profile_<model>_<config>.md``: per mode (``eager``; ``cuda_graphs`
 replaying CUDA graphs, :mod:`segresmamba.ssm.cuda_graphs`; ``step_graphs``: the whole forward, loss and
 backward replaying CUDA graphs, :mod:`segresmamba.step_graphs`), the median wall time of a step, the GPU
 kernel time and launches per step (torch.profiler), the kernel time by kind and the largest kernels.
+Per mode it also records the host's time to enqueue a step by phase, and for ``eager`` the forward's host time
+by module class and the host's time by operator (:mod:`perf.host_time`), to show where a host-bound step spends it.
 ``--fast-norms`` profiles the nets with ``fast_norms`` (the fastest mode is ``step_graphs`` with it) and writes
 ``step_profile_<model>_<config>_fast_norms.md``.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 import segresmamba
+from perf.host_time import forward_host_by_module, host_ops, phase_host_ms
 from perf.scan_bench import kernel_breakdown
 from segresmamba.bench.efficiency import PROFILED_DATASETS, release_graphs
 from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
@@ -37,6 +40,7 @@ from segresmamba.step_graphs import TrainingGraph
 
 MODES = ("eager", "cuda_graphs", "step_graphs")
 TOP = 15
+HOST_TOP = 25
 # kernel kinds, first match wins (names as the profiler reports them)
 KINDS = (
     ("selective scan (Triton)", r"^_(fwd|bwd)_(chunk_state|output|grad)|^_carry_kernel"),
@@ -73,6 +77,21 @@ def wall_ms(step, batch: dict, steps: int) -> float:
     return statistics.median(times)
 
 
+def host_sections(step, batch: dict) -> list[str]:
+    """The eager step's host time by module class of the forward and by operator (:mod:`perf.host_time`)."""
+    by_module = forward_host_by_module(step, batch)
+    ops, ops_total = host_ops(step, batch)
+    out = ["", "## eager: the forward's host time by module class (exclusive of children; forward hooks)", "",
+           f"{sum(r[1] for r in by_module):.1f} ms per step in all.", "",
+           "| module class | host ms / step | calls / step |", "|---|---:|---:|"]
+    out += [f"| {name} | {ms:.2f} | {n} |" for name, ms, n in by_module[:HOST_TOP]]
+    out += ["", "## eager: host self time by operator (torch.profiler CPU events, forward and backward)", "",
+            f"{ops_total:.1f} ms per step of operator self time in all, under the profiler (which adds its own cost "
+            "per event).", "", "| operator | host ms / step | calls / step |", "|---|---:|---:|"]
+    out += [f"| `{name[:90]}` | {ms:.2f} | {n} |" for name, ms, n in ops[:HOST_TOP]]
+    return out
+
+
 def profile(model_name: str, config: str, precision: str, modes: list[str], steps: int, warmup: int, recipe: str = "paper",
             fast_norms: bool = False) -> list[str]:
     spec = get_dataset_spec(config)
@@ -89,8 +108,12 @@ def profile(model_name: str, config: str, precision: str, modes: list[str], step
              f"norms: {'whole-tensor (`--model.fast_norms true`)' if fast_norms else 'PyTorch kernels'}, "
              f"`cudnn.benchmark` on. Wall: median of {steps} steps after {warmup} warm-ups "
              "(CUDA synchronised around each). Kernels: torch.profiler, mean of 3 steps. Names are cut at 90 characters.", "",
-             "| mode | ToM layers in CUDA graphs | wall ms / step | GPU kernel ms / step | kernel share of wall | launches / step |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "Host: the host's time to enqueue a step, the GPU idle at its start (synchronised before each step, not inside "
+             "it), median of the same steps; forward = forward and loss, backward = backward, clipping and zeroing the "
+             "gradients, optimiser = its step.", "",
+             "| mode | ToM layers in CUDA graphs | wall ms / step | GPU kernel ms / step | kernel share of wall | launches / step "
+             "| host ms / step | host forward | host backward | host optimiser |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     sections = []
     for mode in modes:
         graphed = graph_tom_layers(model, x, dtype) if mode == "cuda_graphs" else []
@@ -98,14 +121,18 @@ def profile(model_name: str, config: str, precision: str, modes: list[str], step
         for _ in range(warmup):
             step(batch)
         ms = wall_ms(step, batch, steps)
+        host = phase_host_ms(step, batch, steps)
         table, total = kernel_breakdown(lambda: step(batch), iters=3)
         launches = sum(r[2] for r in table)
         in_graphs = "all (whole step)" if mode == "step_graphs" else len(graphed)
-        lines.append(f"| {mode} | {in_graphs} | {ms:.1f} | {total:.1f} | {total / ms:.0%} | {launches} |")
+        lines.append(f"| {mode} | {in_graphs} | {ms:.1f} | {total:.1f} | {total / ms:.0%} | {launches} | {host['step']:.1f} "
+                     f"| {host['forward']:.1f} | {host['backward']:.1f} | {host['optimizer']:.1f} |")
         sections += ["", f"## {mode}: kernel time by kind", "", "| kind | ms / step | share | launches |", "|---|---:|---:|---:|"]
         sections += [f"| {kind} | {k_ms:.2f} | {k_ms / total:.0%} | {n} |" for kind, k_ms, n in kinds_of(table)]
         sections += ["", f"## {mode}: largest kernels", "", "| kernel | ms / step | launches |", "|---|---:|---:|"]
         sections += [f"| `{name[:90]}` | {k_ms:.2f} | {n} |" for name, k_ms, n in table[:TOP]]
+        if mode == "eager":
+            sections += host_sections(step, batch)
         print(f"{mode}: wall {ms:.1f} ms, kernels {total:.1f} ms, {launches} launches", flush=True)
         release_graphs(step.task)
     return lines + sections

@@ -496,3 +496,29 @@ def test_model_step_table_carries_the_spread(tmp_path):
     model_step.main(["--table", str(table), "--out", str(tmp_path / "out"), "--models", "segresmamba"])
     df = pd.read_csv(tmp_path / "out" / "model_step.csv").set_index("precision")
     assert df.loc["bf16", "spread_ms"] == 27.0 and pd.isna(df.loc["fp32", "spread_ms"])  # not recorded: empty
+
+
+def test_host_time_splits_the_step_by_phase_module_and_operator():
+    """On the CPU every kernel runs on the host, so the phases add up to the step and the forward's module
+    classes (exclusive of children) add up to the forward; the wrappers leave the task and optimiser as they were."""
+    from perf.host_time import forward_host_by_module, host_ops, phase_host_ms
+    from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
+    from segresmamba.data.spec import get_dataset_spec
+
+    spec = get_dataset_spec("spleen")
+    step = TrainingStep(build_task("unet", spec, patch=32), "fp32", torch.device("cpu"))
+    batch = synthetic_batch(spec, (32, 32, 32), torch.device("cpu"))
+    phases = phase_host_ms(step, batch, steps=2)
+    assert set(phases) == {"forward", "backward", "optimizer", "step"} and all(v > 0 for v in phases.values())
+    assert phases["forward"] + phases["optimizer"] <= phases["step"]
+    assert "training_step" not in vars(step.task) and "step" not in vars(step.optimizer)  # wrappers removed
+    by_module = forward_host_by_module(step, batch, steps=2)
+    names = {name: (ms, n) for name, ms, n in by_module}
+    assert "Conv3d" in names and names["Conv3d"][1] > 0 and names["Conv3d"][0] > 0
+    assert "(outside modules)" in names  # the loss
+    assert not step.task.net._forward_hooks and not step.task.net._forward_pre_hooks
+    assert all(not m._forward_hooks for m in step.task.net.modules())
+    ops, total = host_ops(step, batch, steps=1)
+    op_names = [name for name, _, _ in ops]
+    assert "aten::convolution" in op_names and "aten::convolution_backward" in op_names
+    assert total == pytest.approx(sum(ms for _, ms, _ in ops)) and all(n >= 1 for _, _, n in ops)

@@ -1,0 +1,130 @@
+"""Where the host's time goes in a training step: by phase, by module of the forward, and by operator.
+
+A step bound by the host (wall time well above its GPU kernels' sum, :mod:`perf.step_profile`) is as fast as
+the Python and dispatcher work that enqueues its kernels. These measures say which part of that work to cut:
+
+- :func:`phase_host_ms`: the host's time to enqueue the forward and loss, the backward and the optimiser step,
+  the GPU being idle at the start of each step (synchronised before, not after), so that the host never waits
+  for a full launch queue. On the CPU every kernel runs on the host and these are the phases' whole times.
+- :func:`forward_host_by_module`: the forward's host time by module class, exclusive of the module's
+  children, from forward pre- and post-hooks (the hooks' own cost, a few microseconds per module call, is in
+  the figures).
+- :func:`host_ops`: the host's time per operator (the dispatcher's self time, torch.profiler's CPU events,
+  forward and backward together) and how often each runs per step; time spent in Python between operators is
+  not in any operator's self time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["forward_host_by_module", "host_ops", "phase_host_ms"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def phase_host_ms(step, batch: dict, steps: int = 10) -> dict[str, float]:
+    """Median host time per step of ``step`` (a :class:`segresmamba.bench.step.TrainingStep`) by phase, in ms:
+    ``forward`` (the task's training step: forward and loss, under autocast), ``optimizer`` (its step),
+    ``backward`` (the rest: backward, gradient clipping, zeroing the gradients) and ``step`` (the whole call)."""
+    task, optimizer = step.task, step.optimizer
+    spent: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable) -> Callable:
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = (time.perf_counter() - t0) * 1e3
+        return run
+
+    task.training_step = timed("forward", task.training_step)
+    optimizer.step = timed("optimizer", optimizer.step)
+    rows: dict[str, list[float]] = defaultdict(list)
+    try:
+        for _ in range(steps):
+            _sync(step.device)
+            t0 = time.perf_counter()
+            step(batch)
+            total = (time.perf_counter() - t0) * 1e3
+            _sync(step.device)
+            rows["forward"].append(spent["forward"])
+            rows["backward"].append(total - spent["forward"] - spent["optimizer"])
+            rows["optimizer"].append(spent["optimizer"])
+            rows["step"].append(total)
+    finally:
+        del task.training_step, optimizer.step  # back to the class's methods
+    return {name: statistics.median(values) for name, values in rows.items()}
+
+
+def forward_host_by_module(step, batch: dict, steps: int = 3) -> list[tuple[str, float, int]]:
+    """The forward's host time by module class, exclusive of children: [(class name, ms per step, calls per
+    step)], largest first. The task's loss and anything outside a module call count as ``(outside modules)``."""
+    own: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    stack: list[list] = []  # [class name, start, children's time]
+
+    def pre(module, _args):
+        stack.append([type(module).__name__, time.perf_counter(), 0.0])
+
+    def post(module, _args, _out):
+        name, t0, children = stack.pop()
+        spent = time.perf_counter() - t0
+        own[name] += spent - children
+        calls[name] += 1
+        if stack:
+            stack[-1][2] += spent
+
+    modules = [m for m in step.task.net.modules()]
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    task_step = step.task.training_step
+    totals = []
+
+    def timed_step(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return task_step(*args, **kwargs)
+        finally:
+            totals.append(time.perf_counter() - t0)
+
+    step.task.training_step = timed_step
+    try:
+        step(batch)  # a warm-up with the hooks in place
+        _sync(step.device)
+        own.clear(), calls.clear(), totals.clear()
+        for _ in range(steps):
+            step(batch)
+            _sync(step.device)
+    finally:
+        del step.task.training_step
+        for h in handles:
+            h.remove()
+    outside = sum(totals) - sum(own.values())
+    rows = [(name, ms * 1e3 / steps, calls[name] // steps) for name, ms in own.items()]
+    rows.append(("(outside modules)", outside * 1e3 / steps, 0))
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def host_ops(step, batch: dict, steps: int = 3) -> tuple[list[tuple[str, float, int]], float]:
+    """Host self time per operator over whole steps: [(operator, ms per step, calls per step)], largest
+    first, and the summed self time per step in ms (torch.profiler's CPU events, after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step(batch)
+    _sync(step.device)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(batch)
+        _sync(step.device)
+    rows = [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in prof.key_averages()]
+    rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
+    return rows, sum(r[1] for r in rows)
