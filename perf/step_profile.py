@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import segresmamba
-from perf.host_time import forward_host_by_module, host_ops, phase_host_ms
+from perf.host_time import forward_host_by_module, host_costs, host_costs_text, host_ops, phase_host_ms
 from perf.scan_bench import kernel_breakdown
 from segresmamba.bench.efficiency import PROFILED_DATASETS, release_graphs
 from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
@@ -110,7 +110,8 @@ def profile(model_name: str, config: str, precision: str, modes: list[str], step
              "(CUDA synchronised around each). Kernels: torch.profiler, mean of 3 steps. Names are cut at 90 characters.", "",
              "Host: the host's time to enqueue a step, the GPU idle at its start (synchronised before each step, not inside "
              "it), median of the same steps; forward = forward and loss, backward = backward, clipping and zeroing the "
-             "gradients, optimiser = its step.", "",
+             "gradients, optimiser = its step. A host-bound step is as fast as its host; this host, before the steps: "
+             f"{host_costs_text(host_costs(device))}.", "",
              "| mode | ToM layers in CUDA graphs | wall ms / step | GPU kernel ms / step | kernel share of wall | launches / step "
              "| host ms / step | host forward | host backward | host optimiser |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

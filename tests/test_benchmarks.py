@@ -522,3 +522,14 @@ def test_host_time_splits_the_step_by_phase_module_and_operator():
     op_names = [name for name, _, _ in ops]
     assert "aten::convolution" in op_names and "aten::convolution_backward" in op_names
     assert total == pytest.approx(sum(ms for _, ms, _ in ops)) and all(n >= 1 for _, _, n in ops)
+
+
+def test_host_costs_measure_what_the_device_has():
+    """On a CPU the elementwise op and the GEMM are timed; cuDNN and Triton launches are GPU-only (None)."""
+    from perf.host_time import host_costs, host_costs_text
+
+    costs = host_costs(torch.device("cpu"), calls=3)
+    assert costs["elementwise"] > 0 and costs["gemm"] > 0
+    assert costs["conv3d"] is None and costs["triton_launch"] is None
+    text = host_costs_text(costs)
+    assert text.startswith("elementwise op ") and ", GEMM " in text and "Triton" not in text
