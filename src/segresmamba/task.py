@@ -16,6 +16,7 @@ from monai.data import MetaTensor, decollate_batch
 from monai.inferers import sliding_window_inference
 from monai.transforms import InvertibleTransform, Invertd
 
+from segresmamba.cublas_env import drop_monai_cublas_config
 from segresmamba.data.transforms import ORIGINAL_LABEL
 from segresmamba.errors import InputError
 from segresmamba.metrics import (
@@ -199,6 +200,7 @@ class SegmentationTask(L.LightningModule):
         fast_norms: bool = False,
     ) -> None:
         super().__init__()
+        drop_monai_cublas_config()  # MONAI's import set it; it slows every cuBLAS call (segresmamba.cublas_env)
         if task not in ("multilabel", "multiclass"):
             raise ValueError(f"task must be 'multilabel' or 'multiclass', got {task!r}")
         if loss not in (None, "dice", "dicece"):

@@ -1,0 +1,39 @@
+"""Keep MONAI's import-time ``CUBLAS_WORKSPACE_CONFIG`` out of runs that did not ask for it.
+
+Importing MONAI sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the process's environment when it is unset
+(``monai/utils/misc.py``, so that ``torch.use_deterministic_algorithms(True)`` can later run cuBLAS). With the
+variable set, every cuBLAS GEMM costs the host more: on an NVIDIA H200 host with torch 2.11, a bf16
+``F.linear`` of 512 x 96 by 96 x 48 took 10-12 µs per call before ``import monai`` and 40-45 µs after it
+(results/perf/scan_notes.md, run 15). An eager training step bound by its host, such as SegResMamba's with about
+a hundred GEMMs, pays that on every one.
+
+Whether a run asked for the variable is decided when this package is imported: set before MONAI was imported
+means a user (or a launcher) set it, and it stays. Otherwise :func:`drop_monai_cublas_config` removes it, unless
+deterministic algorithms are on (they need it; Lightning's ``Trainer(deterministic=True)`` sets it again
+itself). :class:`segresmamba.task.SegmentationTask` calls it when built, which covers ``segresmamba fit`` /
+``test`` / ``predict`` and the profilers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+MONAI_DEFAULT = ":4096:8"
+# None where MONAI may set the variable after this point and nobody had set it before
+_SET_BEFORE_MONAI: str | None = os.environ.get("CUBLAS_WORKSPACE_CONFIG") if "monai" not in sys.modules else "unknown"
+
+
+def drop_monai_cublas_config() -> bool:
+    """Remove ``CUBLAS_WORKSPACE_CONFIG`` where importing MONAI set it and nothing needs it. True if removed."""
+    if _SET_BEFORE_MONAI is not None or torch.are_deterministic_algorithms_enabled():
+        return False
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") != MONAI_DEFAULT:
+        return False
+    del os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    return True
+
+
+__all__ = ["drop_monai_cublas_config"]
