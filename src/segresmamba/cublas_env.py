@@ -1,11 +1,13 @@
 """Keep MONAI's import-time ``CUBLAS_WORKSPACE_CONFIG`` out of runs that did not ask for it.
 
 Importing MONAI sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the process's environment when it is unset
-(``monai/utils/misc.py``, so that ``torch.use_deterministic_algorithms(True)`` can later run cuBLAS). With the
-variable set, every cuBLAS GEMM costs the host more: on an NVIDIA H200 host with torch 2.11, a bf16
-``F.linear`` of 512 x 96 by 96 x 48 took 10-12 µs per call before ``import monai`` and 40-45 µs after it
-(results/perf/scan_notes.md, run 15). An eager training step bound by its host, such as SegResMamba's with about
-a hundred GEMMs, pays that on every one.
+(``monai/utils/misc.py``, so that ``torch.use_deterministic_algorithms(True)`` can later run cuBLAS). Torch
+versions that do not cache the variable's parse read it and parse it with ``std::regex`` each time a cuBLAS
+handle is set up, once per GEMM (``getChosenWorkspaceSize`` in ``aten/src/ATen/cuda/CublasHandlePool.cpp``). On
+an NVIDIA H200 host with torch 2.11, a bf16 ``F.linear`` of 512 x 96 by 96 x 48 cost the host 13.7 µs per call in
+a bare process and 53-56 µs in processes that had imported MONAI (``perf.host_time.host_costs``;
+results/perf/scan_notes.md, run 15). An eager training step bound by its host, such as SegResMamba's with about a
+hundred GEMMs, pays that on every one.
 
 Whether a run asked for the variable is decided when this package is imported: set before MONAI was imported
 means a user (or a launcher) set it, and it stays. Otherwise :func:`drop_monai_cublas_config` removes it, unless
