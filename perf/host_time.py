@@ -12,11 +12,9 @@ the Python and dispatcher work that enqueues its kernels. These measures say whi
 - :func:`host_ops`: the host's time per operator (the dispatcher's self time, torch.profiler's CPU events,
   forward and backward together) and how often each runs per step; time spent in Python between operators is
   not in any operator's self time.
-- :func:`host_costs`: what one call of a few kinds of operation costs this host (an elementwise op, a cuBLAS GEMM,
-  a cuDNN 3D convolution, a Triton kernel launch): the figures that make eager step times of different machines
-  comparable, since a step bound by its host is as fast as its host.
-
-``python -m perf.host_time`` prints :func:`host_costs` for the current GPU.
+- :func:`segresmamba.profiling.host.host_costs` (the efficiency profiler records it per GPU row): what one call of a
+  few kinds of operation costs this host. ``python -m perf.host_time`` prints it for the current GPU, in a process
+  that has imported nothing else.
 """
 
 from __future__ import annotations
@@ -28,7 +26,9 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["forward_host_by_module", "host_costs", "host_ops", "phase_host_ms"]
+from segresmamba.profiling.host import host_costs, host_costs_text
+
+__all__ = ["forward_host_by_module", "host_ops", "phase_host_ms"]
 
 
 def _sync(device: torch.device) -> None:
@@ -133,57 +133,6 @@ def host_ops(step, batch: dict, steps: int = 3) -> tuple[list[tuple[str, float, 
     rows = [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in prof.key_averages()]
     rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
     return rows, sum(r[1] for r in rows)
-
-
-def _per_call_us(fn: Callable, device: torch.device, calls: int, warmup: int = 10) -> float:
-    """Median over 5 rounds of the host's time per call of ``fn``, ``calls`` calls back to back per round (the
-    GPU idle at the start of each round, so small kernels never fill the launch queue)."""
-    for _ in range(warmup):
-        fn()
-    rounds = []
-    for _ in range(5):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        rounds.append((time.perf_counter() - t0) / calls * 1e6)
-    _sync(device)
-    return statistics.median(rounds)
-
-
-def host_costs(device: torch.device, calls: int = 50) -> dict[str, float | None]:
-    """Host microseconds per call of: ``elementwise`` (an add of two 1,024-element tensors), ``gemm``
-    (``F.linear`` of a 512 x 96 input by a 48 x 96 weight, bf16 on CUDA, fp32 on a CPU), ``conv3d`` (cuDNN, bf16,
-    1 x 8 x 16^3 by an 8 x 8 x 3^3 kernel; CUDA only) and ``triton_launch`` (the selective scan's carry kernel on
-    a tiny input, its output allocation included; CUDA with Triton only). None where not measured. On a CPU the
-    figures include the computation itself."""
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    a, b = torch.randn(1024, device=device), torch.randn(1024, device=device)
-    x, w = torch.randn(512, 96, device=device, dtype=dtype), torch.randn(48, 96, device=device, dtype=dtype)
-    costs: dict[str, float | None] = {
-        "elementwise": _per_call_us(lambda: torch.add(a, b), device, calls),
-        "gemm": _per_call_us(lambda: torch.nn.functional.linear(x, w), device, calls),
-        "conv3d": None,
-        "triton_launch": None,
-    }
-    if cuda:
-        v, k = torch.randn(1, 8, 16, 16, 16, device=device, dtype=dtype), torch.randn(8, 8, 3, 3, 3, device=device, dtype=dtype)
-        costs["conv3d"] = _per_call_us(lambda: torch.nn.functional.conv3d(v, k, padding=1), device, calls)
-        from segresmamba.ssm.triton import triton_available
-
-        if triton_available():
-            from segresmamba.ssm.triton.autograd import _run_carry
-
-            decay, local = torch.rand(1, 4, 8, 16, device=device), torch.randn(1, 4, 8, 16, device=device)
-            costs["triton_launch"] = _per_call_us(lambda: _run_carry(decay, local, reverse=False), device, calls)
-    return costs
-
-
-def host_costs_text(costs: dict[str, float | None]) -> str:
-    """One line: the host's cost per call of each kind of :func:`host_costs`."""
-    names = {"elementwise": "elementwise op", "gemm": "GEMM", "conv3d": "cuDNN conv3d", "triton_launch": "Triton launch"}
-    return ", ".join(f"{names[k]} {v:.1f} µs" for k, v in costs.items() if v is not None) + " per call"
 
 
 if __name__ == "__main__":

@@ -115,6 +115,8 @@ def reshape(table: pd.DataFrame, config: str, models: tuple[str, ...]) -> pd.Dat
                 "spread_ms": pd.to_numeric(getattr(r, f"step_ms_spread_{precision}", None), errors="coerce"),
                 "pipelined_ms": pd.to_numeric(getattr(r, f"step_ms_pipelined_{precision}", None), errors="coerce"),
                 "volume_s": pd.to_numeric(volume, errors="coerce"),
+                "host_op_us": pd.to_numeric(getattr(r, "host_elementwise_us", None), errors="coerce"),
+                "host_gemm_us": pd.to_numeric(getattr(r, "host_gemm_us", None), errors="coerce"),
                 "scan_backend": _text(r, "scan_backend"),
                 "cuda_graphs": _graphs_text(r),
                 "layout": _layout_text(r),
@@ -173,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         "- = all eager; layout: NDHWC = `--model.channels_last true`; norms: whole-tensor = `--model.fast_norms true` "
         "(GroupNorm and InstanceNorm by whole-tensor reductions), torch = PyTorch's kernels. "
         f"volume_s: sliding-window inference of one whole {'x'.join(map(str, spec.volume))} volume "
-        f"({spec.in_channels} channels, ROI = the patch, overlap 0.5, batch 1, eval, no grad), seconds.",
+        f"({spec.in_channels} channels, ROI = the patch, overlap 0.5, batch 1, eval, no grad), seconds. "
+        "host_op_us, host_gemm_us: what one elementwise op and one small cuBLAS GEMM cost that row's process on the "
+        "host, in microseconds (`segresmamba.profiling.host`; empty: not recorded by that run): a step bound by its host "
+        "is as fast as its host.",
         "",
         df.drop(columns="triton_scan_settings").to_markdown(index=False, floatfmt=".3g"),
     ]

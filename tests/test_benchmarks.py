@@ -496,6 +496,19 @@ def test_model_step_table_carries_the_spread(tmp_path):
     model_step.main(["--table", str(table), "--out", str(tmp_path / "out"), "--models", "segresmamba"])
     df = pd.read_csv(tmp_path / "out" / "model_step.csv").set_index("precision")
     assert df.loc["bf16", "spread_ms"] == 27.0 and pd.isna(df.loc["fp32", "spread_ms"])  # not recorded: empty
+    assert df.host_gemm_us.isna().all()  # a run before the host's costs were recorded
+
+
+def test_model_step_table_carries_the_hosts_costs(tmp_path):
+    from perf import model_step
+
+    table = _efficiency_table(tmp_path / "eager" / "brats.csv", [
+        {"model": "segresmamba", "step_ms_bf16": 66.0, "host_elementwise_us": 7.5, "host_gemm_us": 13.0},
+    ])
+    model_step.main(["--table", str(table), "--out", str(tmp_path / "out"), "--models", "segresmamba"])
+    df = pd.read_csv(tmp_path / "out" / "model_step.csv")
+    assert (df.host_op_us == 7.5).all() and (df.host_gemm_us == 13.0).all()  # the row's process, both precisions
+    assert "host_gemm_us" in (tmp_path / "out" / "model_step.md").read_text()
 
 
 def test_host_time_splits_the_step_by_phase_module_and_operator():
@@ -533,3 +546,12 @@ def test_host_costs_measure_what_the_device_has():
     assert costs["conv3d"] is None and costs["triton_launch"] is None
     text = host_costs_text(costs)
     assert text.startswith("elementwise op ") and ", GEMM " in text and "Triton" not in text
+
+
+@pytest.mark.gpu
+def test_gpu_rows_record_the_hosts_costs():
+    """A GPU row carries what an elementwise op, a GEMM, a cuDNN conv3d and a Triton launch cost its process's host,
+    measured after the task is built."""
+    row = efficiency.profile_model("unet", "spleen", patch=32, precisions=("bf16",), macs=False, inference=False)
+    assert "error" not in row and row["step_ms_bf16"] > 0
+    assert all(row[f"host_{kind}_us"] > 0 for kind in ("elementwise", "gemm", "conv3d"))

@@ -62,6 +62,7 @@ from segresmamba.bench.step import TrainingStep, build_task, loader_batches, syn
 from segresmamba.bench.workers import device_env, run_on_devices
 from segresmamba.data.spec import DATASETS, DatasetSpec, get_dataset_spec
 from segresmamba.profiling import count_macs
+from segresmamba.profiling.host import host_costs
 from segresmamba.provenance import device_name, git_sha, versions
 from segresmamba.registry import check_patch
 from segresmamba.ssm import TriOrientedMamba
@@ -307,6 +308,8 @@ def profile_model(
             row["uncounted_ops"] = counted.uncounted_text()
         datamodule = instantiate_datamodule(data) if data else None
         if on_gpu:
+            # this process's cost per call of a few kinds of op: a host-bound step is as fast as its host
+            row.update({f"host_{kind}_us": us for kind, us in host_costs(device).items()})
             for precision in precisions:
                 try:
                     row.update(cuda_train_step(task, spec, precision, steps, warmup, graphs=graphs, datamodule=datamodule))
@@ -366,6 +369,8 @@ def write_tables(rows: list[dict], out_dir: Path, meta: dict, specs: dict[str, D
             "median of steps synchronised one by one; `step_ms_spread_*`: the slowest of them minus the fastest, when "
             "measured; `step_ms_pipelined_*`: mean of steps run back to back, as a fit runs them, when measured) and on a data loader's batches (`step_ms_loaded_*`, when measured); "
             "peak = max_memory_allocated; "
+            "`host_*_us`: what one elementwise op, small GEMM, cuDNN conv3d and Triton launch cost that row's process on "
+            "the host, in microseconds, when measured (`segresmamba.profiling.host`: a host-bound step is as fast as its host); "
             "bf16 = autocast with fp32 weights; empty GPU cells = not measured (no GPU). `paper_*` columns: "
             "Das et al. 2025 (A100 40GB), Tables 1-3 (MACs, inference s), 7 (params, FLOPs), 8 (training memory).",
             "",
