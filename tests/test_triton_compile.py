@@ -134,3 +134,36 @@ def test_kernel_report_without_triton_says_what_is_missing():
     code = "import sys; sys.modules['triton'] = None; import perf.kernel_resources"
     run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert run.returncode == 1 and "perf.kernel_resources needs Triton" in run.stderr
+
+
+def test_triton_ab_builds_each_tom_launch_as_the_jit_would_and_packs_its_parameters(tmp_path):
+    """`perf.triton_ab build` records the fused ToM layer's launches on the CPU (not run) and compiles each one for
+    sm_90 with the JIT's own specialisation; the GPU side's parameter packing follows the built signature and
+    refuses arguments that break what the cubin assumes."""
+    import ctypes
+    import json
+
+    import torch
+
+    from perf import triton_ab
+
+    index = triton_ab.build(tmp_path, side=16)
+    names = [e["name"] for e in index]
+    assert names == ["_conv_fwd_kernel", "_fwd_chunk_state_kernel", "_carry_kernel", "_fwd_output_kernel",
+                     "_bwd_chunk_state_kernel", "_carry_kernel", "_bwd_grad_kernel", "_conv_bwd_pre_kernel", "_conv_bwd_dx_kernel"]
+    assert all((tmp_path / e["cubin"]).stat().st_size > 1000 for e in index)
+    assert json.loads((tmp_path / "index.json").read_text())["side"] == 16
+    launches = triton_ab.tom_launches(torch.device("cpu"), run=False, side=16)
+    grad = next(i for i, e in enumerate(index) if e["name"] == "_bwd_grad_kernel")
+    entry, launch = index[grad], launches[grad]
+    params = triton_ab.kernel_params(entry, launch)
+    assert len(params) == sum(kind != "constexpr" for kind in entry["signature"]) + 2  # + the two scratch pointers
+    assert isinstance(params[0], ctypes.c_uint64) and params[0].value == launch["args"][0].data_ptr()
+    misaligned = dict(launch, args=(launch["args"][0].view(-1)[1:],) + tuple(launch["args"][1:]))  # 2 bytes off
+    with pytest.raises(ValueError, match="not 16-byte aligned"):
+        triton_ab.kernel_params(entry, misaligned)
+    one = next(int(i) for i, v in entry["constants"].items() if v == 1 and not isinstance(v, bool))
+    changed = list(launch["args"])
+    changed[one] = 2
+    with pytest.raises(ValueError, match="built with it = 1"):
+        triton_ab.kernel_params(entry, dict(launch, args=tuple(changed)))
