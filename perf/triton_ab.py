@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import statistics
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -209,21 +208,10 @@ def _tensors(launch: dict) -> list[torch.Tensor]:
     return [a for a in (*launch["args"], *launch["kwargs"].values()) if isinstance(a, torch.Tensor)]
 
 
-def _event_ms(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def run(cubins: Path, out: Path, iters: int) -> Path:
     import triton
 
+    from perf.scan_bench import cuda_time_ms
     from segresmamba.provenance import provenance
 
     from segresmamba.ssm.triton.tuning import TUNING
@@ -266,7 +254,7 @@ def run(cubins: Path, out: Path, iters: int) -> Path:
         for got, want in zip(tensors, by_jit):
             scale = want.float().abs().max().item() or 1.0
             worst = max(worst, (got.float() - want.float()).abs().max().item() / scale)
-        jit_ms, built_ms = _event_ms(jit, iters), _event_ms(built, iters)
+        (jit_ms, _), (built_ms, _) = cuda_time_ms(jit, 3, iters), cuda_time_ms(built, 3, iters)
         rows.append({"kernel": name, "grid": "x".join(map(str, launch["grid"])), "jit_ms": jit_ms, "built_ms": built_ms,
                      "ratio": built_ms / jit_ms, "max_rel_diff": worst, "note": ""})
     prov = provenance(torch.device("cuda"), "bf16")
