@@ -26,14 +26,9 @@ from collections.abc import Callable
 
 import torch
 
-from segresmamba.profiling.host import host_costs, host_costs_text
+from segresmamba.profiling.host import host_costs, host_costs_text, sync_device
 
 __all__ = ["forward_host_by_module", "host_ops", "phase_host_ms"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def phase_host_ms(step, batch: dict, steps: int = 10) -> dict[str, float]:
@@ -57,11 +52,11 @@ def phase_host_ms(step, batch: dict, steps: int = 10) -> dict[str, float]:
     rows: dict[str, list[float]] = defaultdict(list)
     try:
         for _ in range(steps):
-            _sync(step.device)
+            sync_device(step.device)
             t0 = time.perf_counter()
             step(batch)
             total = (time.perf_counter() - t0) * 1e3
-            _sync(step.device)
+            sync_device(step.device)
             rows["forward"].append(spent["forward"])
             rows["backward"].append(total - spent["forward"] - spent["optimizer"])
             rows["optimizer"].append(spent["optimizer"])
@@ -104,11 +99,11 @@ def forward_host_by_module(step, batch: dict, steps: int = 3) -> list[tuple[str,
     step.task.training_step = timed_step
     try:
         step(batch)  # a warm-up with the hooks in place
-        _sync(step.device)
+        sync_device(step.device)
         own.clear(), calls.clear(), totals.clear()
         for _ in range(steps):
             step(batch)
-            _sync(step.device)
+            sync_device(step.device)
     finally:
         del step.task.training_step
         for h in handles:
@@ -125,11 +120,11 @@ def host_ops(step, batch: dict, steps: int = 3) -> tuple[list[tuple[str, float, 
     from torch.profiler import ProfilerActivity, profile
 
     step(batch)
-    _sync(step.device)
+    sync_device(step.device)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step(batch)
-    _sync(step.device)  # outside the profiled window: waiting for the GPU is no operator's host time
+    sync_device(step.device)  # outside the profiled window: waiting for the GPU is no operator's host time
     rows = [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in prof.key_averages()]
     rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
     return rows, sum(r[1] for r in rows)

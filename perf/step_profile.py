@@ -29,11 +29,12 @@ from pathlib import Path
 import torch
 
 import segresmamba
-from perf.host_time import forward_host_by_module, host_costs, host_costs_text, host_ops, phase_host_ms
+from perf.host_time import forward_host_by_module, host_ops, phase_host_ms
 from perf.scan_bench import kernel_breakdown
 from segresmamba.bench.efficiency import PROFILED_DATASETS, release_graphs
 from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
 from segresmamba.data.spec import get_dataset_spec
+from segresmamba.profiling.host import host_costs, host_costs_text
 from segresmamba.provenance import provenance
 from segresmamba.ssm.cuda_graphs import graph_tom_layers
 from segresmamba.step_graphs import TrainingGraph

@@ -539,7 +539,7 @@ def test_host_time_splits_the_step_by_phase_module_and_operator():
 
 def test_host_costs_measure_what_the_device_has():
     """On a CPU the elementwise op and the GEMM are timed; cuDNN and Triton launches are GPU-only (None)."""
-    from perf.host_time import host_costs, host_costs_text
+    from segresmamba.profiling.host import host_costs, host_costs_text
 
     costs = host_costs(torch.device("cpu"), calls=3)
     assert costs["elementwise"] > 0 and costs["gemm"] > 0

@@ -14,12 +14,13 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["HOST_COST_KINDS", "host_costs", "host_costs_text"]
+__all__ = ["HOST_COST_KINDS", "host_costs", "host_costs_text", "sync_device"]
 
 HOST_COST_KINDS = {"elementwise": "elementwise op", "gemm": "GEMM", "conv3d": "cuDNN conv3d", "triton_launch": "Triton launch"}
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (nothing to wait for on a CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -31,12 +32,12 @@ def _per_call_us(fn: Callable, device: torch.device, calls: int, warmup: int = 1
         fn()
     rounds = []
     for _ in range(5):
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         rounds.append((time.perf_counter() - t0) / calls * 1e6)
-    _sync(device)
+    sync_device(device)
     return statistics.median(rounds)
 
 
