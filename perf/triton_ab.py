@@ -166,9 +166,11 @@ class _Driver:
             self.check(self.lib.cuFuncSetAttribute(function, 8, ctypes.c_int(shared)), "cuFuncSetAttribute")
         return function
 
-    def launch(self, function, grid, threads: int, shared: int, params: list) -> None:
+    def launch(self, function, grid, threads: int, shared: int, params: list, stream: int | None = None) -> None:
+        """``cuLaunchKernel`` on ``stream`` (default: torch's current stream), ``params`` the kernel's arguments as
+        ctypes values, in order."""
         holders = (ctypes.c_void_p * len(params))(*[ctypes.cast(ctypes.pointer(p), ctypes.c_void_p) for p in params])
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream if stream is None else stream)
         grid = (*grid, 1, 1)[:3]  # a 1- or 2-D Triton grid is (x, 1, 1) or (x, y, 1)
         self.check(self.lib.cuLaunchKernel(function, *[ctypes.c_uint(g) for g in grid], ctypes.c_uint(threads), ctypes.c_uint(1),
                                            ctypes.c_uint(1), ctypes.c_uint(shared), stream, holders, None), "cuLaunchKernel")

@@ -167,3 +167,33 @@ def test_triton_ab_builds_each_tom_launch_as_the_jit_would_and_packs_its_paramet
     changed[one] = 2
     with pytest.raises(ValueError, match="built with it = 1"):
         triton_ab.kernel_params(entry, dict(launch, args=tuple(changed)))
+
+
+def test_triton_ab_launch_marshals_a_grid_and_parameters_for_the_driver():
+    """What `perf.triton_ab` hands cuLaunchKernel: a 3-D grid (a 2-D Triton grid padded with 1), the block, the
+    shared memory and an array of pointers to each parameter's value."""
+    import ctypes
+
+    from perf import triton_ab
+
+    calls = []
+
+    class FakeCuda:
+        def cuLaunchKernel(self, *args):
+            calls.append(args)
+            return 0
+
+    driver = triton_ab._Driver.__new__(triton_ab._Driver)
+    driver.lib = FakeCuda()
+    params = [ctypes.c_uint64(1234), ctypes.c_int32(-7), ctypes.c_float(0.5)]
+    driver.launch(ctypes.c_void_p(99), (48, 3), 128, 4096, params, stream=0)
+    (args,) = calls
+    assert [a.value for a in args[1:8]] == [48, 3, 1, 128, 1, 1, 4096]
+    holders = args[9]
+    assert len(holders) == 3
+    assert ctypes.cast(holders[0], ctypes.POINTER(ctypes.c_uint64)).contents.value == 1234
+    assert ctypes.cast(holders[1], ctypes.POINTER(ctypes.c_int32)).contents.value == -7
+    assert ctypes.cast(holders[2], ctypes.POINTER(ctypes.c_float)).contents.value == 0.5
+    driver.lib.cuLaunchKernel = lambda *args: 700  # CUDA_ERROR_ILLEGAL_ADDRESS
+    with pytest.raises(RuntimeError, match="cuLaunchKernel failed with CUDA driver error 700"):
+        driver.launch(ctypes.c_void_p(99), (1,), 32, 0, params, stream=0)
