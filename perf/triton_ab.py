@@ -176,6 +176,7 @@ class _Driver:
                                            ctypes.c_uint(1), ctypes.c_uint(shared), stream, holders, None), "cuLaunchKernel")
 
 
+_POINTEE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "i32": torch.int32, "i64": torch.int64}
 _CTYPES = {"i32": ctypes.c_int32, "i64": ctypes.c_int64, "u32": ctypes.c_uint32, "u64": ctypes.c_uint64,
            "fp32": ctypes.c_float, "fp64": ctypes.c_double, "i1": ctypes.c_bool}
 
@@ -197,6 +198,8 @@ def kernel_params(entry: dict, launch: dict) -> list:
         if kind.startswith("*"):
             if not isinstance(arg, torch.Tensor):
                 raise ValueError(f"{entry['name']}: argument {i} should be a tensor ({kind})")
+            if _POINTEE.get(kind[1:], arg.dtype) != arg.dtype:
+                raise ValueError(f"{entry['name']}: argument {i} is {arg.dtype} here; the cubin reads {kind[1:]}")
             if i in entry["divisible"] and arg.data_ptr() % 16:
                 raise ValueError(f"{entry['name']}: argument {i} is not 16-byte aligned here; the cubin assumes it")
             params.append(ctypes.c_uint64(arg.data_ptr()))

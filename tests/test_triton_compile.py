@@ -162,6 +162,9 @@ def test_triton_ab_builds_each_tom_launch_as_the_jit_would_and_packs_its_paramet
     misaligned = dict(launch, args=(launch["args"][0].view(-1)[1:],) + tuple(launch["args"][1:]))  # 2 bytes off
     with pytest.raises(ValueError, match="not 16-byte aligned"):
         triton_ab.kernel_params(entry, misaligned)
+    as_fp32 = dict(launch, args=(launch["args"][0].float(),) + tuple(launch["args"][1:]))  # the cubin reads bf16
+    with pytest.raises(ValueError, match="the cubin reads bf16"):
+        triton_ab.kernel_params(entry, as_fp32)
     one = next(int(i) for i, v in entry["constants"].items() if v == 1 and not isinstance(v, bool))
     changed = list(launch["args"])
     changed[one] = 2
