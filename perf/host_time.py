@@ -22,7 +22,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 
@@ -31,38 +31,42 @@ from segresmamba.profiling.host import host_costs, host_costs_text, sync_device
 __all__ = ["forward_host_by_module", "host_ops", "phase_host_ms"]
 
 
+@contextmanager
+def _timed(obj, attr: str):
+    """``obj.attr`` wrapped, while inside, so that each call appends its duration in seconds to the yielded list;
+    the instance attribute is removed afterwards (back to the class's method)."""
+    fn, spent = getattr(obj, attr), []
+
+    def run(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - t0)
+
+    setattr(obj, attr, run)
+    try:
+        yield spent
+    finally:
+        delattr(obj, attr)
+
+
 def phase_host_ms(step, batch: dict, steps: int = 10) -> dict[str, float]:
     """Median host time per step of ``step`` (a :class:`segresmamba.bench.step.TrainingStep`) by phase, in ms:
     ``forward`` (the task's training step: forward and loss, under autocast), ``optimizer`` (its step),
     ``backward`` (the rest: backward, gradient clipping, zeroing the gradients) and ``step`` (the whole call)."""
-    task, optimizer = step.task, step.optimizer
-    spent: dict[str, float] = {}
-
-    def timed(name: str, fn: Callable) -> Callable:
-        def run(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[name] = (time.perf_counter() - t0) * 1e3
-        return run
-
-    task.training_step = timed("forward", task.training_step)
-    optimizer.step = timed("optimizer", optimizer.step)
     rows: dict[str, list[float]] = defaultdict(list)
-    try:
+    with _timed(step.task, "training_step") as forward, _timed(step.optimizer, "step") as optimizer:
         for _ in range(steps):
             sync_device(step.device)
             t0 = time.perf_counter()
             step(batch)
             total = (time.perf_counter() - t0) * 1e3
             sync_device(step.device)
-            rows["forward"].append(spent["forward"])
-            rows["backward"].append(total - spent["forward"] - spent["optimizer"])
-            rows["optimizer"].append(spent["optimizer"])
+            rows["forward"].append(forward[-1] * 1e3)
+            rows["optimizer"].append(optimizer[-1] * 1e3)
+            rows["backward"].append(total - rows["forward"][-1] - rows["optimizer"][-1])
             rows["step"].append(total)
-    finally:
-        del task.training_step, optimizer.step  # back to the class's methods
     return {name: statistics.median(values) for name, values in rows.items()}
 
 
@@ -84,28 +88,16 @@ def forward_host_by_module(step, batch: dict, steps: int = 3) -> list[tuple[str,
         if stack:
             stack[-1][2] += spent
 
-    modules = [m for m in step.task.net.modules()]
-    handles = [h for m in modules for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
-    task_step = step.task.training_step
-    totals = []
-
-    def timed_step(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return task_step(*args, **kwargs)
-        finally:
-            totals.append(time.perf_counter() - t0)
-
-    step.task.training_step = timed_step
+    handles = [h for m in step.task.net.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     try:
-        step(batch)  # a warm-up with the hooks in place
-        sync_device(step.device)
-        own.clear(), calls.clear(), totals.clear()
-        for _ in range(steps):
-            step(batch)
+        with _timed(step.task, "training_step") as totals:
+            step(batch)  # a warm-up with the hooks in place
             sync_device(step.device)
+            own.clear(), calls.clear(), totals.clear()
+            for _ in range(steps):
+                step(batch)
+                sync_device(step.device)
     finally:
-        del step.task.training_step
         for h in handles:
             h.remove()
     outside = sum(totals) - sum(own.values())

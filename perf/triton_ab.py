@@ -103,12 +103,12 @@ def compile_like_jit(launch: dict):
     compiled kernel and the signature, attributes and constant values it was built for (an integer argument equal
     to 1 becomes a constant, as the JIT makes it)."""
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    from perf.kernel_resources import SM90 as target
+
     kernel = launch["kernel"]
-    target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = {**launch["kwargs"], **_jit_flags(kernel)}
@@ -152,6 +152,7 @@ def build(out: Path, side: int = SIDE) -> list[dict]:
 class _Driver:
     def __init__(self):
         self.lib = ctypes.CDLL("libcuda.so.1")
+        self._keep = []  # the loaded cubins' bytes, alive as long as their modules
 
     def check(self, status: int, what: str) -> None:
         if status != 0:
@@ -159,7 +160,7 @@ class _Driver:
 
     def function(self, cubin: bytes, name: str, shared: int):
         module, function = ctypes.c_void_p(), ctypes.c_void_p()
-        self._keep = getattr(self, "_keep", []) + [cubin]
+        self._keep.append(cubin)
         self.check(self.lib.cuModuleLoadData(ctypes.byref(module), ctypes.c_char_p(cubin)), "cuModuleLoadData")
         self.check(self.lib.cuModuleGetFunction(ctypes.byref(function), module, name.encode()), "cuModuleGetFunction")
         if shared > 48 * 1024:  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES

@@ -24,13 +24,13 @@ import sys
 import torch
 
 MONAI_DEFAULT = ":4096:8"
-# None where MONAI may set the variable after this point and nobody had set it before
-_SET_BEFORE_MONAI: str | None = os.environ.get("CUBLAS_WORKSPACE_CONFIG") if "monai" not in sys.modules else "unknown"
+# True where nobody had set the variable before this point and MONAI, not yet imported, may set it later
+_MONAI_MAY_SET = "monai" not in sys.modules and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
 
 
 def drop_monai_cublas_config() -> bool:
     """Remove ``CUBLAS_WORKSPACE_CONFIG`` where importing MONAI set it and nothing needs it. True if removed."""
-    if _SET_BEFORE_MONAI is not None or torch.are_deterministic_algorithms_enabled():
+    if not _MONAI_MAY_SET or torch.are_deterministic_algorithms_enabled():
         return False
     if os.environ.get("CUBLAS_WORKSPACE_CONFIG") != MONAI_DEFAULT:
         return False
