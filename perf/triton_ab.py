@@ -215,12 +215,48 @@ def _tensors(launch: dict) -> list[torch.Tensor]:
     return [a for a in (*launch["args"], *launch["kwargs"].values()) if isinstance(a, torch.Tensor)]
 
 
+def _compare(entry: dict, launch: dict, driver: "_Driver", cubins: Path, iters: int) -> dict:
+    """Launch one recorded kernel by the JIT and by its cubin from the same inputs; compare what they write, time both."""
+    from perf.scan_bench import cuda_time_ms
+
+    name = entry["name"]
+    try:
+        params = kernel_params(entry, launch)
+    except ValueError as err:
+        return {"kernel": name, "note": str(err)}
+    try:  # a driver older than the cubin's toolchain refuses to load it: say so and go on
+        function = driver.function((cubins / entry["cubin"]).read_bytes(), entry["function"], entry["shared"])
+    except (OSError, RuntimeError) as err:
+        return {"kernel": name, "note": str(err)}
+    threads = 32 * entry["num_warps"]
+
+    def jit():
+        launch["kernel"][launch["grid"]](*launch["args"], **launch["kwargs"])
+
+    def built():
+        driver.launch(function, launch["grid"], threads, entry["shared"], params)
+
+    tensors = _tensors(launch)
+    start = [t.clone() for t in tensors]
+    jit()
+    by_jit = [t.clone() for t in tensors]
+    for t, s in zip(tensors, start):
+        t.copy_(s)
+    built()
+    torch.cuda.synchronize()
+    worst = 0.0
+    for got, want in zip(tensors, by_jit):
+        scale = want.float().abs().max().item() or 1.0
+        worst = max(worst, (got.float() - want.float()).abs().max().item() / scale)
+    (jit_ms, _), (built_ms, _) = cuda_time_ms(jit, 3, iters), cuda_time_ms(built, 3, iters)
+    return {"kernel": name, "grid": "x".join(map(str, launch["grid"])), "jit_ms": jit_ms, "built_ms": built_ms,
+            "ratio": built_ms / jit_ms, "max_rel_diff": worst, "note": ""}
+
+
 def run(cubins: Path, out: Path, iters: int) -> Path:
     import triton
 
-    from perf.scan_bench import cuda_time_ms
     from segresmamba.provenance import provenance
-
     from segresmamba.ssm.triton.tuning import TUNING
 
     index = json.loads((cubins / "index.json").read_text())
@@ -232,42 +268,9 @@ def run(cubins: Path, out: Path, iters: int) -> Path:
     if [e["name"] for e in index["launches"]] != [launch["name"] for launch in launches]:
         raise SystemExit("error: the launches recorded here differ from those the cubins were built for")
     driver = _Driver()
-    rows = []
-    for entry, launch in zip(index["launches"], launches):
-        name = entry["name"]
-        try:
-            params = kernel_params(entry, launch)
-        except ValueError as err:
-            rows.append({"kernel": name, "note": str(err)})
-            continue
-        try:  # a driver older than the cubin's toolchain refuses to load it: say so and go on
-            function = driver.function((cubins / entry["cubin"]).read_bytes(), entry["function"], entry["shared"])
-        except (OSError, RuntimeError) as err:
-            rows.append({"kernel": name, "note": str(err)})
-            continue
-        threads = 32 * entry["num_warps"]
-
-        def jit():
-            launch["kernel"][launch["grid"]](*launch["args"], **launch["kwargs"])
-
-        def built():
-            driver.launch(function, launch["grid"], threads, entry["shared"], params)
-
-        tensors = _tensors(launch)
-        start = [t.clone() for t in tensors]
-        jit()
-        by_jit = [t.clone() for t in tensors]
-        for t, s in zip(tensors, start):
-            t.copy_(s)
-        built()
-        torch.cuda.synchronize()
-        worst = 0.0
-        for got, want in zip(tensors, by_jit):
-            scale = want.float().abs().max().item() or 1.0
-            worst = max(worst, (got.float() - want.float()).abs().max().item() / scale)
-        (jit_ms, _), (built_ms, _) = cuda_time_ms(jit, 3, iters), cuda_time_ms(built, 3, iters)
-        rows.append({"kernel": name, "grid": "x".join(map(str, launch["grid"])), "jit_ms": jit_ms, "built_ms": built_ms,
-                     "ratio": built_ms / jit_ms, "max_rel_diff": worst, "note": ""})
+    # the recorded tensors include views made under no_grad inside the autograd function: restoring them must not be tracked
+    with torch.no_grad():
+        rows = [_compare(entry, launch, driver, cubins, iters) for entry, launch in zip(index["launches"], launches)]
     prov = provenance(torch.device("cuda"), "bf16")
     lines = [f"# ToM layer kernels: Triton {triton.__version__} (JIT here) against Triton {index['triton']} (built elsewhere)", "",
              f"{prov['device']} · git {prov['git_sha']} · torch {prov['versions'].get('torch')}. One forward and backward of the "
