@@ -215,6 +215,31 @@ def _tensors(launch: dict) -> list[torch.Tensor]:
     return [a for a in (*launch["args"], *launch["kwargs"].values()) if isinstance(a, torch.Tensor)]
 
 
+def largest_difference(first, second, tensors: list[torch.Tensor]) -> float:
+    """Run ``first``, put every byte of the ``tensors``' storages back as it was, run ``second``; return the largest
+    difference between what the two left in the tensors, relative to each tensor's largest value after ``first``.
+
+    Whole storages are saved and restored, not the tensors: a recorded argument may be a broadcast (stride-0) view,
+    which cannot be written element by element, or overlap another argument."""
+    storages = {}
+    for t in tensors:
+        storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage())
+    flat = [torch.empty(0, dtype=torch.uint8, device=s.device).set_(s) for s in storages.values()]
+    start = [f.clone() for f in flat]
+    first()
+    after_first = [t.clone() for t in tensors]
+    for f, s in zip(flat, start):
+        f.copy_(s)
+    second()
+    if tensors and tensors[0].is_cuda:
+        torch.cuda.synchronize()
+    worst = 0.0
+    for got, want in zip(tensors, after_first):
+        scale = want.float().abs().max().item() or 1.0
+        worst = max(worst, (got.float() - want.float()).abs().max().item() / scale)
+    return worst
+
+
 def _compare(entry: dict, launch: dict, driver: "_Driver", cubins: Path, iters: int) -> dict:
     """Launch one recorded kernel by the JIT and by its cubin from the same inputs; compare what they write, time both."""
     from perf.scan_bench import cuda_time_ms
@@ -236,18 +261,7 @@ def _compare(entry: dict, launch: dict, driver: "_Driver", cubins: Path, iters: 
     def built():
         driver.launch(function, launch["grid"], threads, entry["shared"], params)
 
-    tensors = _tensors(launch)
-    start = [t.clone() for t in tensors]
-    jit()
-    by_jit = [t.clone() for t in tensors]
-    for t, s in zip(tensors, start):
-        t.copy_(s)
-    built()
-    torch.cuda.synchronize()
-    worst = 0.0
-    for got, want in zip(tensors, by_jit):
-        scale = want.float().abs().max().item() or 1.0
-        worst = max(worst, (got.float() - want.float()).abs().max().item() / scale)
+    worst = largest_difference(jit, built, _tensors(launch))
     (jit_ms, _), (built_ms, _) = cuda_time_ms(jit, 3, iters), cuda_time_ms(built, 3, iters)
     return {"kernel": name, "grid": "x".join(map(str, launch["grid"])), "jit_ms": jit_ms, "built_ms": built_ms,
             "ratio": built_ms / jit_ms, "max_rel_diff": worst, "note": ""}

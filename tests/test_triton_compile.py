@@ -200,3 +200,34 @@ def test_triton_ab_launch_marshals_a_grid_and_parameters_for_the_driver():
     driver.lib.cuLaunchKernel = lambda *args: 700  # CUDA_ERROR_ILLEGAL_ADDRESS
     with pytest.raises(RuntimeError, match="cuLaunchKernel failed with CUDA driver error 700"):
         driver.launch(ctypes.c_void_p(99), (1,), 32, 0, params, stream=0)
+
+
+def test_triton_ab_runs_both_builds_from_the_same_bytes():
+    """`largest_difference` puts back every byte the first build's launch changed before the second runs, for every
+    argument of every recorded ToM launch, broadcast views (the branches' shared output gradient) among them; and
+    it reports what the two leave behind, relative to the first."""
+    import torch
+
+    from perf import triton_ab
+
+    def as_bytes(t):
+        return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+
+    launches = triton_ab.tom_launches(torch.device("cpu"), run=False, side=16)
+    assert any(0 in t.stride() for launch in launches for t in triton_ab._tensors(launch))
+    for launch in launches:
+        tensors = triton_ab._tensors(launch)
+        start = [as_bytes(t).clone() for t in tensors]
+
+        def zero_all():
+            for t in tensors:
+                as_bytes(t).zero_()
+
+        def check_restored_then_zero():
+            assert all(torch.equal(as_bytes(t), s) for t, s in zip(tensors, start)), launch["name"]
+            zero_all()
+
+        assert triton_ab.largest_difference(zero_all, check_restored_then_zero, tensors) == 0.0
+    out = torch.zeros(4)
+    step = iter([1.0, 1.5])
+    assert triton_ab.largest_difference(lambda: out.add_(next(step)), lambda: out.add_(next(step)), [out]) == 0.5
