@@ -39,3 +39,17 @@ def _run(env_value: str | None, extra: str = "", monai_first: bool = False) -> l
 )
 def test_monai_cublas_config_dropped_only_where_unasked(env_value, extra, monai_first, want):
     assert _run(env_value, extra, monai_first) == want
+
+
+def test_monai_cublas_config_handed_to_a_child_process_is_dropped_there():
+    """A worker spawned by a process that imported this package and MONAI (the efficiency profiler's GPU workers,
+    DDP ranks) inherits MONAI's value; it is still MONAI's, not the user's, and goes when the child's task is built."""
+    parent = (
+        "import os, subprocess, sys\n"
+        "import segresmamba, monai\n"
+        "assert os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'\n"
+        f"subprocess.run([sys.executable, '-c', {SNIPPET.format(extra='')!r}], check=True)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    out = subprocess.run([sys.executable, "-c", parent], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == [":4096:8", "None"]

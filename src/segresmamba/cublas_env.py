@@ -10,7 +10,8 @@ results/perf/scan_notes.md, run 15). An eager training step bound by its host, s
 hundred GEMMs, pays that on every one.
 
 Whether a run asked for the variable is decided when this package is imported: set before MONAI was imported
-means a user (or a launcher) set it, and it stays. Otherwise :func:`drop_monai_cublas_config` removes it, unless
+means a user (or a launcher) set it, and it stays; MONAI's value handed down by a parent process that had this
+package imported (marked with :data:`INHERITED_MARK`) counts as MONAI's. Otherwise :func:`drop_monai_cublas_config` removes it, unless
 deterministic algorithms are on (they need it; Lightning's ``Trainer(deterministic=True)`` sets it again
 itself). :class:`segresmamba.task.SegmentationTask` calls it when built, which covers ``segresmamba fit`` /
 ``test`` / ``predict`` and the profilers.
@@ -24,8 +25,16 @@ import sys
 import torch
 
 MONAI_DEFAULT = ":4096:8"
-# True where nobody had set the variable before this point and MONAI, not yet imported, may set it later
-_MONAI_MAY_SET = "monai" not in sys.modules and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+# Set in the environment where this package found the variable free for MONAI: child processes (the efficiency
+# profiler's workers, DDP ranks, bench subprocesses) inherit MONAI's value from their parent and this mark with it.
+INHERITED_MARK = "SEGRESMAMBA_CUBLAS_CONFIG_FROM_MONAI"
+# True where nobody had set the variable before this point and MONAI, not yet imported, may set it later; or where
+# a parent process of this package's found it so and passed MONAI's value down
+_MONAI_MAY_SET = ("monai" not in sys.modules and "CUBLAS_WORKSPACE_CONFIG" not in os.environ) or (
+    os.environ.get(INHERITED_MARK) == "1" and os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (None, MONAI_DEFAULT)
+)
+if _MONAI_MAY_SET:
+    os.environ[INHERITED_MARK] = "1"
 
 
 def drop_monai_cublas_config() -> bool:
