@@ -12,6 +12,11 @@ the Python and dispatcher work that enqueues its kernels. These measures say whi
 - :func:`host_ops`: the host's time per operator (the dispatcher's self time, torch.profiler's CPU events,
   forward and backward together) and how often each runs per step; time spent in Python between operators is
   not in any operator's self time.
+- :func:`gpu_idle`: where, inside synchronised steps, the GPU waits for the host: each gap between two kernels
+  (and from the step's start to its first kernel) goes to what the host was running when it launched the kernel
+  that ended the gap (the innermost module of the forward, the autograd node of the backward, the optimiser), from
+  torch.profiler's trace (:func:`idle_by_context`). A step can be idle for long stretches although its host time
+  is below its kernel time: wherever the host enqueues work more slowly than the GPU runs it, the queue drains.
 - :func:`segresmamba.profiling.host.host_costs` (the efficiency profiler records it per GPU row): what one call of a
   few kinds of operation costs this host. ``python -m perf.host_time`` prints it for the current GPU, in a process
   that has imported nothing else.
@@ -19,16 +24,25 @@ the Python and dispatcher work that enqueues its kernels. These measures say whi
 
 from __future__ import annotations
 
+import bisect
+import json
 import statistics
+import tempfile
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import torch
 
 from segresmamba.profiling.host import host_costs, host_costs_text, sync_device
 
-__all__ = ["forward_host_by_module", "host_ops", "phase_host_ms"]
+__all__ = ["forward_host_by_module", "gpu_idle", "host_ops", "idle_by_context", "phase_host_ms"]
+
+STEP_LABEL, MODULE_PREFIX, PHASE_PREFIX = "segresmamba::step", "module::", "phase::"
+AUTOGRAD_PREFIX = "autograd::engine::evaluate_function: "
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 
 
 @contextmanager
@@ -120,6 +134,141 @@ def host_ops(step, batch: dict, steps: int = 3) -> tuple[list[tuple[str, float, 
     rows = [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in prof.key_averages()]
     rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
     return rows, sum(r[1] for r in rows)
+
+
+@contextmanager
+def _labelled(obj, attr: str, label: str):
+    """``obj.attr`` wrapped, while inside, so that each call runs inside a profiler range named ``label``."""
+    fn = getattr(obj, attr)
+
+    def run(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return fn(*args, **kwargs)
+
+    setattr(obj, attr, run)
+    try:
+        yield
+    finally:
+        delattr(obj, attr)
+
+
+@contextmanager
+def _module_ranges(net: torch.nn.Module):
+    """A profiler range ``module::<class>`` around each module call of ``net``'s forward, while inside."""
+    open_ranges: list = []
+
+    def pre(module, _args):
+        rf = torch.profiler.record_function(MODULE_PREFIX + type(module).__name__)
+        rf.__enter__()
+        open_ranges.append(rf)
+
+    def post(_module, _args, _out):
+        open_ranges.pop().__exit__(None, None, None)
+
+    handles = [h for m in net.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _context(name: str) -> str | None:
+    """The row a labelled CPU range stands for, or None for ranges that name no context."""
+    if name.startswith(MODULE_PREFIX):
+        return "forward: " + name[len(MODULE_PREFIX):]
+    if name.startswith(AUTOGRAD_PREFIX):
+        return "backward: " + name[len(AUTOGRAD_PREFIX):]
+    if name.startswith(PHASE_PREFIX):
+        return name[len(PHASE_PREFIX):]
+    return None
+
+
+def idle_by_context(events: list[dict], min_gap_us: float = 2.0) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+    """GPU idle time inside the steps of a chrome trace (torch.profiler's ``export_chrome_trace``), by context.
+
+    A step is a CPU range named :data:`STEP_LABEL`, entered with the GPU idle; its GPU work is every kernel, copy or
+    memset launched inside it (matched to its launch by the ``correlation`` id). The idle time of a step: from the
+    step's start to its first GPU event, and every gap of at least ``min_gap_us`` between the end of all earlier GPU
+    work and the next event. Each such wait goes to the context of the launch that ended it: the innermost
+    labelled CPU range around the launch on the launching thread (:func:`_context`), else ``(other)``.
+
+    Returns totals per step in ms (``steps``, ``idle``, ``busy``: the union of GPU work) and [(context, idle ms
+    per step, waits per step)], largest first."""
+    launches = {e["args"]["correlation"]: (e["ts"], e.get("tid")) for e in events
+                if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
+    ranges: dict = defaultdict(list)  # tid -> [(start, end, context)] sorted by start
+    steps = []
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in ("cpu_op", "user_annotation"):
+            continue
+        if e["name"] == STEP_LABEL:
+            steps.append((e["ts"], e["ts"] + e["dur"]))
+        elif (context := _context(e["name"])) is not None:
+            ranges[e.get("tid")].append((e["ts"], e["ts"] + e["dur"], context))
+    for rows in ranges.values():
+        rows.sort()
+    starts = {tid: [r[0] for r in rows] for tid, rows in ranges.items()}
+
+    def context_at(ts: float, tid) -> str:
+        rows = ranges.get(tid, [])
+        for i in range(bisect.bisect_right(starts.get(tid, []), ts) - 1, -1, -1):  # the latest-starting range around ts
+            if rows[i][1] >= ts:
+                return rows[i][2]
+        return "(other)"
+
+    gpu = []
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES and e.get("args", {}).get("correlation") in launches:
+            gpu.append((e["ts"], e["ts"] + e.get("dur", 0.0), *launches[e["args"]["correlation"]]))
+    gpu.sort()
+    idle: dict[str, float] = defaultdict(float)
+    waits: dict[str, int] = defaultdict(int)
+    idle_total = busy_total = 0.0
+    for s0, s1 in steps:
+        inside = [g for g in gpu if s0 <= g[2] <= s1]
+        if not inside:
+            continue
+        ready = s0  # when the GPU had finished all earlier work of the step
+        for start, end, launched, tid in inside:
+            gap = start - ready
+            if gap >= min_gap_us or ready == s0:
+                context = context_at(launched, tid)
+                idle[context] += max(gap, 0.0)
+                waits[context] += 1
+                idle_total += max(gap, 0.0)
+            busy_total += max(end - max(start, ready), 0.0)
+            ready = max(ready, end)
+    n = max(len(steps), 1)
+    rows = sorted(((c, ms / 1e3 / n, waits[c] // n) for c, ms in idle.items()), key=lambda r: -r[1])
+    return {"steps": len(steps), "idle": idle_total / 1e3 / n, "busy": busy_total / 1e3 / n}, rows
+
+
+def gpu_idle(step, batch: dict, steps: int = 3, min_gap_us: float = 2.0) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+    """Where the GPU waits for the host in ``steps`` steps of ``step`` (a :class:`segresmamba.bench.step.TrainingStep`),
+    each entered with the GPU idle: :func:`idle_by_context` of a torch.profiler trace, with the forward's modules,
+    the forward and loss, and the optimiser step labelled. The labels' own cost (a profiler range per module call)
+    is in the host's time, so the waits are a little longer than in an unlabelled step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if step.device.type == "cuda" else [])
+    with ExitStack() as stack:
+        stack.enter_context(_module_ranges(step.task.net))
+        stack.enter_context(_labelled(step.task, "training_step", PHASE_PREFIX + "forward (outside modules)"))
+        stack.enter_context(_labelled(step.optimizer, "step", PHASE_PREFIX + "optimiser"))
+        step(batch)  # a warm-up with the labels in place
+        sync_device(step.device)
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                sync_device(step.device)
+                with torch.profiler.record_function(STEP_LABEL):
+                    step(batch)
+                sync_device(step.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return idle_by_context(events, min_gap_us)
 
 
 if __name__ == "__main__":

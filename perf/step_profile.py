@@ -12,8 +12,9 @@ writes ``step_profile_<model>_<config>.md``: per mode (``eager``; ``cuda_graphs`
 replaying CUDA graphs, :mod:`segresmamba.ssm.cuda_graphs`; ``step_graphs``: the whole forward, loss and
 backward replaying CUDA graphs, :mod:`segresmamba.step_graphs`), the median wall time of a step, the GPU
 kernel time and launches per step (torch.profiler), the kernel time by kind and the largest kernels.
-Per mode it also records the host's time to enqueue a step by phase, and for ``eager`` the forward's host time
-by module class and the host's time by operator (:mod:`perf.host_time`), to show where a host-bound step spends it.
+Per mode it also records the host's time to enqueue a step by phase, where in the step the GPU waits for the host
+(:func:`perf.host_time.gpu_idle`), and for ``eager`` the forward's host time by module class and the host's time by
+operator (:mod:`perf.host_time`), to show where a host-bound step spends it.
 ``--fast-norms`` profiles the nets with ``fast_norms`` (the fastest mode is ``step_graphs`` with it) and writes
 ``step_profile_<model>_<config>_fast_norms.md``.
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 import segresmamba
-from perf.host_time import forward_host_by_module, host_ops, phase_host_ms
+from perf.host_time import forward_host_by_module, gpu_idle, host_ops, phase_host_ms
 from perf.scan_bench import kernel_breakdown
 from segresmamba.bench.efficiency import PROFILED_DATASETS, release_graphs
 from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
@@ -114,8 +115,8 @@ def profile(model_name: str, config: str, precision: str, modes: list[str], step
              "gradients, optimiser = its step. A host-bound step is as fast as its host; this host, before the steps: "
              f"{host_costs_text(host_costs(device))}.", "",
              "| mode | ToM layers in CUDA graphs | wall ms / step | GPU kernel ms / step | kernel share of wall | launches / step "
-             "| host ms / step | host forward | host backward | host optimiser |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| host ms / step | host forward | host backward | host optimiser | GPU idle ms / step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     sections = []
     for mode in modes:
         graphed = graph_tom_layers(model, x, dtype) if mode == "cuda_graphs" else []
@@ -124,15 +125,23 @@ def profile(model_name: str, config: str, precision: str, modes: list[str], step
             step(batch)
         ms = wall_ms(step, batch, steps)
         host = phase_host_ms(step, batch, steps)
+        idle, waits = gpu_idle(step, batch)
         table, total = kernel_breakdown(lambda: step(batch), iters=3)
         launches = sum(r[2] for r in table)
         in_graphs = "all (whole step)" if mode == "step_graphs" else len(graphed)
         lines.append(f"| {mode} | {in_graphs} | {ms:.1f} | {total:.1f} | {total / ms:.0%} | {launches} | {host['step']:.1f} "
-                     f"| {host['forward']:.1f} | {host['backward']:.1f} | {host['optimizer']:.1f} |")
+                     f"| {host['forward']:.1f} | {host['backward']:.1f} | {host['optimizer']:.1f} | {idle['idle']:.1f} |")
         sections += ["", f"## {mode}: kernel time by kind", "", "| kind | ms / step | share | launches |", "|---|---:|---:|---:|"]
         sections += [f"| {kind} | {k_ms:.2f} | {k_ms / total:.0%} | {n} |" for kind, k_ms, n in kinds_of(table)]
         sections += ["", f"## {mode}: largest kernels", "", "| kernel | ms / step | launches |", "|---|---:|---:|"]
         sections += [f"| `{name[:90]}` | {k_ms:.2f} | {n} |" for name, k_ms, n in table[:TOP]]
+        sections += ["", f"## {mode}: where the GPU waits for the host", "",
+                     f"{idle['idle']:.1f} ms per step idle, {idle['busy']:.1f} ms busy ({idle['steps']} steps, each entered with the "
+                     "GPU idle, modules labelled: the labels add host time). Each wait (from the step's start to its first "
+                     "kernel, and each gap of 2 µs or more between kernels) goes to what the host was running when it launched the "
+                     "kernel that ended it: the innermost module of the forward, the autograd node of the backward, the optimiser.",
+                     "", "| host was in | idle ms / step | waits / step |", "|---|---:|---:|"]
+        sections += [f"| `{context[:90]}` | {i_ms:.2f} | {n} |" for context, i_ms, n in waits[:TOP]]
         if mode == "eager":
             sections += host_sections(step, batch)
         print(f"{mode}: wall {ms:.1f} ms, kernels {total:.1f} ms, {launches} launches", flush=True)

@@ -537,6 +537,64 @@ def test_host_time_splits_the_step_by_phase_module_and_operator():
     assert total == pytest.approx(sum(ms for _, ms, _ in ops)) and all(n >= 1 for _, _, n in ops)
 
 
+def test_gpu_idle_goes_to_what_the_host_ran_when_it_launched_the_next_kernel():
+    """A synthetic trace: one step; the wait before the first kernel, a gap after a backward node's launch, one
+    under the threshold, the optimiser's and one outside every labelled range; nested modules give the innermost."""
+    from perf.host_time import STEP_LABEL, idle_by_context
+
+    def cpu(name, ts, dur, tid=1):
+        return {"ph": "X", "cat": "user_annotation" if "::" in name else "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    def launch(ts, corr, tid=1):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 1, "tid": tid, "args": {"correlation": corr}}
+
+    def kernel(ts, end, corr):
+        return {"ph": "X", "cat": "kernel", "name": f"k{corr}", "ts": ts, "dur": end - ts, "tid": 7, "args": {"correlation": corr}}
+
+    events = [
+        cpu(STEP_LABEL, 0, 110), cpu("module::ResBlock", 0.5, 25), cpu("module::Conv3d", 1, 19),
+        cpu("autograd::engine::evaluate_function: XBackward0", 40, 20, tid=2), cpu("phase::optimiser", 80, 19),
+        launch(5, 1), kernel(10, 30, 1),
+        launch(50, 2, tid=2), kernel(55, 70, 2),
+        launch(52, 3, tid=2), kernel(70.5, 80, 3),
+        launch(85, 4), kernel(90, 95, 4),
+        launch(99.5, 5), kernel(101, 102, 5),
+        launch(150, 6), kernel(151, 152, 6),  # launched after the step: not its work
+        {"ph": "X", "cat": "kernel", "name": "orphan", "ts": 60, "dur": 1, "args": {}},  # no launch on record
+    ]
+    totals, rows = idle_by_context(events, min_gap_us=2.0)
+    got = {context: (round(ms * 1e3, 6), n) for context, ms, n in rows}
+    assert got == {"forward: Conv3d": (10, 1), "backward: XBackward0": (25, 1), "optimiser": (10, 1), "(other)": (6, 1)}
+    assert totals["steps"] == 1
+    assert totals["idle"] * 1e3 == pytest.approx(51) and totals["busy"] * 1e3 == pytest.approx(20 + 15 + 9.5 + 5 + 1)
+    assert [r[0] for r in rows] == ["backward: XBackward0", "forward: Conv3d", "optimiser", "(other)"]
+
+
+def test_gpu_idle_labels_a_real_step_and_leaves_it_as_it_was():
+    """On the CPU the step has no GPU work (no waits), but its trace carries the labels the GPU profile
+    attributes waits to: the forward's modules, the backward's autograd nodes and the optimiser; afterwards the
+    task, its net and the optimiser have no hooks or wrappers left."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from perf.host_time import _context, _labelled, _module_ranges, gpu_idle
+    from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
+    from segresmamba.data.spec import get_dataset_spec
+
+    spec = get_dataset_spec("spleen")
+    step = TrainingStep(build_task("unet", spec, patch=32), "fp32", torch.device("cpu"))
+    batch = synthetic_batch(spec, (32, 32, 32), torch.device("cpu"))
+    totals, rows = gpu_idle(step, batch, steps=1)
+    assert totals == {"steps": 1, "idle": 0.0, "busy": 0.0} and rows == []
+    assert "training_step" not in vars(step.task) and "step" not in vars(step.optimizer)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in step.task.net.modules())
+    with _module_ranges(step.task.net), _labelled(step.optimizer, "step", "phase::optimiser"):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(batch)
+    contexts = {_context(e.name) for e in prof.events()} - {None}
+    assert {"forward: Conv3d", "optimiser"} <= contexts
+    assert any(c.startswith("backward: ConvolutionBackward") for c in contexts)
+
+
 def test_host_costs_measure_what_the_device_has():
     """On a CPU the elementwise op and the GEMM are timed; cuDNN and Triton launches are GPU-only (None)."""
     from segresmamba.profiling.host import host_costs, host_costs_text
@@ -555,3 +613,22 @@ def test_gpu_rows_record_the_hosts_costs():
     row = efficiency.profile_model("unet", "spleen", patch=32, precisions=("bf16",), macs=False, inference=False)
     assert "error" not in row and row["step_ms_bf16"] > 0
     assert all(row[f"host_{kind}_us"] > 0 for kind in ("elementwise", "gemm", "conv3d"))
+
+
+@pytest.mark.gpu
+def test_gpu_idle_on_a_gpu_step_accounts_for_its_kernels():
+    """On a GPU, the trace's kernels are found and matched to their launches: the steps have busy time, and their
+    waits, summed by context, go to the forward's modules and the backward's nodes among others."""
+    from perf.host_time import gpu_idle
+    from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
+    from segresmamba.data.spec import get_dataset_spec
+
+    spec = get_dataset_spec("spleen")
+    device = torch.device("cuda")
+    step = TrainingStep(build_task("unet", spec, patch=32), "bf16", device)
+    batch = synthetic_batch(spec, (32, 32, 32), device)
+    totals, rows = gpu_idle(step, batch, steps=2)
+    assert totals["steps"] == 2 and totals["busy"] > 0 and rows
+    assert totals["idle"] == pytest.approx(sum(ms for _, ms, _ in rows))
+    contexts = [c for c, _, _ in rows]
+    assert any(c.startswith("forward: ") for c in contexts) and any(c.startswith("backward: ") for c in contexts)
