@@ -83,6 +83,20 @@ def test_doctor():
     assert "scan backends:" in out.stdout and "torch" in out.stdout and "segresmamba_notom" in out.stdout
 
 
+@pytest.mark.parametrize(
+    "version, on_gpu, advised",
+    [("3.6.0", True, True), ("3.9.0", True, False), ("3.10.1", True, False), ("3.6.0", False, False), (None, True, False),
+     ("3.6.0+git1234", True, True), ("nightly", True, False)],
+)
+def test_doctor_advises_a_newer_triton_only_on_a_gpu_with_an_older_one(version, on_gpu, advised):
+    from segresmamba.cli import triton_advice
+
+    advice = triton_advice(version, on_gpu)
+    assert (advice is not None) == advised
+    if advised:
+        assert version in advice and "3.9" in advice and "results/perf/triton_ab.md" in advice
+
+
 def test_fit_on_the_real_mni152_tissue_set(tmp_path):
     run_cli(
         "fit", "-c", str(ROOT / "configs/trainer/cpu.yaml"), "-c", str(ROOT / "configs/model/segresmamba.yaml"),

@@ -206,6 +206,26 @@ def read_checkpoint_facts(path: str) -> tuple[str, dict, dict[str, tuple[int, ..
     return path, dict(checkpoint.get("hyper_parameters") or {}), shapes
 
 
+# Triton whose compiled ToM kernels were measured faster than those of the GPU machines' Triton 3.6: one fused
+# ToM layer (C48, 64^3 tokens, bf16) forward and backward took 0.81x the time on an H200 (results/perf/triton_ab.md)
+FASTER_TRITON = (3, 9)
+
+
+def triton_advice(triton_version: str | None, on_gpu: bool) -> str | None:
+    """A line for ``doctor`` where the installed Triton compiles the suite's GPU kernels into slower code than a
+    newer one would (measured), else None."""
+    if not on_gpu or not triton_version:
+        return None
+    try:
+        installed = tuple(int(part) for part in triton_version.split(".")[:2])
+    except ValueError:
+        return None
+    if installed >= FASTER_TRITON:
+        return None
+    return (f"triton {triton_version}: the ToM layer's Triton kernels ran 0.81x as long compiled by Triton "
+            f"{'.'.join(map(str, FASTER_TRITON))} (torch 2.13) on an H200 (results/perf/triton_ab.md); a newer torch trains faster")
+
+
 def doctor() -> int:
     """Print the environment facts that decide what runs where."""
     import platform
@@ -221,6 +241,9 @@ def doctor() -> int:
     if torch.cuda.is_available():
         cap = torch.cuda.get_device_capability()
         print(f"  CUDA {torch.version.cuda}, compute capability sm_{cap[0]}{cap[1]}, {torch.cuda.device_count()} GPU(s)")
+    advice = triton_advice(versions().get("triton"), torch.cuda.is_available())
+    if advice:
+        print(f"note: {advice}")
     print("scan backends:")
     for name, status in backend_status().items():
         print(f"  {name:10s} {status}")
