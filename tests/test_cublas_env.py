@@ -6,6 +6,11 @@ import sys
 
 import pytest
 
+from segresmamba.cublas_env import INHERITED_MARK
+
+# a clean environment: neither the variable nor the mark that a process of this package (this test run) hands down
+FRESH = {k: v for k, v in os.environ.items() if k not in ("CUBLAS_WORKSPACE_CONFIG", INHERITED_MARK)}
+
 SNIPPET = """
 import os, torch
 import segresmamba
@@ -20,7 +25,7 @@ print(before, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
 
 
 def _run(env_value: str | None, extra: str = "", monai_first: bool = False) -> list[str]:
-    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    env = dict(FRESH)
     if env_value is not None:
         env["CUBLAS_WORKSPACE_CONFIG"] = env_value
     code = ("import monai\n" if monai_first else "") + SNIPPET.format(extra=extra)
@@ -50,6 +55,5 @@ def test_monai_cublas_config_handed_to_a_child_process_is_dropped_there():
         "assert os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'\n"
         f"subprocess.run([sys.executable, '-c', {SNIPPET.format(extra='')!r}], check=True)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
-    out = subprocess.run([sys.executable, "-c", parent], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", parent], env=FRESH, capture_output=True, text=True, check=True)
     assert out.stdout.split()[-2:] == [":4096:8", "None"]
