@@ -127,9 +127,9 @@ def scan_cases() -> list[tuple[str, object, dict, dict, int]]:
         ]
     cases += [
         ("carry", k._carry_kernel, {"ROWS": 64, "BLOCK": 32, "REVERSE": True}, None, 4),
-        ("conv fwd", k._conv_fwd_kernel, {"K": 4, "BT": 128, "BD": 16}, BF16_INPUTS, 4),
-        ("conv bwd pre", k._conv_bwd_pre_kernel, {"K": 4, "BT": 128, "BD": 16}, BF16_INPUTS, 4),
-        ("conv bwd dx", k._conv_bwd_dx_kernel, {"K": 4, "BT": 128, "BD": 16}, {"dx_ptr": "*bf16"}, 4),
+        ("conv fwd", k._conv_fwd_kernel, {"K": 4, "BT": 128, "BD": 16, "NEAR": True}, BF16_INPUTS, 4),
+        ("conv bwd pre", k._conv_bwd_pre_kernel, {"K": 4, "BT": 128, "BD": 16, "NEAR": True}, BF16_INPUTS, 4),
+        ("conv bwd dx", k._conv_bwd_dx_kernel, {"K": 4, "BT": 128, "BD": 16, "NEAR": True}, {"dx_ptr": "*bf16"}, 4),
     ]
     return cases
 

@@ -507,6 +507,7 @@ def check_oriented_conv(device, branches, b, d, length, nslices, k=4, tol=1e-5):
 CONV_CASES = [
     (("forward", "reverse", "slice"), 2, 3, 24, 4),
     (("slice", "reverse"), 1, 17, 150, 5),  # channels and tokens not multiples of the blocks
+    (("slice", "forward"), 1, 5, 36, 3),  # fewer slices than taps: the kernels' division path
 ]
 
 

@@ -32,9 +32,9 @@ def _scan_cases():
         # the longer chunks a sequence past the grid limit gets (autograd.MAX_CHUNKS), at the tuned one warp
         ("fwd output, 128-token chunks", k._fwd_output_kernel, {**tile, "T": 128, **flags, "HAS_D": True, "HAS_Z": True}, bf16_inputs, 1),
         ("bwd grad, 128-token chunks", k._bwd_grad_kernel, {**tile, "T": 128, **flags, "HAS_D": True, "HAS_Z": True}, bf16_inputs, 1),
-        ("conv fwd", k._conv_fwd_kernel, {"K": 4, "BT": 128, "BD": 16}, {"x_ptr": "*bf16", "u_ptr": "*bf16"}, 4),
-        ("conv bwd pre", k._conv_bwd_pre_kernel, {"K": 4, "BT": 128, "BD": 16}, {"x_ptr": "*bf16", "gu_ptr": "*bf16"}, 4),
-        ("conv bwd dx", k._conv_bwd_dx_kernel, {"K": 4, "BT": 128, "BD": 16}, {"dx_ptr": "*bf16"}, 4),
+        ("conv fwd", k._conv_fwd_kernel, {"K": 4, "BT": 128, "BD": 16, "NEAR": True}, {"x_ptr": "*bf16", "u_ptr": "*bf16"}, 4),
+        ("conv bwd pre", k._conv_bwd_pre_kernel, {"K": 4, "BT": 128, "BD": 16, "NEAR": True}, {"x_ptr": "*bf16", "gu_ptr": "*bf16"}, 4),
+        ("conv bwd dx", k._conv_bwd_dx_kernel, {"K": 4, "BT": 128, "BD": 16, "NEAR": True}, {"dx_ptr": "*bf16"}, 4),
     ]
 
 

@@ -41,6 +41,12 @@ from segresmamba.ssm.triton.tuning import TUNING
 BLOCK_T, BLOCK_D = 128, 16
 
 
+def near_taps(k: int, nslices: int) -> bool:
+    """Whether every tap of a width-k conv lies less than one run of slices away in the inter-slice order
+    (k <= nslices): the conv kernels then find the taps' addresses without integer division."""
+    return k <= nslices
+
+
 def conv_silu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, codes: tuple[int, ...], nslices: int) -> torch.Tensor:
     """``u[r] = silu(causal depthwise conv of x along branch r's scan order)``, natural token order, no autograd.
 
@@ -53,7 +59,7 @@ def conv_silu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     _conv_fwd_kernel[grid](
         x, weight, bias, u, code_t, length, d, b, nslices, length // nslices,
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), bias.stride(0), u.stride(0), u.stride(1),
-        K=k, BT=BLOCK_T, BD=BLOCK_D,
+        K=k, BT=BLOCK_T, BD=BLOCK_D, NEAR=near_taps(k, nslices),
     )
     return u.view(branches, b, d, length)
 
@@ -74,13 +80,13 @@ def conv_silu_backward(x, weight, bias, codes, nslices, grad_u: torch.Tensor) ->
     _conv_bwd_pre_kernel[grid](
         x, weight, bias, grad_u, gp, dw_part, db_part, code_t, length, d, b, nslices, length // nslices, nt,
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), bias.stride(0), grad_u.stride(0), grad_u.stride(1),
-        K=k, BT=BLOCK_T, BD=BLOCK_D,
+        K=k, BT=BLOCK_T, BD=BLOCK_D, NEAR=near_taps(k, nslices),
     )
     # the branches' shares of dx are summed in the kernel's registers: one (b, d, L) tensor in x's dtype
     dx = torch.empty(b, d, length, dtype=x.dtype, device=x.device)
     _conv_bwd_dx_kernel[(nt, grid[1], b)](
         weight, gp, dx, code_t, length, d, b, branches, nslices, length // nslices, weight.stride(0), weight.stride(1),
-        K=k, BT=BLOCK_T, BD=BLOCK_D,
+        K=k, BT=BLOCK_T, BD=BLOCK_D, NEAR=near_taps(k, nslices),
     )
     return dx, dw_part.view(branches, -1, d, k).sum(1), db_part.view(branches, -1, d).sum(1)
 
