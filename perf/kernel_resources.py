@@ -146,8 +146,11 @@ def report(out: Path) -> Path:
         "",
         f"Compiled on a CPU for sm_90 by Triton {triton.__version__} (its ptxas; no GPU), git {sha[:7]}"
         f"{'-dirty' if sha.endswith('-dirty') else ''}, "
-        "`python -m perf.kernel_resources`. Compiled as the suite launches them: bf16 activations (fp32 state and "
-        "weights), the Mamba layer's flags (softplus, delta bias, D, z), 16 states. Nothing runs, so no data. "
+        "`python -m perf.kernel_resources`. Compiled with the suite's launch settings: bf16 activations (fp32 state and "
+        "weights), the Mamba layer's flags (softplus, delta bias, D, z), 16 states, and every integer argument "
+        "divisible by 16 (a launch specialises only some of them, and turns those equal to 1 into constants: "
+        "`perf.triton_ab build` compiles one ToM layer's launches exactly as the JIT specialises them). Nothing runs, "
+        "so no data. "
         "registers per thread (255 is the cap; past it ptxas spills to "
         "`stack_bytes`); instructions: the whole kernel's SASS, once through its code; loop_*: SASS instructions of the kernel's longest loop, once through (the channel loop of "
         "the scan kernels: one channel of one chunk; 0: no loop, its loops unrolled); shfl = shuffles across a warp's lanes, ldl/stl = spill "

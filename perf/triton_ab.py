@@ -91,10 +91,14 @@ def tom_launches(device: torch.device, run: bool, side: int = SIDE) -> list[dict
 
 
 def _jit_flags(kernel) -> dict:
+    """The options the installed Triton's JIT adds to a launch's arguments before binding them (3.9 has one more
+    than 3.6)."""
     from triton import knobs
 
-    return {"debug": kernel.debug or knobs.runtime.debug, "instrumentation_mode": knobs.compilation.instrumentation_mode,
-            "fpsan_homomorphic_casts": knobs.compilation.fpsan_homomorphic_casts}
+    flags = {"debug": kernel.debug or knobs.runtime.debug, "instrumentation_mode": knobs.compilation.instrumentation_mode}
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
+        flags["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    return flags
 
 
 def compile_like_jit(launch: dict):

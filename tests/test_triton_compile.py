@@ -152,6 +152,15 @@ def test_triton_ab_builds_each_tom_launch_as_the_jit_would_and_packs_its_paramet
     assert names == ["_conv_fwd_kernel", "_fwd_chunk_state_kernel", "_carry_kernel", "_fwd_output_kernel",
                      "_bwd_chunk_state_kernel", "_carry_kernel", "_bwd_grad_kernel", "_conv_bwd_pre_kernel", "_conv_bwd_dx_kernel"]
     assert all((tmp_path / e["cubin"]).stat().st_size > 1000 for e in index)
+    # as launched, the oriented conv reads x along its contiguous channels and writes u along its contiguous tokens
+    # 16 bytes at a time: the sizes it masks with (L, D_CH) specialise on their divisibility by 16
+    import subprocess
+
+    from perf.kernel_resources import _nvidia_tool
+
+    conv = tmp_path / next(e["cubin"] for e in index if e["name"] == "_conv_fwd_kernel")
+    sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", str(conv)], capture_output=True, text=True, check=True).stdout
+    assert "LDG.E.128" in sass and "STG.E.128" in sass
     assert json.loads((tmp_path / "index.json").read_text())["side"] == 16
     launches = triton_ab.tom_launches(torch.device("cpu"), run=False, side=16)
     grad = next(i for i, e in enumerate(index) if e["name"] == "_bwd_grad_kernel")

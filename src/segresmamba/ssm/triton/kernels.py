@@ -64,13 +64,22 @@ def _scan_position(n, code, L, S, M):
 
 
 @triton.jit
-def _tap_index(n, s, j, code, L, S, M):
-    """Address of the token j scan positions after natural token n (before it for j < 0), where s = n // M is n's
-    slice, with no division: in the inter-slice order the neighbour is j slices on (n + j M), wrapping once into
-    the next or the previous run of slices (-+ (L - 1)). Needs |j| < S; :func:`_token_index` serves the rest."""
+def _tap_frame(n, code, S, M, K: tl.constexpr):
+    """What :func:`_tap_index` needs of an order, computed once per program and branch: the tokens one scan position
+    moves (forward 1, reverse -1, inter-slice M), n's slice (n // M) and the slice count. The forward and reverse
+    orders get slice K of 2^30 slices, so that no tap of a width-K conv wraps in them."""
+    is_slice = (code != FORWARD_CODE) & (code != REVERSE_CODE)
+    step = tl.where(code == FORWARD_CODE, 1, tl.where(code == REVERSE_CODE, -1, M))
+    return step, tl.where(is_slice, n // M, K), tl.where(is_slice, S, 1 << 30)
+
+
+@triton.jit
+def _tap_index(n, j, frame, L):
+    """Address of the token j scan positions after natural token n (before it for j < 0), with no division: j steps
+    on, wrapping once into the next (previous) run of slices in the inter-slice order, -+(L - 1). Needs |j| < S."""
+    step, s, slices = frame
     t = s + j
-    wrap = tl.where(t >= S, 1 - L, tl.where(t < 0, L - 1, 0))
-    return tl.where(code == FORWARD_CODE, n + j, tl.where(code == REVERSE_CODE, n - j, n + j * M + wrap))
+    return n + j * step + tl.where(t >= slices, 1 - L, tl.where(t < 0, L - 1, 0))
 
 
 @triton.jit
@@ -361,26 +370,26 @@ def _bwd_grad_kernel(
 
 
 @triton.jit
-def _tap(n, s, p, j, code, L, S, M, NEAR: tl.constexpr):
-    """The token j scan positions from natural token n (at scan position p, in slice s = n // M): its address and
-    whether it exists (a position in [0, L), and n itself inside the sequence). ``NEAR``: |j| < S holds, so
-    :func:`_tap_index` finds it without dividing."""
+def _tap(n, frame, p, j, code, L, S, M, NEAR: tl.constexpr):
+    """The token j scan positions from natural token n (at scan position p; ``frame``: :func:`_tap_frame`): its
+    address and whether it exists (a position in [0, L), and n itself inside the sequence). ``NEAR``: |j| < S
+    holds, so :func:`_tap_index` finds it without dividing."""
     q = p + j
     valid = (q >= 0) & (q < L) & (n < L)
     if NEAR:
-        idx = _tap_index(n, s, j, code, L, S, M)
+        idx = _tap_index(n, j, frame, L)
     else:
         idx = _token_index(q, code, L, S, M)
     return idx, valid
 
 
 @triton.jit
-def _conv_pre(x_row, w_row, bias_row, n, s, p, ch, mask_d, code, L, S, M, sx_d, sx_l, sw_d,
+def _conv_pre(x_row, w_row, bias_row, n, frame, p, ch, mask_d, code, L, S, M, sx_d, sx_l, sw_d,
               K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, NEAR: tl.constexpr):
     """Pre-activation (BD channels x BT natural tokens n, at scan positions p) of one branch's causal conv, in fp32."""
     acc = tl.zeros([BD, BT], dtype=tl.float32) + tl.load(bias_row + ch, mask=mask_d, other=0.0).to(tl.float32)[:, None]
     for k in tl.static_range(K):
-        idx, valid = _tap(n, s, p, k - (K - 1), code, L, S, M, NEAR)
+        idx, valid = _tap(n, frame, p, k - (K - 1), code, L, S, M, NEAR)
         xv = tl.load(x_row + ch[:, None] * sx_d + idx[None, :] * sx_l, mask=mask_d[:, None] & valid[None, :], other=0.0)
         wk = tl.load(w_row + ch * sw_d + k, mask=mask_d, other=0.0).to(tl.float32)
         acc += wk[:, None] * xv.to(tl.float32)
@@ -391,11 +400,15 @@ def _conv_pre(x_row, w_row, bias_row, n, s, p, ch, mask_d, code, L, S, M, sx_d, 
 # of a (channels x tokens) tensor is then contiguous along the tokens in every order. A tap's neighbour in the
 # inter-slice order is the same position of the previous slice, M tokens away, itself contiguous in n. Where
 # the conv is no wider than the slice count (``NEAR``), each tap's address comes from n and its slice by additions
-# (``_tap_index``): the per-tap integer divisions of ``_token_index`` were most of these kernels' instructions
-# (sm_90 SASS under Triton 3.6: the dx kernel's loop 1,819 -> 512, the forward 2,648 -> 1,824 in all).
+# (``_tap_frame``, ``_tap_index``): the per-tap integer divisions of ``_token_index`` were most of these kernels'
+# instructions. L and D_CH specialise (divisible by 16 or not: at most four builds per kernel), so that the
+# channel-contiguous loads of x and the token-contiguous stores vectorise, 16 bytes at a time. As launched for a C48
+# ToM layer on 64^3 tokens (sm_90 SASS, Triton 3.6, `perf.triton_ab build`): the forward 1,144 -> 840 instructions,
+# the pre-activation backward 2,648 -> 1,872 (240 -> 146 registers), the dx kernel 2,384 -> 1,688 (but 168 -> 254
+# registers; under Triton 3.9 968 -> 976 and 185 -> 123).
 
 
-@triton.jit(do_not_specialize=("L", "D_CH", "NB", "S", "M"))
+@triton.jit(do_not_specialize=("NB", "S", "M"))
 def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, u_ptr, code_ptr,
     L, D_CH, NB, S, M,
@@ -410,14 +423,14 @@ def _conv_fwd_kernel(
     p = _scan_position(n, code, L, S, M)
     ch = pid_d * BD + tl.arange(0, BD)
     mask_d = ch < D_CH
-    acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, n, n // M, p, ch, mask_d, code,
-                    L, S, M, sx_d, sx_l, sw_d, K, BT, BD, NEAR)
+    acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, n, _tap_frame(n, code, S, M, K),
+                    p, ch, mask_d, code, L, S, M, sx_d, sx_l, sw_d, K, BT, BD, NEAR)
     out = acc * tl.sigmoid(acc)
     mask = mask_d[:, None] & (n < L)[None, :]
     tl.store(u_ptr + row.to(tl.int64) * su_r + ch[:, None] * su_d + n[None, :], out, mask=mask)
 
 
-@triton.jit(do_not_specialize=("L", "D_CH", "NB", "S", "M", "NT"))
+@triton.jit(do_not_specialize=("NB", "S", "M", "NT"))
 def _conv_bwd_pre_kernel(
     x_ptr, w_ptr, bias_ptr, gu_ptr, gp_ptr, dw_part_ptr, db_part_ptr, code_ptr,
     L, D_CH, NB, S, M, NT,
@@ -431,11 +444,11 @@ def _conv_bwd_pre_kernel(
     row64 = row.to(tl.int64)
     code = tl.load(code_ptr + branch)
     n = pid_t * BT + tl.arange(0, BT)
-    s = n // M
+    frame = _tap_frame(n, code, S, M, K)
     p = _scan_position(n, code, L, S, M)
     ch = pid_d * BD + tl.arange(0, BD)
     mask_d = ch < D_CH
-    acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, n, s, p, ch, mask_d, code,
+    acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, n, frame, p, ch, mask_d, code,
                     L, S, M, sx_d, sx_l, sw_d, K, BT, BD, NEAR)
     sig = tl.sigmoid(acc)
     mask = mask_d[:, None] & (n < L)[None, :]
@@ -445,12 +458,12 @@ def _conv_bwd_pre_kernel(
     part = (row64 * NT + pid_t) * D_CH + ch
     tl.store(db_part_ptr + part, tl.sum(gp, axis=1), mask=mask_d)
     for k in tl.static_range(K):
-        idx, valid = _tap(n, s, p, k - (K - 1), code, L, S, M, NEAR)
+        idx, valid = _tap(n, frame, p, k - (K - 1), code, L, S, M, NEAR)
         xv = tl.load(x_ptr + xb * sx_b + ch[:, None] * sx_d + idx[None, :] * sx_l, mask=mask_d[:, None] & valid[None, :], other=0.0)
         tl.store(dw_part_ptr + part * K + k, tl.sum(gp * xv.to(tl.float32), axis=1), mask=mask_d)
 
 
-@triton.jit(do_not_specialize=("L", "D_CH", "NB", "NR", "S", "M"))
+@triton.jit(do_not_specialize=("NB", "NR", "S", "M"))
 def _conv_bwd_dx_kernel(
     w_ptr, gp_ptr, dx_ptr, code_ptr,
     L, D_CH, NB, NR, S, M,
@@ -461,7 +474,6 @@ def _conv_bwd_dx_kernel(
     dtype: branch r, at scan position q of n, adds sum_k w[r, k] gp[r i, idx(q + K - 1 - k)]."""
     pid_t, pid_d, xb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = pid_t * BT + tl.arange(0, BT)
-    s = n // M
     ch = pid_d * BD + tl.arange(0, BD)
     mask_d = ch < D_CH
     acc = tl.zeros([BD, BT], dtype=tl.float32)
@@ -469,8 +481,9 @@ def _conv_bwd_dx_kernel(
         row64 = (branch * NB + xb).to(tl.int64)
         code = tl.load(code_ptr + branch)
         q = _scan_position(n, code, L, S, M)
+        frame = _tap_frame(n, code, S, M, K)
         for k in tl.static_range(K):
-            idx, valid = _tap(n, s, q, (K - 1) - k, code, L, S, M, NEAR)
+            idx, valid = _tap(n, frame, q, (K - 1) - k, code, L, S, M, NEAR)
             gp = tl.load(gp_ptr + row64 * L * D_CH + ch[:, None] * L + idx[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
             wk = tl.load(w_ptr + branch * sw_o + ch * sw_d + k, mask=mask_d, other=0.0).to(tl.float32)
             acc += wk[:, None] * gp
