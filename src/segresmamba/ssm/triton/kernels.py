@@ -64,13 +64,19 @@ def _scan_position(n, code, L, S, M):
 
 
 @triton.jit
-def _tap_frame(n, code, S, M, K: tl.constexpr):
-    """What :func:`_tap_index` needs of an order, computed once per program and branch: the tokens one scan position
-    moves (forward 1, reverse -1, inter-slice M), n's slice (n // M) and the slice count. The forward and reverse
-    orders get slice K of 2^30 slices, so that no tap of a width-K conv wraps in them."""
+def _scan_position_in_slice(n, slice_of_n, code, L, S, M):
+    """:func:`_scan_position` with n's slice (n // M) already at hand: no division."""
+    return tl.where(code == FORWARD_CODE, n, tl.where(code == REVERSE_CODE, L - 1 - n, (n - slice_of_n * M) * S + slice_of_n))
+
+
+@triton.jit
+def _tap_frame(slice_of_n, code, S, M, K: tl.constexpr):
+    """What :func:`_tap_index` needs of an order, computed once per program and branch from n's slice (n // M): the
+    tokens one scan position moves (forward 1, reverse -1, inter-slice M), the slice and the slice count. The
+    forward and reverse orders get slice K of 2^30 slices, so that no tap of a width-K conv wraps in them."""
     is_slice = (code != FORWARD_CODE) & (code != REVERSE_CODE)
     step = tl.where(code == FORWARD_CODE, 1, tl.where(code == REVERSE_CODE, -1, M))
-    return step, tl.where(is_slice, n // M, K), tl.where(is_slice, S, 1 << 30)
+    return step, tl.where(is_slice, slice_of_n, K), tl.where(is_slice, S, 1 << 30)
 
 
 @triton.jit
@@ -402,10 +408,11 @@ def _conv_pre(x_row, w_row, bias_row, n, frame, p, ch, mask_d, code, L, S, M, sx
 # the conv is no wider than the slice count (``NEAR``), each tap's address comes from n and its slice by additions
 # (``_tap_frame``, ``_tap_index``): the per-tap integer divisions of ``_token_index`` were most of these kernels'
 # instructions. L and D_CH specialise (divisible by 16 or not: at most four builds per kernel), so that the
-# channel-contiguous loads of x and the token-contiguous stores vectorise, 16 bytes at a time. As launched for a C48
-# ToM layer on 64^3 tokens (sm_90 SASS, Triton 3.6, `perf.triton_ab build`): the forward 1,144 -> 840 instructions,
-# the pre-activation backward 2,648 -> 1,872 (240 -> 146 registers), the dx kernel 2,384 -> 1,688 (but 168 -> 254
-# registers; under Triton 3.9 968 -> 976 and 185 -> 123).
+# channel-contiguous loads of x and the token-contiguous stores vectorise, 16 bytes at a time. The dx kernel finds
+# n's slice once for all branches and runs its taps as a loop, which halves its registers. Instructions a program
+# executes, as launched for a C48 ToM layer on 64^3 tokens (sm_90 SASS, Triton 3.6, `perf.triton_ab build`): the
+# forward 1,144 -> 840, the pre-activation backward 2,648 -> 1,872 (240 -> 146 registers), the dx kernel about
+# 6,000 -> 4,400 (168 -> 124 registers).
 
 
 @triton.jit(do_not_specialize=("NB", "S", "M"))
@@ -423,7 +430,7 @@ def _conv_fwd_kernel(
     p = _scan_position(n, code, L, S, M)
     ch = pid_d * BD + tl.arange(0, BD)
     mask_d = ch < D_CH
-    acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, n, _tap_frame(n, code, S, M, K),
+    acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, n, _tap_frame(n // M, code, S, M, K),
                     p, ch, mask_d, code, L, S, M, sx_d, sx_l, sw_d, K, BT, BD, NEAR)
     out = acc * tl.sigmoid(acc)
     mask = mask_d[:, None] & (n < L)[None, :]
@@ -444,7 +451,7 @@ def _conv_bwd_pre_kernel(
     row64 = row.to(tl.int64)
     code = tl.load(code_ptr + branch)
     n = pid_t * BT + tl.arange(0, BT)
-    frame = _tap_frame(n, code, S, M, K)
+    frame = _tap_frame(n // M, code, S, M, K)
     p = _scan_position(n, code, L, S, M)
     ch = pid_d * BD + tl.arange(0, BD)
     mask_d = ch < D_CH
@@ -474,15 +481,16 @@ def _conv_bwd_dx_kernel(
     dtype: branch r, at scan position q of n, adds sum_k w[r, k] gp[r i, idx(q + K - 1 - k)]."""
     pid_t, pid_d, xb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = pid_t * BT + tl.arange(0, BT)
+    slice_of_n = n // M  # once for all branches
     ch = pid_d * BD + tl.arange(0, BD)
     mask_d = ch < D_CH
     acc = tl.zeros([BD, BT], dtype=tl.float32)
     for branch in range(NR):
         row64 = (branch * NB + xb).to(tl.int64)
         code = tl.load(code_ptr + branch)
-        q = _scan_position(n, code, L, S, M)
-        frame = _tap_frame(n, code, S, M, K)
-        for k in tl.static_range(K):
+        q = _scan_position_in_slice(n, slice_of_n, code, L, S, M)
+        frame = _tap_frame(slice_of_n, code, S, M, K)
+        for k in range(K):  # not unrolled: the four taps' tiles live at once took about twice the registers
             idx, valid = _tap(n, frame, q, (K - 1) - k, code, L, S, M, NEAR)
             gp = tl.load(gp_ptr + row64 * L * D_CH + ch[:, None] * L + idx[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
             wk = tl.load(w_ptr + branch * sw_o + ch * sw_d + k, mask=mask_d, other=0.0).to(tl.float32)
