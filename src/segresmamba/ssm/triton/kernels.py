@@ -57,15 +57,9 @@ def _token_index(p, code, L, S, M):
 
 
 @triton.jit
-def _scan_position(n, code, L, S, M):
-    """Inverse of :func:`_token_index`: the scan position of natural token n (inter-slice: n = s M + m is
-    visited at p = m S + s)."""
-    return tl.where(code == FORWARD_CODE, n, tl.where(code == REVERSE_CODE, L - 1 - n, (n % M) * S + n // M))
-
-
-@triton.jit
-def _scan_position_in_slice(n, slice_of_n, code, L, S, M):
-    """:func:`_scan_position` with n's slice (n // M) already at hand: no division."""
+def _scan_position(n, slice_of_n, code, L, S, M):
+    """Inverse of :func:`_token_index`: the scan position of natural token n, given its slice (n // M, computed once
+    by the caller, which needs it for :func:`_tap_frame` too; inter-slice: n = s M + m is visited at p = m S + s)."""
     return tl.where(code == FORWARD_CODE, n, tl.where(code == REVERSE_CODE, L - 1 - n, (n - slice_of_n * M) * S + slice_of_n))
 
 
@@ -427,10 +421,11 @@ def _conv_fwd_kernel(
     xb = (row % NB).to(tl.int64)
     code = tl.load(code_ptr + branch)
     n = pid_t * BT + tl.arange(0, BT)
-    p = _scan_position(n, code, L, S, M)
+    slice_of_n = n // M
+    p = _scan_position(n, slice_of_n, code, L, S, M)
     ch = pid_d * BD + tl.arange(0, BD)
     mask_d = ch < D_CH
-    acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, n, _tap_frame(n // M, code, S, M, K),
+    acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, n, _tap_frame(slice_of_n, code, S, M, K),
                     p, ch, mask_d, code, L, S, M, sx_d, sx_l, sw_d, K, BT, BD, NEAR)
     out = acc * tl.sigmoid(acc)
     mask = mask_d[:, None] & (n < L)[None, :]
@@ -451,8 +446,9 @@ def _conv_bwd_pre_kernel(
     row64 = row.to(tl.int64)
     code = tl.load(code_ptr + branch)
     n = pid_t * BT + tl.arange(0, BT)
-    frame = _tap_frame(n // M, code, S, M, K)
-    p = _scan_position(n, code, L, S, M)
+    slice_of_n = n // M
+    frame = _tap_frame(slice_of_n, code, S, M, K)
+    p = _scan_position(n, slice_of_n, code, L, S, M)
     ch = pid_d * BD + tl.arange(0, BD)
     mask_d = ch < D_CH
     acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, n, frame, p, ch, mask_d, code,
@@ -488,7 +484,7 @@ def _conv_bwd_dx_kernel(
     for branch in range(NR):
         row64 = (branch * NB + xb).to(tl.int64)
         code = tl.load(code_ptr + branch)
-        q = _scan_position_in_slice(n, slice_of_n, code, L, S, M)
+        q = _scan_position(n, slice_of_n, code, L, S, M)
         frame = _tap_frame(slice_of_n, code, S, M, K)
         for k in range(K):  # not unrolled: the four taps' tiles live at once took about twice the registers
             idx, valid = _tap(n, frame, q, (K - 1) - k, code, L, S, M, NEAR)
