@@ -46,23 +46,54 @@ LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 
 
 @contextmanager
-def _timed(obj, attr: str):
-    """``obj.attr`` wrapped, while inside, so that each call appends its duration in seconds to the yielded list;
-    the instance attribute is removed afterwards (back to the class's method)."""
-    fn, spent = getattr(obj, attr), []
-
-    def run(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            spent.append(time.perf_counter() - t0)
-
-    setattr(obj, attr, run)
+def _wrapped(obj, attr: str, wrap):
+    """``obj.attr`` replaced by ``wrap(obj.attr)`` while inside; the instance attribute is removed afterwards (back
+    to the class's method)."""
+    setattr(obj, attr, wrap(getattr(obj, attr)))
     try:
-        yield spent
+        yield
     finally:
         delattr(obj, attr)
+
+
+@contextmanager
+def _timed(obj, attr: str):
+    """``obj.attr`` wrapped, while inside, so that each call appends its duration in seconds to the yielded list."""
+    spent = []
+
+    def wrap(fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent.append(time.perf_counter() - t0)
+        return run
+
+    with _wrapped(obj, attr, wrap):
+        yield spent
+
+
+def _labelled(obj, attr: str, label: str):
+    """``obj.attr`` wrapped, while inside, so that each call runs inside a profiler range named ``label``."""
+    def wrap(fn):
+        def run(*args, **kwargs):
+            with torch.profiler.record_function(label):
+                return fn(*args, **kwargs)
+        return run
+
+    return _wrapped(obj, attr, wrap)
+
+
+@contextmanager
+def _forward_hooks(net: torch.nn.Module, pre, post):
+    """``pre`` and ``post`` as forward pre- and post-hooks of every module of ``net``, while inside."""
+    handles = [h for m in net.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def phase_host_ms(step, batch: dict, steps: int = 10) -> dict[str, float]:
@@ -102,18 +133,13 @@ def forward_host_by_module(step, batch: dict, steps: int = 3) -> list[tuple[str,
         if stack:
             stack[-1][2] += spent
 
-    handles = [h for m in step.task.net.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
-    try:
-        with _timed(step.task, "training_step") as totals:
-            step(batch)  # a warm-up with the hooks in place
+    with _forward_hooks(step.task.net, pre, post), _timed(step.task, "training_step") as totals:
+        step(batch)  # a warm-up with the hooks in place
+        sync_device(step.device)
+        own.clear(), calls.clear(), totals.clear()
+        for _ in range(steps):
+            step(batch)
             sync_device(step.device)
-            own.clear(), calls.clear(), totals.clear()
-            for _ in range(steps):
-                step(batch)
-                sync_device(step.device)
-    finally:
-        for h in handles:
-            h.remove()
     outside = sum(totals) - sum(own.values())
     rows = [(name, ms * 1e3 / steps, calls[name] // steps) for name, ms in own.items()]
     rows.append(("(outside modules)", outside * 1e3 / steps, 0))
@@ -136,23 +162,6 @@ def host_ops(step, batch: dict, steps: int = 3) -> tuple[list[tuple[str, float, 
     return rows, sum(r[1] for r in rows)
 
 
-@contextmanager
-def _labelled(obj, attr: str, label: str):
-    """``obj.attr`` wrapped, while inside, so that each call runs inside a profiler range named ``label``."""
-    fn = getattr(obj, attr)
-
-    def run(*args, **kwargs):
-        with torch.profiler.record_function(label):
-            return fn(*args, **kwargs)
-
-    setattr(obj, attr, run)
-    try:
-        yield
-    finally:
-        delattr(obj, attr)
-
-
-@contextmanager
 def _module_ranges(net: torch.nn.Module):
     """A profiler range ``module::<class>`` around each module call of ``net``'s forward, while inside."""
     open_ranges: list = []
@@ -165,12 +174,7 @@ def _module_ranges(net: torch.nn.Module):
     def post(_module, _args, _out):
         open_ranges.pop().__exit__(None, None, None)
 
-    handles = [h for m in net.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return _forward_hooks(net, pre, post)
 
 
 def _context(name: str) -> str | None:
