@@ -235,13 +235,14 @@ def doctor() -> int:
     from segresmamba.ssm import backend_status
 
     print(f"segresmamba {segresmamba.__version__} (git {git_sha()}), python {platform.python_version()}")
-    for pkg, ver in versions().items():
+    installed = versions()
+    for pkg, ver in installed.items():
         print(f"  {pkg:12s} {ver}")
     print(f"device: {device_name()}")
     if torch.cuda.is_available():
         cap = torch.cuda.get_device_capability()
         print(f"  CUDA {torch.version.cuda}, compute capability sm_{cap[0]}{cap[1]}, {torch.cuda.device_count()} GPU(s)")
-    advice = triton_advice(versions().get("triton"), torch.cuda.is_available())
+    advice = triton_advice(installed.get("triton"), torch.cuda.is_available())
     if advice:
         print(f"note: {advice}")
     print("scan backends:")
