@@ -20,12 +20,13 @@ $(STAMP): pyproject.toml
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 		echo "using installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		echo "GPU found: installing torch from PyPI (CUDA build)"; $(PY) -m pip install torch; \
+		echo "GPU found: installing torch from PyPI (CUDA build)"; $(PY) -m pip install --no-cache-dir torch; \
 	else \
 		echo "no GPU: installing $(TORCH_CPU) (CPU build)"; \
-		$(PY) -m pip install --retries 1 "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); \
+		$(PY) -m pip install --no-cache-dir --retries 1 "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(PY) -m pip install -e ".[dev]"
+	@# no wheel cache: a fresh environment gains nothing from it, and it fills small disks
+	$(PY) -m pip install --no-cache-dir -e ".[dev]"
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install the suite (CPU torch without a GPU, keeps an existing torch)
