@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency bench-scan scan-ablation kernel-report model-step step-profile triton-ab ddp-check gpu-hours params plots clean
+.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency bench-scan scan-ablation kernel-report model-step step-profile tom-host triton-ab ddp-check gpu-hours params plots clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -94,6 +94,9 @@ model-step: $(STAMP) ## whole-model training step on this GPU in seven modes: ea
 
 step-profile: $(STAMP) ## GPU kernel time (by kind) against wall time of a SegResMamba training step: eager, ToM graphs, whole-step graphs (FAST_NORMS=1: with fast_norms) -> results/perf/
 	$(PY) -m perf.step_profile --model $(or $(MODEL),segresmamba) --config brats --out results/perf $(if $(FAST_NORMS),--fast-norms)
+
+tom-host: $(STAMP) ## host work of one fused ToM layer (Python, dispatcher, autograd), its Triton launches counted, not run (CPU) -> results/perf/tom_host.md
+	$(PY) -m perf.tom_host --out results/perf
 
 triton-ab: $(STAMP) ## the ToM layer's kernels built by this machine's Triton (CPU; AB=dir) timed against the GPU's own (on the GPU: RUN=1) -> results/perf/triton_ab.md
 	$(if $(RUN),$(PY) -m perf.triton_ab run --cubins $(or $(AB),.triton_ab) --out results/perf,$(PY) -m perf.triton_ab build --out $(or $(AB),.triton_ab))

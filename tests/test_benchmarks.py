@@ -537,6 +537,34 @@ def test_host_time_splits_the_step_by_phase_module_and_operator():
     assert total == pytest.approx(sum(ms for _, ms, _ in ops)) and all(n >= 1 for _, _, n in ops)
 
 
+def test_tom_host_counts_the_fused_layers_launches_and_operators_without_running_its_kernels(tmp_path):
+    """perf.tom_host runs the fused ToM path on the CPU with every Triton launch a counter: one forward launches the
+    conv and the three scan passes, the backward five more; the kernels and TRITON_INTERPRET are put back after."""
+    pytest.importorskip("triton")
+    import os
+
+    from perf import tom_host
+    from segresmamba.ssm.triton import autograd, fused_tom
+
+    kernels = {name: getattr(autograd, name) for name in ("_fwd_output_kernel", "_bwd_grad_kernel", "_carry_kernel")}
+    before = os.environ.get("TRITON_INTERPRET")
+    m = tom_host.measure(dim=8, side=4, steps=2, repeats=1)
+    assert m["forward_launches"] == 4
+    assert m["launches"] == {"_conv_fwd_kernel": 1, "_fwd_chunk_state_kernel": 1, "_carry_kernel": 2, "_fwd_output_kernel": 1,
+                             "_bwd_chunk_state_kernel": 1, "_bwd_grad_kernel": 1, "_conv_bwd_pre_kernel": 1,
+                             "_conv_bwd_dx_kernel": 1}
+    assert m["forward_us"] > 0 and m["backward_us"] > 0
+    # the projections run as matmuls in the forward and twice as many in the backward; views are counted apart
+    assert m["forward_by_name"]["bmm"] + m["forward_by_name"]["mm"] >= 2 and "view" not in m["forward_by_name"]
+    assert m["backward_ops"] > m["forward_ops"] > 0 and m["forward_views"] > 0
+    assert all(getattr(autograd, name) is kernel for name, kernel in kernels.items())
+    assert fused_tom._conv_fwd_kernel.__class__.__name__ != "LaunchCounter"
+    assert os.environ.get("TRITON_INTERPRET") == before
+    assert tom_host.main(["--steps", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "tom_host.md").read_text()
+    assert "| step |" in text and "git " in text and "`_bwd_grad_kernel` 1" in text
+
+
 def test_gpu_idle_goes_to_what_the_host_ran_when_it_launched_the_next_kernel():
     """A synthetic trace: one step; the wait before the first kernel, a gap after a backward node's launch, one
     under the threshold, the optimiser's and one outside every labelled range; nested modules give the innermost."""
