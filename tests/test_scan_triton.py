@@ -353,6 +353,32 @@ def test_launch_plan_keeps_the_chunks_within_the_grid():
     assert launch_plan(1, 96, 16, MAX_CHUNKS * 64 + 1, 64)[0] == 128
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_grid_arithmetic_matches_tritons():
+    import triton
+
+    for n in [*range(0, 130), 1000, 1024, 1025, 64**3, 64**3 + 1]:
+        assert tuning.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 32, 128):
+            assert tuning.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_launch_plan_is_cached_but_follows_the_settings_and_the_chunk_limit(monkeypatch):
+    """The plan is cached per call signature; a change of TUNING or of MAX_CHUNKS is a new plan, not a stale one."""
+    from segresmamba.ssm.triton import autograd
+
+    monkeypatch.setitem(tuning.TUNING, "warps", None)  # the heuristic: 4 warps for a 4 x 16 tile
+    assert autograd.launch_plan(2, 3, 4, 150, 16) == (16, 10, 4, 1, 4)
+    monkeypatch.setitem(tuning.TUNING, "warps", 2)
+    assert autograd.launch_plan(2, 3, 4, 150, 16)[4] == 2
+    monkeypatch.setitem(tuning.TUNING, "max_group", 3)
+    assert autograd.launch_plan(2, 3, 4, 150, 16)[3] == 1  # a 60-program grid still wants one channel per program
+    assert autograd.launch_plan(2, 3, 4, 150, 16) is autograd.launch_plan(2, 3, 4, 150, 16)
+    monkeypatch.setattr(autograd, "MAX_CHUNKS", 4)
+    assert autograd.launch_plan(2, 3, 4, 150, 16)[:2] == (64, 3)
+
+
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
 def test_longer_chunks_past_the_grid_limit_under_interpreter(monkeypatch):
     """With the chunk limit lowered to 4, 150 tokens at 16-token chunks run as 64-token chunks, still exact."""

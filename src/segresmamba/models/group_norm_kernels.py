@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from segresmamba.ssm.triton.tuning import cdiv, next_power_of_2
+
 # elements per program of the reductions, and per program of the elementwise passes. The grids put these blocks
 # on axis 0 (up to 2^31 - 1 programs); (N C) planes and (N G) rows go on axis 1 (at most 65535)
 CHUNK = 8192
@@ -198,12 +200,12 @@ def group_stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor,
     """mean and rstd (N, G), fp32, of a contiguous (N, C, *spatial) tensor's groups."""
     n = x.shape[0]
     rows, m = n * groups, x.numel() // (n * groups)
-    splits = triton.cdiv(m, CHUNK)
+    splits = cdiv(m, CHUNK)
     part = torch.empty(rows, splits, 3, dtype=torch.float32, device=x.device)
     _stats_kernel[(splits, rows)](x, part, m, splits, CHUNK=CHUNK, BLOCK=_reduction_block())
     mean = torch.empty(n, groups, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    _finalize_kernel[(rows,)](part, mean, rstd, splits, eps, BLOCK_S=min(max(triton.next_power_of_2(splits), 16), 1024))
+    _finalize_kernel[(rows,)](part, mean, rstd, splits, eps, BLOCK_S=min(max(next_power_of_2(splits), 16), 1024))
     return mean, rstd
 
 
@@ -212,7 +214,7 @@ def normalize(x: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, rstd: torc
     """``out = (x - mean[n, g]) rstd[n, g] w[c] + b[c]`` over a contiguous (N, C, *spatial) x, into ``out``."""
     n, c = x.shape[:2]
     planes, s = n * c, x[0, 0].numel()
-    _apply_kernel[(triton.cdiv(s, BLOCK), planes)](
+    _apply_kernel[(cdiv(s, BLOCK), planes)](
         x, out, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean, s, c, c // mean.shape[1],
         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=BLOCK,
     )
@@ -226,18 +228,18 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: to
     n, c = x.shape[:2]
     groups = mean.shape[1]
     s = x[0, 0].numel()
-    splits = triton.cdiv(s, CHUNK)
+    splits = cdiv(s, CHUNK)
     part = torch.empty(n * c, splits, 2, dtype=torch.float32, device=x.device)
     _grad_sums_kernel[(splits, n * c)](grad_y, x, part, s, splits, CHUNK=CHUNK, BLOCK=_reduction_block())
     coeffs = torch.empty(5, n, c, dtype=torch.float32, device=x.device)  # p, a, b2, dw share, dbias share
     _grad_coeff_kernel[(n * groups,)](
         part, mean, rstd, weight if weight is not None else mean, *coeffs, c, c // groups, splits, (c // groups) * s,
-        HAS_W=weight is not None, BLOCK_S=min(max(triton.next_power_of_2(splits), 16), COEFF_BLOCK),
+        HAS_W=weight is not None, BLOCK_S=min(max(next_power_of_2(splits), 16), COEFF_BLOCK),
     )
     dx = None
     if need_x:
         dx = torch.empty_like(x)
-        _grad_input_kernel[(triton.cdiv(s, BLOCK), n * c)](grad_y, x, dx, coeffs[0], coeffs[1], coeffs[2], s, BLOCK=BLOCK)
+        _grad_input_kernel[(cdiv(s, BLOCK), n * c)](grad_y, x, dx, coeffs[0], coeffs[1], coeffs[2], s, BLOCK=BLOCK)
     return dx, coeffs[3], coeffs[4]
 
 

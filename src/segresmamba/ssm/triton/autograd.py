@@ -13,10 +13,10 @@ Imports Triton: :mod:`segresmamba.ssm.scan` loads this module on the first use o
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
-import triton
 
 from segresmamba.ssm.orientations import ORIENTATIONS, orient, orientation_codes, unorient
 from segresmamba.ssm.scan_torch import _check_inputs
@@ -27,7 +27,7 @@ from segresmamba.ssm.triton.kernels import (
     _fwd_chunk_state_kernel,
     _fwd_output_kernel,
 )
-from segresmamba.ssm.triton.tuning import CARRY_LANES, CARRY_ROWS, TUNING, kernel_inputs
+from segresmamba.ssm.triton.tuning import CARRY_LANES, CARRY_ROWS, TUNING, cdiv, kernel_inputs, next_power_of_2
 
 
 MAX_CHUNKS = 65535  # the scan kernels put the chunks on grid axis 1, which CUDA stops at 65535
@@ -38,16 +38,22 @@ def launch_plan(b: int, d: int, n: int, length: int, chunk: int):
 
     A sequence of more than ``MAX_CHUNKS`` chunks (over 4.2 M tokens at 64-token chunks) gets longer chunks, enough
     to fit the grid: slower than the tuned length, but a valid launch."""
+    return _launch_plan(b, d, n, length, chunk, TUNING["max_group"], TUNING["warps"], MAX_CHUNKS)
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_plan(b: int, d: int, n: int, length: int, chunk: int, max_group: int, warps: int | None, max_chunks: int):
+    # cached: the plan is a pure function of its arguments, and a layer asks for the same one every step
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
-    T = max(16, min(chunk, triton.next_power_of_2(length)))
-    T = max(T, triton.next_power_of_2(triton.cdiv(length, MAX_CHUNKS)))
-    nchunks = triton.cdiv(length, T)
-    BN = max(2, triton.next_power_of_2(n))
+    T = max(16, min(chunk, next_power_of_2(length)))
+    T = max(T, next_power_of_2(cdiv(length, max_chunks)))
+    nchunks = cdiv(length, T)
+    BN = max(2, next_power_of_2(n))
     # channels per program: a divisor of d (no ragged group), as large as keeps the grid several waves deep
-    divisors = [g for g in range(min(TUNING["max_group"], d), 0, -1) if d % g == 0]
+    divisors = [g for g in range(min(max_group, d), 0, -1) if d % g == 0]
     group = next((g for g in divisors if b * nchunks * (d // g) >= 2048), 1)
-    warps = TUNING["warps"] or (4 if BN * T <= 2048 else 8)
+    warps = warps or (4 if BN * T <= 2048 else 8)
     return T, nchunks, BN, group, warps
 
 
@@ -60,8 +66,8 @@ def _run_carry(decay: torch.Tensor, local: torch.Tensor, reverse: bool) -> torch
     b, nchunks, d, n = decay.shape
     out = torch.empty(b, nchunks + 1, d, n, dtype=torch.float32, device=decay.device)
     lanes = d * n
-    _carry_kernel[(triton.cdiv(lanes, CARRY_LANES), b)](
-        decay, local, out, nchunks, triton.cdiv(nchunks, CARRY_ROWS), lanes, ROWS=CARRY_ROWS, BLOCK=CARRY_LANES, REVERSE=reverse, num_warps=4
+    _carry_kernel[(cdiv(lanes, CARRY_LANES), b)](
+        decay, local, out, nchunks, cdiv(nchunks, CARRY_ROWS), lanes, ROWS=CARRY_ROWS, BLOCK=CARRY_LANES, REVERSE=reverse, num_warps=4
     )
     return out
 

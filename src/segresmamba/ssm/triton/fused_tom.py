@@ -31,12 +31,12 @@ Imports Triton: :class:`~segresmamba.ssm.tom.TriOrientedMamba` loads this module
 from __future__ import annotations
 
 import torch
-import triton
+from torch._utils import _flatten_dense_tensors
 
 from segresmamba.ssm.orientations import orientation_codes
 from segresmamba.ssm.triton.autograd import codes_on, last_dim_unit, scan_backward, scan_forward
 from segresmamba.ssm.triton.kernels import _conv_bwd_dx_kernel, _conv_bwd_pre_kernel, _conv_fwd_kernel
-from segresmamba.ssm.triton.tuning import TUNING
+from segresmamba.ssm.triton.tuning import TUNING, cdiv
 
 BLOCK_T, BLOCK_D = 128, 16
 
@@ -55,7 +55,7 @@ def conv_silu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     branches, _, k = weight.shape
     code_t = codes_on(x.device, codes)
     u = torch.empty(branches * b, d, length, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(length, BLOCK_T), triton.cdiv(d, BLOCK_D), branches * b)
+    grid = (cdiv(length, BLOCK_T), cdiv(d, BLOCK_D), branches * b)
     _conv_fwd_kernel[grid](
         x, weight, bias, u, code_t, length, d, b, nslices, length // nslices,
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), bias.stride(0), u.stride(0), u.stride(1),
@@ -71,8 +71,8 @@ def conv_silu_backward(x, weight, bias, codes, nslices, grad_u: torch.Tensor) ->
     branches, _, k = weight.shape
     grad_u = last_dim_unit(grad_u.reshape(branches * b, d, length))
     code_t = codes_on(x.device, codes)
-    nt = triton.cdiv(length, BLOCK_T)
-    grid = (nt, triton.cdiv(d, BLOCK_D), branches * b)
+    nt = cdiv(length, BLOCK_T)
+    grid = (nt, cdiv(d, BLOCK_D), branches * b)
     f32 = dict(dtype=torch.float32, device=x.device)
     gp = torch.empty(branches * b, d, length, **f32)
     dw_part = torch.empty(branches * b * nt, d, k, **f32)
@@ -177,7 +177,7 @@ def stack_branch_parameters(params, branches: int) -> dict[str, torch.Tensor]:
     if len({p.dtype for p in params}) > 1:
         stacked = [torch.stack(group) for group in groups]
     else:
-        flat = torch.cat([p.reshape(-1) for p in params])
+        flat = _flatten_dense_tensors(params)  # one concatenation, its views made in C++ rather than one Python call each
         stacked, offset = [], 0
         for group in groups:
             size = branches * group[0].numel()
@@ -186,6 +186,14 @@ def stack_branch_parameters(params, branches: int) -> dict[str, torch.Tensor]:
     out = dict(zip(PARAMETER_KINDS, stacked))
     out["conv_weight"] = out["conv_weight"].flatten(1, 2)  # (R, d, 1, K) -> (R, d, K)
     return out
+
+
+def _as_parameter(grad: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """``grad`` in its parameter's shape and dtype; a view or a cast only where one is needed (each costs the host a
+    dispatcher call, and a ToM layer returns 21 such gradients per step)."""
+    if grad.shape != shape:
+        grad = grad.view(shape)
+    return grad if grad.dtype == dtype else grad.to(dtype)
 
 
 class TriOrientedBranchesFn(torch.autograd.Function):
@@ -208,7 +216,7 @@ class TriOrientedBranchesFn(torch.autograd.Function):
         branches = len(codes)
         b, length, two_d = xz.shape
         d = two_d // 2
-        with torch.autocast(xz.device.type, enabled=False):
+        with torch._C._DisableAutocast():  # every device's autocast, as torch.autocast(enabled=False) at a third of its host cost
             x = xz[..., :d].transpose(1, 2)  # (b, d, L) views into xz: the kernels read them in place
             z = xz[..., d:].transpose(1, 2)
             p = stack_branch_parameters(params, branches)
@@ -267,7 +275,7 @@ class TriOrientedBranchesFn(torch.autograd.Function):
                    "A_log": dA_log, "D": dD}
         grads = [g for kind in PARAMETER_KINDS for g in by_kind[kind].unbind(0)]
         params = [
-            None if not needed else g.view(shape).to(dtype)
+            None if not needed else _as_parameter(g, shape, dtype)
             for g, (shape, dtype), needed in zip(grads, ctx.param_shapes, ctx.needs_input_grad[2:])
         ]
         return (dxz if ctx.needs_input_grad[0] else None), None, *params

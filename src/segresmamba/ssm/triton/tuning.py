@@ -50,6 +50,17 @@ def _read_environment() -> None:
 _read_environment()
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for a launch grid. Plain integer arithmetic: Triton 3.9's ``triton.cdiv`` is a constexpr function
+    whose call costs the host about 2 µs, and a ToM layer's step makes a dozen such calls."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n for n >= 1 (0 for 0), as ``triton.next_power_of_2`` without its call overhead."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def kernel_inputs(u, delta, B, C, grad_y=None) -> tuple:
     """The tensors the kernels read: fp32 copies of the 16-bit ones that ``TUNING["upcast"]`` names."""
     mode = TUNING["upcast"]
@@ -63,4 +74,5 @@ def kernel_inputs(u, delta, B, C, grad_y=None) -> tuple:
     return up(u, every), up(delta, every), up(B, mode != "none"), up(C, mode != "none"), up(grad_y, every)
 
 
-__all__ = ["CARRY_LANES", "CARRY_ROWS", "MAX_CHANNEL_GROUP", "TUNING", "TUNING_ENV", "UPCAST_MODES", "kernel_inputs"]
+__all__ = ["CARRY_LANES", "CARRY_ROWS", "MAX_CHANNEL_GROUP", "TUNING", "TUNING_ENV", "UPCAST_MODES", "cdiv", "kernel_inputs",
+           "next_power_of_2"]
