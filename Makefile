@@ -89,11 +89,11 @@ scan-ablation: $(STAMP) ## the scan backward with parts cut out: timed on the GP
 kernel-report: $(STAMP) ## registers, spills and hot-loop instructions of the scan kernels, compiled for sm_90 on this CPU -> results/perf/
 	$(PY) -m perf.kernel_resources --out results/perf
 
-model-step: $(STAMP) ## whole-model training step on this GPU in seven modes: eager, ToM graphs, whole-step graphs, fast norms, channels_last (BraTS 128^3) -> results/perf/
+model-step: $(STAMP) ## whole-model training step on this GPU in eight modes: eager, ToM graphs, whole-step graphs, fast norms, channels_last, fast GroupNorm (BraTS 128^3) -> results/perf/
 	$(PY) -m perf.model_step --measure --out results/perf
 
-step-profile: $(STAMP) ## GPU kernel time (by kind) against wall time of a SegResMamba training step: eager, ToM graphs, whole-step graphs (FAST_NORMS=1: with fast_norms) -> results/perf/
-	$(PY) -m perf.step_profile --model $(or $(MODEL),segresmamba) --config brats --out results/perf $(if $(FAST_NORMS),--fast-norms)
+step-profile: $(STAMP) ## GPU kernel time (by kind) against wall time of a SegResMamba training step: eager, ToM graphs, whole-step graphs (FAST_NORMS=1: with fast_norms; FAST_NORMS=group: GroupNorm only) -> results/perf/
+	$(PY) -m perf.step_profile --model $(or $(MODEL),segresmamba) --config brats --out results/perf $(if $(filter group,$(FAST_NORMS)),--fast-norms group,$(if $(FAST_NORMS),--fast-norms))
 
 tom-host: $(STAMP) ## host work of one fused ToM layer (Python, dispatcher, autograd), its Triton launches counted, not run (CPU) -> results/perf/tom_host.md
 	$(PY) -m perf.tom_host --out results/perf

@@ -13,7 +13,8 @@ volume of the config. ``--measure`` takes them on this GPU in one run (one proce
   (:mod:`segresmamba.step_graphs`, the fastest mode), bf16;
 - ``eager_cl`` and ``step_cl``: the same two with ``channels_last`` (NDHWC 3D conv layout), bf16;
 - ``eager_fn`` and ``step_fn``: the same two with ``fast_norms`` (GroupNorm and InstanceNorm by whole-tensor
-  reductions, :mod:`segresmamba.models.group_norm`), bf16.
+  reductions, :mod:`segresmamba.models.group_norm`), bf16;
+- ``eager_gn``: eager with ``fast_norms="group"`` (GroupNorm only, the eager choice), bf16.
 
 The eager steps of the Mamba models are bound by the host's kernel launches (about 1,900 per SegResMamba step),
 so their times move with whatever else runs on the host's CPUs: measure on an otherwise idle machine. The
@@ -40,7 +41,7 @@ from segresmamba.data.spec import get_dataset_spec
 DEFAULT_MODELS = ("segresmamba", "segresmamba_notom", "swinunetr", "unetr", "nnunet", "segmamba")
 
 
-MODES = ("eager", "tom", "step", "eager_cl", "step_cl", "eager_fn", "step_fn")
+MODES = ("eager", "tom", "step", "eager_cl", "step_cl", "eager_fn", "step_fn", "eager_gn")
 
 
 def _graphs_text(row) -> str:
@@ -62,7 +63,8 @@ def _text(row, column: str) -> str:
 
 
 def _norms_text(row) -> str:
-    return "whole-tensor" if str(getattr(row, "fast_norms", False)).lower() == "true" else "torch"
+    setting = str(getattr(row, "fast_norms", False)).lower()
+    return {"true": "whole-tensor", "group": "whole-tensor GroupNorm"}.get(setting, "torch")
 
 
 def measure(models: tuple[str, ...], source: Path, modes: tuple[str, ...] = MODES) -> list[Path]:
@@ -90,6 +92,7 @@ def measure(models: tuple[str, ...], source: Path, modes: tuple[str, ...] = MODE
     run("step_cl", models if "step_cl" in modes else (), graphs="step", channels_last=True, **bf16)
     run("eager_fn", models if "eager_fn" in modes else (), fast_norms=True, **bf16)
     run("step_fn", models if "step_fn" in modes else (), graphs="step", fast_norms=True, **bf16)
+    run("eager_gn", models if "eager_gn" in modes else (), fast_norms="group", **bf16)
     return tables
 
 
@@ -173,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         "cuda_graphs: how many ToM layers replayed CUDA graphs (`configs/callbacks/cuda_graphs.yaml` in training), "
         "`whole step` = the forward, loss and backward replayed as CUDA graphs (`configs/callbacks/step_graphs.yaml`), "
         "- = all eager; layout: NDHWC = `--model.channels_last true`; norms: whole-tensor = `--model.fast_norms true` "
-        "(GroupNorm and InstanceNorm by whole-tensor reductions), torch = PyTorch's kernels. "
+        "(GroupNorm and InstanceNorm by whole-tensor reductions), whole-tensor GroupNorm = `--model.fast_norms group` "
+        "(GroupNorm only), torch = PyTorch's kernels. "
         f"volume_s: sliding-window inference of one whole {'x'.join(map(str, spec.volume))} volume "
         f"({spec.in_channels} channels, ROI = the patch, overlap 0.5, batch 1, eval, no grad), seconds. "
         "host_op_us, host_gemm_us: what one elementwise op and one small cuBLAS GEMM cost that row's process on the "

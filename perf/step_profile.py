@@ -16,7 +16,8 @@ Per mode it also records the host's time to enqueue a step by phase, where in th
 (:func:`perf.host_time.gpu_idle`), and for ``eager`` the forward's host time by module class and the host's time by
 operator (:mod:`perf.host_time`), to show where a host-bound step spends it.
 ``--fast-norms`` profiles the nets with ``fast_norms`` (the fastest mode is ``step_graphs`` with it) and writes
-``step_profile_<model>_<config>_fast_norms.md``.
+``step_profile_<model>_<config>_fast_norms.md``; ``--fast-norms group`` with ``fast_norms="group"`` (GroupNorm only),
+``step_profile_<model>_<config>_fast_group_norms.md``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 import segresmamba
 from perf.host_time import forward_host_by_module, gpu_idle, host_ops, phase_host_ms
 from perf.scan_bench import kernel_breakdown
-from segresmamba.bench.efficiency import PROFILED_DATASETS, release_graphs
+from segresmamba.bench.efficiency import PROFILED_DATASETS, fast_norms_choice, release_graphs
 from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
 from segresmamba.data.spec import get_dataset_spec
 from segresmamba.profiling.host import host_costs, host_costs_text
@@ -41,6 +42,8 @@ from segresmamba.ssm.cuda_graphs import graph_tom_layers
 from segresmamba.step_graphs import TrainingGraph
 
 MODES = ("eager", "cuda_graphs", "step_graphs")
+_NORMS_TEXT = {False: "PyTorch kernels", True: "whole-tensor (`--model.fast_norms true`)",
+               "group": "GroupNorm whole-tensor, InstanceNorm PyTorch's (`--model.fast_norms group`)"}
 TOP = 15
 HOST_TOP = 25
 # kernel kinds, first match wins (names as the profiler reports them)
@@ -95,7 +98,7 @@ def host_sections(step, batch: dict) -> list[str]:
 
 
 def profile(model_name: str, config: str, precision: str, modes: list[str], steps: int, warmup: int, recipe: str = "paper",
-            fast_norms: bool = False) -> list[str]:
+            fast_norms: bool | str = False) -> list[str]:
     spec = get_dataset_spec(config)
     torch.backends.cudnn.benchmark = True  # as the training configs
     torch.manual_seed(0)
@@ -107,7 +110,7 @@ def profile(model_name: str, config: str, precision: str, modes: list[str], step
     lines = [f"# Training step of {model_name}, {config} {'x'.join(map(str, spec.patch))} b1 {precision}: GPU kernels against wall time", "",
              f"{prov['device']} · git {prov['git_sha']} · torch {prov['versions'].get('torch')} · triton {prov['versions'].get('triton')} · "
              f"synthetic tensors, the suite's training step (recipe {recipe}: task loss, backward, optimiser step), "
-             f"norms: {'whole-tensor (`--model.fast_norms true`)' if fast_norms else 'PyTorch kernels'}, "
+             f"norms: {_NORMS_TEXT[fast_norms]}, "
              f"`cudnn.benchmark` on. Wall: median of {steps} steps after {warmup} warm-ups "
              "(CUDA synchronised around each). Kernels: torch.profiler, mean of 3 steps. Names are cut at 90 characters.", "",
              "Host: the host's time to enqueue a step, the GPU idle at its start (synchronised before each step, not inside "
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--fast-norms", action="store_true", help="GroupNorm and InstanceNorm by whole-tensor reductions (--model.fast_norms)")
+    p.add_argument("--fast-norms", nargs="?", const=True, default=False, type=fast_norms_choice,
+                   help="GroupNorm and InstanceNorm by whole-tensor reductions (--model.fast_norms); `--fast-norms group`: GroupNorm only")
     p.add_argument("--out", type=Path, default=Path("results/perf"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -167,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: unknown model {args.model!r}; known models: {', '.join(segresmamba.list_models())}")
     lines = profile(args.model, args.config, args.precision, args.modes, args.steps, args.warmup, args.recipe, args.fast_norms)
     args.out.mkdir(parents=True, exist_ok=True)
-    dest = args.out / f"step_profile_{args.model}_{args.config}{'_fast_norms' if args.fast_norms else ''}.md"
+    suffix = {False: "", True: "_fast_norms", "group": "_fast_group_norms"}[args.fast_norms]
+    dest = args.out / f"step_profile_{args.model}_{args.config}{suffix}.md"
     dest.write_text("\n".join(lines) + "\n")
     print(f"wrote {dest}")
     return 0

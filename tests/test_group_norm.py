@@ -380,6 +380,44 @@ def test_use_fast_norms_on_suite_networks(net):
         assert torch.allclose(b.grad, a.grad, atol=1e-5, rtol=1e-3), name
 
 
+def test_task_fast_norms_group_switches_the_group_norms_only():
+    """``fast_norms="group"`` (the eager choice) switches GroupNorm and leaves InstanceNorm to PyTorch; ``True`` both;
+    any other value is refused before the net is built."""
+    from segresmamba.models.group_norm import GroupNorm
+    from segresmamba.models.group_norm import InstanceNorm3d as FastInstanceNorm3d
+    from segresmamba.task import SegmentationTask
+
+    kwargs = {"net_kwargs": {"feature_sizes": [8, 16, 32, 64]}, "img_size": 48}
+    by_class = {}
+    for setting in (False, "group", True):
+        net = SegmentationTask(fast_norms=setting, **kwargs).net
+        by_class[setting] = {cls: sum(type(m) is cls for m in net.modules())
+                             for cls in (nn.GroupNorm, GroupNorm, nn.InstanceNorm3d, FastInstanceNorm3d)}
+    plain = by_class[False]
+    assert plain[nn.GroupNorm] > 0 and plain[nn.InstanceNorm3d] > 0 and plain[GroupNorm] == plain[FastInstanceNorm3d] == 0
+    assert by_class["group"] == {nn.GroupNorm: 0, GroupNorm: plain[nn.GroupNorm], nn.InstanceNorm3d: plain[nn.InstanceNorm3d],
+                                 FastInstanceNorm3d: 0}
+    assert by_class[True] == {nn.GroupNorm: 0, GroupNorm: plain[nn.GroupNorm], nn.InstanceNorm3d: 0,
+                              FastInstanceNorm3d: plain[nn.InstanceNorm3d]}
+    with pytest.raises(ValueError, match="fast_norms must be true, false or 'group', got 'instance'"):
+        SegmentationTask(fast_norms="instance", **kwargs)
+
+
+def test_fast_norms_group_on_the_command_lines():
+    from perf import model_step
+    from segresmamba.bench.efficiency import parse_args
+
+    base = ["--configs", "spleen", "--models", "unet"]
+    assert [parse_args(base + extra).fast_norms for extra in ([], ["--fast-norms"], ["--fast-norms", "group"])] == [False, True, "group"]
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--fast-norms", "instance"])
+    row = type("Row", (), {})
+    for setting, text in ((True, "whole-tensor"), ("group", "whole-tensor GroupNorm"), (False, "torch")):
+        row.fast_norms = setting
+        assert model_step._norms_text(row) == text
+    assert "eager_gn" in model_step.MODES
+
+
 @pytest.mark.gpu
 def test_instance_norm_under_cuda_autocast_keeps_bf16():
     if not torch.cuda.is_available():

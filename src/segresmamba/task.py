@@ -29,7 +29,7 @@ from segresmamba.metrics import (
     summarise,
     voxel_spacing,
 )
-from segresmamba.models.group_norm import use_fast_norms
+from segresmamba.models.group_norm import use_fast_group_norm, use_fast_norms
 from segresmamba.prediction import export_mask
 from segresmamba.recipes import get_recipe
 from segresmamba.recipes.optim import build_loss, build_optimizer, build_scheduler
@@ -163,13 +163,16 @@ class SegmentationTask(L.LightningModule):
         channels_last: keep the network's 3D convolution weights and the training input in the
             ``channels_last_3d`` (NDHWC) memory layout, which cuDNN's tensor-core kernels use natively; the
             same computation in another layout (a speed setting, see ``results/perf/model_step.md``).
-        fast_norms: run the network's GroupNorm and InstanceNorm layers (those without running statistics)
-            through :mod:`segresmamba.models.group_norm`: the same function, with reductions spread over the
-            whole tensor (PyTorch's kernels give one thread block to each channel or group, which leaves a GPU
-            idle at batch 1); the same parameters and state dict (a speed setting). On a GPU each norm then
+        fast_norms: ``True``: run the network's GroupNorm and InstanceNorm layers (those without running
+            statistics) through :mod:`segresmamba.models.group_norm`: the same function, with reductions spread
+            over the whole tensor (PyTorch's kernels give one thread block to each channel or group, which leaves
+            a GPU idle at batch 1); the same parameters and state dict (a speed setting). On a GPU each norm then
             costs the host six Triton launches: it pays with the step-graph callback, or eagerly where the step
             is bound by the GPU (the nnU-Net-style net), not for a host-bound eager step such as SegResMamba's
-            (``results/perf/scan_notes.md``, run 7).
+            (``results/perf/scan_notes.md``, run 7). ``"group"``: the GroupNorm layers only, for eager steps:
+            PyTorch's GroupNorm is the slow one (one block per (sample, group), in fp32 under autocast), and a
+            network has few of them, whereas its InstanceNorm runs as cuDNN batch norm at a third of the
+            host's cost of the Triton path.
 
     Speed: ``step_graph`` holds the CUDA graphs of the training step when the
     :class:`~segresmamba.step_graphs.StepCudaGraphs` callback captured them (``configs/callbacks/step_graphs.yaml``);
@@ -197,7 +200,7 @@ class SegmentationTask(L.LightningModule):
         eval_space: Literal["original", "resampled"] = "original",
         val_eval_space: Literal["original", "resampled"] = "resampled",
         channels_last: bool = False,
-        fast_norms: bool = False,
+        fast_norms: bool | Literal["group"] = False,
     ) -> None:
         super().__init__()
         drop_monai_cublas_config()  # MONAI's import set it; it slows every cuBLAS call (segresmamba.cublas_env)
@@ -207,6 +210,8 @@ class SegmentationTask(L.LightningModule):
             raise ValueError(f"loss must be 'dice' or 'dicece', got {loss!r}")
         if scheduler not in (None, "cosine", "poly", "none"):
             raise ValueError(f"scheduler must be 'cosine', 'poly' or 'none', got {scheduler!r}")
+        if fast_norms not in (False, True, "group"):
+            raise ValueError(f"fast_norms must be true, false or 'group', got {fast_norms!r}")
         if (lr is not None and lr <= 0) or (weight_decay is not None and weight_decay < 0):
             raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {lr} and {weight_decay}")
         if not 0.0 <= sw_overlap < 1.0:
@@ -230,7 +235,9 @@ class SegmentationTask(L.LightningModule):
         if self.recipe_settings.deep_supervision and model_info(net).deep_supervision:
             net_kwargs.setdefault("deep_supervision", True)
         self.net = create_model(net, in_channels, out_channels, self.img_size, **net_kwargs)
-        if fast_norms:
+        if fast_norms == "group":
+            use_fast_group_norm(self.net)
+        elif fast_norms:
             use_fast_norms(self.net)
         if channels_last:
             with torch.no_grad():  # the 5-D (3D conv) weights; every other tensor keeps its layout

@@ -249,7 +249,7 @@ def profile_model(
     cpu: bool = False,
     graphs: str = "none",
     channels_last: bool = False,
-    fast_norms: bool = False,
+    fast_norms: bool | str = False,
     cudnn_benchmark: bool = True,
     macs: bool = True,
     cpu_step: bool = True,
@@ -269,7 +269,8 @@ def profile_model(
         graphs: CUDA graphs in the training step (GPU only): ``none``, ``tom`` (the small ToM layers) or
             ``step`` (the whole forward, loss and backward).
         channels_last: the task's ``channels_last`` setting (3D conv weights and the input in NDHWC layout).
-        fast_norms: the task's ``fast_norms`` setting (GroupNorm / InstanceNorm by whole-tensor reductions).
+        fast_norms: the task's ``fast_norms`` setting (GroupNorm / InstanceNorm by whole-tensor reductions; ``"group"``:
+            GroupNorm only).
         cudnn_benchmark: as in training (``configs/trainer/gpu.yaml``); without it bf16 depthwise 3D convs
             (MedNeXt, 3D UX-Net) measured slower than fp32.
         macs, cpu_step: count MACs; on a CPU, time a training step and a forward pass.
@@ -446,6 +447,13 @@ def profile(
     return write_tables(rows, out, meta)
 
 
+def fast_norms_choice(text: str) -> str:
+    """The value of ``--fast-norms NORMS``: only ``group`` (a bare ``--fast-norms`` switches every norm)."""
+    if text != "group":
+        raise argparse.ArgumentTypeError(f"the only value --fast-norms takes is 'group' (GroupNorm only), got {text!r}")
+    return text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=list(PROFILED_DATASETS), choices=sorted(DATASETS),
@@ -469,8 +477,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "backward (step); GPU only (write to another --out: rows are keyed by model)")
     p.add_argument("--channels-last", action="store_true",
                    help="3D conv weights and the input in channels_last_3d (NDHWC) layout (the task's channels_last)")
-    p.add_argument("--fast-norms", action="store_true",
-                   help="GroupNorm / InstanceNorm by whole-tensor reductions (the task's fast_norms)")
+    p.add_argument("--fast-norms", nargs="?", const=True, default=False, type=fast_norms_choice,
+                   help="GroupNorm / InstanceNorm by whole-tensor reductions (the task's fast_norms); "
+                        "`--fast-norms group`: GroupNorm only")
     p.add_argument("--skip-macs", action="store_true")
     p.add_argument("--skip-cpu-times", action="store_true")
     p.add_argument("--worker-job", default=None, help=argparse.SUPPRESS)

@@ -49,7 +49,7 @@ def model_settings(model: str, root: Path | None = None) -> dict[str, Any]:
 
 def build_task(
     model: str, spec: DatasetSpec, *, patch: int | tuple[int, int, int] | None = None, recipe: str = "paper",
-    root: Path | None = None, channels_last: bool = False, fast_norms: bool = False,
+    root: Path | None = None, channels_last: bool = False, fast_norms: bool | str = False,
 ) -> SegmentationTask:
     """The task ``segresmamba fit -c configs/model/<model>.yaml -c configs/recipe/<recipe>.yaml`` trains on
     ``spec``'s data (patch: the spec's paper patch unless given). The patch is checked against the
