@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency bench-scan scan-ablation kernel-report model-step step-profile tom-host triton-ab ddp-check gpu-hours params plots clean
+.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency bench-scan scan-ablation kernel-report model-step step-profile tom-host perf-targets triton-ab ddp-check gpu-hours params plots clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -94,6 +94,9 @@ model-step: $(STAMP) ## whole-model training step on this GPU in eight modes: ea
 
 step-profile: $(STAMP) ## GPU kernel time (by kind) against wall time of a SegResMamba training step: eager, ToM graphs, whole-step graphs (FAST_NORMS=1: with fast_norms; FAST_NORMS=group: GroupNorm only) -> results/perf/
 	$(PY) -m perf.step_profile --model $(or $(MODEL),segresmamba) --config brats --out results/perf $(if $(filter group,$(FAST_NORMS)),--fast-norms group,$(if $(FAST_NORMS),--fast-norms))
+
+perf-targets: $(STAMP) ## the training step's speed targets against the figures of model_step.csv and scan.csv, each pair from one run -> results/perf/targets.md
+	$(PY) -m perf.targets --out results/perf
 
 tom-host: $(STAMP) ## host work of one fused ToM layer (Python, dispatcher, autograd), its Triton launches counted, not run (CPU) -> results/perf/tom_host.md
 	$(PY) -m perf.tom_host --out results/perf

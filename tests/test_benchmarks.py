@@ -660,3 +660,45 @@ def test_gpu_idle_on_a_gpu_step_accounts_for_its_kernels():
     assert totals["idle"] == pytest.approx(sum(ms for _, ms, _ in rows))
     contexts = [c for c, _, _ in rows]
     assert any(c.startswith("forward: ") for c in contexts) and any(c.startswith("backward: ") for c in contexts)
+
+
+def test_targets_pair_rows_of_one_run_only(tmp_path):
+    """perf.targets compares two rows only when one card and one commit measured both, and says so otherwise."""
+    from perf import targets
+
+    def row(model, sha, ms, graphs="-", norms="torch", peak=None, pipelined=None):
+        return {"device": "NVIDIA H200", "model": model, "config": "brats 128x128x128 b1", "precision": "bf16", "peak_gib": peak,
+                "step_ms": ms, "pipelined_ms": pipelined, "cuda_graphs": graphs, "layout": "NCDHW", "norms": norms, "git_sha": sha}
+
+    steps = pd.DataFrame([
+        row("nnunet", "b" * 40, 50.0), row("segresmamba", "a" * 40, 70.0, peak=2.9, pipelined=60.0),
+        row("nnunet", "a" * 40, 60.0, pipelined=59.0), row("segresmamba", "c" * 40, 40.0),  # c: no nnunet row
+        row("segresmamba", "a" * 40, 28.0, graphs="whole step", norms="whole-tensor", peak=4.2),
+        row("segmamba", "a" * 40, 90.0, graphs="whole step"), row("segmamba", "a" * 40, 180.0),
+    ])
+    got = {r["target"]: r for r in targets.step_targets(steps)}
+    eager = got["SegResMamba eager step <= nnU-Net-style eager step (one run)"]
+    assert eager["met"] == "no" and eager["measured"].startswith("70.0 ms against 60.0 ms") and "aaaaaaa" in eager["source"]
+    assert "back to back 60.0 against 59.0" in eager["measured"]
+    fastest = got["SegResMamba fastest mode <= 30 ms"]
+    assert fastest["met"] == "yes" and "28.0 ms (CUDA graphs: whole step, norms whole-tensor)" in fastest["measured"]
+    assert got["SegResMamba peak <= 3 GiB (eager)"]["met"] == "yes"
+    assert got["SegResMamba peak <= 3 GiB (fastest mode)"]["met"] == "no"
+    assert got["SegMamba step <= 93.5 ms (half of 187)"]["met"] == "yes"
+
+    def scan_row(backend, sha, ms, variant=None):
+        return {"device": "NVIDIA H200", "kind": "tom", "case": "C48 64^3 b1", "backend": backend, "precision": "bf16",
+                "variant": variant, "fwd_bwd_ms": ms, "git_sha": sha}
+
+    scan = pd.DataFrame([scan_row("triton", "x", 10.0, "chunk=64, fused"), scan_row("mamba_ssm", "y", 40.0),
+                         scan_row("triton_per_branch", "x", 12.0, "chunk=64")])
+    assert targets.tom_target(scan)["met"] == "not measured"  # never in one run
+    scan = pd.concat([scan, pd.DataFrame([scan_row("mamba_ssm", "x", 50.0)])], ignore_index=True)
+    tom = targets.tom_target(scan)
+    assert tom["met"] == "yes" and tom["measured"].startswith("10.00 ms against 50.00 ms: 0.20")
+    steps.to_csv(tmp_path / "model_step.csv", index=False)
+    scan.to_csv(tmp_path / "scan.csv", index=False)
+    assert targets.main(["--model-step", str(tmp_path / "model_step.csv"), "--scan", str(tmp_path / "scan.csv"), "--out", str(tmp_path)]) == 0
+    assert "| ToM C48 64^3 b1 fwd+bwd <= 0.25 x mamba_ssm (one run)" in (tmp_path / "targets.md").read_text()
+    with pytest.raises(SystemExit, match="not found"):
+        targets.main(["--model-step", str(tmp_path / "missing.csv")])

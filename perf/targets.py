@@ -1,0 +1,167 @@
+"""The training step's speed targets against the measured figures: ``results/perf/targets.md``.
+
+The targets (the training step near the hardware; BraTS 128^3, batch 1, bf16, one H100/H200):
+
+- SegResMamba's eager step at most the nnU-Net-style (DynUNet) net's eager step of the same run;
+- SegResMamba's step in its fastest supported mode at most :data:`FASTEST_MS`;
+- SegResMamba's peak memory at most :data:`PEAK_GIB`;
+- the ToM layer (C48, 64^3 tokens, forward and backward) at most :data:`TOM_RATIO` of mamba_ssm's three branches in the
+  same run;
+- SegMamba's step, in any mode, at most half of :data:`SEGMAMBA_BASELINE_MS`, its eager step when the targets were set.
+
+Nothing is measured here: the figures are those ``make model-step`` and ``make bench-scan`` wrote
+(``model_step.csv``, ``scan.csv``), whose rows carry their card and git commit. A comparison between two rows takes
+them from one run, i.e. rows of one card and one commit (the latest such pair in the table); a target whose rows were
+never measured together says so instead of pairing figures of different runs:
+
+    python -m perf.targets --out results/perf
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+FASTEST_MS = 30.0
+PEAK_GIB = 3.0
+TOM_RATIO = 0.25
+SEGMAMBA_BASELINE_MS = 187.0  # SegMamba's eager bf16 step on an H200 at git d98b213, when the targets were set
+TOM_CASE = "C48 64^3 b1"
+RUN = ["device", "git_sha"]
+
+
+def _eager(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the default eager step: no CUDA graphs, NCDHW, PyTorch's norms."""
+    return rows[(rows.cuda_graphs == "-") & (rows.layout == "NCDHW") & (rows.norms == "torch")]
+
+
+def _run(row) -> str:
+    return f"{row.device}, git {str(row.git_sha)[:7]}"
+
+
+def _last_run_with_all(rows: pd.DataFrame, masks: list[pd.Series]) -> tuple | None:
+    """The (device, git_sha) of the last run, in table order, that has a row under every one of ``masks``."""
+    runs = [tuple(r) for r in rows[RUN].drop_duplicates().itertuples(index=False)]
+    have = [set(rows.loc[m, RUN].itertuples(index=False, name=None)) for m in masks]
+    complete = [r for r in runs if all(r in h for h in have)]
+    return complete[-1] if complete else None
+
+
+def step_targets(table: pd.DataFrame) -> list[dict]:
+    """The four targets read from ``model_step.csv`` rows (bf16), one dict per target."""
+    bf16 = table[(table.precision == "bf16") & table.step_ms.notna()]
+    eager = _eager(bf16)
+    out = []
+
+    seg, base = eager[eager.model == "segresmamba"], eager[eager.model == "nnunet"]
+    run = _last_run_with_all(eager, [eager.model == "segresmamba", eager.model == "nnunet"])
+    if run is None:
+        out.append({"target": "SegResMamba eager step <= nnU-Net-style eager step (one run)", "measured": "no run measured both",
+                    "met": "not measured", "source": "-"})
+    else:
+        s = seg[(seg.device == run[0]) & (seg.git_sha == run[1])].iloc[-1]
+        b = base[(base.device == run[0]) & (base.git_sha == run[1])].iloc[-1]
+        back = (f"; back to back {s.pipelined_ms:.1f} against {b.pipelined_ms:.1f}"
+                if pd.notna(s.pipelined_ms) and pd.notna(b.pipelined_ms) else "")
+        out.append({"target": "SegResMamba eager step <= nnU-Net-style eager step (one run)",
+                    "measured": f"{s.step_ms:.1f} ms against {b.step_ms:.1f} ms synchronised{back}",
+                    "met": "yes" if s.step_ms <= b.step_ms else "no", "source": _run(s)})
+
+    mine = bf16[bf16.model == "segresmamba"]
+    if mine.empty:
+        out.append({"target": f"SegResMamba fastest mode <= {FASTEST_MS:g} ms", "measured": "no row", "met": "not measured", "source": "-"})
+    else:
+        best = mine.loc[mine.step_ms.idxmin()]
+        out.append({"target": f"SegResMamba fastest mode <= {FASTEST_MS:g} ms",
+                    "measured": f"{best.step_ms:.1f} ms ({_mode(best)})",
+                    "met": "yes" if best.step_ms <= FASTEST_MS else "no", "source": _run(best)})
+
+    peaks = mine[mine.peak_gib.notna()] if not mine.empty else mine
+    eager_peaks = _eager(peaks)
+    if eager_peaks.empty:
+        out.append({"target": f"SegResMamba peak <= {PEAK_GIB:g} GiB", "measured": "no row", "met": "not measured", "source": "-"})
+    else:
+        p = eager_peaks.iloc[-1]
+        out.append({"target": f"SegResMamba peak <= {PEAK_GIB:g} GiB (eager)", "measured": f"{p.peak_gib:.2f} GiB",
+                    "met": "yes" if p.peak_gib <= PEAK_GIB else "no", "source": _run(p)})
+    if not mine.empty:
+        best = mine.loc[mine.step_ms.idxmin()]
+        measured = pd.notna(best.peak_gib)
+        out.append({"target": f"SegResMamba peak <= {PEAK_GIB:g} GiB (fastest mode)",
+                    "measured": f"{best.peak_gib:.2f} GiB ({_mode(best)})" if measured else "not recorded with the fastest row",
+                    "met": ("yes" if best.peak_gib <= PEAK_GIB else "no") if measured else "not measured", "source": _run(best)})
+
+    theirs = bf16[bf16.model == "segmamba"]
+    limit = SEGMAMBA_BASELINE_MS / 2
+    if theirs.empty:
+        out.append({"target": f"SegMamba step <= {limit:g} ms", "measured": "no row", "met": "not measured", "source": "-"})
+    else:
+        best = theirs.loc[theirs.step_ms.idxmin()]
+        out.append({"target": f"SegMamba step <= {limit:g} ms (half of {SEGMAMBA_BASELINE_MS:g})",
+                    "measured": f"{best.step_ms:.1f} ms ({_mode(best)}), {best.step_ms / SEGMAMBA_BASELINE_MS:.2f} of {SEGMAMBA_BASELINE_MS:g}",
+                    "met": "yes" if best.step_ms <= limit else "no", "source": _run(best)})
+    return out
+
+
+def _mode(row) -> str:
+    parts = ["eager" if row.cuda_graphs == "-" else f"CUDA graphs: {row.cuda_graphs}"]
+    if row.layout != "NCDHW":
+        parts.append(row.layout)
+    if row.norms != "torch":
+        parts.append(f"norms {row.norms}")
+    return ", ".join(parts)
+
+
+def tom_target(scan: pd.DataFrame) -> dict:
+    """The ToM layer's fused Triton forward and backward against mamba_ssm's, bf16, from one run of ``scan.csv``."""
+    target = f"ToM {TOM_CASE} fwd+bwd <= {TOM_RATIO:g} x mamba_ssm (one run)"
+    rows = scan[(scan.kind == "tom") & (scan.case == TOM_CASE) & (scan.precision == "bf16") & scan.fwd_bwd_ms.notna()]
+    fused = (rows.backend == "triton") & rows.variant.fillna("").str.endswith("fused")
+    reference = rows.backend == "mamba_ssm"
+    run = _last_run_with_all(rows, [fused, reference])
+    if run is None:
+        return {"target": target, "measured": "no run measured both", "met": "not measured", "source": "-"}
+    here = (rows.device == run[0]) & (rows.git_sha == run[1])
+    mine, theirs = rows[fused & here].fwd_bwd_ms.min(), rows[reference & here].fwd_bwd_ms.iloc[-1]
+    ratio = mine / theirs
+    return {"target": target, "measured": f"{mine:.2f} ms against {theirs:.2f} ms: {ratio:.2f} ({1 / ratio:.2f}x faster)",
+            "met": "yes" if ratio <= TOM_RATIO else "no", "source": f"{run[0]}, git {str(run[1])[:7]}"}
+
+
+def report(model_step: Path, scan: Path) -> str:
+    missing = [str(p) for p in (model_step, scan) if not p.is_file()]
+    if missing:
+        raise SystemExit(f"error: {', '.join(missing)} not found; `make model-step` and `make bench-scan` write them on a GPU")
+    rows = step_targets(pd.read_csv(model_step)) + [tom_target(pd.read_csv(scan))]
+    table = pd.DataFrame(rows)[["target", "measured", "met", "source"]]
+    return "\n".join([
+        "# The training step's speed targets against the measured figures",
+        "",
+        f"From `{model_step}` and `{scan}` (`python -m perf.targets`). BraTS 128^3, batch 1, bf16 (autocast), "
+        "synthetic tensors. A comparison takes both rows from one run: the same card and git commit, the latest such "
+        "pair in the table. \"Fastest mode\" is the fastest bf16 row of the model in any mode of `make model-step`. "
+        "Figures of different rows may come from different runs; each names its own.",
+        "",
+        table.to_markdown(index=False),
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-step", type=Path, default=Path("results/perf/model_step.csv"))
+    p.add_argument("--scan", type=Path, default=Path("results/perf/scan.csv"))
+    p.add_argument("--out", type=Path, help="write targets.md there (default: print only)")
+    args = p.parse_args(argv)
+    text = report(args.model_step, args.scan)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "targets.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
