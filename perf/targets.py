@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from perf import publish
+
 FASTEST_MS = 30.0
 PEAK_GIB = 3.0
 TOM_RATIO = 0.25
@@ -156,10 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write targets.md there (default: print only)")
     args = p.parse_args(argv)
     text = report(args.model_step, args.scan)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "targets.md").write_text(text)
+    publish(text, args.out, "targets.md")
     return 0
 
 

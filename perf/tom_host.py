@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from perf import publish
+
 # operators that make no kernel: views and metadata (a launch-free dispatcher call each)
 VIEW_OPS = frozenset({
     "alias", "as_strided", "chunk", "detach", "diagonal", "expand", "flatten", "narrow", "permute", "reshape",
@@ -203,10 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     from segresmamba.provenance import provenance
 
     text = report(measure(args.dim, args.side, args.steps, args.repeats), provenance("cpu", "fp32"))
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "tom_host.md").write_text(text)
+    publish(text, args.out, "tom_host.md")
     return 0
 
 
