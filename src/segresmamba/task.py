@@ -171,7 +171,7 @@ class SegmentationTask(L.LightningModule):
             is bound by the GPU (the nnU-Net-style net), not for a host-bound eager step such as SegResMamba's
             (``results/perf/scan_notes.md``, run 7). ``"group"``: the GroupNorm layers only, for eager steps:
             PyTorch's GroupNorm is the slow one (one block per (sample, group), in fp32 under autocast), and a
-            network has few of them, whereas its InstanceNorm runs as cuDNN batch norm at a third of the
+            network has few of them, whereas its InstanceNorm runs as PyTorch's batch-norm kernels at a third of the
             host's cost of the Triton path.
 
     Speed: ``step_graph`` holds the CUDA graphs of the training step when the
