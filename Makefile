@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency bench-scan scan-ablation kernel-report model-step step-profile tom-host perf-targets triton-ab ddp-check gpu-hours params plots clean
+.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency bench-scan scan-ablation kernel-report model-step step-profile tom-host perf-targets measure-targets triton-ab ddp-check gpu-hours params plots clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -96,6 +96,12 @@ step-profile: $(STAMP) ## GPU kernel time (by kind) against wall time of a SegRe
 	$(PY) -m perf.step_profile --model $(or $(MODEL),segresmamba) --config brats --out results/perf $(if $(filter group,$(FAST_NORMS)),--fast-norms group,$(if $(FAST_NORMS),--fast-norms))
 
 perf-targets: $(STAMP) ## the training step's speed targets against the figures of model_step.csv and scan.csv, each pair from one run -> results/perf/targets.md
+	$(PY) -m perf.targets --out results/perf
+
+measure-targets: $(STAMP) ## on this GPU, in one run: the figures the speed targets need (model_step of segresmamba, nnunet and segmamba eager, eager_gn and fastest; the ToM layer against mamba_ssm), then perf-targets -> results/perf/
+	$(PY) -m perf.model_step --measure --models segresmamba nnunet segmamba --modes eager eager_gn step_fn --out results/perf
+	$(PY) -m perf.model_step --table $$(ls results/perf/model_step_source/*/*/brats.csv) --out results/perf
+	$(PY) -m perf.scan_bench --kinds tom --quick --backends triton,mamba_ssm --out results/perf
 	$(PY) -m perf.targets --out results/perf
 
 tom-host: $(STAMP) ## host work of one fused ToM layer (Python, dispatcher, autograd), its Triton launches counted, not run (CPU) -> results/perf/tom_host.md
