@@ -14,7 +14,7 @@ volume of the config. ``--measure`` takes them on this GPU in one run (one proce
 - ``eager_cl`` and ``step_cl``: the same two with ``channels_last`` (NDHWC 3D conv layout), bf16;
 - ``eager_fn`` and ``step_fn``: the same two with ``fast_norms`` (GroupNorm and InstanceNorm by whole-tensor
   reductions, :mod:`segresmamba.models.group_norm`), bf16;
-- ``eager_gn``: eager with ``fast_norms="group"`` (GroupNorm only, the eager choice), bf16.
+- ``eager_gn``: eager with ``fast_norms="group"`` (GroupNorm only, the eager choice), bf16, the models with GroupNorm.
 
 The eager steps of the Mamba models are bound by the host's kernel launches (about 1,900 per SegResMamba step),
 so their times move with whatever else runs on the host's CPUs: measure on an otherwise idle machine. The
@@ -72,6 +72,7 @@ def measure(models: tuple[str, ...], source: Path, modes: tuple[str, ...] = MODE
     import torch
 
     from segresmamba.bench.efficiency import profile
+    from segresmamba.ssm import TriOrientedMamba
 
     if not torch.cuda.is_available():
         raise SystemExit("error: --measure needs a GPU (CUDA is not available); use --table to reshape existing tables")
@@ -84,7 +85,7 @@ def measure(models: tuple[str, ...], source: Path, modes: tuple[str, ...] = MODE
             tables.append(next(p for p in written if p.suffix == ".csv"))
 
     run("eager", models if "eager" in modes else ())
-    with_tom = [m for m in models if _holds_tom(m)]
+    with_tom = [m for m in models if _holds(m, TriOrientedMamba)]
     bf16 = {"precisions": ["bf16"], "inference": False}
     run("tom", with_tom if "tom" in modes else (), graphs="tom", **bf16)
     run("step", models if "step" in modes else (), graphs="step", **bf16)
@@ -92,15 +93,16 @@ def measure(models: tuple[str, ...], source: Path, modes: tuple[str, ...] = MODE
     run("step_cl", models if "step_cl" in modes else (), graphs="step", channels_last=True, **bf16)
     run("eager_fn", models if "eager_fn" in modes else (), fast_norms=True, **bf16)
     run("step_fn", models if "step_fn" in modes else (), graphs="step", fast_norms=True, **bf16)
-    run("eager_gn", models if "eager_gn" in modes else (), fast_norms="group", **bf16)
+    with_group_norm = [m for m in models if _holds(m, torch.nn.GroupNorm)]
+    run("eager_gn", with_group_norm if "eager_gn" in modes else (), fast_norms="group", **bf16)
     return tables
 
 
-def _holds_tom(model: str) -> bool:
+def _holds(model: str, module_class: type) -> bool:
+    """Whether ``model``'s BraTS net has a module of exactly ``module_class``."""
     from segresmamba.bench.step import build_task
-    from segresmamba.ssm import TriOrientedMamba
 
-    return any(isinstance(m, TriOrientedMamba) for m in build_task(model, get_dataset_spec("brats")).net.modules())
+    return any(type(m) is module_class for m in build_task(model, get_dataset_spec("brats")).net.modules())
 
 
 def reshape(table: pd.DataFrame, config: str, models: tuple[str, ...]) -> pd.DataFrame:
