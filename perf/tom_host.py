@@ -54,11 +54,11 @@ class LaunchCounter:
 def launches_counted():
     """Inside, every Triton kernel the fused ToM path launches is a :class:`LaunchCounter`; yields the Counter
     (kernel name -> launches). The kernels are put back on the way out."""
-    from segresmamba.ssm.triton import autograd, fused_tom
+    from segresmamba.ssm.triton import autograd, fused_tom, token_norm
     from triton.runtime.jit import KernelInterface  # a @triton.jit kernel, compiled or interpreted
 
     counts: Counter = Counter()
-    replaced = [(module, name, kernel) for module in (autograd, fused_tom) for name, kernel in vars(module).items()
+    replaced = [(module, name, kernel) for module in (autograd, fused_tom, token_norm) for name, kernel in vars(module).items()
                 if isinstance(kernel, KernelInterface)]
     for module, name, _ in replaced:
         setattr(module, name, LaunchCounter(name, counts))
@@ -102,9 +102,14 @@ def _fused_path_on_cpu():
             os.environ["TRITON_INTERPRET"] = before
 
 
-def measure(dim: int = 8, side: int = 4, steps: int = 300, repeats: int = 5) -> dict:
+def measure(dim: int = 8, side: int = 4, steps: int = 300, repeats: int = 5, precision: str = "bf16") -> dict:
     """Host time per forward and per backward of one ToM layer (median over ``repeats`` runs of ``steps`` steps,
-    in µs), the dispatcher calls of each, and the launches per forward + backward."""
+    in µs), the dispatcher calls of each, and the launches per forward + backward. ``precision``: ``bf16`` runs the
+    forward under the CPU's bf16 autocast, as training runs it under CUDA's: the casts autocast adds are part of the
+    work. The map is fp32, for which both autocasts cast the same (the projections' inputs and weights); a bf16 map
+    would differ, CUDA's autocast casting it to fp32 for the LayerNorm and the CPU's not. ``fp32``: no autocast."""
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
     from segresmamba.ssm.tom import TriOrientedMamba
 
     torch.manual_seed(0)
@@ -113,12 +118,13 @@ def measure(dim: int = 8, side: int = 4, steps: int = 300, repeats: int = 5) -> 
     params = [*layer.parameters(), x]
 
     def forward():
-        return layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return layer(x)
 
-    grad = torch.ones_like(x)  # the output's gradient, made once: not part of the layer's work
+    grad = {dtype: torch.ones_like(x, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}  # made once, outside
 
     def backward(y):
-        y.backward(grad)
+        y.backward(grad[y.dtype])
 
     def clear():  # a training step starts with no gradients (zero_grad sets them to None)
         for p in params:
@@ -156,7 +162,7 @@ def measure(dim: int = 8, side: int = 4, steps: int = 300, repeats: int = 5) -> 
             fwd_us.append(t_fwd / steps * 1e6)
             bwd_us.append(t_bwd / steps * 1e6)
     return {
-        "dim": dim, "side": side, "steps": steps, "repeats": repeats,
+        "dim": dim, "side": side, "steps": steps, "repeats": repeats, "precision": precision,
         "forward_us": statistics.median(fwd_us), "backward_us": statistics.median(bwd_us),
         "forward_ops": fwd_ops, "forward_views": fwd_views, "forward_by_name": fwd_names,
         "backward_ops": bwd_ops, "backward_views": bwd_views, "backward_by_name": bwd_names,
@@ -174,7 +180,8 @@ def report(m: dict, prov: dict) -> str:
         "# Host work of one fused ToM layer, its Triton launches counted, not run",
         "",
         f"{prov['device']} · git {prov['git_sha']} · torch {prov['versions'].get('torch')} · triton "
-        f"{prov['versions'].get('triton', 'none')} · fp32, synthetic tensors · `python -m perf.tom_host --dim {m['dim']} "
+        f"{prov['versions'].get('triton', 'none')} · {m['precision']}{' (autocast)' if m['precision'] == 'bf16' else ''}, synthetic "
+        f"tensors · `python -m perf.tom_host --precision {m['precision']} --dim {m['dim']} "
         f"--side {m['side']} --steps {m['steps']} --repeats {m['repeats']}`",
         "",
         f"ToM layer (dim {m['dim']}, three branches, depth-first slices) on a 1 x {m['dim']} x {m['side']}^3 map, the fused "
@@ -200,13 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--side", type=int, default=4, help="side of the cubic map; also its slices (default 4)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="bf16: under autocast, as training (default)")
     p.add_argument("--out", type=Path, help="write tom_host.md there (default: print only)")
     args = p.parse_args(argv)
     if args.dim < 1 or args.side < 1 or args.steps < 1 or args.repeats < 1:
         p.error("--dim, --side, --steps and --repeats must be >= 1")
     from segresmamba.provenance import provenance
 
-    text = report(measure(args.dim, args.side, args.steps, args.repeats), provenance("cpu", "fp32"))
+    text = report(measure(args.dim, args.side, args.steps, args.repeats, args.precision), provenance("cpu", args.precision))
     publish(text, args.out, "tom_host.md")
     return 0
 

@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_scan import sequential_scan
 
 from segresmamba.ssm import scan as scan_mod
@@ -604,6 +605,53 @@ def test_auto_times_fused_against_per_branch_under_interpreter(monkeypatch):
     assert choice["backend"] == ("triton_fused" if first else "per_branch") and set(choice["ms"]) == {"triton_fused", "per_branch"}
     assert layer._choose_fused(x, 4) == first and len(calls) == 4  # cached for this signature
     assert all(p.grad is None for p in layer.parameters()) and x.grad is None  # measuring leaves no gradients
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("channels,side,dtype", [(5, 3, torch.float32), (48, 4, torch.float32), (20, 5, torch.bfloat16)])
+def test_token_layer_norm_under_interpreter(channels, side, dtype, monkeypatch):
+    """The ToM LayerNorm read from the map in place equals LayerNorm of its transposed tokens in float64 (output and
+    every gradient); a 16-bit map gives the tokens and dx in its dtype, the fp32 norm rounded once."""
+    from segresmamba.ssm.triton.token_norm import TokenLayerNormFn, token_layer_norm, token_layer_norm_applies
+
+    _interpreter_index_patch(monkeypatch)
+    torch.manual_seed(channels)
+    norm = torch.nn.LayerNorm(channels)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (torch.randn(2, channels, side, side, side) * 3 + 1).to(dtype).requires_grad_()
+    assert token_layer_norm_applies(x, norm)
+    out = token_layer_norm(x, norm)
+    assert out.dtype == dtype and out.shape == (2, side**3, channels)
+    params64 = [norm.weight.double(), norm.bias.double()]
+    x64 = x.detach().double().requires_grad_()
+    ref = F.layer_norm(x64.flatten(2).transpose(1, 2), (channels,), *params64, norm.eps)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(out.double(), ref) < tol
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [x, norm.weight, norm.bias], g.to(dtype))
+    want = torch.autograd.grad(ref, [x64, *params64], g.to(dtype).double())
+    assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == torch.float32
+    for name, a, b in zip(("x", "weight", "bias"), got, want):
+        assert rel_err(a.double(), b) < tol, name
+    # under autocast the tokens come in the autocast dtype, as the input projection reads them
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert token_layer_norm(x.detach().float(), norm).dtype == torch.bfloat16
+    assert TokenLayerNormFn.apply(x.detach().flatten(2), norm.weight, norm.bias, norm.eps, torch.float32).dtype == torch.float32
+
+
+@needs_triton
+def test_token_layer_norm_applies_to_contiguous_maps_and_affine_norms_only():
+    from segresmamba.ssm.triton.token_norm import token_layer_norm_applies
+
+    x = torch.zeros(1, 6, 2, 2, 2)
+    assert token_layer_norm_applies(x, torch.nn.LayerNorm(6))
+    assert not token_layer_norm_applies(x.transpose(2, 3), torch.nn.LayerNorm(6))  # not contiguous
+    assert not token_layer_norm_applies(x, torch.nn.LayerNorm(6, elementwise_affine=False))
+    assert not token_layer_norm_applies(x, torch.nn.LayerNorm(6, bias=False))
+    assert not token_layer_norm_applies(x.double(), torch.nn.LayerNorm(6))
+    assert not token_layer_norm_applies(x[:, :, 0], torch.nn.LayerNorm(6))  # not a 3D map
 
 
 @needs_triton

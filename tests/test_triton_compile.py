@@ -57,7 +57,21 @@ def _norm_cases():
     return cases
 
 
-CASES = _scan_cases() + _norm_cases()
+def _token_norm_cases():
+    from segresmamba.ssm.triton import token_norm as k
+
+    cases = []
+    for channels in (48, 384):  # the ToM widths of SegResMamba's first and last stage
+        block_c, block_t, warps = k._launch_tile(channels)
+        tile = {"BC": block_c, "BT": block_t}
+        cases += [
+            (f"token norm fwd C={channels}", k._token_norm_fwd_kernel, tile, {"x_ptr": "*bf16", "y_ptr": "*bf16"}, warps),
+            (f"token norm bwd C={channels}", k._token_norm_bwd_kernel, tile, {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16"}, warps),
+        ]
+    return cases
+
+
+CASES = _scan_cases() + _norm_cases() + _token_norm_cases()
 
 
 @pytest.mark.parametrize("name,kernel,constexprs,pointer_types,num_warps", CASES, ids=[c[0] for c in CASES])
@@ -149,8 +163,9 @@ def test_triton_ab_builds_each_tom_launch_as_the_jit_would_and_packs_its_paramet
 
     index = triton_ab.build(tmp_path, side=16)
     names = [e["name"] for e in index]
-    assert names == ["_conv_fwd_kernel", "_fwd_chunk_state_kernel", "_carry_kernel", "_fwd_output_kernel",
-                     "_bwd_chunk_state_kernel", "_carry_kernel", "_bwd_grad_kernel", "_conv_bwd_pre_kernel", "_conv_bwd_dx_kernel"]
+    assert names == ["_token_norm_fwd_kernel", "_conv_fwd_kernel", "_fwd_chunk_state_kernel", "_carry_kernel", "_fwd_output_kernel",
+                     "_bwd_chunk_state_kernel", "_carry_kernel", "_bwd_grad_kernel", "_conv_bwd_pre_kernel", "_conv_bwd_dx_kernel",
+                     "_token_norm_bwd_kernel"]
     assert all((tmp_path / e["cubin"]).stat().st_size > 1000 for e in index)
     # as launched, the oriented conv reads x along its contiguous channels and writes u along its contiguous tokens
     # 16 bytes at a time: the sizes it masks with (L, D_CH) specialise on their divisibility by 16

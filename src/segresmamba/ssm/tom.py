@@ -99,9 +99,10 @@ class TriOrientedMamba(nn.Module):
         fused: with ``scan_backend="triton"`` on a GPU, run the branches through
             :mod:`segresmamba.ssm.triton.fused_tom` (each branch's conv and scan in its own token order by index
             arithmetic, all branches' scans in one launch, no permuted copies of the (channels x tokens)
-            activations); with ``"auto"``, the first call of each input signature times the fused path
-            against the per-branch one (whose scans ``auto`` picks) and keeps the faster. ``False`` keeps
-            the per-branch path with orient/unorient copies. Same parameters, same result.
+            activations; the LayerNorm reads the map in place, :mod:`segresmamba.ssm.triton.token_norm`); with
+            ``"auto"``, the first call of each input signature times the fused path against the per-branch one
+            (whose scans ``auto`` picks) and keeps the faster. ``False`` keeps the per-branch path with
+            orient/unorient copies. Same parameters, same result.
     """
 
     def __init__(
@@ -182,14 +183,17 @@ class TriOrientedMamba(nn.Module):
 
     def _mix(self, x: torch.Tensor, nslices: int, fused: bool) -> torch.Tensor:
         """out_proj of the summed branch outputs, (B, C, L), without the residual."""
-        tokens = self.norm(x.flatten(2).transpose(1, 2))  # (B, L, C), row-major (D, H, W)
         if fused:
-            from segresmamba.ssm.triton.fused_tom import tri_oriented_branches  # imports Triton, on first use
+            # imports Triton, on first use
+            from segresmamba.ssm.triton.fused_tom import tri_oriented_branches
+            from segresmamba.ssm.triton.token_norm import token_layer_norm, token_layer_norm_applies
 
+            # the norm reads the map in place and writes the tokens in the dtype in_proj reads: one pass, no copies
+            tokens = token_layer_norm(x, self.norm) if token_layer_norm_applies(x, self.norm) else self._tokens(x)
             branches = [self.branches[f"{o}_scan"] for o in self.orientations]
             summed = tri_oriented_branches(self.in_proj(tokens), branches, self.orientations, nslices)
         else:
-            xz = self.in_proj(tokens).transpose(1, 2)  # (B, 2 d_inner, L)
+            xz = self.in_proj(self._tokens(x)).transpose(1, 2)  # (B, 2 d_inner, L)
             summed = None
             for orientation in self.orientations:
                 branch = self.branches[f"{orientation}_scan"]
@@ -197,3 +201,7 @@ class TriOrientedMamba(nn.Module):
                 y = unorient(branch(x_o, z_o, self.scan_backend), orientation, nslices)
                 summed = y if summed is None else summed + y
         return self.out_proj(summed.transpose(1, 2)).transpose(1, 2)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm of x's tokens, (B, L, C) in row-major (D, H, W) order."""
+        return self.norm(x.flatten(2).transpose(1, 2))

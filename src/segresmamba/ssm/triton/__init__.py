@@ -9,7 +9,9 @@ layer's fused branches, one concern per module:
   :func:`~segresmamba.ssm.triton.autograd.selective_scan_triton` and
   :func:`~segresmamba.ssm.triton.autograd.oriented_scan_triton`;
 - :mod:`~segresmamba.ssm.triton.fused_tom`: the ToM branches' causal conv, projections and scans without
-  permuted copies of the activations, as one autograd node.
+  permuted copies of the activations, as one autograd node;
+- :mod:`~segresmamba.ssm.triton.token_norm`: the ToM layer's LayerNorm, read from the feature map in place and
+  written as the tokens the input projection reads, one pass each way.
 
 Importing this package imports no Triton: :mod:`segresmamba.ssm.scan` and the ToM layer load the modules
 that need it on first use.
