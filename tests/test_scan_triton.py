@@ -641,6 +641,34 @@ def test_token_layer_norm_under_interpreter(channels, side, dtype, monkeypatch):
     assert TokenLayerNormFn.apply(x.detach().flatten(2), norm.weight, norm.bias, norm.eps, torch.float32).dtype == torch.float32
 
 
+@pytest.mark.gpu
+def test_token_layer_norm_on_gpu_matches_layer_norm_and_in_proj_under_autocast():
+    """On CUDA under bf16 autocast, LayerNorm read in place then the input projection equals the PyTorch ops they
+    replace (the map cast to fp32, the norm, the projection casting back), output and every gradient."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from segresmamba.ssm.triton.token_norm import token_layer_norm
+
+    torch.manual_seed(0)
+    norm, proj = torch.nn.LayerNorm(48).cuda(), torch.nn.Linear(48, 192, bias=False).cuda()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(1, 48, 16, 16, 16, device="cuda").bfloat16().requires_grad_()
+    leaves = [x, norm.weight, norm.bias, proj.weight]
+    results = []
+    for fused in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            tokens = token_layer_norm(x, norm) if fused else norm(x.flatten(2).transpose(1, 2))
+            out = proj(tokens)
+        results.append((out, torch.autograd.grad(out.float().square().sum(), leaves)))
+    (ref, ref_grads), (got, got_grads) = results
+    assert got.dtype == ref.dtype == torch.bfloat16
+    assert rel_err(got, ref) < 1e-2
+    for name, a, b in zip(("x", "weight", "bias", "in_proj"), got_grads, ref_grads):
+        assert a.dtype == b.dtype and rel_err(a, b) < 2e-2, name
+
+
 @needs_triton
 def test_token_layer_norm_applies_to_contiguous_maps_and_affine_norms_only():
     from segresmamba.ssm.triton.token_norm import token_layer_norm_applies

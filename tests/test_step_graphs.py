@@ -123,13 +123,15 @@ def test_channels_last_is_the_same_computation(net, recipe):
         assert torch.allclose(default.eval().predict_logits(volume), nhwc.eval().predict_logits(volume), atol=1e-4)
 
 
-def test_fast_norms_is_the_same_computation():
+@pytest.mark.parametrize("fast_norms", [True, "group"])
+def test_fast_norms_is_the_same_computation(fast_norms):
     default = small_task()
-    fast = small_task(fast_norms=True)
+    fast = small_task(fast_norms=fast_norms)
     assert list(fast.state_dict()) == list(default.state_dict())
     fast.load_state_dict(default.state_dict())
-    assert {type(m).__module__ for m in fast.net.modules() if "Norm" in type(m).__name__ and "Layer" not in type(m).__name__} == {
-        "segresmamba.models.group_norm"}
+    homes = {type(m).__name__: type(m).__module__ for m in fast.net.modules() if type(m).__name__ in ("GroupNorm", "InstanceNorm3d")}
+    assert homes == {"GroupNorm": "segresmamba.models.group_norm",
+                     "InstanceNorm3d": "segresmamba.models.group_norm" if fast_norms is True else "torch.nn.modules.instancenorm"}
     b = batch()
     losses = [task.training_step(b, 0) for task in (default, fast)]
     assert torch.allclose(losses[0], losses[1], atol=1e-5)
