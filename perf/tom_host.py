@@ -52,21 +52,14 @@ class LaunchCounter:
 
 @contextmanager
 def launches_counted():
-    """Inside, every Triton kernel the fused ToM path launches is a :class:`LaunchCounter`; yields the Counter
-    (kernel name -> launches). The kernels are put back on the way out."""
-    from segresmamba.ssm.triton import autograd, fused_tom, token_norm
-    from triton.runtime.jit import KernelInterface  # a @triton.jit kernel, compiled or interpreted
+    """Inside, every Triton kernel the fused ToM path launches is a :class:`LaunchCounter` (the kernels that
+    :func:`perf.triton_ab.kernels_replaced` knows); yields the Counter (kernel name -> launches). The kernels are put
+    back on the way out."""
+    from perf.triton_ab import kernels_replaced
 
     counts: Counter = Counter()
-    replaced = [(module, name, kernel) for module in (autograd, fused_tom, token_norm) for name, kernel in vars(module).items()
-                if isinstance(kernel, KernelInterface)]
-    for module, name, _ in replaced:
-        setattr(module, name, LaunchCounter(name, counts))
-    try:
+    with kernels_replaced(lambda name, kernel: LaunchCounter(name, counts)):
         yield counts
-    finally:
-        for module, name, kernel in replaced:
-            setattr(module, name, kernel)
 
 
 class _OperatorLog(TorchDispatchMode):

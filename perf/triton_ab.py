@@ -58,22 +58,31 @@ class _Recorder:
 
 
 @contextmanager
-def recording(run: bool):
-    """Every scan and conv kernel launch of the fused ToM path, in order, while inside."""
+def kernels_replaced(stand_in):
+    """Every kernel the fused ToM path launches (:data:`KERNEL_HOMES`) replaced, in its module, by
+    ``stand_in(name, kernel)`` while inside; the kernels are put back on the way out."""
     import importlib
 
-    launches, saved = [], []
-    for module_name, names in KERNEL_HOMES.items():
-        module = importlib.import_module(module_name)
-        for name in names:
-            kernel = getattr(module, name)
-            saved.append((module, name, kernel))
-            setattr(module, name, _Recorder(name, kernel, launches, run))
+    saved = []
     try:
-        yield launches
+        for module_name, names in KERNEL_HOMES.items():
+            module = importlib.import_module(module_name)
+            for name in names:
+                kernel = getattr(module, name)
+                saved.append((module, name, kernel))
+                setattr(module, name, stand_in(name, kernel))
+        yield
     finally:
         for module, name, kernel in saved:
             setattr(module, name, kernel)
+
+
+@contextmanager
+def recording(run: bool):
+    """Every scan, conv and norm kernel launch of the fused ToM path, in order, while inside."""
+    launches = []
+    with kernels_replaced(lambda name, kernel: _Recorder(name, kernel, launches, run)):
+        yield launches
 
 
 def tom_launches(device: torch.device, run: bool, side: int = SIDE) -> list[dict]:
