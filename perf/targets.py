@@ -51,59 +51,60 @@ def _last_run_with_all(rows: pd.DataFrame, masks: list[pd.Series]) -> tuple | No
     return complete[-1] if complete else None
 
 
+def _target(name: str, measured: str = "no row", met: str = "not measured", source: str = "-") -> dict:
+    """One row of the report; by default, a target with no figure."""
+    return {"target": name, "measured": measured, "met": met, "source": source}
+
+
+def _met(value: float, limit: float) -> str:
+    return "yes" if value <= limit else "no"
+
+
 def step_targets(table: pd.DataFrame) -> list[dict]:
-    """The four targets read from ``model_step.csv`` rows (bf16), one dict per target."""
+    """The four targets read from ``model_step.csv`` rows (bf16), one dict per target (the peak's two modes apart)."""
     bf16 = table[(table.precision == "bf16") & table.step_ms.notna()]
     eager = _eager(bf16)
     out = []
 
-    seg, base = eager[eager.model == "segresmamba"], eager[eager.model == "nnunet"]
+    name = "SegResMamba eager step <= nnU-Net-style eager step (one run)"
     run = _last_run_with_all(eager, [eager.model == "segresmamba", eager.model == "nnunet"])
     if run is None:
-        out.append({"target": "SegResMamba eager step <= nnU-Net-style eager step (one run)", "measured": "no run measured both",
-                    "met": "not measured", "source": "-"})
+        out.append(_target(name, "no run measured both"))
     else:
-        s = seg[(seg.device == run[0]) & (seg.git_sha == run[1])].iloc[-1]
-        b = base[(base.device == run[0]) & (base.git_sha == run[1])].iloc[-1]
+        in_run = eager[(eager.device == run[0]) & (eager.git_sha == run[1])]
+        s, b = (in_run[in_run.model == model].iloc[-1] for model in ("segresmamba", "nnunet"))
         back = (f"; back to back {s.pipelined_ms:.1f} against {b.pipelined_ms:.1f}"
                 if pd.notna(s.pipelined_ms) and pd.notna(b.pipelined_ms) else "")
-        out.append({"target": "SegResMamba eager step <= nnU-Net-style eager step (one run)",
-                    "measured": f"{s.step_ms:.1f} ms against {b.step_ms:.1f} ms synchronised{back}",
-                    "met": "yes" if s.step_ms <= b.step_ms else "no", "source": _run(s)})
+        out.append(_target(name, f"{s.step_ms:.1f} ms against {b.step_ms:.1f} ms synchronised{back}",
+                           _met(s.step_ms, b.step_ms), _run(s)))
 
     mine = bf16[bf16.model == "segresmamba"]
-    if mine.empty:
-        out.append({"target": f"SegResMamba fastest mode <= {FASTEST_MS:g} ms", "measured": "no row", "met": "not measured", "source": "-"})
-    else:
-        best = mine.loc[mine.step_ms.idxmin()]
-        out.append({"target": f"SegResMamba fastest mode <= {FASTEST_MS:g} ms",
-                    "measured": f"{best.step_ms:.1f} ms ({_mode(best)})",
-                    "met": "yes" if best.step_ms <= FASTEST_MS else "no", "source": _run(best)})
+    fastest = mine.loc[mine.step_ms.idxmin()] if not mine.empty else None
+    name = f"SegResMamba fastest mode <= {FASTEST_MS:g} ms"
+    out.append(_target(name) if fastest is None else
+               _target(name, f"{fastest.step_ms:.1f} ms ({_mode(fastest)})", _met(fastest.step_ms, FASTEST_MS), _run(fastest)))
 
-    peaks = mine[mine.peak_gib.notna()] if not mine.empty else mine
-    eager_peaks = _eager(peaks)
+    eager_peaks = _eager(mine[mine.peak_gib.notna()])
+    name = f"SegResMamba peak <= {PEAK_GIB:g} GiB (eager)"
     if eager_peaks.empty:
-        out.append({"target": f"SegResMamba peak <= {PEAK_GIB:g} GiB", "measured": "no row", "met": "not measured", "source": "-"})
+        out.append(_target(name))
     else:
         p = eager_peaks.iloc[-1]
-        out.append({"target": f"SegResMamba peak <= {PEAK_GIB:g} GiB (eager)", "measured": f"{p.peak_gib:.2f} GiB",
-                    "met": "yes" if p.peak_gib <= PEAK_GIB else "no", "source": _run(p)})
-    if not mine.empty:
-        best = mine.loc[mine.step_ms.idxmin()]
-        measured = pd.notna(best.peak_gib)
-        out.append({"target": f"SegResMamba peak <= {PEAK_GIB:g} GiB (fastest mode)",
-                    "measured": f"{best.peak_gib:.2f} GiB ({_mode(best)})" if measured else "not recorded with the fastest row",
-                    "met": ("yes" if best.peak_gib <= PEAK_GIB else "no") if measured else "not measured", "source": _run(best)})
+        out.append(_target(name, f"{p.peak_gib:.2f} GiB", _met(p.peak_gib, PEAK_GIB), _run(p)))
+    if fastest is not None:
+        name = f"SegResMamba peak <= {PEAK_GIB:g} GiB (fastest mode)"
+        out.append(_target(name, "not recorded with the fastest row", source=_run(fastest)) if pd.isna(fastest.peak_gib) else
+                   _target(name, f"{fastest.peak_gib:.2f} GiB ({_mode(fastest)})", _met(fastest.peak_gib, PEAK_GIB), _run(fastest)))
 
     theirs = bf16[bf16.model == "segmamba"]
     limit = SEGMAMBA_BASELINE_MS / 2
+    name = f"SegMamba step <= {limit:g} ms (half of {SEGMAMBA_BASELINE_MS:g})"
     if theirs.empty:
-        out.append({"target": f"SegMamba step <= {limit:g} ms", "measured": "no row", "met": "not measured", "source": "-"})
+        out.append(_target(name))
     else:
         best = theirs.loc[theirs.step_ms.idxmin()]
-        out.append({"target": f"SegMamba step <= {limit:g} ms (half of {SEGMAMBA_BASELINE_MS:g})",
-                    "measured": f"{best.step_ms:.1f} ms ({_mode(best)}), {best.step_ms / SEGMAMBA_BASELINE_MS:.2f} of {SEGMAMBA_BASELINE_MS:g}",
-                    "met": "yes" if best.step_ms <= limit else "no", "source": _run(best)})
+        out.append(_target(name, f"{best.step_ms:.1f} ms ({_mode(best)}), {best.step_ms / SEGMAMBA_BASELINE_MS:.2f} of "
+                                 f"{SEGMAMBA_BASELINE_MS:g}", _met(best.step_ms, limit), _run(best)))
     return out
 
 
@@ -124,12 +125,12 @@ def tom_target(scan: pd.DataFrame) -> dict:
     reference = rows.backend == "mamba_ssm"
     run = _last_run_with_all(rows, [fused, reference])
     if run is None:
-        return {"target": target, "measured": "no run measured both", "met": "not measured", "source": "-"}
+        return _target(target, "no run measured both")
     here = (rows.device == run[0]) & (rows.git_sha == run[1])
     mine, theirs = rows[fused & here].fwd_bwd_ms.min(), rows[reference & here].fwd_bwd_ms.iloc[-1]
     ratio = mine / theirs
-    return {"target": target, "measured": f"{mine:.2f} ms against {theirs:.2f} ms: {ratio:.2f} ({1 / ratio:.2f}x faster)",
-            "met": "yes" if ratio <= TOM_RATIO else "no", "source": f"{run[0]}, git {str(run[1])[:7]}"}
+    return _target(target, f"{mine:.2f} ms against {theirs:.2f} ms: {ratio:.2f} ({1 / ratio:.2f}x faster)",
+                   _met(ratio, TOM_RATIO), f"{run[0]}, git {str(run[1])[:7]}")
 
 
 def report(model_step: Path, scan: Path) -> str:
