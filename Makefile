@@ -89,7 +89,7 @@ scan-ablation: $(STAMP) ## the scan backward with parts cut out: timed on the GP
 kernel-report: $(STAMP) ## registers, spills and hot-loop instructions of the scan kernels, compiled for sm_90 on this CPU -> results/perf/
 	$(PY) -m perf.kernel_resources --out results/perf
 
-model-step: $(STAMP) ## whole-model training step on this GPU in eight modes: eager, ToM graphs, whole-step graphs, fast norms, channels_last, fast GroupNorm (BraTS 128^3) -> results/perf/
+model-step: $(STAMP) ## whole-model training step on this GPU in nine modes: eager, ToM graphs, whole-step graphs, fast norms, channels_last, fast GroupNorm, whole-step graphs with channels_last and fast norms (BraTS 128^3) -> results/perf/
 	$(PY) -m perf.model_step --measure --out results/perf
 
 step-profile: $(STAMP) ## GPU kernel time (by kind) against wall time of a SegResMamba training step: eager, ToM graphs, whole-step graphs (FAST_NORMS=1: with fast_norms; FAST_NORMS=group: GroupNorm only) -> results/perf/
@@ -98,8 +98,8 @@ step-profile: $(STAMP) ## GPU kernel time (by kind) against wall time of a SegRe
 perf-targets: $(STAMP) ## the training step's speed targets against the figures of model_step.csv and scan.csv, each pair from one run -> results/perf/targets.md
 	$(PY) -m perf.targets --out results/perf
 
-measure-targets: $(STAMP) ## on this GPU, in one run: the figures the speed targets need (model_step of segresmamba, nnunet and segmamba eager, eager_gn and fastest; the ToM layer against mamba_ssm), then perf-targets -> results/perf/
-	$(PY) -m perf.model_step --measure --models segresmamba nnunet segmamba --modes eager eager_gn step_fn --out results/perf
+measure-targets: $(STAMP) ## on this GPU, in one run: the figures the speed targets need (model_step of segresmamba, nnunet and segmamba eager, eager_gn and the two fastest candidates; the ToM layer against mamba_ssm), then perf-targets -> results/perf/
+	$(PY) -m perf.model_step --measure --models segresmamba nnunet segmamba --modes eager eager_gn step_fn step_cl_fn --out results/perf
 	$(PY) -m perf.model_step --table $$(ls results/perf/model_step_source/*/*/brats.csv) --out results/perf
 	$(PY) -m perf.scan_bench --kinds tom --quick --backends triton,mamba_ssm --out results/perf
 	$(PY) -m perf.targets --out results/perf

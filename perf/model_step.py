@@ -14,7 +14,9 @@ volume of the config. ``--measure`` takes them on this GPU in one run (one proce
 - ``eager_cl`` and ``step_cl``: the same two with ``channels_last`` (NDHWC 3D conv layout), bf16;
 - ``eager_fn`` and ``step_fn``: the same two with ``fast_norms`` (GroupNorm and InstanceNorm by whole-tensor
   reductions, :mod:`segresmamba.models.group_norm`), bf16;
-- ``eager_gn``: eager with ``fast_norms="group"`` (GroupNorm only, the eager choice), bf16, the models with GroupNorm.
+- ``eager_gn``: eager with ``fast_norms="group"`` (GroupNorm only, the eager choice), bf16, the models with GroupNorm;
+- ``step_cl_fn``: whole-step graphs with both ``channels_last`` and ``fast_norms``, bf16: in a graphed step cuDNN's
+  NCDHW <-> NDHWC conversions are GPU time, not host time, and channels_last removes them.
 
 The eager steps of the Mamba models are bound by the host's kernel launches (about 1,900 per SegResMamba step),
 so their times move with whatever else runs on the host's CPUs: measure on an otherwise idle machine. The
@@ -41,7 +43,7 @@ from segresmamba.data.spec import get_dataset_spec
 DEFAULT_MODELS = ("segresmamba", "segresmamba_notom", "swinunetr", "unetr", "nnunet", "segmamba")
 
 
-MODES = ("eager", "tom", "step", "eager_cl", "step_cl", "eager_fn", "step_fn", "eager_gn")
+MODES = ("eager", "tom", "step", "eager_cl", "step_cl", "eager_fn", "step_fn", "eager_gn", "step_cl_fn")
 
 
 def _graphs_text(row) -> str:
@@ -95,6 +97,7 @@ def measure(models: tuple[str, ...], source: Path, modes: tuple[str, ...] = MODE
     run("step_fn", models if "step_fn" in modes else (), graphs="step", fast_norms=True, **bf16)
     with_group_norm = [m for m in models if _holds(m, torch.nn.GroupNorm)]
     run("eager_gn", with_group_norm if "eager_gn" in modes else (), fast_norms="group", **bf16)
+    run("step_cl_fn", models if "step_cl_fn" in modes else (), graphs="step", channels_last=True, fast_norms=True, **bf16)
     return tables
 
 

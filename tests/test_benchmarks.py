@@ -331,6 +331,27 @@ def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
         model_step.main(["--table", str(kits), "--out", str(out)])
 
 
+def test_model_step_measure_passes_each_modes_settings(tmp_path, monkeypatch):
+    """``--measure`` profiles each chosen mode with its settings (recorded here instead of run on a GPU)."""
+    import segresmamba.bench.efficiency as efficiency
+    from perf import model_step
+
+    calls = {}
+
+    def fake_profile(models, configs, out, **options):
+        calls[out.name] = (list(models), {k: v for k, v in options.items() if k not in ("macs", "cpu_step")})
+        return [out / "brats.csv"]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(efficiency, "profile", fake_profile)
+    tables = model_step.measure(("unet",), tmp_path, ("eager", "step_fn", "step_cl_fn", "eager_gn"))
+    assert [t.parent.name for t in tables] == ["eager", "step_fn", "step_cl_fn"]  # unet holds no GroupNorm: no eager_gn
+    assert calls["eager"] == (["unet"], {})
+    bf16 = {"precisions": ["bf16"], "inference": False}
+    assert calls["step_fn"] == (["unet"], {"graphs": "step", "fast_norms": True, **bf16})
+    assert calls["step_cl_fn"] == (["unet"], {"graphs": "step", "channels_last": True, "fast_norms": True, **bf16})
+
+
 def test_ddp_check_two_gloo_processes_vs_one(tmp_path):
     """The DDP check as on a 2-GPU host, on 2 CPU processes (gloo): same init, Dice compared to the seed spread."""
     from perf import ddp_check
