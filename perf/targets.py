@@ -73,10 +73,15 @@ def step_targets(table: pd.DataFrame) -> list[dict]:
     else:
         in_run = eager[(eager.device == run[0]) & (eager.git_sha == run[1])]
         s, b = (in_run[in_run.model == model].iloc[-1] for model in ("segresmamba", "nnunet"))
-        back = (f"; back to back {s.pipelined_ms:.1f} against {b.pipelined_ms:.1f}"
-                if pd.notna(s.pipelined_ms) and pd.notna(b.pipelined_ms) else "")
-        out.append(_target(name, f"{s.step_ms:.1f} ms against {b.step_ms:.1f} ms synchronised{back}",
-                           _met(s.step_ms, b.step_ms), _run(s)))
+        # a host-bound step moves between steps and processes: the spread goes beside the median, and the target is
+        # met only where both timings (synchronised, and back to back where measured) meet it
+        spread = (f" (slowest minus fastest step: {s.spread_ms:.1f} and {b.spread_ms:.1f})"
+                  if pd.notna(s.get("spread_ms")) and pd.notna(b.get("spread_ms")) else "")
+        both = pd.notna(s.pipelined_ms) and pd.notna(b.pipelined_ms)
+        back = f"; back to back {s.pipelined_ms:.1f} against {b.pipelined_ms:.1f}" if both else ""
+        met = s.step_ms <= b.step_ms and (not both or s.pipelined_ms <= b.pipelined_ms)
+        out.append(_target(name, f"{s.step_ms:.1f} ms against {b.step_ms:.1f} ms synchronised{spread}{back}",
+                           "yes" if met else "no", _run(s)))
 
     mine = bf16[bf16.model == "segresmamba"]
     fastest = mine.loc[mine.step_ms.idxmin()] if not mine.empty else None

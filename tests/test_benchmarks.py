@@ -702,6 +702,12 @@ def test_targets_pair_rows_of_one_run_only(tmp_path):
     eager = got["SegResMamba eager step <= nnU-Net-style eager step (one run)"]
     assert eager["met"] == "no" and eager["measured"].startswith("70.0 ms against 60.0 ms") and "aaaaaaa" in eager["source"]
     assert "back to back 60.0 against 59.0" in eager["measured"]
+    # met only where the synchronised and the back-to-back step both meet it; the spreads are shown where recorded
+    pair = pd.DataFrame([row("nnunet", "d" * 40, 52.6, pipelined=52.1), row("segresmamba", "d" * 40, 48.9, pipelined=48.2)])
+    pair["spread_ms"] = [0.1, 8.1]
+    mixed = pair.assign(pipelined_ms=[52.1, 53.0])
+    assert [targets.step_targets(t)[0]["met"] for t in (pair, mixed)] == ["yes", "no"]
+    assert "synchronised (slowest minus fastest step: 8.1 and 0.1)" in targets.step_targets(pair)[0]["measured"]
     fastest = got["SegResMamba fastest mode <= 30 ms"]
     assert fastest["met"] == "yes" and "28.0 ms (CUDA graphs: whole step, norms whole-tensor)" in fastest["measured"]
     assert got["SegResMamba peak <= 3 GiB (eager)"]["met"] == "yes"
