@@ -708,6 +708,23 @@ def test_targets_pair_rows_of_one_run_only(tmp_path):
     mixed = pair.assign(pipelined_ms=[52.1, 53.0])
     assert [targets.step_targets(t)[0]["met"] for t in (pair, mixed)] == ["yes", "no"]
     assert "synchronised (slowest minus fastest step: 8.1 and 0.1)" in targets.step_targets(pair)[0]["measured"]
+    # other processes of the same run count (those of another commit do not); met only where every process meets it
+    def repeat(path, sha, mine, theirs):
+        pd.DataFrame([{"model": m, "device": "NVIDIA H200", "git_sha": sha, "step_ms_bf16": sync, "step_ms_pipelined_bf16": piped}
+                      for m, (sync, piped) in (("segresmamba", mine), ("nnunet", theirs))]).to_csv(path, index=False)
+        return path
+
+    slow = repeat(tmp_path / "r1.csv", "d" * 40, (63.9, 48.5), (53.0, 52.2))
+    other = repeat(tmp_path / "r2.csv", "e" * 40, (99.0, 99.0), (50.0, 50.0))
+    fine = repeat(tmp_path / "r3.csv", "d" * 40, (50.1, 47.6), (53.6, 53.1))
+    counted = targets.step_targets(pair, targets.eager_repeats([slow, other, fine]))[0]
+    assert counted["met"] == "in 2 of 3 processes synchronised, 3 of 3 back to back"
+    assert "2 more processes, synchronised 63.9 / 53.0, back to back 48.5 / 52.2; 50.1 / 53.6" in counted["measured"]
+    assert targets.step_targets(pair, targets.eager_repeats([fine]))[0]["met"] == "yes"
+    lone = tmp_path / "lone.csv"
+    pd.read_csv(fine).iloc[:1].to_csv(lone, index=False)
+    with pytest.raises(SystemExit, match="lacks the segresmamba or the nnunet row"):
+        targets.eager_repeats([lone])
     fastest = got["SegResMamba fastest mode <= 30 ms"]
     assert fastest["met"] == "yes" and "28.0 ms (CUDA graphs: whole step, norms whole-tensor)" in fastest["measured"]
     assert got["SegResMamba peak <= 3 GiB (eager)"]["met"] == "yes"
@@ -728,5 +745,9 @@ def test_targets_pair_rows_of_one_run_only(tmp_path):
     scan.to_csv(tmp_path / "scan.csv", index=False)
     assert targets.main(["--model-step", str(tmp_path / "model_step.csv"), "--scan", str(tmp_path / "scan.csv"), "--out", str(tmp_path)]) == 0
     assert "| ToM C48 64^3 b1 fwd+bwd <= 0.25 x mamba_ssm (one run)" in (tmp_path / "targets.md").read_text()
+    assert "no repeat table" in (tmp_path / "targets.md").read_text()  # none beside this model_step.csv
+    with pytest.raises(SystemExit, match="eager repeat table"):
+        targets.main(["--model-step", str(tmp_path / "model_step.csv"), "--scan", str(tmp_path / "scan.csv"),
+                      "--repeats", str(tmp_path / "missing.csv")])
     with pytest.raises(SystemExit, match="not found"):
         targets.main(["--model-step", str(tmp_path / "missing.csv")])
