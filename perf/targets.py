@@ -62,38 +62,43 @@ def _met(value: float, limit: float) -> str:
     return "yes" if value <= limit else "no"
 
 
-def eager_repeats(paths: list[Path]) -> pd.DataFrame:
-    """SegResMamba's and the nnU-Net-style net's bf16 eager steps, one row per repeat table (a process of the profiler):
-    device, git_sha, then sync and piped (synchronised median, back-to-back mean) of ``s`` (SegResMamba) and ``b``."""
-    rows = []
+# an efficiency table's columns of a bf16 step, by the names model_step.csv gives them
+_STEP_COLUMNS = {"step_ms_bf16": "step_ms", "step_ms_pipelined_bf16": "pipelined_ms"}
+
+
+def eager_repeats(paths: list[Path]) -> list[tuple[pd.Series, pd.Series]]:
+    """SegResMamba's and the nnU-Net-style net's bf16 eager steps, one (SegResMamba, nnU-Net-style) pair of rows per
+    repeat table (a process of the profiler), with model_step.csv's names for the step columns."""
+    pairs = []
     for path in paths:
-        t = pd.read_csv(path).set_index("model")
+        t = pd.read_csv(path).rename(columns=_STEP_COLUMNS).set_index("model")
         if not {"segresmamba", "nnunet"} <= set(t.index):
             raise SystemExit(f"error: {path} lacks the segresmamba or the nnunet row of an eager repeat")
-        s, b = t.loc["segresmamba"], t.loc["nnunet"]
-        rows.append({"device": s.device, "git_sha": s.git_sha, "s_sync": s.step_ms_bf16, "b_sync": b.step_ms_bf16,
-                     "s_piped": s.get("step_ms_pipelined_bf16"), "b_piped": b.get("step_ms_pipelined_bf16")})
-    return pd.DataFrame(rows, columns=["device", "git_sha", "s_sync", "b_sync", "s_piped", "b_piped"])
+        pairs.append((t.loc["segresmamba"], t.loc["nnunet"]))
+    return pairs
 
 
-def _eager_verdict(first: dict, repeats: pd.DataFrame) -> tuple[str, str]:
-    """Text and verdict of the eager target over its run's first process and its repeats (same card and commit)."""
-    runs = [first] + repeats.to_dict("records")
-    sync = sum(r["s_sync"] <= r["b_sync"] for r in runs)
-    piped = [r for r in runs if pd.notna(r["s_piped"]) and pd.notna(r["b_piped"])]
-    met_piped = sum(r["s_piped"] <= r["b_piped"] for r in piped)
-    if len(runs) == 1:
-        return "", "yes" if sync == 1 and met_piped == len(piped) else "no"
-    listed = "; ".join(f"{r['s_sync']:.1f} / {r['b_sync']:.1f}" + (f", back to back {r['s_piped']:.1f} / {r['b_piped']:.1f}"
-                                                                 if pd.notna(r["s_piped"]) and pd.notna(r["b_piped"]) else "")
-                       for r in runs[1:])
-    text = f". {len(runs) - 1} more processes, synchronised {listed}"
-    if sync == len(runs) and met_piped == len(piped):
-        return text, "yes"
-    return text, f"in {sync} of {len(runs)} processes synchronised, {met_piped} of {len(piped)} back to back"
+def _both_piped(s: pd.Series, b: pd.Series) -> bool:
+    return pd.notna(s.get("pipelined_ms")) and pd.notna(b.get("pipelined_ms"))
 
 
-def step_targets(table: pd.DataFrame, repeats: pd.DataFrame | None = None) -> list[dict]:
+def _eager_verdict(pairs: list[tuple[pd.Series, pd.Series]]) -> tuple[str, str]:
+    """Text on the repeats and verdict of the eager target over the (SegResMamba, nnU-Net-style) rows of each process
+    of its run, the first process first."""
+    sync = sum(s.step_ms <= b.step_ms for s, b in pairs)
+    piped = [(s, b) for s, b in pairs if _both_piped(s, b)]
+    met_piped = sum(s.pipelined_ms <= b.pipelined_ms for s, b in piped)
+    met = sync == len(pairs) and met_piped == len(piped)
+    if len(pairs) == 1:
+        return "", "yes" if met else "no"
+    listed = "; ".join(f"{s.step_ms:.1f} / {b.step_ms:.1f}"
+                       + (f", back to back {s.pipelined_ms:.1f} / {b.pipelined_ms:.1f}" if _both_piped(s, b) else "")
+                       for s, b in pairs[1:])
+    return (f". {len(pairs) - 1} more processes, synchronised {listed}",
+            "yes" if met else f"in {sync} of {len(pairs)} processes synchronised, {met_piped} of {len(piped)} back to back")
+
+
+def step_targets(table: pd.DataFrame, repeats: list[tuple[pd.Series, pd.Series]] = ()) -> list[dict]:
     """The four targets read from ``model_step.csv`` rows (bf16), one dict per target (the peak's two modes apart);
     ``repeats`` (:func:`eager_repeats`): other processes' eager steps, those of the eager comparison's run counted."""
     bf16 = table[(table.precision == "bf16") & table.step_ms.notna()]
@@ -111,11 +116,8 @@ def step_targets(table: pd.DataFrame, repeats: pd.DataFrame | None = None) -> li
         # met only where both timings (synchronised, and back to back where measured) meet it
         spread = (f" (slowest minus fastest step: {s.spread_ms:.1f} and {b.spread_ms:.1f})"
                   if pd.notna(s.get("spread_ms")) and pd.notna(b.get("spread_ms")) else "")
-        both = pd.notna(s.pipelined_ms) and pd.notna(b.pipelined_ms)
-        back = f"; back to back {s.pipelined_ms:.1f} against {b.pipelined_ms:.1f}" if both else ""
-        same = pd.DataFrame() if repeats is None else repeats[(repeats.device == run[0]) & (repeats.git_sha == run[1])]
-        more, met = _eager_verdict({"s_sync": s.step_ms, "b_sync": b.step_ms, "s_piped": s.pipelined_ms,
-                                    "b_piped": b.pipelined_ms}, same)
+        back = f"; back to back {s.pipelined_ms:.1f} against {b.pipelined_ms:.1f}" if _both_piped(s, b) else ""
+        more, met = _eager_verdict([(s, b)] + [(rs, rb) for rs, rb in repeats if (rs.device, rs.git_sha) == run])
         out.append(_target(name, f"{s.step_ms:.1f} ms against {b.step_ms:.1f} ms synchronised{spread}{back}{more}",
                            met, _run(s)))
 
