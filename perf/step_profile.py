@@ -17,7 +17,9 @@ Per mode it also records the host's time to enqueue a step by phase, where in th
 operator (:mod:`perf.host_time`), to show where a host-bound step spends it.
 ``--fast-norms`` profiles the nets with ``fast_norms`` (the fastest mode is ``step_graphs`` with it) and writes
 ``step_profile_<model>_<config>_fast_norms.md``; ``--fast-norms group`` with ``fast_norms="group"`` (GroupNorm only),
-``step_profile_<model>_<config>_fast_group_norms.md``.
+``step_profile_<model>_<config>_fast_group_norms.md``. ``--channels-last`` keeps the 3D conv weights and the input in
+NDHWC (the task's ``channels_last``) and adds ``_channels_last`` to the name: it shows which kernels the layout
+removes (cuDNN's NCDHW <-> NDHWC conversions) and which it adds.
 """
 
 from __future__ import annotations
@@ -98,19 +100,19 @@ def host_sections(step, batch: dict) -> list[str]:
 
 
 def profile(model_name: str, config: str, precision: str, modes: list[str], steps: int, warmup: int, recipe: str = "paper",
-            fast_norms: bool | str = False) -> list[str]:
+            fast_norms: bool | str = False, channels_last: bool = False) -> list[str]:
     spec = get_dataset_spec(config)
     torch.backends.cudnn.benchmark = True  # as the training configs
     torch.manual_seed(0)
     device = torch.device("cuda")
-    step = TrainingStep(build_task(model_name, spec, recipe=recipe, fast_norms=fast_norms), precision, device)
+    step = TrainingStep(build_task(model_name, spec, recipe=recipe, fast_norms=fast_norms, channels_last=channels_last), precision, device)
     batch = synthetic_batch(spec, spec.patch, device)
     model, x, dtype = step.task.net, batch["image"], step.dtype
     prov = provenance(device, precision)
     lines = [f"# Training step of {model_name}, {config} {'x'.join(map(str, spec.patch))} b1 {precision}: GPU kernels against wall time", "",
              f"{prov['device']} · git {prov['git_sha']} · torch {prov['versions'].get('torch')} · triton {prov['versions'].get('triton')} · "
              f"synthetic tensors, the suite's training step (recipe {recipe}: task loss, backward, optimiser step), "
-             f"norms: {_NORMS_TEXT[fast_norms]}, "
+             f"norms: {_NORMS_TEXT[fast_norms]}, layout: {'NDHWC (`--model.channels_last true`)' if channels_last else 'NCDHW'}, "
              f"`cudnn.benchmark` on. Wall: median of {steps} steps after {warmup} warm-ups "
              "(CUDA synchronised around each). Kernels: torch.profiler, mean of 3 steps. Names are cut at 90 characters.", "",
              "Host: the host's time to enqueue a step, the GPU idle at its start (synchronised before each step, not inside "
@@ -163,16 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--fast-norms", nargs="?", const=True, default=False, type=fast_norms_choice,
                    help="GroupNorm and InstanceNorm by whole-tensor reductions (--model.fast_norms); `--fast-norms group`: GroupNorm only")
+    p.add_argument("--channels-last", action="store_true",
+                   help="3D conv weights and the input in channels_last_3d (NDHWC) layout (--model.channels_last)")
     p.add_argument("--out", type=Path, default=Path("results/perf"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: step_profile needs a GPU (CUDA is not available)")
     if args.model not in segresmamba.list_models():
         raise SystemExit(f"error: unknown model {args.model!r}; known models: {', '.join(segresmamba.list_models())}")
-    lines = profile(args.model, args.config, args.precision, args.modes, args.steps, args.warmup, args.recipe, args.fast_norms)
+    lines = profile(args.model, args.config, args.precision, args.modes, args.steps, args.warmup, args.recipe, args.fast_norms,
+                    args.channels_last)
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = {False: "", True: "_fast_norms", "group": "_fast_group_norms"}[args.fast_norms]
-    dest = args.out / f"step_profile_{args.model}_{args.config}{suffix}.md"
+    dest = args.out / f"step_profile_{args.model}_{args.config}{suffix}{'_channels_last' if args.channels_last else ''}.md"
     dest.write_text("\n".join(lines) + "\n")
     print(f"wrote {dest}")
     return 0
