@@ -256,10 +256,12 @@ def test_fvcore_counts_the_same_as_nn():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
-def test_cuda_bf16_autocast_matches_nn(in_dtype):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_cuda_bf16_autocast_matches_nn(in_dtype, layout):
     ref, ours = _pair((2, 16, 8, 8, 8), 4, True, torch.float32)
     ref, ours = ref.cuda(), ours.cuda()
-    x = (torch.randn(2, 16, 8, 8, 8, device="cuda") * 2 + 1).to(in_dtype)
+    x = (torch.randn(2, 16, 8, 8, 8, device="cuda") * 2 + 1).to(in_dtype).contiguous(memory_format=layout)
+    assert gn_mod._use_kernels(x)
     grad = torch.randn(2, 16, 8, 8, 8, device="cuda")
     outs = []
     for m in (ours, ref):
@@ -281,10 +283,11 @@ def test_cuda_bf16_autocast_matches_nn(in_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,groups", [((1, 48, 32, 32, 32), 8), ((2, 16, 5, 4, 3), 16)])
-def test_cuda_fp32_matches_nn(shape, groups):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_cuda_fp32_matches_nn(shape, groups, layout):
     ref, ours = _pair(shape, groups, True, torch.float32)
     ref, ours = ref.cuda(), ours.cuda()
-    x = torch.randn(shape, device="cuda") * 2 + 0.5
+    x = (torch.randn(shape, device="cuda") * 2 + 0.5).contiguous(memory_format=layout)
     grad = torch.randn(shape, device="cuda")
     y_ref, g_ref = _run(ref, x, grad)
     y, g = _run(ours, x, grad)
@@ -554,3 +557,35 @@ def test_kernels_under_interpreter_bf16_instance_norm(small_kernel_blocks):
     assert xb.grad.dtype == torch.bfloat16
     torch.testing.assert_close(xb.grad.float(), x32.grad, rtol=0, atol=5e-2)
     torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("shape,groups,affine", [((2, 6, 5, 7, 3), 3, True), ((1, 12, 6, 6, 6), 12, True),
+                                                 ((2, 8, 3, 4, 5), 2, False), ((1, 70, 3, 3, 4), 70, True),
+                                                 ((1, 4, 9, 9, 9), 1, True)])  # 70: two channel blocks, one ragged
+def test_kernels_under_interpreter_channels_last(shape, groups, affine, small_kernel_blocks):
+    """A channels-last map (the suite's ``channels_last`` setting) takes the kernels' ``_cl`` passes, with no copy to
+    NCDHW: the output, and dx, keep its layout; values and every gradient match nn.GroupNorm. The grad_output
+    arrives contiguous, the other layout, as it can from a following op."""
+    x = (torch.randn(shape) * 2 + 0.5).to(memory_format=torch.channels_last_3d)
+    assert small_kernel_blocks.is_channels_last(x) and gn_mod._use_kernels(x)
+    ref, ours = _pair(shape, groups, affine, torch.float32)
+    grad = torch.randn(shape)
+    y_ref, g_ref = _run(ref, x.contiguous(), grad)
+    xs = x.clone().requires_grad_()
+    y = ours(xs)
+    y.backward(grad)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) and xs.grad.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    got = [xs.grad] + [p.grad for p in ours.parameters()]
+    for a, b in zip(got, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_helper_tells_the_layouts_apart():
+    kernels = pytest.importorskip("segresmamba.models.group_norm_kernels")
+    x = torch.randn(1, 4, 3, 3, 3)
+    assert not kernels.is_channels_last(x)
+    assert kernels.is_channels_last(x.to(memory_format=torch.channels_last_3d))
+    assert not kernels.is_channels_last(torch.randn(1, 1, 3, 3, 3).to(memory_format=torch.channels_last_3d))  # both
+    assert not kernels.is_channels_last(x.transpose(2, 4))

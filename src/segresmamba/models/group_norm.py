@@ -26,11 +26,13 @@ otherwise), keeps and saves ``x`` in its own dtype, and computes in fp32 interna
 switched off (autocast's ``promote`` policy for ``addcmul`` would otherwise materialise an fp32 copy).
 A custom ``autograd.Function`` is not seen by autocast, so nothing is cast on the way in.
 
-On CUDA, with Triton, for contiguous fp32 / bf16 / fp16 input, the same algebra runs as Triton kernels
+On CUDA, with Triton, for fp32 / bf16 / fp16 input that is contiguous or 5-D channels-last (the layout the
+suite's ``channels_last`` setting gives the 3D conv activations), the same algebra runs as Triton kernels
 (:mod:`segresmamba.models.group_norm_kernels`): two passes over the tensor forward (the statistics by
 Welford/Chan updates, then the affine map written in the output dtype) and two backward (the per-channel
-sums, then dx), with no full-size fp32 temporaries. Elsewhere (CPU, fp64, channels-last input) the torch ops
-below run.
+sums, then dx), with no full-size fp32 temporaries. Elsewhere (CPU, fp64, other strides) the torch ops below
+run: on a channels-last map their broadcast ``addcmul`` and reductions over strided dims cost several times
+the kernels (SegMamba's BraTS step, results/perf/scan_notes.md).
 
 Tracing (``torch.jit.trace``, which fvcore's MAC counting uses) goes through ``F.group_norm``: fvcore
 counts ``aten::group_norm`` with its norm handle (5 per element with affine, 4 without), while a custom
@@ -78,9 +80,12 @@ def _kernels():
 
 
 def _use_kernels(x: torch.Tensor) -> bool:
-    """The Triton path: CUDA (or Triton's interpreter), a contiguous fp32 / bf16 / fp16 tensor, Triton present."""
+    """The Triton path: CUDA (or Triton's interpreter), a contiguous or 5-D channels-last fp32 / bf16 / fp16 tensor,
+    Triton present."""
     on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return on_device and x.dtype in (torch.float32, *_LOW_PRECISION) and x.is_contiguous() and _kernels() is not None
+    if not on_device or x.dtype not in (torch.float32, *_LOW_PRECISION) or _kernels() is None:
+        return False
+    return x.is_contiguous() or _kernels().is_channels_last(x)
 
 
 def _per_channel(t: torch.Tensor, channels: int) -> torch.Tensor:
@@ -176,7 +181,8 @@ class GroupNormFunction(torch.autograd.Function):
         bshape = (n, c) + (1,) * (x.dim() - 2)
         with _no_autocast(x.device):
             if _use_kernels(x):
-                dx, dw_n, db_n = _kernels().backward(grad_y.contiguous(), x, mean, rstd, weight, need_x)
+                layout = torch.channels_last_3d if _kernels().is_channels_last(x) else torch.contiguous_format
+                dx, dw_n, db_n = _kernels().backward(grad_y.contiguous(memory_format=layout), x, mean, rstd, weight, need_x)
                 if need_w and weight is not None:
                     dw = dw_n.sum(0).to(weight.dtype)
                 if need_b and ctx.bias_dtype is not None:

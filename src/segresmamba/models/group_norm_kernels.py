@@ -21,6 +21,12 @@ Backward, two full passes and one small launch between them (the algebra is
 - ``_grad_coeff_kernel``: grid (N G,); dx's per-channel coefficients and the shares of dw and dbias;
 - ``_grad_input_kernel``: grid (S blocks, N C); dx = p[n, c] grad_y + a[n, c] x + b2[n, c], in x's dtype.
 
+A channels-last (N, *spatial, C in memory) tensor, as the suite's ``channels_last`` setting makes the 3D conv
+activations, goes through ``_cl`` twins of the four full passes instead of a copy to NCDHW: each program walks a
+(spatial block x channel block) tile whose channels are contiguous, and the reductions write per-(n, c) partials
+laid out as the NCDHW ones (a group's channels one after another), so ``_finalize_kernel`` (with C/G times the
+splits) and ``_grad_coeff_kernel`` serve both layouts.
+
 All arithmetic in fp32.
 """
 
@@ -188,6 +194,115 @@ def _grad_input_kernel(dy_ptr, x_ptr, dx_ptr, p_ptr, a_ptr, b_ptr, S, BLOCK: tl.
     tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+# ---- channels-last twins: x[n, s, c] at n S C + s C + c; grids (spatial blocks, channel blocks, N)
+
+
+@triton.jit
+def _cl_tile(s, c, S, C):
+    """Offsets within one sample and the mask of a (spatial x channel) tile of a channels-last tensor."""
+    return s[:, None].to(tl.int64) * C + c[None, :], (s < S)[:, None] & (c < C)[None, :]
+
+
+@triton.jit
+def _stats_cl_kernel(x_ptr, part_ptr, S, C, SPLITS, ROWS: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr):
+    """Welford triples of ROWS spatial positions per channel, stored at part[(n C + c) SPLITS + split]."""
+    split, cblk, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    base = x_ptr + n.to(tl.int64) * S * C
+    c = cblk * BC + tl.arange(0, BC)
+    cnt = tl.zeros([BS, BC], dtype=tl.float32)
+    mean = tl.zeros([BS, BC], dtype=tl.float32)
+    m2 = tl.zeros([BS, BC], dtype=tl.float32)
+    start = split * ROWS
+    for off in tl.static_range(0, ROWS, BS):
+        idx, mask = _cl_tile(start + off + tl.arange(0, BS), c, S, C)
+        x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
+        cnt += mask.to(tl.float32)
+        delta = tl.where(mask, x - mean, 0.0)
+        mean += delta / tl.maximum(cnt, 1.0)
+        m2 += delta * tl.where(mask, x - mean, 0.0)
+    k, mu, v = tl.reduce((cnt, mean, m2), 0, _chan_combine)
+    out = part_ptr + ((n * C + c).to(tl.int64) * SPLITS + split) * 3
+    mask_c = c < C
+    tl.store(out, k, mask=mask_c)
+    tl.store(out + 1, mu, mask=mask_c)
+    tl.store(out + 2, v, mask=mask_c)
+
+
+@triton.jit
+def _apply_cl_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, S, C, CG,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr):
+    sblk, cblk, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = cblk * BC + tl.arange(0, BC)
+    mask_c = c < C
+    group = n * (C // CG) + c // CG
+    scale = tl.load(rstd_ptr + group, mask=mask_c, other=0.0)
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+    shift = -tl.load(mean_ptr + group, mask=mask_c, other=0.0) * scale
+    if HAS_B:
+        shift += tl.load(b_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+    idx, mask = _cl_tile(sblk * BS + tl.arange(0, BS), c, S, C)
+    off = n.to(tl.int64) * S * C + idx
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + off, (x * scale[None, :] + shift[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_sums_cl_kernel(dy_ptr, x_ptr, part_ptr, S, C, SPLITS, ROWS: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr):
+    split, cblk, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    base = n.to(tl.int64) * S * C
+    c = cblk * BC + tl.arange(0, BC)
+    s1 = tl.zeros([BS, BC], dtype=tl.float32)
+    s2 = tl.zeros([BS, BC], dtype=tl.float32)
+    start = split * ROWS
+    for off in tl.static_range(0, ROWS, BS):
+        idx, mask = _cl_tile(start + off + tl.arange(0, BS), c, S, C)
+        dy = tl.load(dy_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        s1 += dy
+        s2 += dy * x
+    out = part_ptr + ((n * C + c).to(tl.int64) * SPLITS + split) * 2
+    mask_c = c < C
+    tl.store(out, tl.sum(s1, axis=0), mask=mask_c)
+    tl.store(out + 1, tl.sum(s2, axis=0), mask=mask_c)
+
+
+@triton.jit
+def _grad_input_cl_kernel(dy_ptr, x_ptr, dx_ptr, p_ptr, a_ptr, b_ptr, S, C, BS: tl.constexpr, BC: tl.constexpr):
+    sblk, cblk, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = cblk * BC + tl.arange(0, BC)
+    mask_c = c < C
+    plane = n * C + c
+    p = tl.load(p_ptr + plane, mask=mask_c, other=0.0)[None, :]
+    a = tl.load(a_ptr + plane, mask=mask_c, other=0.0)[None, :]
+    b2 = tl.load(b_ptr + plane, mask=mask_c, other=0.0)[None, :]
+    idx, mask = _cl_tile(sblk * BS + tl.arange(0, BS), c, S, C)
+    off = n.to(tl.int64) * S * C + idx
+    dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + off, (p * dy + a * x + b2).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A 5-D tensor in channels_last_3d memory that is not also plain contiguous (the kernels' ``_cl`` layout)."""
+    return x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def _cl_blocks(c: int, elements: int) -> tuple[int, int]:
+    """(spatial rows, channels) of a channels-last tile of about ``elements``: every channel of a narrow map, up
+    to 64 contiguous channels of a wide one."""
+    bc = min(next_power_of_2(c), 64)
+    return max(elements // bc, 1), bc
+
+
+def _cl_reduction_tile(c: int, s: int) -> tuple[int, int, int, int]:
+    """(rows per program, spatial rows per step, channels per program, splits) of a channels-last reduction:
+    about CHUNK elements per program, read BLOCK elements at a time."""
+    bs, bc = _cl_blocks(c, _reduction_block())
+    rows = max(CHUNK // bc, bs)
+    return rows, bs, bc, cdiv(s, rows)
+
+
 def _reduction_block() -> int:
     """Lanes of a reduction program: BLOCK, or CHUNK when smaller; a program reads exactly its CHUNK elements."""
     block = min(BLOCK, CHUNK)
@@ -197,12 +312,19 @@ def _reduction_block() -> int:
 
 
 def group_stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean and rstd (N, G), fp32, of a contiguous (N, C, *spatial) tensor's groups."""
-    n = x.shape[0]
+    """mean and rstd (N, G), fp32, of a contiguous or channels-last (N, C, *spatial) tensor's groups."""
+    n, c = x.shape[:2]
     rows, m = n * groups, x.numel() // (n * groups)
-    splits = cdiv(m, CHUNK)
-    part = torch.empty(rows, splits, 3, dtype=torch.float32, device=x.device)
-    _stats_kernel[(splits, rows)](x, part, m, splits, CHUNK=CHUNK, BLOCK=_reduction_block())
+    if is_channels_last(x):
+        s = m * groups // c
+        per_row, bs, bc, splits = _cl_reduction_tile(c, s)
+        part = torch.empty(n * c, splits, 3, dtype=torch.float32, device=x.device)
+        _stats_cl_kernel[(splits, cdiv(c, bc), n)](x, part, s, c, splits, ROWS=per_row, BS=bs, BC=bc)
+        splits *= c // groups  # a group's channels' partials follow one another: one row of the NCDHW layout
+    else:
+        splits = cdiv(m, CHUNK)
+        part = torch.empty(rows, splits, 3, dtype=torch.float32, device=x.device)
+        _stats_kernel[(splits, rows)](x, part, m, splits, CHUNK=CHUNK, BLOCK=_reduction_block())
     mean = torch.empty(n, groups, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     _finalize_kernel[(rows,)](part, mean, rstd, splits, eps, BLOCK_S=min(max(next_power_of_2(splits), 16), 1024))
@@ -211,9 +333,17 @@ def group_stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor,
 
 def normalize(x: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
               weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """``out = (x - mean[n, g]) rstd[n, g] w[c] + b[c]`` over a contiguous (N, C, *spatial) x, into ``out``."""
+    """``out = (x - mean[n, g]) rstd[n, g] w[c] + b[c]`` over a contiguous or channels-last (N, C, *spatial) x, into
+    ``out`` (of x's layout)."""
     n, c = x.shape[:2]
     planes, s = n * c, x[0, 0].numel()
+    if is_channels_last(x):
+        bs, bc = _cl_blocks(c, 2 * BLOCK)
+        _apply_cl_kernel[(cdiv(s, bs), cdiv(c, bc), n)](
+            x, out, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean, s, c,
+            c // mean.shape[1], HAS_W=weight is not None, HAS_B=bias is not None, BS=bs, BC=bc,
+        )
+        return out
     _apply_kernel[(cdiv(s, BLOCK), planes)](
         x, out, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean, s, c, c // mean.shape[1],
         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=BLOCK,
@@ -224,13 +354,20 @@ def normalize(x: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, rstd: torc
 def backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor | None,
              need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(dx in x's dtype or None, dw and dbias per (N, C) in fp32, to be summed over N) of GroupNorm, from
-    contiguous ``grad_y`` and ``x`` and the forward's (N, G) mean and rstd: two passes over the tensors."""
+    ``grad_y`` and ``x`` of one layout (contiguous or channels-last) and the forward's (N, G) mean and rstd: two
+    passes over the tensors."""
     n, c = x.shape[:2]
     groups = mean.shape[1]
     s = x[0, 0].numel()
-    splits = cdiv(s, CHUNK)
-    part = torch.empty(n * c, splits, 2, dtype=torch.float32, device=x.device)
-    _grad_sums_kernel[(splits, n * c)](grad_y, x, part, s, splits, CHUNK=CHUNK, BLOCK=_reduction_block())
+    channels_last = is_channels_last(x)
+    if channels_last:
+        per_row, bs, bc, splits = _cl_reduction_tile(c, s)
+        part = torch.empty(n * c, splits, 2, dtype=torch.float32, device=x.device)
+        _grad_sums_cl_kernel[(splits, cdiv(c, bc), n)](grad_y, x, part, s, c, splits, ROWS=per_row, BS=bs, BC=bc)
+    else:
+        splits = cdiv(s, CHUNK)
+        part = torch.empty(n * c, splits, 2, dtype=torch.float32, device=x.device)
+        _grad_sums_kernel[(splits, n * c)](grad_y, x, part, s, splits, CHUNK=CHUNK, BLOCK=_reduction_block())
     coeffs = torch.empty(5, n, c, dtype=torch.float32, device=x.device)  # p, a, b2, dw share, dbias share
     _grad_coeff_kernel[(n * groups,)](
         part, mean, rstd, weight if weight is not None else mean, *coeffs, c, c // groups, splits, (c // groups) * s,
@@ -238,9 +375,13 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: to
     )
     dx = None
     if need_x:
-        dx = torch.empty_like(x)
-        _grad_input_kernel[(cdiv(s, BLOCK), n * c)](grad_y, x, dx, coeffs[0], coeffs[1], coeffs[2], s, BLOCK=BLOCK)
+        dx = torch.empty_like(x)  # x's layout
+        if channels_last:
+            bs, bc = _cl_blocks(c, 2 * BLOCK)
+            _grad_input_cl_kernel[(cdiv(s, bs), cdiv(c, bc), n)](grad_y, x, dx, coeffs[0], coeffs[1], coeffs[2], s, c, BS=bs, BC=bc)
+        else:
+            _grad_input_kernel[(cdiv(s, BLOCK), n * c)](grad_y, x, dx, coeffs[0], coeffs[1], coeffs[2], s, BLOCK=BLOCK)
     return dx, coeffs[3], coeffs[4]
 
 
-__all__ = ["backward", "group_stats", "normalize"]
+__all__ = ["backward", "group_stats", "is_channels_last", "normalize"]
