@@ -55,6 +55,16 @@ def _chan_combine(n1, m1, v1, n2, m2, v2):
 
 
 @triton.jit
+def _welford_step(cnt, mean, m2, x, mask):
+    """Welford's update of per-lane (count, mean, M2) by one value per lane (masked lanes unchanged)."""
+    cnt += mask.to(tl.float32)
+    delta = tl.where(mask, x - mean, 0.0)
+    mean += delta / tl.maximum(cnt, 1.0)
+    m2 += delta * tl.where(mask, x - mean, 0.0)
+    return cnt, mean, m2
+
+
+@triton.jit
 def _stats_kernel(x_ptr, part_ptr, M, SPLITS, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     split, row = tl.program_id(0), tl.program_id(1)
     base = x_ptr + row.to(tl.int64) * M
@@ -66,11 +76,7 @@ def _stats_kernel(x_ptr, part_ptr, M, SPLITS, CHUNK: tl.constexpr, BLOCK: tl.con
     for off in tl.static_range(0, CHUNK, BLOCK):
         idx = start + off + lanes
         mask = idx < M
-        x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
-        cnt += mask.to(tl.float32)
-        delta = tl.where(mask, x - mean, 0.0)
-        mean += delta / tl.maximum(cnt, 1.0)
-        m2 += delta * tl.where(mask, x - mean, 0.0)
+        cnt, mean, m2 = _welford_step(cnt, mean, m2, tl.load(base + idx, mask=mask, other=0.0).to(tl.float32), mask)
     n, mu, v = tl.reduce((cnt, mean, m2), 0, _chan_combine)
     out = part_ptr + (row.to(tl.int64) * SPLITS + split) * 3
     tl.store(out, n)
@@ -215,11 +221,7 @@ def _stats_cl_kernel(x_ptr, part_ptr, S, C, SPLITS, ROWS: tl.constexpr, BS: tl.c
     start = split * ROWS
     for off in tl.static_range(0, ROWS, BS):
         idx, mask = _cl_tile(start + off + tl.arange(0, BS), c, S, C)
-        x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
-        cnt += mask.to(tl.float32)
-        delta = tl.where(mask, x - mean, 0.0)
-        mean += delta / tl.maximum(cnt, 1.0)
-        m2 += delta * tl.where(mask, x - mean, 0.0)
+        cnt, mean, m2 = _welford_step(cnt, mean, m2, tl.load(base + idx, mask=mask, other=0.0).to(tl.float32), mask)
     k, mu, v = tl.reduce((cnt, mean, m2), 0, _chan_combine)
     out = part_ptr + ((n * C + c).to(tl.int64) * SPLITS + split) * 3
     mask_c = c < C
