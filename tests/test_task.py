@@ -184,3 +184,39 @@ def test_fit_reads_no_loss_on_the_host_per_step(monkeypatch):
     assert at_steps and set(at_steps) <= {6, 12}, at_steps  # at the two epochs' ends only (a step loss in the bar: every step)
     assert {"train/loss_step", "train/loss_epoch"} <= set(trainer.callback_metrics)
     assert math.isfinite(float(trainer.callback_metrics["train/loss_epoch"]))
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_channels_last_training_step_hands_the_loss_ncdhw_logits_and_changes_no_value(deep):
+    """With ``channels_last`` the net gets an NDHWC image and returns NDHWC logits; the loss gets them in NCDHW (its
+    ops meet the NCDHW label there) and the loss and the gradient are those of the NCDHW task."""
+    torch.manual_seed(0)
+    label = (torch.rand(1, 1, SIDE, SIDE, SIDE) > 0.5).long()
+    image = torch.randn(1, 2, SIDE, SIDE, SIDE)
+    seen = {}
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            seen["image_channels_last"] = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+            out = self.conv(x)
+            return [out, out[:, :, ::2, ::2, ::2]] if deep else out
+
+    results = []
+    for channels_last in (False, True):
+        module = make_task("multiclass", 2, ["fg"], channels_last=channels_last)
+        torch.manual_seed(1)
+        module.net = Net()
+        if channels_last:
+            module.net.conv.weight.data = module.net.conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        seen_by_loss = []
+        module.loss_fn.register_forward_pre_hook(lambda mod, args: seen_by_loss.append(args[0].is_contiguous()))
+        loss = module.training_step({"image": image, "label": label}, 0)
+        loss.backward()
+        assert seen["image_channels_last"] == channels_last and (all(seen_by_loss) or not channels_last)
+        results.append((loss.detach(), module.net.conv.weight.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)

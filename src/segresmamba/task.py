@@ -253,6 +253,10 @@ class SegmentationTask(L.LightningModule):
 
     # -- training ----------------------------------------------------------------------------------
     def _loss(self, outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            # the loss's softmax, one-hot products and sums over the voxels meet the NCDHW label there: on an NDHWC
+            # output they run as strided, unvectorised kernels; one copy of the logits (and its gradient's) is cheaper
+            outputs = outputs.contiguous() if isinstance(outputs, torch.Tensor) else [o.contiguous() for o in outputs]
         if isinstance(outputs, torch.Tensor):
             return self.loss_fn(outputs, label)
         weights = torch.tensor([0.5**i for i in range(len(outputs))])
