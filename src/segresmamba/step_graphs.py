@@ -78,6 +78,10 @@ class TrainingGraph:
             raise ValueError(f"warmup must be >= 1, got {warmup}")
         if graphed_tom_layers(task.net):
             raise ValueError("the ToM layers already replay their own CUDA graphs (ToMCudaGraphs); use one of the two modes")
+        if getattr(task.hparams, "channels_last", False):
+            # captured in the layout SegmentationTask.training_step hands it: a replay's copy into the static input
+            # is then a plain copy, and the first conv reads NDHWC as in the eager step
+            image = image.contiguous(memory_format=torch.channels_last_3d)
         self.signature = self._signature(image, label)
         self.task = task
         module = _NetAndLoss(task)
