@@ -551,17 +551,19 @@ def test_oriented_conv_kernels(branches, b, d, length, nslices):
     check_oriented_conv("cuda", branches, b, d, length, nslices)
 
 
-def check_fused_tom(device, dim, shape, nslices=None, orientations=("forward", "reverse", "slice"), batch=2):
+def check_fused_tom(device, dim, shape, nslices=None, orientations=("forward", "reverse", "slice"), batch=2,
+                    layout=torch.contiguous_format):
     from segresmamba.ssm import TriOrientedMamba
 
     torch.manual_seed(0)
     layer = TriOrientedMamba(dim, nslices=nslices, orientations=orientations, scan_backend="torch").to(device)
-    x = torch.randn(batch, dim, *shape, device=device, requires_grad=True)
+    x = torch.randn(batch, dim, *shape, device=device).contiguous(memory_format=layout).requires_grad_()
     ref = layer(x)
     ref_grads = torch.autograd.grad(ref.square().sum(), [x, *layer.parameters()])
     layer.scan_backend = "triton"  # fused by default
     out = layer(x)
     grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+    assert out.is_contiguous(memory_format=layout) and grads[0].is_contiguous(memory_format=layout)
     assert rel_err(out, ref) < 1e-5
     names = ["x"] + [n for n, _ in layer.named_parameters()]
     for name, got, want in zip(names, grads, ref_grads):
@@ -569,14 +571,15 @@ def check_fused_tom(device, dim, shape, nslices=None, orientations=("forward", "
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
-@pytest.mark.parametrize("nslices,orientations,batch", [
-    (None, ("forward", "reverse", "slice"), 2),
-    (None, ("forward", "reverse", "slice"), 1),  # the branches read one broadcast output gradient (row stride 0)
-    (2, ("slice", "forward"), 2),
+@pytest.mark.parametrize("nslices,orientations,batch,layout", [
+    (None, ("forward", "reverse", "slice"), 2, torch.contiguous_format),
+    (None, ("forward", "reverse", "slice"), 1, torch.contiguous_format),  # one broadcast output gradient (row stride 0)
+    (2, ("slice", "forward"), 2, torch.contiguous_format),
+    (None, ("forward", "reverse", "slice"), 2, torch.channels_last_3d),  # --model.channels_last: an NDHWC map
 ])
-def test_fused_tom_under_interpreter(nslices, orientations, batch, monkeypatch):
+def test_fused_tom_under_interpreter(nslices, orientations, batch, layout, monkeypatch):
     _interpreter_index_patch(monkeypatch)
-    check_fused_tom("cpu", 4, (4, 4, 4), nslices, orientations, batch)
+    check_fused_tom("cpu", 4, (4, 4, 4), nslices, orientations, batch, layout)
 
 
 @pytest.mark.gpu
@@ -585,6 +588,7 @@ def test_fused_tom_matches_torch_backend(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     check_fused_tom("cuda", 16, (8, 8, 8))
     check_fused_tom("cuda", 16, (8, 8, 8), batch=1)
+    check_fused_tom("cuda", 16, (8, 8, 8), layout=torch.channels_last_3d)
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
@@ -608,10 +612,14 @@ def test_auto_times_fused_against_per_branch_under_interpreter(monkeypatch):
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
-@pytest.mark.parametrize("channels,side,dtype", [(5, 3, torch.float32), (48, 4, torch.float32), (20, 5, torch.bfloat16)])
-def test_token_layer_norm_under_interpreter(channels, side, dtype, monkeypatch):
+@pytest.mark.parametrize("channels,side,dtype,layout", [
+    (5, 3, torch.float32, torch.contiguous_format), (48, 4, torch.float32, torch.contiguous_format),
+    (20, 5, torch.bfloat16, torch.contiguous_format), (5, 3, torch.float32, torch.channels_last_3d),
+    (20, 5, torch.bfloat16, torch.channels_last_3d)])
+def test_token_layer_norm_under_interpreter(channels, side, dtype, layout, monkeypatch):
     """The ToM LayerNorm read from the map in place equals LayerNorm of its transposed tokens in float64 (output and
-    every gradient); a 16-bit map gives the tokens and dx in its dtype, the fp32 norm rounded once."""
+    every gradient); a 16-bit map gives the tokens and dx in its dtype, the fp32 norm rounded once. A channels-last
+    map is read as it lies and gets dx in its layout."""
     from segresmamba.ssm.triton.token_norm import TokenLayerNormFn, token_layer_norm, token_layer_norm_applies
 
     _interpreter_index_patch(monkeypatch)
@@ -620,7 +628,7 @@ def test_token_layer_norm_under_interpreter(channels, side, dtype, monkeypatch):
     with torch.no_grad():
         norm.weight.normal_()
         norm.bias.normal_()
-    x = (torch.randn(2, channels, side, side, side) * 3 + 1).to(dtype).requires_grad_()
+    x = (torch.randn(2, channels, side, side, side) * 3 + 1).to(dtype).contiguous(memory_format=layout).requires_grad_()
     assert token_layer_norm_applies(x, norm)
     out = token_layer_norm(x, norm)
     assert out.dtype == dtype and out.shape == (2, side**3, channels)
@@ -633,6 +641,7 @@ def test_token_layer_norm_under_interpreter(channels, side, dtype, monkeypatch):
     got = torch.autograd.grad(out, [x, norm.weight, norm.bias], g.to(dtype))
     want = torch.autograd.grad(ref, [x64, *params64], g.to(dtype).double())
     assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == torch.float32
+    assert got[0].is_contiguous(memory_format=layout)
     for name, a, b in zip(("x", "weight", "bias"), got, want):
         assert rel_err(a.double(), b) < tol, name
     # under autocast the tokens come in the autocast dtype, as the input projection reads them
@@ -642,7 +651,8 @@ def test_token_layer_norm_under_interpreter(channels, side, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_token_layer_norm_on_gpu_matches_layer_norm_and_in_proj_under_autocast():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_token_layer_norm_on_gpu_matches_layer_norm_and_in_proj_under_autocast(layout):
     """On CUDA under bf16 autocast, LayerNorm read in place then the input projection equals the PyTorch ops they
     replace (the map cast to fp32, the norm, the projection casting back), output and every gradient."""
     if not torch.cuda.is_available():
@@ -654,7 +664,7 @@ def test_token_layer_norm_on_gpu_matches_layer_norm_and_in_proj_under_autocast()
     with torch.no_grad():
         norm.weight.normal_()
         norm.bias.normal_()
-    x = torch.randn(1, 48, 16, 16, 16, device="cuda").bfloat16().requires_grad_()
+    x = torch.randn(1, 48, 16, 16, 16, device="cuda").bfloat16().contiguous(memory_format=layout).requires_grad_()
     leaves = [x, norm.weight, norm.bias, proj.weight]
     results = []
     for fused in (False, True):
@@ -670,12 +680,13 @@ def test_token_layer_norm_on_gpu_matches_layer_norm_and_in_proj_under_autocast()
 
 
 @needs_triton
-def test_token_layer_norm_applies_to_contiguous_maps_and_affine_norms_only():
+def test_token_layer_norm_applies_to_contiguous_and_channels_last_maps_and_affine_norms_only():
     from segresmamba.ssm.triton.token_norm import token_layer_norm_applies
 
     x = torch.zeros(1, 6, 2, 2, 2)
     assert token_layer_norm_applies(x, torch.nn.LayerNorm(6))
     assert not token_layer_norm_applies(x.transpose(2, 3), torch.nn.LayerNorm(6))  # not contiguous
+    assert token_layer_norm_applies(x.contiguous(memory_format=torch.channels_last_3d), torch.nn.LayerNorm(6))
     assert not token_layer_norm_applies(x, torch.nn.LayerNorm(6, elementwise_affine=False))
     assert not token_layer_norm_applies(x, torch.nn.LayerNorm(6, bias=False))
     assert not token_layer_norm_applies(x.double(), torch.nn.LayerNorm(6))

@@ -8,7 +8,9 @@ the input projection's cast of its fp32 output back to the 16-bit autocast dtype
 :class:`TokenLayerNormFn` is one pass each way: it reads the map in place (a tile of C channels by a run of
 tokens, contiguous along the tokens), computes in fp32, and writes the tokens in the dtype the projection reads
 (``out_dtype``: the autocast dtype under autocast, else the input's). The values are those of the four ops
-(LayerNorm in fp32 of the exactly cast input, then one rounding), up to the order of the sums over C.
+(LayerNorm in fp32 of the exactly cast input, then one rounding), up to the order of the sums over C. A
+channels-last map (``--model.channels_last``: the map's memory is already (B, L, C)) goes through the same kernels
+with the map addressed as the tokens are; without them PyTorch's LayerNorm adds the fp32 output and the cast back.
 
 Forward: ``mean = sum_c x / C``, ``var = sum_c (x - mean)^2 / C`` (biased, from the centred values), ``rstd =
 1 / sqrt(var + eps)``, ``y = (x - mean) rstd w + b``. Backward with ``xhat = (x - mean) rstd`` and ``g = w dy``:
@@ -31,22 +33,23 @@ TILE = 8192  # elements of the (channels x tokens) tile one program holds
 
 
 @triton.jit
-def _tile_offsets(C, L, BC: tl.constexpr, BT: tl.constexpr):
-    """This program's channels c and tokens t, their masks, the offset of its tile in the (B, C, L) map and in the
-    (B, L, C) tokens, and its tokens' rows of the (B, L) statistics."""
+def _tile_offsets(C, L, BC: tl.constexpr, BT: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """This program's channels c and tokens t, their masks, the offset of its tile in the (B, C, L) map (its memory
+    (B, L, C) when CHANNELS_LAST) and in the (B, L, C) tokens, and its tokens' rows of the (B, L) statistics."""
     pt, b = tl.program_id(0), tl.program_id(1)
     c = tl.arange(0, BC)
     t = pt * BT + tl.arange(0, BT)
     mask_c, mask_t = c < C, t < L
     base = b.to(tl.int64) * C * L  # the same offset per batch element in both layouts
-    return c, t, mask_c, mask_t, mask_c[:, None] & mask_t[None, :], base + c[:, None] * L + t[None, :], \
-        base + t[None, :] * C + c[:, None], b.to(tl.int64) * L + t
+    at_tokens = base + t[None, :] * C + c[:, None]
+    at_map = at_tokens if CHANNELS_LAST else base + c[:, None] * L + t[None, :]
+    return c, t, mask_c, mask_t, mask_c[:, None] & mask_t[None, :], at_map, at_tokens, b.to(tl.int64) * L + t
 
 
 @triton.jit
 def _token_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, C, L, eps,
-                           BC: tl.constexpr, BT: tl.constexpr):
-    c, t, mask_c, mask_t, mask, at_map, at_tokens, row = _tile_offsets(C, L, BC, BT)
+                           BC: tl.constexpr, BT: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    c, t, mask_c, mask_t, mask, at_map, at_tokens, row = _tile_offsets(C, L, BC, BT, CHANNELS_LAST)
     x = tl.load(x_ptr + at_map, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=0) / C
     centred = tl.where(mask, x - mean[None, :], 0.0)
@@ -61,8 +64,8 @@ def _token_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, C, L,
 
 @triton.jit
 def _token_norm_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr, C, L,
-                           BC: tl.constexpr, BT: tl.constexpr):
-    c, t, mask_c, mask_t, mask, at_map, at_tokens, row = _tile_offsets(C, L, BC, BT)
+                           BC: tl.constexpr, BT: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    c, t, mask_c, mask_t, mask, at_map, at_tokens, row = _tile_offsets(C, L, BC, BT, CHANNELS_LAST)
     x = tl.load(x_ptr + at_map, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + at_tokens, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + row, mask=mask_t, other=0.0)
@@ -86,8 +89,15 @@ def _launch_tile(channels: int) -> tuple[int, int, int]:
     return block_c, block_t, 4 if block_c * block_t <= 4096 else 8
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether a dense (B, C, L) map lies in memory as (B, L, C) (a channels-last map's flattened view), not as
+    itself."""
+    return x.shape[1] > 1 and x.stride(1) == 1 and x.stride(2) == x.shape[1]
+
+
 class TokenLayerNormFn(torch.autograd.Function):
-    """``LayerNorm(C)`` of every token of a contiguous (B, C, L) map, as (B, L, C) tokens in ``out_dtype``.
+    """``LayerNorm(C)`` of every token of a (B, C, L) map, contiguous or lying as (B, L, C) in memory, as (B, L, C)
+    tokens in ``out_dtype``.
 
     ``apply(x, weight, bias, eps, out_dtype)``; weight and bias (C,). The gradient of x comes back in x's dtype
     and layout, those of weight and bias in theirs. Autocast does not see a custom Function: nothing is cast on
@@ -101,7 +111,8 @@ class TokenLayerNormFn(torch.autograd.Function):
         mean = torch.empty(b, length, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
         _token_norm_fwd_kernel[(cdiv(length, block_t), b)](x, weight, bias, y, mean, rstd, c, length, eps,
-                                                           BC=block_c, BT=block_t, num_warps=warps)
+                                                           BC=block_c, BT=block_t, CHANNELS_LAST=_channels_last(x),
+                                                           num_warps=warps)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.dtypes = (weight.dtype, bias.dtype)
         return y
@@ -113,16 +124,16 @@ class TokenLayerNormFn(torch.autograd.Function):
         block_c, block_t, warps = _launch_tile(c)
         programs = cdiv(length, block_t)
         dy = dy.contiguous()
-        dx = torch.empty_like(x)
+        dx = torch.empty_like(x)  # x's strides
         parts = torch.empty(2, b * programs, c, dtype=torch.float32, device=x.device)  # dw, then db: one reduction
         _token_norm_bwd_kernel[(programs, b)](x, dy, weight, mean, rstd, dx, parts[0], parts[1], c, length,
-                                              BC=block_c, BT=block_t, num_warps=warps)
+                                              BC=block_c, BT=block_t, CHANNELS_LAST=_channels_last(x), num_warps=warps)
         dw, db = parts.sum(1).unbind(0)
         return dx, dw.to(ctx.dtypes[0]), db.to(ctx.dtypes[1]), None, None
 
 
 def token_layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
-    """``norm(x.flatten(2).transpose(1, 2))`` for a contiguous (B, C, *spatial) ``x`` with ``norm`` an affine
+    """``norm(x.flatten(2).transpose(1, 2))`` for a contiguous or channels-last (B, C, *spatial) ``x`` with ``norm`` an affine
     ``nn.LayerNorm(C)`` with bias, as the tokens the input projection reads: in the autocast dtype of x's device
     where autocast is on (what that projection would cast the fp32 LayerNorm output to), else in x's dtype."""
     device = x.device.type
@@ -131,9 +142,10 @@ def token_layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
 
 
 def token_layer_norm_applies(x: torch.Tensor, norm: torch.nn.LayerNorm) -> bool:
-    """Whether :func:`token_layer_norm` computes ``norm`` of x's tokens: a contiguous 5-D map of 16/32-bit floats
-    and an affine LayerNorm over its channels, with bias."""
-    return (x.dim() == 5 and x.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    """Whether :func:`token_layer_norm` computes ``norm`` of x's tokens: a contiguous or channels-last 5-D map of
+    16/32-bit floats and an affine LayerNorm over its channels, with bias."""
+    dense = x.dim() == 5 and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last_3d))
+    return (dense and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and tuple(norm.normalized_shape) == (x.shape[1],) and norm.weight is not None and norm.bias is not None)
 
 
