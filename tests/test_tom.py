@@ -130,3 +130,26 @@ def test_param_groups_train_A_log_and_D_without_weight_decay():
         param_groups(net, -1e-5)
     plain = torch.nn.Linear(2, 2)
     assert param_groups(plain, 1e-5) == [{"params": list(plain.parameters()), "weight_decay": 1e-5}]  # no empty group
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_output_lies_in_memory_as_the_input_map(layout):
+    """The residual sum reads x and the layer's output alike (one layout, a vectorised sum), for NCDHW and NDHWC maps;
+    the values and gradients are those of the other layout."""
+    torch.manual_seed(0)
+    layer = TriOrientedMamba(6, scan_backend="torch")
+    x = torch.randn(2, 6, 3, 4, 5)
+    xs = x.contiguous(memory_format=layout).requires_grad_()
+    out = layer._mix(xs, 3, fused=False)
+    assert out.shape == (2, 6, 60)
+    assert out.reshape(xs.shape).is_contiguous(memory_format=layout)
+    y = layer(xs)
+    assert y.is_contiguous(memory_format=layout)
+    ref_x = x.clone().requires_grad_()
+    ref = layer(ref_x) if layout == torch.channels_last_3d else layer(ref_x.contiguous(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(x)
+    got = torch.autograd.grad(y, [xs, layer.out_proj.weight], g)
+    want = torch.autograd.grad(ref, [ref_x, layer.out_proj.weight], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -200,7 +200,18 @@ class TriOrientedMamba(nn.Module):
                 x_o, z_o = orient(xz, orientation, nslices).chunk(2, dim=1)
                 y = unorient(branch(x_o, z_o, self.scan_backend), orientation, nslices)
                 summed = y if summed is None else summed + y
-        return self.out_proj(summed.transpose(1, 2)).transpose(1, 2)
+        return self._project_out(summed, x)
+
+    def _project_out(self, summed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out_proj of the (B, d_inner, L) branch sum as (B, C, L), laid out in memory as the map x is, so that the
+        residual sum (and its gradient) reads both operands alike: an NCDHW map gets (C x d_inner) @ (d_inner x L)
+        per batch element, a channels-last one the tokens' (L x d_inner) @ (d_inner x C), transposed as a view. (One
+        of two layouts for every map made a strided, unvectorised elementwise kernel of the sum.) A trace (fvcore's MAC
+        count) records the Linear, which its handle counts for any batch."""
+        channels_last = x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+        if channels_last or torch.jit.is_tracing():
+            return self.out_proj(summed.transpose(1, 2)).transpose(1, 2)
+        return torch.matmul(self.out_proj.weight, summed)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """LayerNorm of x's tokens, (B, L, C) in row-major (D, H, W) order."""
