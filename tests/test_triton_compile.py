@@ -54,6 +54,17 @@ def _norm_cases():
             cases.append((f"grad coeff w={has_w} splits<={block_s}", k._grad_coeff_kernel, {"HAS_W": has_w, "BLOCK_S": block_s}, None, 4))
     # a group of one channel and one split: the sizes a GPU call turns into constants
     cases.append(("grad coeff CG=SPLITS=1", k._grad_coeff_kernel, {"HAS_W": False, "BLOCK_S": 16, "CG": 1, "SPLITS": 1}, None, 4))
+    # the channels-last twins, at the tiles of a 48-channel map (64 channel lanes) and of a 16-channel one
+    for channels in (48, 16):
+        rows, bs, bc, _ = k._cl_reduction_tile(channels, 64**3)
+        tile = {"ROWS": rows, "BS": bs, "BC": bc}
+        ew_bs, ew_bc = k._cl_blocks(channels, 2 * k.BLOCK)
+        cases += [
+            (f"stats cl C={channels}", k._stats_cl_kernel, tile, bf16, 4),
+            (f"grad sums cl C={channels}", k._grad_sums_cl_kernel, tile, bf16, 4),
+            (f"apply cl C={channels}", k._apply_cl_kernel, {"HAS_W": True, "HAS_B": True, "BS": ew_bs, "BC": ew_bc}, bf16, 4),
+            (f"grad input cl C={channels}", k._grad_input_cl_kernel, {"BS": ew_bs, "BC": ew_bc}, bf16, 4),
+        ]
     return cases
 
 
@@ -63,11 +74,14 @@ def _token_norm_cases():
     cases = []
     for channels in (48, 384):  # the ToM widths of SegResMamba's first and last stage
         block_c, block_t, warps = k._launch_tile(channels)
-        tile = {"BC": block_c, "BT": block_t}
-        cases += [
-            (f"token norm fwd C={channels}", k._token_norm_fwd_kernel, tile, {"x_ptr": "*bf16", "y_ptr": "*bf16"}, warps),
-            (f"token norm bwd C={channels}", k._token_norm_bwd_kernel, tile, {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16"}, warps),
-        ]
+        for channels_last in (False, True):
+            tile = {"BC": block_c, "BT": block_t, "CHANNELS_LAST": channels_last}
+            layout = " channels-last" if channels_last else ""
+            cases += [
+                (f"token norm fwd C={channels}{layout}", k._token_norm_fwd_kernel, tile, {"x_ptr": "*bf16", "y_ptr": "*bf16"}, warps),
+                (f"token norm bwd C={channels}{layout}", k._token_norm_bwd_kernel, tile,
+                 {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16"}, warps),
+            ]
     return cases
 
 
