@@ -4,7 +4,7 @@ On an H200 the eager SegResMamba step spends about 1.1 ms of host time per ToM l
 the forward's 21.3 ms of hooked host time (``results/perf/step_profile_segresmamba_brats.md``, the forward's host
 time by module class), and the layer's autograd node is the costliest operator of the backward. Apart from the
 launches themselves, that work (Python, the dispatcher's calls, autograd's nodes) is the same on every device. Here the
-layer's fused path (:class:`segresmamba.ssm.triton.fused_tom.TriOrientedBranchesFn`) runs on the CPU on a small
+layer's fused path (:class:`segresmamba.ssm.triton.fused_tom.TriOrientedMixFn`) runs on the CPU on a small
 map, with every Triton kernel's launch replaced by a counter that runs nothing (:func:`launches_counted`). What
 is timed is then the host's work around the launches, plus the small CPU operators' own compute; what is
 counted (:func:`operator_counts`) is what the layer asks of the dispatcher and of Triton per forward and backward,

@@ -75,6 +75,11 @@ class SelectiveSSMBranch(nn.Module):
         )
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """A 5-D map in channels_last_3d memory that is not also plain contiguous."""
+    return x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 class TriOrientedMamba(nn.Module):
     """ToM layer on a 3D feature map (B, C, D, H, W) -> (B, C, D, H, W).
 
@@ -182,24 +187,24 @@ class TriOrientedMamba(nn.Module):
         return known == "triton_fused"
 
     def _mix(self, x: torch.Tensor, nslices: int, fused: bool) -> torch.Tensor:
-        """out_proj of the summed branch outputs, (B, C, L), without the residual."""
+        """out_proj of the summed branch outputs, (B, C, L) laid out in memory as the map x, without the residual."""
         if fused:
             # imports Triton, on first use
-            from segresmamba.ssm.triton.fused_tom import tri_oriented_branches
+            from segresmamba.ssm.triton.fused_tom import tri_oriented_mix
             from segresmamba.ssm.triton.token_norm import token_layer_norm, token_layer_norm_applies
 
             # the norm reads the map in place and writes the tokens in the dtype in_proj reads: one pass, no copies
             tokens = token_layer_norm(x, self.norm) if token_layer_norm_applies(x, self.norm) else self._tokens(x)
             branches = [self.branches[f"{o}_scan"] for o in self.orientations]
-            summed = tri_oriented_branches(self.in_proj(tokens), branches, self.orientations, nslices)
-        else:
-            xz = self.in_proj(self._tokens(x)).transpose(1, 2)  # (B, 2 d_inner, L)
-            summed = None
-            for orientation in self.orientations:
-                branch = self.branches[f"{orientation}_scan"]
-                x_o, z_o = orient(xz, orientation, nslices).chunk(2, dim=1)
-                y = unorient(branch(x_o, z_o, self.scan_backend), orientation, nslices)
-                summed = y if summed is None else summed + y
+            return tri_oriented_mix(tokens, self.in_proj, self.out_proj, branches, self.orientations, nslices,
+                                    channels_last=_channels_last(x))
+        xz = self.in_proj(self._tokens(x)).transpose(1, 2)  # (B, 2 d_inner, L)
+        summed = None
+        for orientation in self.orientations:
+            branch = self.branches[f"{orientation}_scan"]
+            x_o, z_o = orient(xz, orientation, nslices).chunk(2, dim=1)
+            y = unorient(branch(x_o, z_o, self.scan_backend), orientation, nslices)
+            summed = y if summed is None else summed + y
         return self._project_out(summed, x)
 
     def _project_out(self, summed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -208,8 +213,7 @@ class TriOrientedMamba(nn.Module):
         per batch element, a channels-last one the tokens' (L x d_inner) @ (d_inner x C), transposed as a view. (One
         of two layouts for every map made a strided, unvectorised elementwise kernel of the sum.) A trace (fvcore's MAC
         count) records the Linear, which its handle counts for any batch."""
-        channels_last = x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
-        if channels_last or torch.jit.is_tracing():
+        if _channels_last(x) or torch.jit.is_tracing():
             return self.out_proj(summed.transpose(1, 2)).transpose(1, 2)
         return torch.matmul(self.out_proj.weight, summed)
 

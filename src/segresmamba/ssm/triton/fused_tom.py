@@ -10,7 +10,8 @@ channels, are copied into each branch's order by :func:`segresmamba.ssm.triton.a
 - the x / dt projections are per token, so they run on the natural order as batched matmuls;
 - :func:`segresmamba.ssm.triton.autograd.scan_forward`: all branches' scans in one launch per pass.
 
-:class:`TriOrientedBranchesFn` runs these steps as a single autograd node with a hand-written backward.
+:class:`TriOrientedMixFn` runs these steps, with the layer's input and output projections around them, as a single
+autograd node with a hand-written backward.
 
 Causal conv in scan order, for a branch whose order visits token ``idx(p)`` at position p, with weights
 w (d, K) and bias c::
@@ -196,27 +197,36 @@ def _as_parameter(grad: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> 
     return grad if grad.dtype == dtype else grad.to(dtype)
 
 
-class TriOrientedBranchesFn(torch.autograd.Function):
-    """The ToM branches' whole computation as one autograd node: per branch r, the causal conv along its scan
-    order with SiLU, the x and dt projections, the selective scan, and the sum over the branches.
+class TriOrientedMixFn(torch.autograd.Function):
+    """The ToM layer between its LayerNorm and its residual sum as one autograd node: the input projection, per
+    branch r the causal conv along its scan order with SiLU, the x and dt projections, the selective scan, the sum
+    over the branches, and the output projection.
 
-    Forward (tokens last, natural order): ``u_r = silu(conv_r(x))``, ``[dt_r, B_r, C_r] = W_x,r u_r``,
-    ``delta_r = W_dt,r dt_r``, ``y = sum_r scan_r(u_r, delta_r, -exp(A_log,r), B_r, C_r, D_r, z, dt_bias_r)``.
-    The backward applies the chain rule through the same steps by hand (the scan's and conv's kernels, two
-    matmuls per projection). One node instead of the few dozen small ones of the op-by-op graph: a ToM layer's
-    eager step is bound by the host's time per op (results/perf/scan_notes.md), and each node and view costs it.
+    Forward (tokens (b, L, C) in, natural order): ``[x, z] = tokens W_in^T`` (x and z (b, d, L) views of it),
+    ``u_r = silu(conv_r(x))``, ``[dt_r, B_r, C_r] = W_x,r u_r``, ``delta_r = W_dt,r dt_r``,
+    ``y = sum_r scan_r(u_r, delta_r, -exp(A_log,r), B_r, C_r, D_r, z, dt_bias_r)``, ``out = W_out y`` (b, C, L), laid
+    out in memory as the layer's map (``layout``'s last entry: channels-last, the tokens' (b, L, C)). The backward
+    applies the chain rule through the same steps by hand (the scan's and conv's kernels, two matmuls per
+    projection). One node instead of the few dozen small ones of the op-by-op graph, the projections' autocast casts
+    and autograd nodes included: a ToM layer's eager step is bound by the host's time per op
+    (results/perf/scan_notes.md), and each node and view costs it.
 
-    Autocast is off inside: 16-bit activations stay 16-bit, the weights are cast to the activations' dtype,
-    A, D and the delta bias are used in fp32, and the branch sum accumulates in fp32 into the activations' dtype.
+    Autocast is off inside; ``compute_dtype`` (the autocast dtype where autocast is on, else the tokens') is what
+    the projections and activations run in, as autocast would run them: the weights are cast to it, A, D and the
+    delta bias are used in fp32, and the branch sum accumulates in fp32 into it. Parameter gradients come back in
+    the parameters' dtypes.
     """
 
     @staticmethod
-    def forward(ctx, xz, layout, *params):
-        codes, nslices, dt_rank, d_state, chunk = layout
+    def forward(ctx, tokens, layout, compute_dtype, w_in, w_out, *params):
+        codes, nslices, dt_rank, d_state, chunk, channels_last = layout
         branches = len(codes)
-        b, length, two_d = xz.shape
-        d = two_d // 2
+        b, length, _ = tokens.shape
         with torch._C._DisableAutocast():  # every device's autocast, as torch.autocast(enabled=False) at a third of its host cost
+            tokens_c = tokens.to(compute_dtype)
+            w_in_c, w_out_c = w_in.to(compute_dtype), w_out.to(compute_dtype)
+            xz = torch.matmul(tokens_c, w_in_c.t())  # (b, L, 2 d), as the input projection writes it
+            d = xz.shape[-1] // 2
             x = xz[..., :d].transpose(1, 2)  # (b, d, L) views into xz: the kernels read them in place
             z = xz[..., d:].transpose(1, 2)
             p = stack_branch_parameters(params, branches)
@@ -237,23 +247,30 @@ class TriOrientedBranchesFn(torch.autograd.Function):
             y, scan_saved = scan_forward(
                 rows(u), rows(delta), A, rows(B), rows(C), p["D"].float(), z, p["dt_bias"].float(), True, codes, b, nslices, chunk,
             )
-            out = torch.sum(y.view(branches, b, d, length), 0)  # in y's dtype, accumulated in fp32
-        ctx.save_for_backward(xz, conv_w, conv_b, w_x, w_dt, x_dbl, *scan_saved.tensors)
+            summed = torch.sum(y.view(branches, b, d, length), 0)  # in y's dtype, accumulated in fp32
+            # the output in the map's layout, so that the residual sum reads both operands alike
+            out = torch.matmul(summed.transpose(1, 2), w_out_c.t()).transpose(1, 2) if channels_last else torch.matmul(w_out_c, summed)
+        ctx.save_for_backward(tokens_c, w_in_c, w_out_c, xz, summed, conv_w, conv_b, w_x, w_dt, x_dbl, *scan_saved.tensors)
         ctx.scan = scan_saved._replace(tensors=None)
         ctx.layout = layout
+        ctx.dtypes = (tokens.dtype, w_in.dtype, w_out.dtype)
         ctx.param_shapes = [(p.shape, p.dtype) for p in params]
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xz, conv_w, conv_b, w_x, w_dt, x_dbl, *scan_tensors = ctx.saved_tensors
-        codes, nslices, dt_rank, _, _ = ctx.layout
+        tokens_c, w_in_c, w_out_c, xz, summed, conv_w, conv_b, w_x, w_dt, x_dbl, *scan_tensors = ctx.saved_tensors
+        codes, nslices, dt_rank, _, _, _ = ctx.layout
+        tokens_dtype, w_in_dtype, w_out_dtype = ctx.dtypes
         branches = len(codes)
         u = scan_tensors[0]  # (R b, d, L)
         rb, d, length = u.shape
         b = rb // branches
+        grad_out = grad_out.to(w_out_c.dtype)
+        grad_summed = torch.matmul(w_out_c.t(), grad_out)  # (b, d, L), whatever grad_out's layout
+        dw_out = torch.matmul(grad_out, summed.transpose(1, 2)).sum(0)  # (C, d)
         # every branch receives the sum's gradient: a stride-0 broadcast over the branches where b == 1
-        grad_y = grad_out.to(u.dtype).unsqueeze(0).expand(branches, b, d, length).reshape(rb, d, length)
+        grad_y = grad_summed.to(u.dtype).unsqueeze(0).expand(branches, b, d, length).reshape(rb, d, length)
         du, ddelta, dA, dB, dC, dD, dz, dbias = scan_backward(ctx.scan._replace(tensors=tuple(scan_tensors)), grad_y)
         A = scan_tensors[2]
         dA_log = dA * A  # A = -exp(A_log)
@@ -270,33 +287,43 @@ class TriOrientedBranchesFn(torch.autograd.Function):
         dw_x, dw_dt = _weight_grad(d_xdbl, u4), _weight_grad(ddelta4, dt)
         x = xz[..., :d].transpose(1, 2)
         dx, dconv_w, dconv_b = conv_silu_backward(x, conv_w, conv_b, codes, nslices, du)
-        dxz = torch.cat([dx, dz], dim=1).transpose(1, 2)  # (b, L, 2 d) for (b, L, 2 d) xz; z is a view of xz
+        dxz_t = torch.cat([dx, dz], dim=1)  # (b, 2 d, L): the gradient of xz, transposed
+        d_tokens = torch.matmul(dxz_t.transpose(1, 2), w_in_c) if ctx.needs_input_grad[0] else None  # (b, L, C)
+        dw_in = torch.matmul(dxz_t, tokens_c).sum(0)  # (2 d, C)
         by_kind = {"conv_weight": dconv_w, "conv_bias": dconv_b, "x_proj": dw_x, "dt_weight": dw_dt, "dt_bias": dbias,
                    "A_log": dA_log, "D": dD}
         grads = [g for kind in PARAMETER_KINDS for g in by_kind[kind].unbind(0)]
         params = [
             None if not needed else _as_parameter(g, shape, dtype)
-            for g, (shape, dtype), needed in zip(grads, ctx.param_shapes, ctx.needs_input_grad[2:])
+            for g, (shape, dtype), needed in zip(grads, ctx.param_shapes, ctx.needs_input_grad[5:])
         ]
-        return (dxz if ctx.needs_input_grad[0] else None), None, *params
+        return (None if d_tokens is None else d_tokens.to(tokens_dtype), None, None,
+                dw_in.to(w_in_dtype) if ctx.needs_input_grad[3] else None,
+                dw_out.to(w_out_dtype) if ctx.needs_input_grad[4] else None, *params)
 
 
-def tri_oriented_branches(xz: torch.Tensor, branches, orientations: tuple[str, ...], nslices: int) -> torch.Tensor:
-    """Sum over the branches of their outputs, natural order: the fused equivalent of ToM's branch loop.
+def tri_oriented_mix(tokens: torch.Tensor, in_proj: torch.nn.Linear, out_proj: torch.nn.Linear, branches,
+                     orientations: tuple[str, ...], nslices: int, channels_last: bool = False) -> torch.Tensor:
+    """out_proj of the sum over the branches of their outputs, natural order: the fused equivalent of ToM's
+    ``out_proj(sum_o branch_o(in_proj(tokens)))``.
 
     Args:
-        xz: (b, L, 2 d_inner), the shared in_proj output (x half, then z half).
+        tokens: (b, L, C), the normalised tokens.
+        in_proj, out_proj: the layer's bias-free projections (C -> 2 d_inner, d_inner -> C).
         branches: the :class:`segresmamba.ssm.tom.SelectiveSSMBranch` modules, in ``orientations`` order.
+        channels_last: lay the output out in memory as (b, L, C) (a channels-last map's), else as (b, C, L).
 
     Returns:
-        (b, d_inner, L).
+        (b, C, L), in the autocast dtype of the tokens' device where autocast is on, else in the tokens' dtype.
     """
-    if xz.shape[1] % nslices:
-        raise ValueError(f"sequence length {xz.shape[1]} is not divisible by nslices={nslices}")
+    if tokens.shape[1] % nslices:
+        raise ValueError(f"sequence length {tokens.shape[1]} is not divisible by nslices={nslices}")
+    device = tokens.device.type
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tokens.dtype
     first = branches[0]
-    layout = (orientation_codes(orientations), nslices, first.dt_rank, first.d_state, TUNING["chunk"])
-    return TriOrientedBranchesFn.apply(xz, layout, *branch_parameters(branches))
+    layout = (orientation_codes(orientations), nslices, first.dt_rank, first.d_state, TUNING["chunk"], channels_last)
+    return TriOrientedMixFn.apply(tokens, layout, compute_dtype, in_proj.weight, out_proj.weight, *branch_parameters(branches))
 
 
-__all__ = ["PARAMETER_KINDS", "TriOrientedBranchesFn", "branch_parameters", "conv_silu_backward", "conv_silu_forward",
-           "oriented_conv_silu", "stack_branch_parameters", "tri_oriented_branches"]
+__all__ = ["PARAMETER_KINDS", "TriOrientedMixFn", "branch_parameters", "conv_silu_backward", "conv_silu_forward",
+           "oriented_conv_silu", "stack_branch_parameters", "tri_oriented_mix"]
