@@ -92,8 +92,8 @@ kernel-report: $(STAMP) ## registers, spills and hot-loop instructions of the sc
 model-step: $(STAMP) ## whole-model training step on this GPU in nine modes: eager, ToM graphs, whole-step graphs, fast norms, channels_last, fast GroupNorm, whole-step graphs with channels_last and fast norms (BraTS 128^3) -> results/perf/
 	$(PY) -m perf.model_step --measure --out results/perf
 
-step-profile: $(STAMP) ## GPU kernel time (by kind) against wall time of a SegResMamba training step: eager, ToM graphs, whole-step graphs (FAST_NORMS=1: with fast_norms; FAST_NORMS=group: GroupNorm only) -> results/perf/
-	$(PY) -m perf.step_profile --model $(or $(MODEL),segresmamba) --config brats --out results/perf $(if $(filter group,$(FAST_NORMS)),--fast-norms group,$(if $(FAST_NORMS),--fast-norms))
+step-profile: $(STAMP) ## GPU kernel time (by kind) against wall time of a training step (MODEL=segresmamba): eager, ToM graphs, whole-step graphs (FAST_NORMS=1: with fast_norms; FAST_NORMS=group: GroupNorm only; CHANNELS_LAST=1: NDHWC) -> results/perf/
+	$(PY) -m perf.step_profile --model $(or $(MODEL),segresmamba) --config brats --out results/perf $(if $(filter group,$(FAST_NORMS)),--fast-norms group,$(if $(FAST_NORMS),--fast-norms)) $(if $(CHANNELS_LAST),--channels-last)
 
 perf-targets: $(STAMP) ## the training step's speed targets against the figures of model_step.csv and scan.csv, each pair from one run -> results/perf/targets.md
 	$(PY) -m perf.targets --out results/perf
