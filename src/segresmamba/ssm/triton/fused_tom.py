@@ -94,7 +94,7 @@ def conv_silu_backward(x, weight, bias, codes, nslices, grad_u: torch.Tensor) ->
 
 class OrientedConvSiluFn(torch.autograd.Function):
     """:func:`conv_silu_forward` with its gradients (the conv alone; the ToM layer runs it inside
-    :class:`TriOrientedBranchesFn`)."""
+    :class:`TriOrientedMixFn`)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, codes, nslices):
