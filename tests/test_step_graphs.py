@@ -299,3 +299,18 @@ def test_fit_with_step_graphs_under_ddp(recipe, tmp_path):
     fit = facts["fit"]
     assert fit["global_steps"] == 8 and not fit["interrupted"]
     assert all(math.isfinite(r["val/dice_mean"]) for r in fit["val_history"] if r.get("val/dice_mean") is not None)
+
+
+@pytest.mark.gpu
+def test_capture_hands_the_warm_up_cache_back():
+    """After the capture the allocator's default pool keeps no segment that no tensor uses: the eager warm-up's
+    activations are not held beside the graphs' own pool for the rest of the run."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    task = small_task("segresmamba", "paper", 32).cuda().train()
+    b = batch(32, "cuda")
+    task.step_graph = TrainingGraph(task, b["image"], b["label"], torch.bfloat16)
+    default_pool = [seg for seg in torch.cuda.memory_snapshot()
+                    if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0) and seg.get("device", 0) == torch.cuda.current_device()]
+    assert default_pool  # the parameters
+    assert not [seg["total_size"] for seg in default_pool if seg["allocated_size"] == 0]

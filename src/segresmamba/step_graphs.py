@@ -91,6 +91,10 @@ class TrainingGraph:
             self._graphed = torch.cuda.make_graphed_callables(
                 module, (image.detach().clone(), label.detach().clone()), num_warmup_iters=warmup, allow_unused_input=True
             )
+        # the warm-up ran the step eagerly: its activations' blocks stay cached in the allocator's default pool, where
+        # the replays (which write into the graphs' own pool) never reuse them. Hand them back to the device, or the
+        # process holds an eager step's memory and the graphs' for the whole run
+        torch.cuda.empty_cache()
 
     @staticmethod
     def _signature(image: torch.Tensor, label: torch.Tensor) -> tuple:

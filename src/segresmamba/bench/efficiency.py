@@ -161,8 +161,9 @@ def cuda_train_step(task, spec: DatasetSpec, precision: str, steps: int, warmup:
 
     ``graphs``: ``tom``, the small ToM layers replay CUDA graphs (:func:`segresmamba.ssm.cuda_graphs.graph_tom_layers`);
     ``step``, the whole forward, loss and backward do (:class:`segresmamba.step_graphs.TrainingGraph`). Either
-    is captured for this precision before the warm-up. The peak is then the larger of the capture's and the
-    steady state's, the latter with the graphs' whole memory pool added (:func:`graph_pool_bytes`)."""
+    is captured for this precision before the warm-up. The peak is then the larger of the capture's (its eager
+    warm-up included) and the steady state's, the latter measured from the end of the capture, with the free part of
+    the graphs' memory pool added (:func:`graph_pool_bytes`); reserved is the largest over both."""
     device = torch.device("cuda")
     step = TrainingStep(task, precision, device)
     batch = synthetic_batch(spec, spec.patch, device)
@@ -173,12 +174,18 @@ def cuda_train_step(task, spec: DatasetSpec, precision: str, steps: int, warmup:
             graphed = graph_tom_layers(task.net, batch["image"], step.dtype)
         elif graphs == "step":
             task.step_graph = TrainingGraph(task, batch["image"], batch["label"], step.dtype)
-        capture_peak = torch.cuda.max_memory_allocated() if graphs != "none" else 0
+        capture_peak = capture_reserved = 0
+        if graphs != "none":
+            # the capture's peak (its eager warm-up's activations) is over once the graphs exist; the steady state's
+            # peak is taken from here on, or it would count those activations twice: as the warm-up's allocation and
+            # again as the pool's free blocks the replays write them into
+            capture_peak, capture_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+            torch.cuda.reset_peak_memory_stats()
         times = time_steps(step, itertools.repeat(batch), steps, warmup, device)
         steady_peak = torch.cuda.max_memory_allocated() + (graph_pool_bytes() if graphs != "none" else 0)
         result = {
             f"train_peak_gib_{precision}": max(capture_peak, steady_peak) / GIB,
-            f"train_reserved_gib_{precision}": torch.cuda.max_memory_reserved() / GIB,
+            f"train_reserved_gib_{precision}": max(capture_reserved, torch.cuda.max_memory_reserved()) / GIB,
             **step_time_figures(times, precision),
             f"step_ms_pipelined_{precision}": time_pipelined(step, batch, steps),
         }
