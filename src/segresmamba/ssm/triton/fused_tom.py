@@ -197,11 +197,6 @@ def _as_parameter(grad: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> 
     return grad if grad.dtype == dtype else grad.to(dtype)
 
 
-def _summed_over_batch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_i a[i] @ b[i] of two (n, ., .) batches: one GEMM, with no sum over a batch of one."""
-    return torch.mm(a[0], b[0]) if a.shape[0] == 1 else torch.matmul(a, b).sum(0)
-
-
 class TriOrientedMixFn(torch.autograd.Function):
     """The ToM layer between its LayerNorm and its residual sum as one autograd node: the input projection, per
     branch r the causal conv along its scan order with SiLU, the x and dt projections, the selective scan, the sum
@@ -273,7 +268,7 @@ class TriOrientedMixFn(torch.autograd.Function):
         b = rb // branches
         grad_out = grad_out.to(w_out_c.dtype)
         grad_summed = torch.matmul(w_out_c.t(), grad_out)  # (b, d, L), whatever grad_out's layout
-        dw_out = _summed_over_batch(grad_out, summed.transpose(1, 2))  # (C, d)
+        dw_out = _weight_grad(grad_out.unsqueeze(0), summed.unsqueeze(0))[0]  # (C, d), fp32
         # every branch receives the sum's gradient: a stride-0 broadcast over the branches where b == 1
         grad_y = grad_summed.to(u.dtype).unsqueeze(0).expand(branches, b, d, length).reshape(rb, d, length)
         du, ddelta, dA, dB, dC, dD, dz, dbias = scan_backward(ctx.scan._replace(tensors=tuple(scan_tensors)), grad_y)
@@ -294,7 +289,7 @@ class TriOrientedMixFn(torch.autograd.Function):
         dx, dconv_w, dconv_b = conv_silu_backward(x, conv_w, conv_b, codes, nslices, du)
         dxz_t = torch.cat([dx, dz], dim=1)  # (b, 2 d, L): the gradient of xz, transposed
         d_tokens = torch.matmul(dxz_t.transpose(1, 2), w_in_c) if ctx.needs_input_grad[0] else None  # (b, L, C)
-        dw_in = _summed_over_batch(dxz_t, tokens_c)  # (2 d, C)
+        dw_in = _weight_grad(dxz_t.unsqueeze(0), tokens_c.transpose(1, 2).unsqueeze(0))[0]  # (2 d, C), fp32
         by_kind = {"conv_weight": dconv_w, "conv_bias": dconv_b, "x_proj": dw_x, "dt_weight": dw_dt, "dt_bias": dbias,
                    "A_log": dA_log, "D": dD}
         grads = [g for kind in PARAMETER_KINDS for g in by_kind[kind].unbind(0)]
