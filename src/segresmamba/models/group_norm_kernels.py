@@ -318,7 +318,7 @@ def group_stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor,
     n, c = x.shape[:2]
     rows, m = n * groups, x.numel() // (n * groups)
     if is_channels_last(x):
-        s = m * groups // c
+        s = x[0, 0].numel()
         per_row, bs, bc, splits = _cl_reduction_tile(c, s)
         part = torch.empty(n * c, splits, 3, dtype=torch.float32, device=x.device)
         _stats_cl_kernel[(splits, cdiv(c, bc), n)](x, part, s, c, splits, ROWS=per_row, BS=bs, BC=bc)
