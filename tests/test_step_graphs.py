@@ -307,8 +307,8 @@ def test_capture_hands_the_warm_up_cache_back():
     activations are not held beside the graphs' own pool for the rest of the run."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    task = small_task("segresmamba", "paper", 32).cuda().train()
-    b = batch(32, "cuda")
+    task = small_task("segresmamba", "paper").cuda().train()
+    b = batch(device="cuda")
     task.step_graph = TrainingGraph(task, b["image"], b["label"], torch.bfloat16)
     default_pool = [seg for seg in torch.cuda.memory_snapshot()
                     if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0) and seg.get("device", 0) == torch.cuda.current_device()]
