@@ -15,6 +15,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from test_scan import sequential_scan
 
 from segresmamba.ssm import scan as scan_mod
@@ -722,15 +723,34 @@ def test_stacked_branch_parameters_match_per_kind_stacks():
     assert mixed["D"].dtype == torch.float64 and mixed["A_log"].dtype == torch.float32  # per-kind stacks, promoted
 
 
+class _OpLog(TorchDispatchMode):
+    """The aten ops run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 @needs_triton
+@pytest.mark.parametrize("token_major", [False, True])  # x's token axis of stride 1 (NCDHW tokens) or of stride I (NDHWC)
 @pytest.mark.parametrize("piece,length", [(8, 37), (16, 32), (64, 20)])  # split with a remainder, exact pieces, one partial piece
-def test_weight_grad_in_token_pieces_matches_one_matmul(piece, length):
-    """The projections' weight gradients, summed from partial products over token pieces, equal one matmul's."""
+def test_weight_grad_in_token_pieces_matches_one_matmul(piece, length, token_major):
+    """The projections' weight gradients, summed from partial products over token pieces, equal one matmul's,
+    and the pieces are read in place: no operand is copied into a batch layout first."""
     torch.manual_seed(0)
     g = torch.randn(3, 2, 5, length, dtype=torch.float64)
-    x = torch.randn(3, 2, 7, length, dtype=torch.float64)
+    x = torch.randn(3, 2, length, 7, dtype=torch.float64).transpose(-1, -2) if token_major else torch.randn(3, 2, 7, length, dtype=torch.float64)
     want = torch.matmul(g, x.transpose(-1, -2)).sum(1)
-    torch.testing.assert_close(fused_tom._weight_grad(g, x, piece), want.float(), rtol=1e-6, atol=1e-6)
+    with _OpLog() as log:
+        got = fused_tom._weight_grad(g, x, piece)
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=1e-6)
+    if length >= piece:
+        assert "bmm" in log.ops
+    assert not {"clone", "contiguous", "copy_", "_to_copy"} & set(log.ops), log.ops
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")

@@ -116,7 +116,12 @@ SPLIT_K_PIECE = 4096  # tokens per partial product of a weight gradient
 def _weight_grad(g: torch.Tensor, x: torch.Tensor, piece: int | None = None) -> torch.Tensor:
     """``sum_{b, l} g[r, b, o, l] x[r, b, i, l]`` -> (R, O, I) in fp32, as partial products over pieces of
     the token axis summed afterwards. One GEMM with K = L (262,144 tokens at 64^3) and a 96 x 3 output
-    (the delta projection) gets a handful of thread blocks from cuBLAS; pieces give it R b L / piece."""
+    (the delta projection) gets a handful of thread blocks from cuBLAS; pieces give it R b L / piece.
+
+    Each (r, b) slab's pieces are one strided batch of GEMMs read in place (batch stride = the piece, the
+    rows one token axis apart), whatever the token axis's stride. Batching the (r, b, piece) axes
+    together instead would make ``matmul`` copy both operands first: the pieces' stride cannot merge with
+    the slabs' strides."""
     piece = piece or SPLIT_K_PIECE
     r, b, o, length = g.shape
     i = x.shape[2]
@@ -124,9 +129,13 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, piece: int | None = None) -> 
     out = None
     if full:
         k = full // piece
-        gp = g[..., :full].reshape(r, b, o, k, piece).transpose(2, 3)  # (R, b, k, O, piece)
-        xp = x[..., :full].reshape(r, b, i, k, piece).transpose(2, 3)  # (R, b, k, I, piece)
-        out = torch.matmul(gp, xp.transpose(-1, -2)).sum((1, 2), dtype=torch.float32)
+        partial = g.new_empty(r, b, k, o, i)
+        for ri in range(r):
+            for bi in range(b):
+                gp = g[ri, bi, :, :full].unflatten(-1, (k, piece)).transpose(0, 1)  # (k, O, piece)
+                xp = x[ri, bi, :, :full].unflatten(-1, (k, piece)).permute(1, 2, 0)  # (k, piece, I)
+                torch.bmm(gp, xp, out=partial[ri, bi])
+        out = partial.sum((1, 2), dtype=torch.float32)
     if full < length:
         rest = torch.matmul(g[..., full:], x[..., full:].transpose(-1, -2)).sum(1, dtype=torch.float32)
         out = rest if out is None else out + rest
