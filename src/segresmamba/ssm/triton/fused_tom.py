@@ -129,6 +129,11 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, piece: int | None = None) -> 
     out = None
     if full:
         k = full // piece
+        # bmm's out= is outside autocast: cast the operands as autocast casts matmul's (a backward that a
+        # measurement runs under autocast gets fp32 and bf16 operands), and bring mixed dtypes to one
+        device = g.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.promote_types(g.dtype, x.dtype)
+        g, x = g.to(dtype), x.to(dtype)
         partial = g.new_empty(r, b, k, o, i)
         for ri in range(r):
             for bi in range(b):
