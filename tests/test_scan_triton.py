@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -593,6 +594,26 @@ def test_fused_tom_matches_torch_backend(monkeypatch):
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+def test_auto_times_fused_under_autocast_under_interpreter(monkeypatch):
+    """Under bf16 autocast the measurement runs the fused node's backward inside the autocast region (fp32
+    weights, bf16 activations): the fused backend must be timed there, not dropped with a warning."""
+    from segresmamba.ssm import TriOrientedMamba
+
+    _interpreter_index_patch(monkeypatch)
+    monkeypatch.setattr(scan_mod, "_AUTO_CHOICES", {})
+    monkeypatch.setattr(scan_mod, "AUTO_REPEATS", 1)
+    monkeypatch.setattr(fused_tom, "SPLIT_K_PIECE", 16)  # the weight gradients in token pieces, as at full size
+    layer = TriOrientedMamba(4, scan_backend="auto")
+    x = torch.randn(1, 4, 4, 4, 4, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught, torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("always")
+        layer._choose_fused(x, 4)
+    assert not [str(w.message) for w in caught if "failed while auto measured" in str(w.message)]
+    (choice,) = scan_mod.auto_choices().values()
+    assert set(choice["ms"]) == {"triton_fused", "per_branch"}
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
 def test_auto_times_fused_against_per_branch_under_interpreter(monkeypatch):
     from segresmamba.ssm import TriOrientedMamba
 
@@ -721,6 +742,19 @@ def test_stacked_branch_parameters_match_per_kind_stacks():
     branches[0].D.data = branches[0].D.data.double()
     mixed = fused_tom.stack_branch_parameters(fused_tom.branch_parameters(branches), len(branches))
     assert mixed["D"].dtype == torch.float64 and mixed["A_log"].dtype == torch.float32  # per-kind stacks, promoted
+
+
+@needs_triton
+def test_weight_grad_casts_operands_as_matmul_does():
+    """Under autocast, fp32 and bf16 operands are multiplied in bf16 as ``matmul`` would (bmm's ``out=`` form,
+    which the pieces use, is outside autocast); without it, mixed dtypes are promoted."""
+    torch.manual_seed(0)
+    g, x = torch.randn(2, 1, 5, 64), torch.randn(2, 1, 7, 64).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_tom._weight_grad(g, x, 16)
+    want = sum(torch.matmul(g[..., j:j + 16].bfloat16(), x[..., j:j + 16].transpose(-1, -2)).float() for j in range(0, 64, 16)).sum(1)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(fused_tom._weight_grad(g, x, 16), torch.matmul(g, x.float().transpose(-1, -2)).sum(1), rtol=1e-5, atol=1e-5)
 
 
 class _OpLog(TorchDispatchMode):
