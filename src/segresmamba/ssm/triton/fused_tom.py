@@ -113,6 +113,12 @@ class OrientedConvSiluFn(torch.autograd.Function):
 SPLIT_K_PIECE = 4096  # tokens per partial product of a weight gradient
 
 
+def _token_pieces(t: torch.Tensor, ri: int, bi: int, k: int, piece: int) -> torch.Tensor:
+    """(k, rows, piece) view of ``t[ri, bi, :, :k * piece]``: its first k pieces of the token axis, in place."""
+    s = t.stride()
+    return t.as_strided((k, t.shape[2], piece), (piece * s[3], s[2], s[3]), t.storage_offset() + ri * s[0] + bi * s[1])
+
+
 def _weight_grad(g: torch.Tensor, x: torch.Tensor, piece: int | None = None) -> torch.Tensor:
     """``sum_{b, l} g[r, b, o, l] x[r, b, i, l]`` -> (R, O, I) in fp32, as partial products over pieces of
     the token axis summed afterwards. One GEMM with K = L (262,144 tokens at 64^3) and a 96 x 3 output
@@ -135,11 +141,11 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, piece: int | None = None) -> 
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.promote_types(g.dtype, x.dtype)
         g, x = g.to(dtype), x.to(dtype)
         partial = g.new_empty(r, b, k, o, i)
+        slabs = partial.view(r * b, k, o, i)
         for ri in range(r):
             for bi in range(b):
-                gp = g[ri, bi, :, :full].unflatten(-1, (k, piece)).transpose(0, 1)  # (k, O, piece)
-                xp = x[ri, bi, :, :full].unflatten(-1, (k, piece)).permute(1, 2, 0)  # (k, piece, I)
-                torch.bmm(gp, xp, out=partial[ri, bi])
+                # direct strided views: this runs in every ToM layer's backward, and each view is host time
+                torch.bmm(_token_pieces(g, ri, bi, k, piece), _token_pieces(x, ri, bi, k, piece).transpose(1, 2), out=slabs[ri * b + bi])
         out = partial.sum((1, 2), dtype=torch.float32)
     if full < length:
         rest = torch.matmul(g[..., full:], x[..., full:].transpose(-1, -2)).sum(1, dtype=torch.float32)
