@@ -121,7 +121,10 @@ def reshape(table: pd.DataFrame, config: str, models: tuple[str, ...]) -> pd.Dat
             volume = getattr(r, f"infer_volume_s_{precision}", None)
             rows.append({
                 "device": r.device, "model": r.model, "config": config, "precision": precision,
-                "peak_gib": peak, "reserved_gib": reserved, "step_ms": pd.to_numeric(step, errors="coerce"),
+                "peak_gib": peak, "reserved_gib": reserved,
+                "capture_peak_gib": pd.to_numeric(getattr(r, f"train_capture_peak_gib_{precision}", None), errors="coerce"),
+                "pool_gib": pd.to_numeric(getattr(r, f"train_graph_pool_gib_{precision}", None), errors="coerce"),
+                "step_ms": pd.to_numeric(step, errors="coerce"),
                 "spread_ms": pd.to_numeric(getattr(r, f"step_ms_spread_{precision}", None), errors="coerce"),
                 "pipelined_ms": pd.to_numeric(getattr(r, f"step_ms_pipelined_{precision}", None), errors="coerce"),
                 "volume_s": pd.to_numeric(volume, errors="coerce"),
@@ -179,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         "(an upper bound: a replay allocates nothing the allocator counts); an empty peak was not validly measured in "
         "that run (`results/perf/scan_notes.md` says why); reserved = max_memory_reserved (GiB), what the process held "
         "from the GPU, the graphs' pool included: the like-for-like memory of an eager and a graphed step; "
+        "capture_peak_gib, pool_gib (graphed rows; empty: not recorded by that run): the capture's own peak (its eager "
+        "warm-up included) and the graphs' memory pools' whole size, the two parts the peak is the larger of; "
         "bf16 = autocast, fp32 weights; "
         "cuda_graphs: how many ToM layers replayed CUDA graphs (`configs/callbacks/cuda_graphs.yaml` in training), "
         "`whole step` = the forward, loss and backward replayed as CUDA graphs (`configs/callbacks/step_graphs.yaml`), "

@@ -300,7 +300,8 @@ def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
     ])
     whole = _efficiency_table(tmp_path / "step_cl" / "brats.csv", [
         {"model": "segresmamba", "step_ms_bf16": 60.0, "scan_backend": "triton", "graphs": "step", "channels_last": True,
-         "train_peak_gib_bf16": None, "train_reserved_gib_bf16": 9.0},
+         "train_peak_gib_bf16": None, "train_reserved_gib_bf16": 9.0, "train_capture_peak_gib_bf16": 3.1,
+         "train_graph_pool_gib_bf16": 2.4},
     ])
     out = tmp_path / "out"
     model_step.main(["--table", str(eager), str(graphed), str(whole), "--out", str(out), "--models", "segresmamba", "swinunetr"])
@@ -313,6 +314,8 @@ def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
     assert mine.loc["-", "volume_s"] == 0.5 and pd.isna(mine.loc["7 ToM layers", "volume_s"])  # not measured: empty
     assert mine.loc["-", "reserved_gib"] == 2.5 and pd.isna(mine.loc["7 ToM layers", "reserved_gib"])
     assert pd.isna(mine.loc["whole step", "reserved_gib"])  # no valid peak in that run: its reserved is not shown either
+    assert mine.loc["whole step", "capture_peak_gib"] == 3.1 and mine.loc["whole step", "pool_gib"] == 2.4
+    assert pd.isna(mine.loc["-", "capture_peak_gib"]) and pd.isna(mine.loc["-", "pool_gib"])  # eager rows have neither
     assert mine.loc["-", "pipelined_ms"] == 170.0 and pd.isna(mine.loc["7 ToM layers", "pipelined_ms"])  # older runs: empty
     assert "whole 240x240x155 volume" in (out / "model_step.md").read_text()
     assert (df[df.model == "swinunetr"].cuda_graphs == "-").all() and (df[df.model == "swinunetr"].scan_backend == "-").all()
@@ -488,6 +491,7 @@ def test_graph_pool_bytes_counts_the_free_part_of_private_pools(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert efficiency.graph_pool_bytes() == 700
+    assert efficiency.graph_pool_bytes(free_only=False) == 1500
 
 
 def test_pipelined_step_time_synchronises_only_before_and_after(monkeypatch):

@@ -135,14 +135,15 @@ def time_pipelined(step, batch: dict, steps: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / steps
 
 
-def graph_pool_bytes() -> int:
-    """Bytes of the private (CUDA-graph) memory pools on the current device that no live tensor holds.
+def graph_pool_bytes(free_only: bool = True) -> int:
+    """Bytes of the private (CUDA-graph) memory pools on the current device that no live tensor holds (with
+    ``free_only=False``: their whole size).
 
     A replay allocates nothing, so ``max_memory_allocated`` during graphed steps counts the tensors that outlive
     a replay (static inputs, outputs, gradients) but not the activations and temporaries the replays write
     into the rest of their pool; that rest is added to the peak (an upper bound of what the replays use)."""
     return sum(
-        seg["total_size"] - seg["allocated_size"] for seg in torch.cuda.memory_snapshot()
+        seg["total_size"] - (seg["allocated_size"] if free_only else 0) for seg in torch.cuda.memory_snapshot()
         if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0) and seg.get("device", 0) == torch.cuda.current_device()
     )
 
@@ -163,7 +164,8 @@ def cuda_train_step(task, spec: DatasetSpec, precision: str, steps: int, warmup:
     ``step``, the whole forward, loss and backward do (:class:`segresmamba.step_graphs.TrainingGraph`). Either
     is captured for this precision before the warm-up. The peak is then the larger of the capture's (its eager
     warm-up included) and the steady state's, the latter measured from the end of the capture, with the free part of
-    the graphs' memory pool added (:func:`graph_pool_bytes`); reserved is the largest over both."""
+    the graphs' memory pool added (:func:`graph_pool_bytes`); reserved is the largest over both. With graphs the
+    row also records the capture's peak and the graphs' pools' whole size apart, to show which sets the peak."""
     device = torch.device("cuda")
     step = TrainingStep(task, precision, device)
     batch = synthetic_batch(spec, spec.patch, device)
@@ -192,6 +194,9 @@ def cuda_train_step(task, spec: DatasetSpec, precision: str, steps: int, warmup:
         if datamodule is not None:
             loaded = time_steps(step, loader_batches(datamodule, device), steps, warmup, device)
             result[f"step_ms_loaded_{precision}"] = statistics.median(loaded)
+        if graphs != "none":
+            result[f"train_capture_peak_gib_{precision}"] = capture_peak / GIB
+            result[f"train_graph_pool_gib_{precision}"] = graph_pool_bytes(free_only=False) / GIB
         if graphs == "tom":
             result["cuda_graph_layers"] = len(graphed)
         return result
