@@ -54,7 +54,9 @@ KINDS = (
     ("selective scan (mamba_ssm)", r"selective_scan"),
     ("oriented causal conv (Triton)", r"^_conv_(fwd|bwd)"),
     ("3D convolution (cuDNN)", r"xmma|cudnn|implicit_gemm|conv_depthwise|convolution|nchwToNhwc|nhwcToNchw|dgrad|wgrad|fprop"),
-    ("normalisation", r"norm|Moments|GroupNorm|LayerNorm|welford|batch_norm|InternalGradients|GammaBeta"),
+    # the whole-tensor GroupNorm/InstanceNorm kernels (segresmamba.models.group_norm_kernels) by their names
+    ("normalisation", r"norm|Moments|GroupNorm|LayerNorm|welford|batch_norm|InternalGradients|GammaBeta"
+                      r"|^_(stats|finalize|apply|grad_sums|grad_coeff|grad_input)(_cl)?_kernel$"),
     ("matmul (GEMM)", r"gemm|cutlass|sm90_|ampere_|cublas"),
     ("optimiser", r"multi_tensor|adam|Adam"),
     ("reductions", r"reduce_kernel|Reduce"),

@@ -454,6 +454,19 @@ def test_step_profile_refuses_a_cpu():
         step_profile.main(["--model", "segresmamba"])
 
 
+def test_step_profile_counts_every_norm_kernel_as_normalisation():
+    """The whole-tensor norms' Triton kernels have generic names; each one of them is classed as normalisation."""
+    import re
+
+    from perf.step_profile import KINDS
+
+    source = (Path(efficiency.__file__).parents[1] / "models" / "group_norm_kernels.py").read_text()
+    names = re.findall(r"^def (_\w+_kernel)\(", source, re.M)
+    assert len(names) >= 10
+    for name in names:
+        assert next(k for k, pattern in KINDS if re.search(pattern, name)) == "normalisation", name
+
+
 @pytest.mark.parametrize("mode", ["tom", "step"])
 def test_efficiency_refuses_cuda_graphs_on_a_cpu(mode, capsys):
     with pytest.raises(SystemExit):
@@ -471,10 +484,11 @@ def test_step_profile_sums_kernel_time_by_kind():
     table = [("_bwd_grad_kernel", 8.0, 1), ("_carry_kernel", 1.0, 1), ("_conv_bwd_pre_kernel", 2.0, 1),
              ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>", 3.0, 6),
              ("sm80_xmma_fprop_implicit_gemm_indexed_bf16", 1.0, 3), ("void at::native::elementwise_kernel<128, 4>", 0.5, 60),
-             ("something new", 0.25, 2)]
+             ("something new", 0.25, 2), ("_stats_cl_kernel", 0.5, 4), ("_grad_input_kernel", 0.5, 4)]
     kinds = {k: (ms, n) for k, ms, n in kinds_of(table)}
     assert kinds["selective scan (Triton)"] == (9.0, 2) and kinds["oriented causal conv (Triton)"] == (2.0, 1)
-    assert kinds["normalisation"] == (3.0, 6) and kinds["3D convolution (cuDNN)"] == (1.0, 3)
+    # the whole-tensor norms' Triton kernels count as normalisation, not "other"
+    assert kinds["normalisation"] == (4.0, 14) and kinds["3D convolution (cuDNN)"] == (1.0, 3)
     assert kinds["elementwise and copies"] == (0.5, 60) and kinds["other"] == (0.25, 2)
     assert [k for k, _, _ in kinds_of(table)][0] == "selective scan (Triton)"  # largest first
 
