@@ -136,6 +136,7 @@ def reshape(table: pd.DataFrame, config: str, models: tuple[str, ...]) -> pd.Dat
                 "norms": _norms_text(r),
                 "git_sha": r.git_sha,
                 "triton_scan_settings": _text(r, "triton_scan_settings"),
+                "scan_auto_failures": _text(r, "scan_auto_failures"),
             })
     return pd.DataFrame(rows)
 
@@ -196,8 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         "host, in microseconds (`segresmamba.profiling.host`; empty: not recorded by that run): a step bound by its host "
         "is as fast as its host.",
         "",
-        df.drop(columns="triton_scan_settings").to_markdown(index=False, floatfmt=".3g"),
+        df.drop(columns=["triton_scan_settings", "scan_auto_failures"]).to_markdown(index=False, floatfmt=".3g"),
     ]
+    failed = df[(df.scan_auto_failures != "-") & (df.precision == "bf16")]
+    if len(failed):  # their times ran without the backends that failed: not the code's speed
+        md += ["", "**Scan backends failed while measured** (left out, so these rows ran on slower paths): " + "; ".join(
+            f"{r.model} ({r.cuda_graphs}, {r.layout}, {r.norms}, git {str(r.git_sha)[:7]}): {r.scan_auto_failures}"
+            for r in failed.itertuples()) + "."]
     settings = sorted({s for s in df.triton_scan_settings if s != "-"})
     if settings:  # rows measured before the profiler recorded them have none
         md += ["", "Triton scan launch settings of the rows that ran it (`segresmamba.ssm.triton.tuning.TUNING`; per row in "

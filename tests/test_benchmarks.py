@@ -301,7 +301,7 @@ def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
     whole = _efficiency_table(tmp_path / "step_cl" / "brats.csv", [
         {"model": "segresmamba", "step_ms_bf16": 60.0, "scan_backend": "triton", "graphs": "step", "channels_last": True,
          "train_peak_gib_bf16": None, "train_reserved_gib_bf16": 9.0, "train_capture_peak_gib_bf16": 3.1,
-         "train_graph_pool_gib_bf16": 2.4},
+         "train_graph_pool_gib_bf16": 2.4, "scan_auto_failures": "triton_fused: RuntimeError: dtype"},
     ])
     out = tmp_path / "out"
     model_step.main(["--table", str(eager), str(graphed), str(whole), "--out", str(out), "--models", "segresmamba", "swinunetr"])
@@ -321,6 +321,9 @@ def test_model_step_table_holds_eager_and_graphed_rows(tmp_path):
     assert (df[df.model == "swinunetr"].cuda_graphs == "-").all() and (df[df.model == "swinunetr"].scan_backend == "-").all()
     assert set(df.config) == {"brats 128x128x128 b1"}  # the patch comes from the dataset spec
     assert "7 ToM layers" in (out / "model_step.md").read_text()
+    # a row measured after a scan backend failed is named under the table, with the error
+    assert ("**Scan backends failed while measured** (left out, so these rows ran on slower paths): segresmamba "
+            "(whole step, NDHWC, torch, git abc1234): triton_fused: RuntimeError: dtype.") in (out / "model_step.md").read_text()
     # the Triton scan's launch settings: per row in the CSV (none for rows of older runs), listed under the table
     assert mine.loc["7 ToM layers", "triton_scan_settings"] == '{"chunk": 32, "warps": 1}'
     assert mine.loc["-", "triton_scan_settings"] == "-"

@@ -193,13 +193,22 @@ def test_measure_fastest_runs_backward_only_with_grad():
     assert seen == [True, True, False, False]
 
 
-def test_measure_fastest_leaves_out_a_failing_backend():
+def test_measure_fastest_leaves_out_a_failing_backend(monkeypatch):
     def broken(a):
         raise RuntimeError("triton compilation failed")
 
+    monkeypatch.setattr(scan_mod, "_AUTO_FAILURES", {})
     with pytest.warns(UserWarning, match="'broken' failed.*compilation failed"):
         name, times = scan_mod.measure_fastest({"broken": broken, "ok": lambda a: a[0] * 2}, (torch.ones(3),), repeats=1)
     assert name == "ok" and list(times) == ["ok"]
+    # the failure stays listed for the results (a warning alone scrolls past), once, until the choices are reset
+    assert scan_mod.auto_failures() == ["broken: RuntimeError: triton compilation failed"]
+    with pytest.warns(UserWarning):
+        scan_mod.measure_fastest({"broken": broken, "ok": lambda a: a[0] * 2}, (torch.ones(3),), repeats=1)
+    assert len(scan_mod.auto_failures()) == 1
+    monkeypatch.setattr(scan_mod, "_AUTO_CHOICES", {})
+    scan_mod.auto_choices(reset=True)
+    assert scan_mod.auto_failures() == []
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="every scan backend failed"):
         scan_mod.measure_fastest({"broken": broken}, (torch.ones(3),), repeats=1)
 

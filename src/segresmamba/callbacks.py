@@ -19,7 +19,7 @@ import torch
 from segresmamba.provenance import provenance
 from segresmamba.ssm.cuda_graphs import ToMCudaGraphs
 from segresmamba.step_graphs import StepCudaGraphs
-from segresmamba.ssm.scan import auto_choices
+from segresmamba.ssm.scan import auto_choices, auto_failures
 
 GIB = 1024**3
 
@@ -285,6 +285,8 @@ class RunRecorder(L.Callback):
             "provenance": provenance(trainer.strategy.root_device, str(trainer.precision)),
             # which scan backend scan_backend="auto" measured fastest, per scan signature (empty off CUDA)
             "scan_auto_choices": auto_choices(),
+            # backends that failed while auto measured them and so were not used (each warned once)
+            "scan_auto_failures": auto_failures(),
             # ToM layers whose training steps replayed CUDA graphs (ToMCudaGraphs), None without it
             "cuda_graph_layers": getattr(self._find(trainer, ToMCudaGraphs), "captured", None),
             # the image batch shape whose training steps replayed whole-step CUDA graphs (StepCudaGraphs), None without

@@ -67,7 +67,7 @@ from segresmamba.provenance import device_name, git_sha, versions
 from segresmamba.registry import check_patch
 from segresmamba.ssm import TriOrientedMamba
 from segresmamba.ssm.cuda_graphs import graph_tom_layers, release_tom_graphs
-from segresmamba.ssm.scan import auto_choices, resolve_backend
+from segresmamba.ssm.scan import auto_choices, auto_failures, resolve_backend
 from segresmamba.step_graphs import TrainingGraph
 
 __all__ = ["profile_model", "profile", "write_tables", "card_slug", "time_steps", "release_graphs", "PROFILED_DATASETS"]
@@ -337,6 +337,11 @@ def profile_model(
                 row["scan_backend"] = "+".join(sorted({c["backend"] for c in auto_choices().values()}))
                 # every signature's choice and the times behind it (JSON), for reading a step time back
                 row["scan_auto_choices"] = json.dumps(auto_choices(), sort_keys=True)
+            if has_scan and auto_failures():
+                # a backend that failed while measured was left out: this row's times ran without it
+                row["scan_auto_failures"] = "; ".join(auto_failures())
+                print(f"warning: {model}: scan backends failed while auto measured them and were not used: "
+                      f"{row['scan_auto_failures']}", file=sys.stderr)
             if has_scan and "triton" in str(row["scan_backend"]):
                 from segresmamba.ssm.triton.tuning import TUNING
 

@@ -95,6 +95,7 @@ AUTO_CUDA_ORDER: list[str] = ["mamba_ssm", "triton", "torch"]
 _warned: set[str] = set()
 # signature -> (chosen backend, {backend: ms per call}); filled by ``auto`` on CUDA
 _AUTO_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
+_AUTO_FAILURES: dict[str, None] = {}  # "backend: error" of each backend a measurement dropped, in order, once each
 AUTO_REPEATS = 3
 # > 0 inside ``timing_kernels``: ``auto`` measures GPU time, not wall time (see measure_fastest)
 _kernel_timing_depth = 0
@@ -181,10 +182,17 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 def auto_choices(reset: bool = False) -> dict[str, dict]:
     """What ``auto`` chose so far on CUDA: ``{signature text: {"backend": name, "ms": {name: ms}}}``;
-    ``reset`` forgets the choices (the next call of each signature measures again)."""
+    ``reset`` forgets the choices (the next call of each signature measures again) and :func:`auto_failures`."""
     if reset:
         _AUTO_CHOICES.clear()
+        _AUTO_FAILURES.clear()
     return {_describe(key): {"backend": name, "ms": times} for key, (name, times) in _AUTO_CHOICES.items()}
+
+
+def auto_failures() -> list[str]:
+    """``"backend: error"`` of each backend that failed while ``auto`` measured it (and so was not used) since the
+    last reset: a failure there only warns, and a result measured after one ran on a slower backend."""
+    return list(_AUTO_FAILURES)
 
 
 def _describe(key: tuple) -> str:
@@ -274,6 +282,7 @@ def measure_fastest(
                 elif i >= untimed:
                     samples.append(start.elapsed_time(end) if kernel_time else wall_ms)
         except Exception as err:  # noqa: BLE001 - a backend that fails here is left out, with a warning
+            _AUTO_FAILURES[f"{name}: {type(err).__name__}: {err}"] = None
             warnings.warn(f"scan backend {name!r} failed while auto measured it and is not used: {type(err).__name__}: {err}", stacklevel=2)
             continue
         times[name] = sorted(samples)[len(samples) // 2]
