@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import segresmamba
 from segresmamba.bench.efficiency import PROFILED_DATASETS, fast_norms_choice
@@ -105,8 +106,8 @@ class LayoutAudit(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in _NO_DATA or name in _OWN_LAYOUT:
             return out
-        ins = self._maps([*args, *kwargs.values()])
-        outs = self._maps(out if isinstance(out, (tuple, list)) else [out])
+        ins = self._maps(tree_leaves((args, kwargs)))  # a list operand too (``cat``'s tensors)
+        outs = self._maps(tree_leaves(out))
         layouts = {layout_of(t) for t in ins + outs} - {"broadcast"}
         if not layouts or (len(layouts) == 1 and not next(iter(layouts)).startswith("strided")):
             return out

@@ -45,6 +45,14 @@ def test_audit_finds_a_mixed_residual_sum_forward_and_backward():
     assert torch.nn.modules.module._global_forward_hooks == {}  # the audit's module hooks are gone after it
 
 
+def test_audit_reads_the_tensors_of_a_list_operand():
+    a = torch.randn(1, 2, 4, 4, 4)
+    with LayoutAudit(min_elements=1) as audit:
+        torch.cat([a, a.contiguous(memory_format=torch.channels_last_3d)], dim=1)
+    (finding,) = [f for f in audit.calls if f.op == "cat"]
+    assert set(finding.inputs) == {"NCDHW", "NDHWC"} and finding.where == "forward: (outside modules)"
+
+
 def test_audit_of_one_layout_finds_nothing():
     net = OneLayout()
     x = torch.randn(1, 4, 8, 8, 8, requires_grad=True)
