@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_leaves
 
 import segresmamba
 from segresmamba.bench.efficiency import PROFILED_DATASETS, fast_norms_choice
-from segresmamba.bench.step import build_task, synthetic_batch
+from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
 from segresmamba.data.spec import get_dataset_spec
 from segresmamba.provenance import provenance
 
@@ -120,19 +120,14 @@ class LayoutAudit(TorchDispatchMode):
 
 
 def audit_step(task, batch: dict, precision: str = "bf16", min_elements: int = DEFAULT_MIN_ELEMENTS) -> LayoutAudit:
-    """One untimed training step (caches, measured backend choices), then the audited one: the task's forward
-    and loss under ``precision`` (bf16 autocast or fp32), and the backward. Gradients are left zeroed."""
-    device = next(task.parameters()).device
-    image, label = batch["image"], batch["label"]
-    if task.hparams.channels_last:
-        image = image.contiguous(memory_format=torch.channels_last_3d)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    """One untimed training step (caches, measured backend choices), then the audited one: the suite's step
+    (:meth:`segresmamba.bench.step.TrainingStep.loss_and_backward`: the task's forward and loss under
+    ``precision``, and the backward), without the optimiser. Gradients are left zeroed."""
+    step = TrainingStep(task, precision, next(task.parameters()).device)
     audit = LayoutAudit(min_elements)
     for audited in (False, True):
         with audit if audited else contextlib.nullcontext():
-            with autocast:
-                loss = task._loss(task.net(image), label)
-            loss.backward()
+            step.loss_and_backward(batch)
         task.zero_grad(set_to_none=True)
     return audit
 

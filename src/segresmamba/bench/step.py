@@ -102,12 +102,18 @@ class TrainingStep:
         self.clip_norm = task.recipe_settings.grad_clip_norm
         self.steps = 0
 
-    def __call__(self, batch: dict) -> torch.Tensor:
+    def loss_and_backward(self, batch: dict) -> torch.Tensor:
+        """The step's forward and loss (``SegmentationTask.training_step`` under the precision's autocast) and its
+        backward, without the optimiser: the gradients are left in ``.grad``."""
         with warnings.catch_warnings(), torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             # the step logs its loss; with no trainer attached Lightning warns that the value goes nowhere
             warnings.filterwarnings("ignore", message=r"You are trying to `self.log\(\)`")
             loss = self.task.training_step(batch, self.steps)
         loss.backward()
+        return loss
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        loss = self.loss_and_backward(batch)
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.task.parameters(), self.clip_norm)
         self.optimizer.step()
