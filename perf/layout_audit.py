@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import segresmamba
+from perf.step_profile import NORMS_TEXT, variant_suffix
 from segresmamba.bench.efficiency import PROFILED_DATASETS, fast_norms_choice
 from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
 from segresmamba.data.spec import get_dataset_spec
@@ -180,15 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     title = f"Mixed and strided layouts in a training step of {args.model}, {args.config} {'x'.join(map(str, patch))} b1 {args.precision}, {layout}"
     facts = (f"{prov['device']} · git {prov['git_sha']} · torch {torch.__version__} · synthetic tensors, the suite's training step "
              f"(recipe {args.recipe}: forward, loss, backward; one step after an untimed one), norms: "
-             f"{ {False: 'PyTorch kernels', True: 'whole-tensor', 'group': 'whole-tensor GroupNorm'}[args.fast_norms] }. "
+             f"{NORMS_TEXT[args.fast_norms]}. "
              f"Each row is one kind of op on 5-D tensors of at least {args.min_elements} elements whose operands and results are "
              "not all dense in one layout (NCDHW or NDHWC): on a GPU such an elementwise op runs in PyTorch's unvectorised kernel "
              "(`gpu_kernel_impl_nocast`), and a `clone` of a strided view is a copy that a reshape could not avoid. "
              "M elements: the largest operand's elements, summed over the calls. `python -m perf.layout_audit`.")
     lines = report(audit, title, facts)
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = {False: "", True: "_fast_norms", "group": "_fast_group_norms"}[args.fast_norms]
-    dest = args.out / f"layout_audit_{args.model}_{args.config}{suffix}{'_channels_last' if args.channels_last else ''}.md"
+    dest = args.out / f"layout_audit_{args.model}_{args.config}{variant_suffix(args.fast_norms, args.channels_last)}.md"
     dest.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[4:]))
     print(f"wrote {dest}")

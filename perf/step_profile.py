@@ -44,7 +44,14 @@ from segresmamba.ssm.cuda_graphs import graph_tom_layers
 from segresmamba.step_graphs import TrainingGraph
 
 MODES = ("eager", "cuda_graphs", "step_graphs")
-_NORMS_TEXT = {False: "PyTorch kernels", True: "whole-tensor (`--model.fast_norms true`)",
+
+
+def variant_suffix(fast_norms: bool | str, channels_last: bool) -> str:
+    """The file-name suffix of a step's variant: its norms (``--fast-norms``) and its layout (``--channels-last``)."""
+    return {False: "", True: "_fast_norms", "group": "_fast_group_norms"}[fast_norms] + ("_channels_last" if channels_last else "")
+
+
+NORMS_TEXT = {False: "PyTorch kernels", True: "whole-tensor (`--model.fast_norms true`)",
                "group": "GroupNorm whole-tensor, InstanceNorm PyTorch's (`--model.fast_norms group`)"}
 TOP = 15
 HOST_TOP = 25
@@ -114,7 +121,7 @@ def profile(model_name: str, config: str, precision: str, modes: list[str], step
     lines = [f"# Training step of {model_name}, {config} {'x'.join(map(str, spec.patch))} b1 {precision}: GPU kernels against wall time", "",
              f"{prov['device']} · git {prov['git_sha']} · torch {prov['versions'].get('torch')} · triton {prov['versions'].get('triton')} · "
              f"synthetic tensors, the suite's training step (recipe {recipe}: task loss, backward, optimiser step), "
-             f"norms: {_NORMS_TEXT[fast_norms]}, layout: {'NDHWC (`--model.channels_last true`)' if channels_last else 'NCDHW'}, "
+             f"norms: {NORMS_TEXT[fast_norms]}, layout: {'NDHWC (`--model.channels_last true`)' if channels_last else 'NCDHW'}, "
              f"`cudnn.benchmark` on. Wall: median of {steps} steps after {warmup} warm-ups "
              "(CUDA synchronised around each). Kernels: torch.profiler, mean of 3 steps. Names are cut at 90 characters.", "",
              "Host: the host's time to enqueue a step, the GPU idle at its start (synchronised before each step, not inside "
@@ -178,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = profile(args.model, args.config, args.precision, args.modes, args.steps, args.warmup, args.recipe, args.fast_norms,
                     args.channels_last)
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = {False: "", True: "_fast_norms", "group": "_fast_group_norms"}[args.fast_norms]
-    dest = args.out / f"step_profile_{args.model}_{args.config}{suffix}{'_channels_last' if args.channels_last else ''}.md"
+    dest = args.out / f"step_profile_{args.model}_{args.config}{variant_suffix(args.fast_norms, args.channels_last)}.md"
     dest.write_text("\n".join(lines) + "\n")
     print(f"wrote {dest}")
     return 0
