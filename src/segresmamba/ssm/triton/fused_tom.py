@@ -37,7 +37,7 @@ from torch._utils import _flatten_dense_tensors
 from segresmamba.ssm.orientations import orientation_codes
 from segresmamba.ssm.triton.autograd import codes_on, last_dim_unit, scan_backward, scan_forward
 from segresmamba.ssm.triton.kernels import _conv_bwd_dx_kernel, _conv_bwd_pre_kernel, _conv_fwd_kernel
-from segresmamba.ssm.triton.tuning import TUNING, cdiv
+from segresmamba.ssm.triton.tuning import TUNING, autocast_dtype_or, cdiv
 
 BLOCK_T, BLOCK_D = 128, 16
 
@@ -137,8 +137,7 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, piece: int | None = None) -> 
         k = full // piece
         # bmm's out= is outside autocast: cast the operands as autocast casts matmul's (a backward that a
         # measurement runs under autocast gets fp32 and bf16 operands), and bring mixed dtypes to one
-        device = g.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.promote_types(g.dtype, x.dtype)
+        dtype = autocast_dtype_or(g.device.type, torch.promote_types(g.dtype, x.dtype))
         g, x = g.to(dtype), x.to(dtype)
         partial = g.new_empty(r, b, k, o, i)
         slabs = partial.view(r * b, k, o, i)
@@ -338,8 +337,7 @@ def tri_oriented_mix(tokens: torch.Tensor, in_proj: torch.nn.Linear, out_proj: t
     """
     if tokens.shape[1] % nslices:
         raise ValueError(f"sequence length {tokens.shape[1]} is not divisible by nslices={nslices}")
-    device = tokens.device.type
-    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tokens.dtype
+    compute_dtype = autocast_dtype_or(tokens.device.type, tokens.dtype)
     first = branches[0]
     layout = (orientation_codes(orientations), nslices, first.dt_rank, first.d_state, TUNING["chunk"], channels_last)
     return TriOrientedMixFn.apply(tokens, layout, compute_dtype, in_proj.weight, out_proj.weight, *branch_parameters(branches))

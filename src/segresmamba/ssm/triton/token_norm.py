@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from segresmamba.ssm.triton.tuning import cdiv, next_power_of_2
+from segresmamba.ssm.triton.tuning import autocast_dtype_or, cdiv, next_power_of_2
 
 TILE = 8192  # elements of the (channels x tokens) tile one program holds
 
@@ -136,9 +136,7 @@ def token_layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     """``norm(x.flatten(2).transpose(1, 2))`` for a contiguous or channels-last (B, C, *spatial) ``x`` with ``norm`` an affine
     ``nn.LayerNorm(C)`` with bias, as the tokens the input projection reads: in the autocast dtype of x's device
     where autocast is on (what that projection would cast the fp32 LayerNorm output to), else in x's dtype."""
-    device = x.device.type
-    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return TokenLayerNormFn.apply(x.flatten(2), norm.weight, norm.bias, norm.eps, out_dtype)
+    return TokenLayerNormFn.apply(x.flatten(2), norm.weight, norm.bias, norm.eps, autocast_dtype_or(x.device.type, x.dtype))
 
 
 def token_layer_norm_applies(x: torch.Tensor, norm: torch.nn.LayerNorm) -> bool:

@@ -50,6 +50,12 @@ def _read_environment() -> None:
 _read_environment()
 
 
+def autocast_dtype_or(device_type: str, default: torch.dtype) -> torch.dtype:
+    """The dtype autocast runs matmuls in on ``device_type`` where it is on there, else ``default``: what the fused
+    paths, which switch autocast off inside, compute in to match the ops they replace."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for a launch grid. Plain integer arithmetic: Triton 3.9's ``triton.cdiv`` is a constexpr function
     whose call costs the host about 2 µs, and a ToM layer's step makes a dozen such calls."""
