@@ -193,6 +193,31 @@ def test_measure_fastest_runs_backward_only_with_grad():
     assert seen == [True, True, False, False]
 
 
+class _AutocastProbe(torch.autograd.Function):
+    """Identity that records whether autocast is on where its forward and its backward run."""
+
+    seen: list = []
+
+    @staticmethod
+    def forward(ctx, x):
+        _AutocastProbe.seen.append(("forward", torch.is_autocast_enabled("cpu")))
+        return x * 1
+
+    @staticmethod
+    def backward(ctx, g):
+        _AutocastProbe.seen.append(("backward", torch.is_autocast_enabled("cpu")))
+        return g
+
+
+def test_measure_fastest_runs_the_backward_outside_the_forwards_autocast():
+    """A training step's backward runs outside autocast; a measurement under autocast must time the same thing."""
+    _AutocastProbe.seen = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scan_mod.measure_fastest({"f": lambda a: _AutocastProbe.apply(a[0])}, (torch.ones(3),), repeats=1)
+        assert torch.is_autocast_enabled("cpu")  # the caller's region is left as it was
+    assert _AutocastProbe.seen == [("forward", True), ("backward", False)] * 2
+
+
 def test_measure_fastest_leaves_out_a_failing_backend(monkeypatch):
     def broken(a):
         raise RuntimeError("triton compilation failed")

@@ -247,7 +247,8 @@ def measure_fastest(
     events around the call time its kernels back to back (one more untimed wall-clock call sizes the sleep).
 
     The backward differentiates with respect to the copies and ``wrt`` (e.g. a layer's parameters)
-    through ``torch.autograd.grad``, so no ``.grad`` of the caller's tensors is touched."""
+    through ``torch.autograd.grad``, so no ``.grad`` of the caller's tensors is touched. It runs with autocast off,
+    as a training step's backward does, even when the forward is measured inside an autocast region."""
     repeats = AUTO_REPEATS if repeats is None else repeats
     grad = torch.is_grad_enabled()
     device = args[0].device
@@ -272,7 +273,10 @@ def measure_fastest(
                 y = fn(copies)
                 if grad:
                     leaves = [t for t in copies if isinstance(t, torch.Tensor) and t.requires_grad] + [w for w in wrt if w.requires_grad]
-                    torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
+                    # training runs its backward outside the forward's autocast region (Lightning's precision
+                    # plugin wraps the forward only); the autograd engine would carry that region into the backward
+                    with torch.autocast(device.type, enabled=False):
+                        torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
                 if kernel_time and i >= untimed:
                     end.record()
                 _sync(device)
