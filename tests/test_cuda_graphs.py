@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import segresmamba
+from segresmamba.ssm import cuda_graphs
 from segresmamba.ssm.cuda_graphs import ToMCudaGraphs, graph_tom_layers, graphed_tom_layers, release_tom_graphs, tom_input_shapes
 
 SMALL = {"feature_sizes": [8, 16, 32, 64]}
@@ -101,3 +102,24 @@ def test_max_tokens_selects_the_small_layers():
     assert len(names) == 7  # the one 24^3 layer is left eager
     with pytest.raises(ValueError, match="already replay CUDA graphs"):
         graph_tom_layers(model, torch.randn(1, 4, 48, 48, 48, device="cuda"), max_tokens=12**3)
+
+
+def test_expandable_segments_for_the_capture_only(monkeypatch):
+    """The capture's pool gets expandable segments; the setting is restored after, and a user's choice is kept."""
+    api = cuda_graphs._allocator_settings_api()
+    if api is None or api[0] is None:
+        pytest.skip("this PyTorch has no runtime getter of the allocator settings")
+    getter, setter = api
+    for key in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(key, raising=False)
+    before = getter()
+    try:
+        with cuda_graphs.expandable_segments():
+            assert "expandable_segments:True" in getter()
+        assert "expandable_segments:True" not in getter()
+        # the user chose the allocator's settings: the capture leaves them as they are
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+        with cuda_graphs.expandable_segments():
+            assert "expandable_segments:True" not in getter()
+    finally:
+        setter(before or "expandable_segments:False")
