@@ -37,7 +37,8 @@ CHANNELS, SIDE, BATCH = 48, 64, 1
 KERNEL_HOMES = {  # module -> the kernel names it launches
     "segresmamba.ssm.triton.autograd": ("_fwd_chunk_state_kernel", "_carry_kernel", "_fwd_output_kernel",
                                         "_bwd_chunk_state_kernel", "_bwd_grad_kernel"),
-    "segresmamba.ssm.triton.fused_tom": ("_conv_fwd_kernel", "_conv_bwd_pre_kernel", "_conv_bwd_dx_kernel"),
+    "segresmamba.ssm.triton.fused_tom": ("_conv_fwd_kernel", "_conv_bwd_pre_kernel", "_conv_bwd_dx_kernel", "_gate_fwd_kernel",
+                                         "_gate_bwd_kernel"),
     "segresmamba.ssm.triton.token_norm": ("_token_norm_fwd_kernel", "_token_norm_bwd_kernel"),
 }
 

@@ -581,7 +581,8 @@ def test_host_time_splits_the_step_by_phase_module_and_operator():
 
 def test_tom_host_counts_the_fused_layers_launches_and_operators_without_running_its_kernels(tmp_path):
     """perf.tom_host runs the fused ToM path on the CPU with every Triton launch a counter: one forward launches the
-    norm, the conv and the three scan passes, the backward six more; the kernels and TRITON_INTERPRET are put back after."""
+    norm, the conv, the three scan passes and the gate, the backward seven more; the kernels and TRITON_INTERPRET are put
+    back after."""
     pytest.importorskip("triton")
     import os
 
@@ -591,9 +592,10 @@ def test_tom_host_counts_the_fused_layers_launches_and_operators_without_running
     kernels = {name: getattr(autograd, name) for name in ("_fwd_output_kernel", "_bwd_grad_kernel", "_carry_kernel")}
     before = os.environ.get("TRITON_INTERPRET")
     m = tom_host.measure(dim=8, side=4, steps=2, repeats=1)
-    assert m["forward_launches"] == 5
+    assert m["forward_launches"] == 6
     assert m["launches"] == {"_token_norm_fwd_kernel": 1, "_conv_fwd_kernel": 1, "_fwd_chunk_state_kernel": 1, "_carry_kernel": 2,
-                             "_fwd_output_kernel": 1, "_bwd_chunk_state_kernel": 1, "_bwd_grad_kernel": 1,
+                             "_fwd_output_kernel": 1, "_gate_fwd_kernel": 1, "_gate_bwd_kernel": 1,
+                             "_bwd_chunk_state_kernel": 1, "_bwd_grad_kernel": 1,
                              "_conv_bwd_pre_kernel": 1, "_conv_bwd_dx_kernel": 1, "_token_norm_bwd_kernel": 1}
     assert "native_layer_norm" not in m["forward_by_name"]  # the norm is one of the counted launches
     assert m["forward_us"] > 0 and m["backward_us"] > 0

@@ -553,6 +553,47 @@ def test_oriented_conv_kernels(branches, b, d, length, nslices):
     check_oriented_conv("cuda", branches, b, d, length, nslices)
 
 
+def check_gate(device, branches, b, d, length, dtype=torch.float32, tol=1e-6):
+    """The fused layer's gate against float64 autograd: ``out = silu(z) sum_r y_r``, z a channel-contiguous view of an
+    input projection's (b, L, 2 d) output, as the layer hands it over."""
+    from segresmamba.ssm.triton.fused_tom import gate_backward, gate_forward
+
+    g = torch.Generator().manual_seed(length + d)
+    y = torch.randn(branches * b, d, length, generator=g, dtype=torch.float64)
+    xz = torch.randn(b, length, 2 * d, generator=g, dtype=torch.float64)
+    grad = torch.randn(b, d, length, generator=g, dtype=torch.float64)
+    y64, z64 = y.clone().requires_grad_(), xz[..., d:].transpose(1, 2).clone().requires_grad_()
+    ysum64 = y64.view(branches, b, d, length).sum(0)
+    out64 = ysum64 * torch.nn.functional.silu(z64)
+    gy64, dz64 = torch.autograd.grad(out64, [ysum64, z64], grad)
+
+    def on(t):
+        return t.to(device=device, dtype=dtype)
+
+    xz_d = on(xz)
+    z = xz_d[..., d:].transpose(1, 2)
+    ysum, out = gate_forward(on(y), z, branches)
+    gy, dz = gate_backward(on(grad), ysum, z, dtype)
+    assert rel_err(ysum, ysum64) < tol and rel_err(out, out64) < tol
+    assert rel_err(gy, gy64) < tol and rel_err(dz, dz64) < tol
+
+
+GATE_CASES = [(3, 2, 12, 200), (2, 1, 17, 150), (3, 1, 96, 512)]  # channels and tokens not multiples of the blocks
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("branches,b,d,length", GATE_CASES)
+def test_fused_gate_under_interpreter(branches, b, d, length, monkeypatch):
+    _interpreter_index_patch(monkeypatch)
+    check_gate("cpu", branches, b, d, length)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("branches,b,d,length", GATE_CASES)
+def test_fused_gate_kernels(branches, b, d, length):
+    check_gate("cuda", branches, b, d, length)
+
+
 def check_fused_tom(device, dim, shape, nslices=None, orientations=("forward", "reverse", "slice"), batch=2,
                     layout=torch.contiguous_format):
     from segresmamba.ssm import TriOrientedMamba

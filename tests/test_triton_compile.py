@@ -35,6 +35,10 @@ def _scan_cases():
         ("conv fwd", k._conv_fwd_kernel, {"K": 4, "BT": 128, "BD": 16, "NEAR": True}, {"x_ptr": "*bf16", "u_ptr": "*bf16"}, 4),
         ("conv bwd pre", k._conv_bwd_pre_kernel, {"K": 4, "BT": 128, "BD": 16, "NEAR": True}, {"x_ptr": "*bf16", "gu_ptr": "*bf16"}, 4),
         ("conv bwd dx", k._conv_bwd_dx_kernel, {"K": 4, "BT": 128, "BD": 16, "NEAR": True}, {"dx_ptr": "*bf16"}, 4),
+        # the fused ToM layer's scans run ungated, and its gate is a kernel of its own
+        ("bwd grad, ungated", k._bwd_grad_kernel, {**tile, **flags, "HAS_D": True, "HAS_Z": False}, bf16_inputs, 1),
+        ("gate fwd", k._gate_fwd_kernel, {"R": 3, "BT": 128, "BD": 16}, {"y_ptr": "*bf16", "z_ptr": "*bf16", "ysum_ptr": "*bf16", "out_ptr": "*bf16"}, 4),
+        ("gate bwd", k._gate_bwd_kernel, {"BT": 128, "BD": 16}, {n: "*bf16" for n in ("g_ptr", "ysum_ptr", "z_ptr", "gy_ptr", "dz_ptr")}, 4),
     ]
 
 
@@ -178,8 +182,8 @@ def test_triton_ab_builds_each_tom_launch_as_the_jit_would_and_packs_its_paramet
     index = triton_ab.build(tmp_path, side=16)
     names = [e["name"] for e in index]
     assert names == ["_token_norm_fwd_kernel", "_conv_fwd_kernel", "_fwd_chunk_state_kernel", "_carry_kernel", "_fwd_output_kernel",
-                     "_bwd_chunk_state_kernel", "_carry_kernel", "_bwd_grad_kernel", "_conv_bwd_pre_kernel", "_conv_bwd_dx_kernel",
-                     "_token_norm_bwd_kernel"]
+                     "_gate_fwd_kernel", "_gate_bwd_kernel", "_bwd_chunk_state_kernel", "_carry_kernel", "_bwd_grad_kernel",
+                     "_conv_bwd_pre_kernel", "_conv_bwd_dx_kernel", "_token_norm_bwd_kernel"]
     assert all((tmp_path / e["cubin"]).stat().st_size > 1000 for e in index)
     # as launched, the oriented conv reads x along its contiguous channels and writes u along its contiguous tokens
     # 16 bytes at a time: the sizes it masks with (L, D_CH) specialise on their divisibility by 16

@@ -8,7 +8,9 @@ channels, are copied into each branch's order by :func:`segresmamba.ssm.triton.a
 - :func:`conv_silu_forward`: the causal depthwise conv of every branch along its own scan order, with
   the SiLU fused, reading the in_proj output in place (any strides) and writing ``(R, b, d, L)``;
 - the x / dt projections are per token, so they run on the natural order as batched matmuls;
-- :func:`segresmamba.ssm.triton.autograd.scan_forward`: all branches' scans in one launch per pass.
+- :func:`segresmamba.ssm.triton.autograd.scan_forward`: all branches' scans in one launch per pass, without the
+  gate: the branches share z, so :func:`gate_forward` gates their sum once (``sum_o y_o silu(z) = silu(z) sum_o
+  y_o``). The scans then neither read z nor write a dz per branch, and the backward's dz is one (b, d, L) tensor.
 
 :class:`TriOrientedMixFn` runs these steps, with the layer's input and output projections around them, as a single
 autograd node with a hand-written backward.
@@ -36,7 +38,7 @@ from torch._utils import _flatten_dense_tensors
 
 from segresmamba.ssm.orientations import orientation_codes
 from segresmamba.ssm.triton.autograd import codes_on, last_dim_unit, scan_backward, scan_forward
-from segresmamba.ssm.triton.kernels import _conv_bwd_dx_kernel, _conv_bwd_pre_kernel, _conv_fwd_kernel
+from segresmamba.ssm.triton.kernels import _conv_bwd_dx_kernel, _conv_bwd_pre_kernel, _conv_fwd_kernel, _gate_bwd_kernel, _gate_fwd_kernel
 from segresmamba.ssm.triton.tuning import TUNING, autocast_dtype_or, cdiv
 
 BLOCK_T, BLOCK_D = 128, 16
@@ -90,6 +92,39 @@ def conv_silu_backward(x, weight, bias, codes, nslices, grad_u: torch.Tensor) ->
         K=k, BT=BLOCK_T, BD=BLOCK_D, NEAR=near_taps(k, nslices),
     )
     return dx, dw_part.view(branches, -1, d, k).sum(1), db_part.view(branches, -1, d).sum(1)
+
+
+def gate_forward(y: torch.Tensor, z: torch.Tensor, branches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The branches' outputs summed, then gated once: ``ysum = sum_r y[r]`` and ``out = ysum * silu(z)``, both
+    (b, d, L) in y's dtype, no autograd. y (R b, d, L) with unit token stride; z (b, d, L), any strides.
+
+    The branches share z, so gating their sum equals summing their gated outputs (Mamba gates each
+    ``selective_scan`` output by ``silu(z)``), with one gate instead of R and the scans run without z."""
+    rb, d, length = y.shape
+    b = rb // branches
+    ysum = torch.empty(b, d, length, dtype=y.dtype, device=y.device)
+    out = torch.empty_like(ysum)
+    _gate_fwd_kernel[(cdiv(length, BLOCK_T), cdiv(d, BLOCK_D), b)](
+        y, z, ysum, out, length, d, b, y.stride(0), y.stride(1), z.stride(0), z.stride(1), z.stride(2),
+        out.stride(0), out.stride(1), R=branches, BT=BLOCK_T, BD=BLOCK_D,
+    )
+    return ysum, out
+
+
+def gate_backward(grad_out: torch.Tensor, ysum: torch.Tensor, z: torch.Tensor, grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`gate_forward`'s ``out`` for ``grad_out`` (b, d, L): the gradient of ysum, which every
+    branch's output receives (in ``grad_dtype``), and dz (in z's dtype). grad_out and ysum with unit token stride;
+    z any strides."""
+    grad_out = last_dim_unit(grad_out)
+    b, d, length = ysum.shape
+    gy = torch.empty(b, d, length, dtype=grad_dtype, device=ysum.device)
+    dz = torch.empty(b, d, length, dtype=z.dtype, device=ysum.device)
+    _gate_bwd_kernel[(cdiv(length, BLOCK_T), cdiv(d, BLOCK_D), b)](
+        grad_out, ysum, z, gy, dz, length, d, grad_out.stride(0), grad_out.stride(1), ysum.stride(0), ysum.stride(1),
+        z.stride(0), z.stride(1), z.stride(2), gy.stride(0), gy.stride(1), dz.stride(0), dz.stride(1),
+        BT=BLOCK_T, BD=BLOCK_D,
+    )
+    return gy, dz
 
 
 class OrientedConvSiluFn(torch.autograd.Function):
@@ -223,7 +258,8 @@ class TriOrientedMixFn(torch.autograd.Function):
 
     Forward (tokens (b, L, C) in, natural order): ``[x, z] = tokens W_in^T`` (x and z (b, d, L) views of it),
     ``u_r = silu(conv_r(x))``, ``[dt_r, B_r, C_r] = W_x,r u_r``, ``delta_r = W_dt,r dt_r``,
-    ``y = sum_r scan_r(u_r, delta_r, -exp(A_log,r), B_r, C_r, D_r, z, dt_bias_r)``, ``out = W_out y`` (b, C, L), laid
+    ``y = silu(z) sum_r scan_r(u_r, delta_r, -exp(A_log,r), B_r, C_r, D_r, dt_bias_r)`` (:func:`gate_forward`; the
+    same as summing each branch's z-gated scan), ``out = W_out y`` (b, C, L), laid
     out in memory as the layer's map (``layout``'s last entry: channels-last, the tokens' (b, L, C)). The backward
     applies the chain rule through the same steps by hand (the scan's and conv's kernels, two matmuls per
     projection). One node instead of the few dozen small ones of the op-by-op graph, the projections' autocast casts
@@ -232,7 +268,7 @@ class TriOrientedMixFn(torch.autograd.Function):
 
     Autocast is off inside; ``compute_dtype`` (the autocast dtype where autocast is on, else the tokens') is what
     the projections and activations run in, as autocast would run them: the weights are cast to it, A, D and the
-    delta bias are used in fp32, and the branch sum accumulates in fp32 into it. Parameter gradients come back in
+    delta bias are used in fp32, and the branch sum and its gate are taken in fp32 and stored in it. Parameter gradients come back in
     the parameters' dtypes.
     """
 
@@ -263,13 +299,14 @@ class TriOrientedMixFn(torch.autograd.Function):
                 return t.reshape(branches * b, *t.shape[2:])
 
             B, C = x_dbl[:, :, dt_rank:dt_rank + d_state], x_dbl[:, :, dt_rank + d_state:]
+            # the scans run ungated; their sum is gated once (gate_forward)
             y, scan_saved = scan_forward(
-                rows(u), rows(delta), A, rows(B), rows(C), p["D"].float(), z, p["dt_bias"].float(), True, codes, b, nslices, chunk,
+                rows(u), rows(delta), A, rows(B), rows(C), p["D"].float(), None, p["dt_bias"].float(), True, codes, b, nslices, chunk,
             )
-            summed = torch.sum(y.view(branches, b, d, length), 0)  # in y's dtype, accumulated in fp32
+            ysum, summed = gate_forward(y, z, branches)
             # the output in the map's layout, so that the residual sum reads both operands alike
             out = torch.matmul(summed.transpose(1, 2), w_out_c.t()).transpose(1, 2) if channels_last else torch.matmul(w_out_c, summed)
-        ctx.save_for_backward(tokens_c, w_in_c, w_out_c, xz, summed, conv_w, conv_b, w_x, w_dt, x_dbl, *scan_saved.tensors)
+        ctx.save_for_backward(tokens_c, w_in_c, w_out_c, xz, ysum, summed, conv_w, conv_b, w_x, w_dt, x_dbl, *scan_saved.tensors)
         ctx.scan = scan_saved._replace(tensors=None)
         ctx.layout = layout
         ctx.dtypes = (tokens.dtype, w_in.dtype, w_out.dtype)
@@ -278,7 +315,7 @@ class TriOrientedMixFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        tokens_c, w_in_c, w_out_c, xz, summed, conv_w, conv_b, w_x, w_dt, x_dbl, *scan_tensors = ctx.saved_tensors
+        tokens_c, w_in_c, w_out_c, xz, ysum, summed, conv_w, conv_b, w_x, w_dt, x_dbl, *scan_tensors = ctx.saved_tensors
         codes, nslices, dt_rank, _, _, _ = ctx.layout
         tokens_dtype, w_in_dtype, w_out_dtype = ctx.dtypes
         branches = len(codes)
@@ -288,9 +325,10 @@ class TriOrientedMixFn(torch.autograd.Function):
         grad_out = grad_out.to(w_out_c.dtype)
         grad_summed = torch.matmul(w_out_c.t(), grad_out)  # (b, d, L), whatever grad_out's layout
         dw_out = _weight_grad(grad_out.unsqueeze(0), summed.unsqueeze(0))[0]  # (C, d), fp32
+        grad_ysum, dz = gate_backward(grad_summed, ysum, xz[..., d:].transpose(1, 2), u.dtype)
         # every branch receives the sum's gradient: a stride-0 broadcast over the branches where b == 1
-        grad_y = grad_summed.to(u.dtype).unsqueeze(0).expand(branches, b, d, length).reshape(rb, d, length)
-        du, ddelta, dA, dB, dC, dD, dz, dbias = scan_backward(ctx.scan._replace(tensors=tuple(scan_tensors)), grad_y)
+        grad_y = grad_ysum.unsqueeze(0).expand(branches, b, d, length).reshape(rb, d, length)
+        du, ddelta, dA, dB, dC, dD, _, dbias = scan_backward(ctx.scan._replace(tensors=tuple(scan_tensors)), grad_y)
         A = scan_tensors[2]
         dA_log = dA * A  # A = -exp(A_log)
 
@@ -344,4 +382,4 @@ def tri_oriented_mix(tokens: torch.Tensor, in_proj: torch.nn.Linear, out_proj: t
 
 
 __all__ = ["PARAMETER_KINDS", "TriOrientedMixFn", "branch_parameters", "conv_silu_backward", "conv_silu_forward",
-           "oriented_conv_silu", "stack_branch_parameters", "tri_oriented_mix"]
+           "gate_backward", "gate_forward", "oriented_conv_silu", "stack_branch_parameters", "tri_oriented_mix"]

@@ -22,6 +22,9 @@ Scan (per chunk of T tokens, a group of GROUP channels per program; the carry ke
 
 Causal depthwise conv + SiLU along each branch's scan order (the equations are in
 :mod:`segresmamba.ssm.triton.fused_tom`): ``_conv_fwd_kernel``, ``_conv_bwd_pre_kernel``, ``_conv_bwd_dx_kernel``.
+
+The fused ToM layer's gate, applied once to the sum of its branches (they share z): ``_gate_fwd_kernel`` (the
+branch sum and ``sum * silu(z)``), ``_gate_bwd_kernel`` (the gradient its scans receive, and dz).
 """
 
 from __future__ import annotations
@@ -493,3 +496,52 @@ def _conv_bwd_dx_kernel(
             acc += wk[:, None] * gp
     mask = mask_d[:, None] & (n < L)[None, :]
     tl.store(dx_ptr + xb.to(tl.int64) * L * D_CH + ch[:, None] * L + n[None, :], acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=("NB",))
+def _gate_fwd_kernel(
+    y_ptr, z_ptr, ysum_ptr, out_ptr,
+    L, D_CH, NB,
+    sy_r, sy_d, sz_b, sz_d, sz_l, so_b, so_d,
+    R: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+):
+    """ysum[i] = sum over the R branches of y[r i] (fp32 sum, stored in ysum's dtype) and out[i] = ysum[i] silu(z[i])
+    (the sum gated in fp32), at tokens n and channels ch of batch element i. y and the outputs have unit token
+    stride; z is read through its strides (a view of the input projection's output: channel-contiguous)."""
+    pid_t, pid_d, xb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n = pid_t * BT + tl.arange(0, BT)
+    ch = pid_d * BD + tl.arange(0, BD)
+    mask = (ch < D_CH)[:, None] & (n < L)[None, :]
+    acc = tl.zeros([BD, BT], dtype=tl.float32)
+    for r in tl.static_range(R):
+        row64 = (r * NB + xb).to(tl.int64)
+        acc += tl.load(y_ptr + row64 * sy_r + ch[:, None] * sy_d + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    xb64 = xb.to(tl.int64)
+    z = tl.load(z_ptr + xb64 * sz_b + ch[:, None] * sz_d + n[None, :].to(tl.int64) * sz_l, mask=mask, other=0.0).to(tl.float32)
+    gate = z / (1.0 + tl.exp(-z))
+    at = xb64 * so_b + ch[:, None] * so_d + n[None, :]
+    tl.store(ysum_ptr + at, acc, mask=mask)
+    tl.store(out_ptr + at, acc * gate, mask=mask)
+
+
+@triton.jit
+def _gate_bwd_kernel(
+    g_ptr, ysum_ptr, z_ptr, gy_ptr, dz_ptr,
+    L, D_CH,
+    sg_b, sg_d, sy_b, sy_d, sz_b, sz_d, sz_l, sgy_b, sgy_d, sdz_b, sdz_d,
+    BT: tl.constexpr, BD: tl.constexpr,
+):
+    """Gradients of ``out = ysum silu(z)`` for g = d out: gy = g silu(z), the gradient every branch's scan output
+    receives, and dz = g ysum silu'(z), silu'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))). Unit token stride
+    everywhere except z (read through its strides)."""
+    pid_t, pid_d, xb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    xb64 = xb.to(tl.int64)
+    n = pid_t * BT + tl.arange(0, BT)
+    ch = pid_d * BD + tl.arange(0, BD)
+    mask = (ch < D_CH)[:, None] & (n < L)[None, :]
+    g = tl.load(g_ptr + xb64 * sg_b + ch[:, None] * sg_d + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    ysum = tl.load(ysum_ptr + xb64 * sy_b + ch[:, None] * sy_d + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + xb64 * sz_b + ch[:, None] * sz_d + n[None, :].to(tl.int64) * sz_l, mask=mask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-z))
+    tl.store(gy_ptr + xb64 * sgy_b + ch[:, None] * sgy_d + n[None, :], g * z * sig, mask=mask)
+    tl.store(dz_ptr + xb64 * sdz_b + ch[:, None] * sdz_d + n[None, :], g * ysum * sig * (1.0 + z * (1.0 - sig)), mask=mask)
