@@ -35,6 +35,8 @@ except ImportError as err:  # no Triton, or one without the ahead-of-time compil
 SM90 = GPUTarget("cuda", 90, 32)
 FLOAT_SCALARS = {"eps"}
 BF16_INPUTS = {name: "*bf16" for name in ("u_ptr", "delta_ptr", "z_ptr", "dy_ptr", "y_ptr", "B_ptr", "C_ptr", "x_ptr", "gu_ptr")}
+# the gate kernels read and write the fused layer's bf16 activations (the branch outputs, z, their sum and gradients)
+GATE_INPUTS = {name: "*bf16" for name in ("y_ptr", "z_ptr", "ysum_ptr", "out_ptr", "g_ptr", "gy_ptr", "dz_ptr")}
 COUNTED = ("SHFL", "LDL", "STL", "MUFU", "BAR")
 
 
@@ -111,7 +113,8 @@ def resources(compiled) -> dict:
 def scan_cases() -> list[tuple[str, object, dict, dict, int]]:
     """(name, kernel, constexprs, pointer types, warps) of the scan and oriented-conv kernels at the suite's
     settings (:data:`segresmamba.ssm.triton.tuning.TUNING`: one warp over 64-token chunks, 16 states) and at the
-    32-token chunk the tune also times; the Mamba layer's flags (softplus, delta bias, D, z) on, bf16 inputs."""
+    32-token chunk the tune also times; the Mamba layer's flags (softplus, delta bias, D, z) on, bf16 inputs; and the
+    fused ToM layer's ungated scans and its gate kernels."""
     from segresmamba.ssm.triton import kernels as k
 
     flags = {"HAS_BIAS": True, "SOFTPLUS": True}
@@ -125,6 +128,16 @@ def scan_cases() -> list[tuple[str, object, dict, dict, int]]:
             (f"bwd chunk state, T={chunk}", k._bwd_chunk_state_kernel, {**tile, "HAS_Z": True, **flags}, BF16_INPUTS, 1),
             (f"bwd grad, T={chunk}", k._bwd_grad_kernel, {**tile, **full}, BF16_INPUTS, 1),
         ]
+    # the fused ToM layer's scans run ungated (its gate is applied once to the branches' sum, by the gate kernels)
+    ungated = {**full, "HAS_Z": False}
+    tile = {"T": 64, "BN": 16}
+    cases += [
+        ("fwd output, T=64, ungated", k._fwd_output_kernel, {**tile, **ungated}, BF16_INPUTS, 1),
+        ("bwd chunk state, T=64, ungated", k._bwd_chunk_state_kernel, {**tile, "HAS_Z": False, **flags}, BF16_INPUTS, 1),
+        ("bwd grad, T=64, ungated", k._bwd_grad_kernel, {**tile, **ungated}, BF16_INPUTS, 1),
+        ("gate fwd", k._gate_fwd_kernel, {"R": 3, "BT": 128, "BD": 16}, GATE_INPUTS, 4),
+        ("gate bwd", k._gate_bwd_kernel, {"BT": 128, "BD": 16}, GATE_INPUTS, 4),
+    ]
     cases += [
         ("carry", k._carry_kernel, {"ROWS": 64, "BLOCK": 32, "REVERSE": True}, None, 4),
         ("conv fwd", k._conv_fwd_kernel, {"K": 4, "BT": 128, "BD": 16, "NEAR": True}, BF16_INPUTS, 4),
