@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency bench-scan scan-ablation kernel-report model-step step-profile layout-audit tom-host perf-targets measure-targets triton-ab ddp-check gpu-hours params plots clean
+.PHONY: help install test test-slow test-gpu doctor fit-demo bench-brats bench-btcv bench-spleen bench-efficiency bench-scan scan-ablation kernel-report model-step step-profile layout-audit graph-memory tom-host perf-targets measure-targets triton-ab ddp-check gpu-hours params plots clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -92,7 +92,7 @@ kernel-report: $(STAMP) ## registers, spills and hot-loop instructions of the sc
 model-step: $(STAMP) ## whole-model training step on this GPU in nine modes: eager, ToM graphs, whole-step graphs, fast norms, channels_last, fast GroupNorm, whole-step graphs with channels_last and fast norms (BraTS 128^3) -> results/perf/
 	$(PY) -m perf.model_step --measure --out results/perf
 
-# the step's variant for step-profile and layout-audit: FAST_NORMS=1 (or group), CHANNELS_LAST=1
+# the step's variant for step-profile, layout-audit and graph-memory: FAST_NORMS=1 (or group), CHANNELS_LAST=1
 STEP_VARIANT = $(if $(filter group,$(FAST_NORMS)),--fast-norms group,$(if $(FAST_NORMS),--fast-norms)) $(if $(CHANNELS_LAST),--channels-last)
 
 step-profile: $(STAMP) ## GPU kernel time (by kind) against wall time of a training step (MODEL=segresmamba): eager, ToM graphs, whole-step graphs (FAST_NORMS=1: with fast_norms; FAST_NORMS=group: GroupNorm only; CHANNELS_LAST=1: NDHWC) -> results/perf/
@@ -100,6 +100,9 @@ step-profile: $(STAMP) ## GPU kernel time (by kind) against wall time of a train
 
 layout-audit: $(STAMP) ## ops of one training step that mix NCDHW and NDHWC maps or read strided ones, ranked, with where they ran (MODEL=segresmamba; FAST_NORMS=1, CHANNELS_LAST=1 as step-profile; on the GPU for the GPU's paths) -> results/perf/
 	$(PY) -m perf.layout_audit --model $(or $(MODEL),segresmamba) --config brats --out results/perf $(STEP_VARIANT)
+
+graph-memory: $(STAMP) ## the whole-step CUDA graphs' memory pool against the tensors alive in it, and what is alive at its peak (GPU; MODEL=segresmamba; FAST_NORMS=1, CHANNELS_LAST=1 as step-profile) -> results/perf/
+	$(PY) -m perf.graph_memory --model $(or $(MODEL),segresmamba) --config brats --out results/perf $(STEP_VARIANT)
 
 perf-targets: $(STAMP) ## the training step's speed targets against the figures of model_step.csv and scan.csv, each pair from one run -> results/perf/targets.md
 	$(PY) -m perf.targets --out results/perf
