@@ -26,13 +26,11 @@ import bisect
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 import segresmamba
-from perf.step_profile import NORMS_TEXT, variant_suffix
-from segresmamba.bench.efficiency import PROFILED_DATASETS, fast_norms_choice
+from perf.step_profile import NORMS_TEXT, add_step_arguments, write_step_report
 from segresmamba.bench.step import build_task, synthetic_batch
 from segresmamba.data.spec import get_dataset_spec
 from segresmamba.provenance import provenance
@@ -162,14 +160,7 @@ def report(summary: PoolSummary, stats: dict, title: str, facts: str, top: int =
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="segresmamba")
-    p.add_argument("--config", default="brats", choices=list(PROFILED_DATASETS), help="dataset whose paper configuration is used")
-    p.add_argument("--recipe", default="paper", help="training recipe whose loss the step uses")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
-    p.add_argument("--fast-norms", nargs="?", const=True, default=False, type=fast_norms_choice,
-                   help="GroupNorm and InstanceNorm by whole-tensor reductions (--model.fast_norms)")
-    p.add_argument("--channels-last", action="store_true", help="3D conv weights and the input in NDHWC (--model.channels_last)")
-    p.add_argument("--out", type=Path, default=Path("results/perf"))
+    add_step_arguments(p)
     args = p.parse_args(argv)
     if args.model not in segresmamba.list_models():
         raise SystemExit(f"error: unknown model {args.model!r}; known models: {', '.join(segresmamba.list_models())}")
@@ -189,12 +180,7 @@ def main(argv: list[str] | None = None) -> int:
              f"`PYTORCH_CUDA_ALLOC_CONF` {alloc_conf} (unset: the capture's pool in expandable segments). "
              "Pool = the graphs' private memory pool; its live tensors = the pool's allocations not yet freed, over the "
              "allocator's recorded trace. `python -m perf.graph_memory`.")
-    lines = report(summary, stats, title, facts)
-    args.out.mkdir(parents=True, exist_ok=True)
-    dest = args.out / f"graph_memory_{args.model}_{args.config}{variant_suffix(args.fast_norms, args.channels_last)}.md"
-    dest.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[4:]))
-    print(f"wrote {dest}")
+    write_step_report(args, "graph_memory", report(summary, stats, title, facts), echo_from=4)
     return 0
 
 

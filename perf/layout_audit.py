@@ -22,15 +22,13 @@ import argparse
 import contextlib
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import segresmamba
-from perf.step_profile import NORMS_TEXT, variant_suffix
-from segresmamba.bench.efficiency import PROFILED_DATASETS, fast_norms_choice
+from perf.step_profile import NORMS_TEXT, add_step_arguments, write_step_report
 from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
 from segresmamba.data.spec import get_dataset_spec
 from segresmamba.provenance import provenance
@@ -152,17 +150,10 @@ def report(audit: LayoutAudit, title: str, facts: str, top: int = 40) -> list[st
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="segresmamba")
-    p.add_argument("--config", default="brats", choices=list(PROFILED_DATASETS), help="dataset whose paper configuration is used")
+    add_step_arguments(p)
     p.add_argument("--patch", type=int, default=None, help="cubic patch side (default: the config's paper patch)")
-    p.add_argument("--recipe", default="paper", help="training recipe whose loss the step uses")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
-    p.add_argument("--fast-norms", nargs="?", const=True, default=False, type=fast_norms_choice,
-                   help="GroupNorm and InstanceNorm by whole-tensor reductions (--model.fast_norms)")
-    p.add_argument("--channels-last", action="store_true", help="3D conv weights and the input in NDHWC (--model.channels_last)")
     p.add_argument("--min-elements", type=int, default=DEFAULT_MIN_ELEMENTS, help="ignore 5-D tensors smaller than this")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=Path("results/perf"))
     args = p.parse_args(argv)
     if args.model not in segresmamba.list_models():
         raise SystemExit(f"error: unknown model {args.model!r}; known models: {', '.join(segresmamba.list_models())}")
@@ -186,12 +177,7 @@ def main(argv: list[str] | None = None) -> int:
              "not all dense in one layout (NCDHW or NDHWC): on a GPU such an elementwise op runs in PyTorch's unvectorised kernel "
              "(`gpu_kernel_impl_nocast`), and a `clone` of a strided view is a copy that a reshape could not avoid. "
              "M elements: the largest operand's elements, summed over the calls. `python -m perf.layout_audit`.")
-    lines = report(audit, title, facts)
-    args.out.mkdir(parents=True, exist_ok=True)
-    dest = args.out / f"layout_audit_{args.model}_{args.config}{variant_suffix(args.fast_norms, args.channels_last)}.md"
-    dest.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[4:]))
-    print(f"wrote {dest}")
+    write_step_report(args, "layout_audit", report(audit, title, facts), echo_from=4)
     return 0
 
 

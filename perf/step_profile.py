@@ -53,6 +53,33 @@ def variant_suffix(fast_norms: bool | str, channels_last: bool) -> str:
 
 NORMS_TEXT = {False: "PyTorch kernels", True: "whole-tensor (`--model.fast_norms true`)",
                "group": "GroupNorm whole-tensor, InstanceNorm PyTorch's (`--model.fast_norms group`)"}
+
+
+def add_step_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a tool that examines one training step (this profile, ``perf.layout_audit``,
+    ``perf.graph_memory``): the model, its dataset configuration, recipe and precision, the step's variant
+    (norms, layout) and where the report goes."""
+    p.add_argument("--model", default="segresmamba")
+    p.add_argument("--config", default="brats", choices=list(PROFILED_DATASETS), help="dataset whose paper configuration is used")
+    p.add_argument("--recipe", default="paper", help="training recipe whose loss and optimiser the step uses")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--fast-norms", nargs="?", const=True, default=False, type=fast_norms_choice,
+                   help="GroupNorm and InstanceNorm by whole-tensor reductions (--model.fast_norms); `--fast-norms group`: GroupNorm only")
+    p.add_argument("--channels-last", action="store_true",
+                   help="3D conv weights and the input in channels_last_3d (NDHWC) layout (--model.channels_last)")
+    p.add_argument("--out", type=Path, default=Path("results/perf"))
+
+
+def write_step_report(args: argparse.Namespace, kind: str, lines: list[str], echo_from: int | None = None) -> Path:
+    """``lines`` written to ``<out>/<kind>_<model>_<config><variant suffix>.md``; with ``echo_from``, the lines from
+    there on are printed too (the report without its title and facts)."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    dest = args.out / f"{kind}_{args.model}_{args.config}{variant_suffix(args.fast_norms, args.channels_last)}.md"
+    dest.write_text("\n".join(lines) + "\n")
+    if echo_from is not None:
+        print("\n".join(lines[echo_from:]))
+    print(f"wrote {dest}")
+    return dest
 TOP = 15
 HOST_TOP = 25
 # kernel kinds, first match wins (names as the profiler reports them)
@@ -165,18 +192,10 @@ def profile(model_name: str, config: str, precision: str, modes: list[str], step
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="segresmamba")
-    p.add_argument("--config", default="brats", choices=list(PROFILED_DATASETS), help="dataset whose paper configuration is used")
-    p.add_argument("--recipe", default="paper", help="training recipe whose loss and optimiser the step uses")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    add_step_arguments(p)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--fast-norms", nargs="?", const=True, default=False, type=fast_norms_choice,
-                   help="GroupNorm and InstanceNorm by whole-tensor reductions (--model.fast_norms); `--fast-norms group`: GroupNorm only")
-    p.add_argument("--channels-last", action="store_true",
-                   help="3D conv weights and the input in channels_last_3d (NDHWC) layout (--model.channels_last)")
-    p.add_argument("--out", type=Path, default=Path("results/perf"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: step_profile needs a GPU (CUDA is not available)")
@@ -184,10 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: unknown model {args.model!r}; known models: {', '.join(segresmamba.list_models())}")
     lines = profile(args.model, args.config, args.precision, args.modes, args.steps, args.warmup, args.recipe, args.fast_norms,
                     args.channels_last)
-    args.out.mkdir(parents=True, exist_ok=True)
-    dest = args.out / f"step_profile_{args.model}_{args.config}{variant_suffix(args.fast_norms, args.channels_last)}.md"
-    dest.write_text("\n".join(lines) + "\n")
-    print(f"wrote {dest}")
+    write_step_report(args, "step_profile", lines)
     return 0
 
 
