@@ -61,7 +61,7 @@ def add_step_arguments(p: argparse.ArgumentParser) -> None:
     (norms, layout) and where the report goes."""
     p.add_argument("--model", default="segresmamba")
     p.add_argument("--config", default="brats", choices=list(PROFILED_DATASETS), help="dataset whose paper configuration is used")
-    p.add_argument("--recipe", default="paper", help="training recipe whose loss and optimiser the step uses")
+    p.add_argument("--recipe", default="paper", help="training recipe of the step: its loss, and its optimiser where the tool runs one")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--fast-norms", nargs="?", const=True, default=False, type=fast_norms_choice,
                    help="GroupNorm and InstanceNorm by whole-tensor reductions (--model.fast_norms); `--fast-norms group`: GroupNorm only")
