@@ -123,3 +123,16 @@ def test_expandable_segments_for_the_capture_only(monkeypatch):
             assert "expandable_segments:True" not in getter()
     finally:
         setter(before or "expandable_segments:False")
+
+
+def test_expandable_segments_refused_by_the_allocator_leaves_the_capture_running(monkeypatch, caplog):
+    def refuse(setting):
+        raise RuntimeError("expandable_segments not supported on this platform")
+
+    for key in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(cuda_graphs, "_allocator_settings_api", lambda: (lambda: "", refuse))
+    ran = []
+    with caplog.at_level("WARNING", logger=cuda_graphs.__name__), cuda_graphs.expandable_segments():
+        ran.append(True)
+    assert ran == [True] and "keeps the allocator's default segments" in caplog.text

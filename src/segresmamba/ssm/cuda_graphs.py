@@ -79,14 +79,20 @@ def expandable_segments() -> Iterator[None]:
     graphs) that pool held 3.19 GiB for 2.05 GiB of tensors alive at once, and 2.44 GiB with expandable segments.
 
     Left as it is where the user chose the allocator's segments (``expandable_segments`` or another backend in the
-    settings) or where this PyTorch has no runtime setter; restored on exit (the pool keeps its segments)."""
+    settings), where this PyTorch has no runtime setter, or where the allocator refuses the setting (with a warning in
+    the log); restored on exit (the pool keeps its segments)."""
     api = _allocator_settings_api()
     chosen = " ".join(os.environ.get(k, "") for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"))
     now = api[0]().replace(" ", "").lower() if api is not None and api[0] is not None else ""
     if api is None or "expandable_segments" in chosen or "backend" in chosen or "expandable_segments:true" in now:
         yield
         return
-    api[1]("expandable_segments:True")
+    try:
+        api[1]("expandable_segments:True")
+    except RuntimeError as err:  # an allocator that cannot expand its segments: the capture runs in its default ones
+        log.warning("the CUDA-graph capture keeps the allocator's default segments: %s", err)
+        yield
+        return
     try:
         yield
     finally:
