@@ -38,7 +38,13 @@ from torch._utils import _flatten_dense_tensors
 
 from segresmamba.ssm.orientations import orientation_codes
 from segresmamba.ssm.triton.autograd import codes_on, last_dim_unit, scan_backward, scan_forward
-from segresmamba.ssm.triton.kernels import _conv_bwd_dx_kernel, _conv_bwd_pre_kernel, _conv_fwd_kernel, _gate_bwd_kernel, _gate_fwd_kernel
+from segresmamba.ssm.triton.kernels import (
+    _conv_bwd_dx_kernel,
+    _conv_bwd_pre_kernel,
+    _conv_fwd_kernel,
+    _gate_bwd_kernel,
+    _gate_fwd_kernel,
+)
 from segresmamba.ssm.triton.tuning import TUNING, autocast_dtype_or, cdiv
 
 BLOCK_T, BLOCK_D = 128, 16
@@ -268,8 +274,8 @@ class TriOrientedMixFn(torch.autograd.Function):
 
     Autocast is off inside; ``compute_dtype`` (the autocast dtype where autocast is on, else the tokens') is what
     the projections and activations run in, as autocast would run them: the weights are cast to it, A, D and the
-    delta bias are used in fp32, and the branch sum and its gate are taken in fp32 and stored in it. Parameter gradients come back in
-    the parameters' dtypes.
+    delta bias are used in fp32, and the branch sum and its gate are taken in fp32 and stored in it. Parameter
+    gradients come back in the parameters' dtypes.
     """
 
     @staticmethod
