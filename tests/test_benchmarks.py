@@ -752,6 +752,12 @@ def test_targets_pair_rows_of_one_run_only(tmp_path):
     assert fastest["met"] == "yes" and "28.0 ms (CUDA graphs: whole step, norms whole-tensor)" in fastest["measured"]
     assert got["SegResMamba peak <= 3 GiB (eager)"]["met"] == "yes"
     assert got["SegResMamba peak <= 3 GiB (fastest mode)"]["met"] == "no"
+    assert got["SegResMamba peak <= 3 GiB (fastest mode)"]["measured"].endswith("(CUDA graphs: whole step, norms whole-tensor)")
+    # a graphed row that records its peak's parts shows them
+    parts = steps.assign(capture_peak_gib=[None] * 4 + [2.7, None, None], pool_gib=[None] * 4 + [2.4, None, None],
+                         reserved_gib=[None] * 4 + [4.3, None, None])
+    assert ("4.20 GiB (CUDA graphs: whole step, norms whole-tensor); capture 2.70, graphs' pool 2.40, held 4.30 GiB"
+            == {r["target"]: r for r in targets.step_targets(parts)}["SegResMamba peak <= 3 GiB (fastest mode)"]["measured"])
     assert got["SegMamba step <= 93.5 ms (half of 187)"]["met"] == "yes"
 
     def scan_row(backend, sha, ms, variant=None):
