@@ -31,6 +31,7 @@ import torch
 
 import segresmamba
 from perf.step_profile import NORMS_TEXT, add_step_arguments, write_step_report
+from segresmamba.bench.efficiency import is_graph_pool_segment
 from segresmamba.bench.step import build_task, synthetic_batch
 from segresmamba.data.spec import get_dataset_spec
 from segresmamba.provenance import provenance
@@ -67,8 +68,7 @@ def pool_summary(snapshot: dict, device: int = 0) -> PoolSummary:
     The pool's segments outlive the trace, so an allocation at an address inside one of them is the pool's if it
     came after the last release of memory at that address (``segment_free``, ``segment_unmap``): before it, the
     address may have belonged to another segment, such as one of the eager warm-up's."""
-    segments = [s for s in snapshot["segments"]
-                if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0) and s.get("device", 0) == device]
+    segments = [s for s in snapshot["segments"] if is_graph_pool_segment(s, device)]
     ranges = sorted((s["address"], s["address"] + s["total_size"]) for s in segments)
     starts = [lo for lo, _ in ranges]
 

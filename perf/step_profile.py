@@ -80,6 +80,8 @@ def write_step_report(args: argparse.Namespace, kind: str, lines: list[str], ech
         print("\n".join(lines[echo_from:]))
     print(f"wrote {dest}")
     return dest
+
+
 TOP = 15
 HOST_TOP = 25
 # kernel kinds, first match wins (names as the profiler reports them)

@@ -135,6 +135,11 @@ def time_pipelined(step, batch: dict, steps: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / steps
 
 
+def is_graph_pool_segment(segment: dict, device: int) -> bool:
+    """Whether a segment of the allocator's snapshot belongs to a private (CUDA-graph) memory pool on ``device``."""
+    return tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0) and segment.get("device", 0) == device
+
+
 def graph_pool_bytes(free_only: bool = True) -> int:
     """Bytes of the private (CUDA-graph) memory pools on the current device that no live tensor holds (with
     ``free_only=False``: their whole size).
@@ -144,7 +149,7 @@ def graph_pool_bytes(free_only: bool = True) -> int:
     into the rest of their pool; that rest is added to the peak (an upper bound of what the replays use)."""
     return sum(
         seg["total_size"] - (seg["allocated_size"] if free_only else 0) for seg in torch.cuda.memory_snapshot()
-        if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0) and seg.get("device", 0) == torch.cuda.current_device()
+        if is_graph_pool_segment(seg, torch.cuda.current_device())
     )
 
 

@@ -67,7 +67,8 @@ def tom_input_shapes(model: nn.Module, example_input: torch.Tensor, autocast_dty
 def _allocator_settings_api() -> tuple | None:
     """PyTorch's (getter, setter) of the caching allocator's settings, or None where this build has neither."""
     getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or getattr(torch._C, "_cuda_cudaCachingAllocator_set_allocator_settings", None)
+    setter = (getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+              or getattr(torch._C, "_cuda_cudaCachingAllocator_set_allocator_settings", None))
     return (getter, setter) if setter is not None else None
 
 
@@ -84,19 +85,19 @@ def expandable_segments() -> Iterator[None]:
     api = _allocator_settings_api()
     chosen = " ".join(os.environ.get(k, "") for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"))
     now = api[0]().replace(" ", "").lower() if api is not None and api[0] is not None else ""
-    if api is None or "expandable_segments" in chosen or "backend" in chosen or "expandable_segments:true" in now:
-        yield
-        return
-    try:
-        api[1]("expandable_segments:True")
-    except RuntimeError as err:  # an allocator that cannot expand its segments: the capture runs in its default ones
-        log.warning("the CUDA-graph capture keeps the allocator's default segments: %s", err)
-        yield
-        return
+    user_chose = "expandable_segments" in chosen or "backend" in chosen or "expandable_segments:true" in now
+    setter = None if api is None or user_chose else api[1]
+    if setter is not None:
+        try:
+            setter("expandable_segments:True")
+        except RuntimeError as err:  # an allocator that cannot expand its segments: the capture runs in its default ones
+            log.warning("the CUDA-graph capture keeps the allocator's default segments: %s", err)
+            setter = None
     try:
         yield
     finally:
-        api[1]("expandable_segments:False")
+        if setter is not None:
+            setter("expandable_segments:False")
 
 
 @contextmanager

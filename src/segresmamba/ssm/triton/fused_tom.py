@@ -176,8 +176,8 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, piece: int | None = None) -> 
     out = None
     if full:
         k = full // piece
-        # bmm's out= is outside autocast: cast the operands as autocast casts matmul's (a backward that a
-        # measurement runs under autocast gets fp32 and bf16 operands), and bring mixed dtypes to one
+        # bmm's out= is outside autocast: cast the operands as autocast casts matmul's, for a caller that runs the
+        # backward under autocast (training and scan.measure_fastest do not), and bring mixed dtypes to one
         dtype = autocast_dtype_or(g.device.type, torch.promote_types(g.dtype, x.dtype))
         g, x = g.to(dtype), x.to(dtype)
         partial = g.new_empty(r, b, k, o, i)
