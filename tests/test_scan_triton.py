@@ -510,7 +510,9 @@ def test_oriented_scan_rejects_bad_shapes():
 
 # ------------------------------------------------------------------ the fused ToM path (conv + scans, no copies)
 
-def check_oriented_conv(device, branches, b, d, length, nslices, k=4, tol=1e-5):
+def check_oriented_conv(device, branches, b, d, length, nslices, k=4, tol=1e-5, dtype=torch.float32):
+    """The fused conv + SiLU against float64 autograd; x and the output gradient in ``dtype`` (the weights fp32, as
+    the fused layer passes them), so that bf16 also checks the pre-activation gradient kept in bf16."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(length + d)
@@ -525,9 +527,9 @@ def check_oriented_conv(device, branches, b, d, length, nslices, k=4, tol=1e-5):
         for i, o in enumerate(branches)
     ])
     want_grads = torch.autograd.grad(want, leaves, gu)
-    args = [t.to(device=device, dtype=torch.float32).requires_grad_() for t in (x64, w64, c64)]
+    args = [t.to(device=device, dtype=dt).requires_grad_() for t, dt in zip((x64, w64, c64), (dtype, torch.float32, torch.float32))]
     u = fused_tom.oriented_conv_silu(args[0][..., :d].transpose(1, 2), args[1], args[2], branches, nslices)
-    grads = torch.autograd.grad(u, args, gu.to(device=device, dtype=torch.float32))
+    grads = torch.autograd.grad(u, args, gu.to(device=device, dtype=dtype))
     assert within(u, want, tol, tol), rel_err(u, want)
     for name, got, exp in zip(("x", "weight", "bias"), grads, want_grads):
         assert within(got, exp, tol, tol), (name, rel_err(got, exp))
@@ -547,10 +549,17 @@ def test_oriented_conv_under_interpreter(branches, b, d, length, nslices, monkey
     check_oriented_conv("cpu", branches, b, d, length, nslices)
 
 
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+def test_oriented_conv_in_bf16_under_interpreter(monkeypatch):
+    _interpreter_index_patch(monkeypatch)
+    check_oriented_conv("cpu", *CONV_CASES[0], tol=2e-2, dtype=torch.bfloat16)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("branches,b,d,length,nslices", CONV_CASES + [(("forward", "reverse", "slice"), 2, 96, 4096, 16)])
-def test_oriented_conv_kernels(branches, b, d, length, nslices):
-    check_oriented_conv("cuda", branches, b, d, length, nslices)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_oriented_conv_kernels(branches, b, d, length, nslices, dtype, tol):
+    check_oriented_conv("cuda", branches, b, d, length, nslices, tol=tol, dtype=dtype)
 
 
 def check_gate(device, branches, b, d, length, dtype=torch.float32, tol=1e-6):

@@ -227,6 +227,7 @@ def scan_backward(saved: ScanSaved, grad_y: torch.Tensor) -> tuple:
         num_warps=TUNING["bwd_warps"] or warps,
         **({"maxnreg": TUNING["bwd_maxnreg"]} if TUNING["bwd_maxnreg"] else {}),
     )
+    del into_end, B, C, grad_y  # the caller's peak comes after: these would live through the casts and reorders below
 
     # partial rows (rows * nchunks) summed per branch
     dA = dA_part.view(branches, -1, d, n).sum(1).to(A.dtype)

@@ -442,7 +442,8 @@ def _conv_bwd_pre_kernel(
     sx_b, sx_d, sx_l, sw_o, sw_d, sb_o, sg_r, sg_d,
     K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, NEAR: tl.constexpr,
 ):
-    """gp (natural order) = g * silu'(pre); partial dw, dbias per (row, token block)."""
+    """gp (natural order, stored in its pointer's dtype) = g * silu'(pre); partial dw, dbias per (row, token block),
+    summed from the fp32 values."""
     pid_t, pid_d, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     branch = row // NB
     xb = (row % NB).to(tl.int64)
@@ -491,7 +492,7 @@ def _conv_bwd_dx_kernel(
         frame = _tap_frame(slice_of_n, code, S, M, K)
         for k in range(K):  # not unrolled: the four taps' tiles live at once took about twice the registers
             idx, valid = _tap(n, frame, q, (K - 1) - k, code, L, S, M, NEAR)
-            gp = tl.load(gp_ptr + row64 * L * D_CH + ch[:, None] * L + idx[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
+            gp = tl.load(gp_ptr + row64 * L * D_CH + ch[:, None] * L + idx[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0).to(tl.float32)
             wk = tl.load(w_ptr + branch * sw_o + ch * sw_d + k, mask=mask_d, other=0.0).to(tl.float32)
             acc += wk[:, None] * gp
     mask = mask_d[:, None] & (n < L)[None, :]
