@@ -1,6 +1,7 @@
 """CUDA graphs of the ToM layers: the CPU-side checks, and (on a GPU) graphed training equal to eager training."""
 
 import copy
+import weakref
 import os
 import subprocess
 import sys
@@ -136,3 +137,51 @@ def test_expandable_segments_refused_by_the_allocator_leaves_the_capture_running
     with caplog.at_level("WARNING", logger=cuda_graphs.__name__), cuda_graphs.expandable_segments():
         ran.append(True)
     assert ran == [True] and "keeps the allocator's default segments" in caplog.text
+
+
+class _Recorded(torch.nn.Module):
+    """A small module that keeps a weak reference to every output and input gradient it produced."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 6)
+        self.outputs = []
+
+    def forward(self, x):
+        out = self.lin(x).square().sum()
+        self.outputs.append(weakref.ref(out))
+        return out
+
+
+def test_warm_up_leaves_nothing_alive_and_no_grad():
+    module = _Recorded()
+    x = torch.randn(3, 6, requires_grad=True)
+    cuda_graphs.warm_up(module, (x,), 3)
+    assert len(module.outputs) == 3
+    assert all(ref() is None for ref in module.outputs)  # no output (and so no graph or gradient) outlives it
+    assert x.grad is None and all(p.grad is None for p in module.parameters())  # torch.autograd.grad, not .backward
+
+
+def test_make_graphs_captures_after_its_own_warm_up(monkeypatch):
+    """The capture is asked for no warm-up of its own, and when it starts none of the warm-up's tensors is alive
+    (torch's warm-up keeps its last pass's outputs and gradients through the capture)."""
+    seen = {}
+
+    def capture(callables, samples, num_warmup_iters, allow_unused_input):
+        seen.update(warmup=num_warmup_iters, alive=[ref() is not None for ref in callables.outputs], unused=allow_unused_input)
+        return "graphed"
+
+    class NoStream:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: NoStream())
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
+    module = _Recorded()
+    assert cuda_graphs.make_graphs(module, (torch.randn(3, 6),), 2, allow_unused_input=True) == "graphed"
+    assert seen == {"warmup": 0, "alive": [False, False], "unused": True}

@@ -314,3 +314,40 @@ def test_capture_hands_the_warm_up_cache_back():
                     if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0) and seg.get("device", 0) == torch.cuda.current_device()]
     assert default_pool  # the parameters
     assert not [seg["total_size"] for seg in default_pool if seg["allocated_size"] == 0]
+
+
+@pytest.mark.gpu
+def test_capture_starts_without_the_warm_up(monkeypatch):
+    """When the forward's capture begins, nothing of the eager warm-up is alive: with torch's own warm-up a copy of
+    every parameter gradient is (``make_graphed_callables`` keeps its last pass's results through the capture)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from segresmamba import step_graphs
+    from segresmamba.ssm.cuda_graphs import make_graphs
+
+    enter = torch.cuda.graph.__enter__
+    at_capture = []
+
+    def record(self):
+        at_capture.append(torch.cuda.memory_allocated())
+        return enter(self)
+
+    monkeypatch.setattr(torch.cuda.graph, "__enter__", record)
+
+    def allocated_at_capture(make) -> int:
+        monkeypatch.setattr(step_graphs, "make_graphs", make)
+        task = small_task("segresmamba", "paper").cuda().train()
+        b = batch(device="cuda")
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        task.step_graph = TrainingGraph(task, b["image"], b["label"], torch.bfloat16)
+        return at_capture[-1] - before
+
+    ours = allocated_at_capture(make_graphs)  # first: it also pays any lazily allocated workspace
+
+    def torch_warm_up(module, samples, warmup, allow_unused_input):
+        return torch.cuda.make_graphed_callables(module, samples, num_warmup_iters=warmup, allow_unused_input=allow_unused_input)
+
+    theirs = allocated_at_capture(torch_warm_up)
+    grad_bytes = sum(p.numel() * p.element_size() for p in small_task("segresmamba", "paper").parameters())
+    assert theirs - ours >= grad_bytes, (ours, theirs, grad_bytes)

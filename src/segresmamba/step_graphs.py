@@ -32,7 +32,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from segresmamba.ssm.cuda_graphs import ToMCudaGraphs, capture_setting, graphed_tom_layers
+from segresmamba.ssm.cuda_graphs import ToMCudaGraphs, capture_setting, graphed_tom_layers, make_graphs
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,7 @@ class TrainingGraph:
         with capture_setting(task.net, autocast_dtype):
             # allow_unused_input: parameters the training forward never reads (UNETR's unused ViT parts)
             # get no gradient, as in the eager step
-            self._graphed = torch.cuda.make_graphed_callables(
-                module, (image.detach().clone(), label.detach().clone()), num_warmup_iters=warmup, allow_unused_input=True
-            )
+            self._graphed = make_graphs(module, (image.detach().clone(), label.detach().clone()), warmup, allow_unused_input=True)
         # the warm-up ran the step eagerly: its activations' blocks stay cached in the allocator's default pool, where
         # the replays (which write into the graphs' own pool) never reuse them. Hand them back to the device, or the
         # process holds an eager step's memory and the graphs' for the whole run

@@ -118,6 +118,37 @@ def capture_setting(model: nn.Module, autocast_dtype: torch.dtype | None) -> Ite
         model.train(was_training)
 
 
+def warm_up(func, args: tuple, steps: int, allow_unused: bool = False) -> None:
+    """``steps`` eager forward + backward passes of ``func`` on ``args``, as ``make_graphed_callables``' warm-up
+    runs them (gradients taken by ``torch.autograd.grad`` for the inputs and parameters that require them: no
+    ``.grad`` is written), with nothing of them alive afterwards."""
+    inputs = tuple(a for a in args if a.requires_grad)
+    if isinstance(func, nn.Module):
+        inputs += tuple(p for p in func.parameters() if p.requires_grad)
+    for _ in range(steps):
+        outputs = [o for o in torch.utils._pytree.tree_leaves(func(*args)) if isinstance(o, torch.Tensor) and o.requires_grad]
+        if outputs:
+            torch.autograd.grad(outputs, inputs, [torch.ones_like(o) for o in outputs], allow_unused=allow_unused)
+        del outputs
+
+
+def make_graphs(callables, samples: tuple, warmup: int, allow_unused_input: bool = False):
+    """``torch.cuda.make_graphed_callables(callables, samples)`` after a warm-up of ``warmup`` passes run here
+    (:func:`warm_up`, on a side stream between synchronisations, as torch runs its own).
+
+    torch's own warm-up keeps its last pass's outputs and gradients referenced through the captures (torch 2.11 to
+    2.13 end it with ``for v in [...]: del v``, which drops the loop variable only): for a whole training step those
+    are a copy of every parameter gradient, alive next to the capture's peak. Here they are gone before the first
+    capture starts, and torch's warm-up is asked for none."""
+    pairs = zip(callables, samples) if isinstance(callables, tuple) else [(callables, samples)]
+    torch.cuda.synchronize()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        for func, args in pairs:
+            warm_up(func, args, warmup, allow_unused_input)
+    torch.cuda.synchronize()
+    return torch.cuda.make_graphed_callables(callables, samples, num_warmup_iters=0, allow_unused_input=allow_unused_input)
+
+
 def graph_tom_layers(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -132,7 +163,7 @@ def graph_tom_layers(
         example_input: one training batch of ``model``'s input (its shape is the one captured).
         autocast_dtype: the training autocast dtype (``torch.bfloat16`` for ``bf16-mixed``), or None for fp32.
         max_tokens: capture only layers whose input has at most this many tokens (None: all).
-        warmup: eager forward + backward passes before the capture (``make_graphed_callables``' warm-up).
+        warmup: eager forward + backward passes before the capture (:func:`make_graphs`).
 
     Returns:
         The names of the captured layers, in execution order (empty if none qualified).
@@ -163,7 +194,7 @@ def graph_tom_layers(
     layers = tuple(modules[name] for name, _, _ in chosen)
     samples = tuple((torch.randn(shape, dtype=dtype, device=example_input.device, requires_grad=True),) for _, shape, dtype in chosen)
     with capture_setting(model, autocast_dtype):
-        torch.cuda.make_graphed_callables(layers, samples, num_warmup_iters=warmup)
+        make_graphs(layers, samples, warmup)
     for layer, (_, shape, dtype) in zip(layers, chosen):
         _dispatch(layer, shape, dtype)
     names = [name for name, _, _ in chosen]
@@ -225,4 +256,5 @@ class ToMCudaGraphs(L.Callback):
             self.captured = graph_tom_layers(pl_module.net, batch["image"], dtype, self.max_tokens)
 
 
-__all__ = ["DEFAULT_MAX_TOKENS", "ToMCudaGraphs", "graph_tom_layers", "graphed_tom_layers", "release_tom_graphs", "tom_input_shapes"]
+__all__ = ["DEFAULT_MAX_TOKENS", "ToMCudaGraphs", "graph_tom_layers", "graphed_tom_layers", "make_graphs", "release_tom_graphs",
+           "tom_input_shapes", "warm_up"]
