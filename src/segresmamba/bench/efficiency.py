@@ -167,7 +167,8 @@ def cuda_train_step(task, spec: DatasetSpec, precision: str, steps: int, warmup:
 
     ``graphs``: ``tom``, the small ToM layers replay CUDA graphs (:func:`segresmamba.ssm.cuda_graphs.graph_tom_layers`);
     ``step``, the whole forward, loss and backward do (:class:`segresmamba.step_graphs.TrainingGraph`). Either
-    is captured for this precision before the warm-up. The peak is then the larger of the capture's (its eager
+    is captured for this precision after one eager step (the eager rows' warm-up: cuDNN's autotuning, the
+    optimiser's state) and before the timed warm-up. The peak is then the larger of the capture's (its eager
     warm-up included) and the steady state's, the latter measured from the end of the capture, with the free part of
     the graphs' memory pool added (:func:`graph_pool_bytes`); reserved is the largest over both. With graphs the
     row also records the capture's peak and the graphs' pools' whole size apart, to show which sets the peak."""
@@ -175,8 +176,14 @@ def cuda_train_step(task, spec: DatasetSpec, precision: str, steps: int, warmup:
     step = TrainingStep(task, precision, device)
     batch = synthetic_batch(spec, spec.patch, device)
     graphed = []
-    torch.cuda.reset_peak_memory_stats()
     try:
+        if graphs != "none":
+            # one eager step first, as the eager rows' warm-up: cuDNN's benchmark tries its algorithms (with their
+            # workspaces) there, and the optimiser's state exists, so that neither mode's peak counts the autotuning
+            step(batch)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         if graphs == "tom":
             graphed = graph_tom_layers(task.net, batch["image"], step.dtype)
         elif graphs == "step":
