@@ -593,7 +593,8 @@ def test_tom_host_counts_the_fused_layers_launches_and_operators_without_running
     before = os.environ.get("TRITON_INTERPRET")
     m = tom_host.measure(dim=8, side=4, steps=2, repeats=1)
     assert m["forward_launches"] == 6
-    assert m["launches"] == {"_token_norm_fwd_kernel": 1, "_conv_fwd_kernel": 1, "_fwd_chunk_state_kernel": 1, "_carry_kernel": 2,
+    # the conv forward runs again in the backward (u is recomputed, not kept)
+    assert m["launches"] == {"_token_norm_fwd_kernel": 1, "_conv_fwd_kernel": 2, "_fwd_chunk_state_kernel": 1, "_carry_kernel": 2,
                              "_fwd_output_kernel": 1, "_gate_fwd_kernel": 1, "_gate_bwd_kernel": 1,
                              "_bwd_chunk_state_kernel": 1, "_bwd_grad_kernel": 1,
                              "_conv_bwd_pre_kernel": 1, "_conv_bwd_dx_kernel": 1, "_token_norm_bwd_kernel": 1}

@@ -582,9 +582,10 @@ def check_gate(device, branches, b, d, length, dtype=torch.float32, tol=1e-6):
     xz_d = on(xz)
     z = xz_d[..., d:].transpose(1, 2)
     ysum, out = gate_forward(on(y), z, branches)
-    gy, dz = gate_backward(on(grad), ysum, z, dtype)
+    gy, dz, out_again = gate_backward(on(grad), ysum, z, dtype)
     assert rel_err(ysum, ysum64) < tol and rel_err(out, out64) < tol
     assert rel_err(gy, gy64) < tol and rel_err(dz, dz64) < tol
+    assert torch.equal(out_again, out)  # recomputed for the output projection's weight gradient: the forward's, bit for bit
 
 
 GATE_CASES = [(3, 2, 12, 200), (2, 1, 17, 150), (3, 1, 96, 512)]  # channels and tokens not multiples of the blocks
@@ -597,10 +598,17 @@ def test_fused_gate_under_interpreter(branches, b, d, length, monkeypatch):
     check_gate("cpu", branches, b, d, length)
 
 
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+def test_fused_gate_in_bf16_under_interpreter(monkeypatch):
+    _interpreter_index_patch(monkeypatch)
+    check_gate("cpu", *GATE_CASES[0], dtype=torch.bfloat16, tol=1e-2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("branches,b,d,length", GATE_CASES)
-def test_fused_gate_kernels(branches, b, d, length):
-    check_gate("cuda", branches, b, d, length)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_fused_gate_kernels(branches, b, d, length, dtype, tol):
+    check_gate("cuda", branches, b, d, length, dtype=dtype, tol=tol)
 
 
 def check_fused_tom(device, dim, shape, nslices=None, orientations=("forward", "reverse", "slice"), batch=2,

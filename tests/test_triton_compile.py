@@ -38,7 +38,7 @@ def _scan_cases():
         # the fused ToM layer's scans run ungated, and its gate is a kernel of its own
         ("bwd grad, ungated", k._bwd_grad_kernel, {**tile, **flags, "HAS_D": True, "HAS_Z": False}, bf16_inputs, 1),
         ("gate fwd", k._gate_fwd_kernel, {"R": 3, "BT": 128, "BD": 16}, {"y_ptr": "*bf16", "z_ptr": "*bf16", "ysum_ptr": "*bf16", "out_ptr": "*bf16"}, 4),
-        ("gate bwd", k._gate_bwd_kernel, {"BT": 128, "BD": 16}, {n: "*bf16" for n in ("g_ptr", "ysum_ptr", "z_ptr", "gy_ptr", "dz_ptr")}, 4),
+        ("gate bwd", k._gate_bwd_kernel, {"BT": 128, "BD": 16}, {n: "*bf16" for n in ("g_ptr", "ysum_ptr", "z_ptr", "gy_ptr", "dz_ptr", "out_ptr")}, 4),
     ]
 
 

@@ -121,20 +121,22 @@ def gate_forward(y: torch.Tensor, z: torch.Tensor, branches: int) -> tuple[torch
     return ysum, out
 
 
-def gate_backward(grad_out: torch.Tensor, ysum: torch.Tensor, z: torch.Tensor, grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def gate_backward(grad_out: torch.Tensor, ysum: torch.Tensor, z: torch.Tensor, grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`gate_forward`'s ``out`` for ``grad_out`` (b, d, L): the gradient of ysum, which every
-    branch's output receives (in ``grad_dtype``), and dz (in z's dtype). grad_out and ysum with unit token stride;
-    z any strides."""
+    branch's output receives (in ``grad_dtype``), and dz (in z's dtype); and ``out`` itself, recomputed equal to
+    :func:`gate_forward`'s, so that the layer need not keep it for its output projection's weight gradient.
+    grad_out and ysum with unit token stride; z any strides."""
     grad_out = last_dim_unit(grad_out)
     b, d, length = ysum.shape
     gy = torch.empty(b, d, length, dtype=grad_dtype, device=ysum.device)
     dz = torch.empty(b, d, length, dtype=z.dtype, device=ysum.device)
+    out = torch.empty_like(ysum, memory_format=torch.contiguous_format)
     _gate_bwd_kernel[(cdiv(length, BLOCK_T), cdiv(d, BLOCK_D), b)](
-        grad_out, ysum, z, gy, dz, length, d, grad_out.stride(0), grad_out.stride(1), ysum.stride(0), ysum.stride(1),
+        grad_out, ysum, z, gy, dz, out, length, d, grad_out.stride(0), grad_out.stride(1), ysum.stride(0), ysum.stride(1),
         z.stride(0), z.stride(1), z.stride(2), gy.stride(0), gy.stride(1), dz.stride(0), dz.stride(1),
         BT=BLOCK_T, BD=BLOCK_D,
     )
-    return gy, dz
+    return gy, dz, out
 
 
 class OrientedConvSiluFn(torch.autograd.Function):
@@ -261,6 +263,11 @@ def _as_parameter(grad: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> 
     return grad if grad.dtype == dtype else grad.to(dtype)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(R, b, c, L) -> (R b, c, L): a view, the first two dims being contiguous."""
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
 class TriOrientedMixFn(torch.autograd.Function):
     """The ToM layer between its LayerNorm and its residual sum as one autograd node: the input projection, per
     branch r the causal conv along its scan order with SiLU, the x and dt projections, the selective scan, the sum
@@ -305,19 +312,20 @@ class TriOrientedMixFn(torch.autograd.Function):
             delta = torch.matmul(w_dt.unsqueeze(1), dt)  # (R, b, d, L)
             A = torch.exp(p["A_log"].float()).neg_()
 
-            def rows(t):  # (R, b, c, L) -> (R b, c, L): a view, the first two dims being contiguous
-                return t.reshape(branches * b, *t.shape[2:])
-
             B, C = x_dbl[:, :, dt_rank:dt_rank + d_state], x_dbl[:, :, dt_rank + d_state:]
             # the scans run ungated; their sum is gated once (gate_forward)
             y, scan_saved = scan_forward(
-                rows(u), rows(delta), A, rows(B), rows(C), p["D"].float(), None, p["dt_bias"].float(), True, codes, b, nslices, chunk,
+                _rows(u), _rows(delta), A, _rows(B), _rows(C), p["D"].float(), None, p["dt_bias"].float(), True, codes, b, nslices, chunk,
             )
             ysum, summed = gate_forward(y, z, branches)
             del y
             # the output in the map's layout, so that the residual sum reads both operands alike
             out = torch.matmul(summed.transpose(1, 2), w_out_c.t()).transpose(1, 2) if channels_last else torch.matmul(w_out_c, summed)
-        ctx.save_for_backward(tokens_c, w_in_c, w_out_c, xz, ysum, summed, conv_w, conv_b, w_x, w_dt, x_dbl, *scan_saved.tensors)
+        # u, delta and the gated sum are not kept: the backward recomputes them from xz and x_dbl (the conv kernel, one
+        # small GEMM, and the gate's backward kernel), the same values bit for bit. Kept, they were 7 of the 10 (b, d, L)
+        # tensors' worth (u and delta one per branch) that the layer held between its forward and its backward
+        _, _, *scan_rest = scan_saved.tensors
+        ctx.save_for_backward(tokens_c, w_in_c, w_out_c, xz, ysum, conv_w, conv_b, w_x, w_dt, x_dbl, *scan_rest)
         ctx.scan = scan_saved._replace(tensors=None)
         ctx.layout = layout
         ctx.dtypes = (tokens.dtype, w_in.dtype, w_out.dtype)
@@ -326,30 +334,34 @@ class TriOrientedMixFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        tokens_c, w_in_c, w_out_c, xz, ysum, summed, conv_w, conv_b, w_x, w_dt, x_dbl, *scan_tensors = ctx.saved_tensors
+        tokens_c, w_in_c, w_out_c, xz, ysum, conv_w, conv_b, w_x, w_dt, x_dbl, *scan_rest = ctx.saved_tensors
         codes, nslices, dt_rank, _, _, _ = ctx.layout
         tokens_dtype, w_in_dtype, w_out_dtype = ctx.dtypes
         branches = len(codes)
-        u = scan_tensors[0]  # (R b, d, L)
-        rb, d, length = u.shape
-        b = rb // branches
+        b, length, d2 = xz.shape
+        d, rb = d2 // 2, branches * b
+        x, z = xz[..., :d].transpose(1, 2), xz[..., d:].transpose(1, 2)
         grad_out = grad_out.to(w_out_c.dtype)
         grad_summed = torch.matmul(w_out_c.t(), grad_out)  # (b, d, L), whatever grad_out's layout
+        grad_ysum, dz, summed = gate_backward(grad_summed, ysum, z, xz.dtype)
+        del grad_summed
         dw_out = _weight_grad(grad_out.unsqueeze(0), summed.unsqueeze(0))[0]  # (C, d), fp32
-        grad_ysum, dz = gate_backward(grad_summed, ysum, xz[..., d:].transpose(1, 2), u.dtype)
+        del summed
         # every branch receives the sum's gradient: a stride-0 broadcast over the branches where b == 1
         grad_y = grad_ysum.unsqueeze(0).expand(branches, b, d, length).reshape(rb, d, length)
-        du, ddelta, dA, dB, dC, dD, _, dbias = scan_backward(ctx.scan._replace(tensors=tuple(scan_tensors)), grad_y)
-        # each gradient is dropped where it is last read: under CUDA graphs the tensors alive at once set the size of
-        # the graphs' memory pool, and this layer's backward on 64^3 tokens is where SegResMamba's step peaks
-        del grad_summed, grad_ysum, grad_y
-        A = scan_tensors[2]
-        dA_log = dA * A  # A = -exp(A_log)
+        # the forward's u and delta again (not kept by the forward)
+        u = conv_silu_forward(x, conv_w, conv_b, codes, nslices)  # (R, b, d, L)
+        dt = x_dbl[:, :, :dt_rank]
+        delta = torch.matmul(w_dt.unsqueeze(1), dt)
+        du, ddelta, dA, dB, dC, dD, _, dbias = scan_backward(ctx.scan._replace(tensors=(_rows(u), _rows(delta), *scan_rest)), grad_y)
+        # each tensor is dropped where it is last read: under CUDA graphs the tensors alive at once set the size of
+        # the graphs' memory pool
+        del grad_ysum, grad_y, delta
+        dA_log = dA * scan_rest[0]  # A = -exp(A_log)
 
         def four(t):  # (R b, c, L) -> (R, b, c, L)
             return t.view(branches, b, *t.shape[1:])
 
-        dt = x_dbl[:, :, :dt_rank]
         d_dt = torch.matmul(w_dt.transpose(1, 2).unsqueeze(1), four(ddelta))  # (R, b, rank, L)
         dw_dt = _weight_grad(four(ddelta), dt)
         del ddelta
@@ -358,9 +370,8 @@ class TriOrientedMixFn(torch.autograd.Function):
         # du += W_x^T d_xdbl, accumulated by the GEMM itself (beta = 1): no product of du's size beside it
         w_x_t = w_x.transpose(1, 2).unsqueeze(1).expand(branches, b, d, w_x.shape[1]).reshape(rb, d, -1)
         du.baddbmm_(w_x_t, d_xdbl.view(rb, -1, length))
-        dw_x = _weight_grad(d_xdbl, four(u))
-        del d_xdbl
-        x = xz[..., :d].transpose(1, 2)
+        dw_x = _weight_grad(d_xdbl, u)
+        del d_xdbl, u
         dx, dconv_w, dconv_b = conv_silu_backward(x, conv_w, conv_b, codes, nslices, four(du))
         del du
         dxz_t = torch.cat([dx, dz], dim=1)  # (b, 2 d, L): the gradient of xz, transposed

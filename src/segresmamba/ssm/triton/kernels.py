@@ -507,8 +507,9 @@ def _gate_fwd_kernel(
     R: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
     """ysum[i] = sum over the R branches of y[r i] (fp32 sum, stored in ysum's dtype) and out[i] = ysum[i] silu(z[i])
-    (the sum gated in fp32), at tokens n and channels ch of batch element i. y and the outputs have unit token
-    stride; z is read through its strides (a view of the input projection's output: channel-contiguous)."""
+    (the stored sum gated in fp32, as ``_gate_bwd_kernel`` recomputes it bit for bit), at tokens n and channels ch of
+    batch element i. y and the outputs have unit token stride; z is read through its strides (a view of the input
+    projection's output: channel-contiguous)."""
     pid_t, pid_d, xb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = pid_t * BT + tl.arange(0, BT)
     ch = pid_d * BD + tl.arange(0, BD)
@@ -519,22 +520,25 @@ def _gate_fwd_kernel(
         acc += tl.load(y_ptr + row64 * sy_r + ch[:, None] * sy_d + n[None, :], mask=mask, other=0.0).to(tl.float32)
     xb64 = xb.to(tl.int64)
     z = tl.load(z_ptr + xb64 * sz_b + ch[:, None] * sz_d + n[None, :].to(tl.int64) * sz_l, mask=mask, other=0.0).to(tl.float32)
-    gate = z / (1.0 + tl.exp(-z))
+    gate = z * (1.0 / (1.0 + tl.exp(-z)))
+    ysum = acc.to(ysum_ptr.dtype.element_ty)
     at = xb64 * so_b + ch[:, None] * so_d + n[None, :]
-    tl.store(ysum_ptr + at, acc, mask=mask)
-    tl.store(out_ptr + at, acc * gate, mask=mask)
+    tl.store(ysum_ptr + at, ysum, mask=mask)
+    tl.store(out_ptr + at, ysum.to(tl.float32) * gate, mask=mask)
 
 
 @triton.jit
 def _gate_bwd_kernel(
-    g_ptr, ysum_ptr, z_ptr, gy_ptr, dz_ptr,
+    g_ptr, ysum_ptr, z_ptr, gy_ptr, dz_ptr, out_ptr,
     L, D_CH,
     sg_b, sg_d, sy_b, sy_d, sz_b, sz_d, sz_l, sgy_b, sgy_d, sdz_b, sdz_d,
     BT: tl.constexpr, BD: tl.constexpr,
 ):
     """Gradients of ``out = ysum silu(z)`` for g = d out: gy = g silu(z), the gradient every branch's scan output
-    receives, and dz = g ysum silu'(z), silu'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))). Unit token stride
-    everywhere except z (read through its strides)."""
+    receives, and dz = g ysum silu'(z), silu'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))); and ``out`` again, equal
+    to ``_gate_fwd_kernel``'s (the output projection's weight gradient reads it; recomputing it costs one store,
+    keeping it the layer's size for the whole step). Unit token stride everywhere except z (read through its
+    strides); out is laid out as gy."""
     pid_t, pid_d, xb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     xb64 = xb.to(tl.int64)
     n = pid_t * BT + tl.arange(0, BT)
@@ -544,5 +548,8 @@ def _gate_bwd_kernel(
     ysum = tl.load(ysum_ptr + xb64 * sy_b + ch[:, None] * sy_d + n[None, :], mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + xb64 * sz_b + ch[:, None] * sz_d + n[None, :].to(tl.int64) * sz_l, mask=mask, other=0.0).to(tl.float32)
     sig = 1.0 / (1.0 + tl.exp(-z))
-    tl.store(gy_ptr + xb64 * sgy_b + ch[:, None] * sgy_d + n[None, :], g * z * sig, mask=mask)
+    gate = z * sig
+    at = xb64 * sgy_b + ch[:, None] * sgy_d + n[None, :]
+    tl.store(gy_ptr + at, g * gate, mask=mask)
+    tl.store(out_ptr + at, ysum * gate, mask=mask)
     tl.store(dz_ptr + xb64 * sdz_b + ch[:, None] * sdz_d + n[None, :], g * ysum * sig * (1.0 + z * (1.0 - sig)), mask=mask)
