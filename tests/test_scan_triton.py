@@ -861,3 +861,15 @@ def test_tom_traces_the_per_branch_path(monkeypatch):
     assert layer._use_fused(x, 2)
     monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
     assert not layer._use_fused(x, 2)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape,dim", [((3, 4096, 6, 4), 1), ((2, 3, 97, 5), 2), ((3, 1, 4), 1), ((3, 36, 2), 1)])
+def test_sum_partials_is_the_sum(shape, dim):
+    """Two reductions over sqrt(K)-sized pieces (K a prime or 1 included: one reduction) give the plain sum."""
+    from segresmamba.ssm.triton.autograd import sum_partials
+
+    parts = torch.randn(shape, dtype=torch.float64)
+    got = sum_partials(parts, dim)
+    assert got.shape == parts.sum(dim).shape
+    torch.testing.assert_close(got, parts.sum(dim), rtol=1e-12, atol=1e-12)

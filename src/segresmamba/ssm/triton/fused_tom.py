@@ -37,7 +37,7 @@ import torch
 from torch._utils import _flatten_dense_tensors
 
 from segresmamba.ssm.orientations import orientation_codes
-from segresmamba.ssm.triton.autograd import codes_on, last_dim_unit, scan_backward, scan_forward
+from segresmamba.ssm.triton.autograd import codes_on, last_dim_unit, scan_backward, scan_forward, sum_partials
 from segresmamba.ssm.triton.kernels import (
     _conv_bwd_dx_kernel,
     _conv_bwd_pre_kernel,
@@ -101,7 +101,7 @@ def conv_silu_backward(x, weight, bias, codes, nslices, grad_u: torch.Tensor) ->
         weight, gp, dx, code_t, length, d, b, branches, nslices, length // nslices, weight.stride(0), weight.stride(1),
         K=k, BT=BLOCK_T, BD=BLOCK_D, NEAR=near_taps(k, nslices),
     )
-    return dx, dw_part.view(branches, -1, d, k).sum(1), db_part.view(branches, -1, d).sum(1)
+    return dx, sum_partials(dw_part.view(branches, -1, d, k), 1), sum_partials(db_part.view(branches, -1, d), 1)
 
 
 def gate_forward(y: torch.Tensor, z: torch.Tensor, branches: int) -> tuple[torch.Tensor, torch.Tensor]:
