@@ -146,7 +146,7 @@ def step_targets(table: pd.DataFrame, repeats: list[tuple[pd.Series, pd.Series]]
     if fastest is not None:
         name = f"SegResMamba peak <= {PEAK_GIB:g} GiB (fastest mode)"
         out.append(_target(name, "not recorded with the fastest row", source=_run(fastest)) if pd.isna(fastest.peak_gib) else
-                   _target(name, f"{fastest.peak_gib:.2f} GiB ({_mode(fastest)}){_peak_parts(fastest)}",
+                   _target(name, f"{fastest.peak_gib:.2f} GiB ({_mode(fastest)}){_peak_parts(fastest)}{_within_peak(mine, fastest)}",
                            _met(fastest.peak_gib, PEAK_GIB), _run(fastest)))
 
     theirs = bf16[bf16.model == "segmamba"]
@@ -159,6 +159,19 @@ def step_targets(table: pd.DataFrame, repeats: list[tuple[pd.Series, pd.Series]]
         out.append(_target(name, f"{best.step_ms:.1f} ms ({_mode(best)}), {best.step_ms / SEGMAMBA_BASELINE_MS:.2f} of "
                                  f"{SEGMAMBA_BASELINE_MS:g}", _met(best.step_ms, limit), _run(best)))
     return out
+
+
+def _within_peak(rows: pd.DataFrame, fastest) -> str:
+    """Where the fastest row's peak is over the limit: the fastest graphed row of its run within it, if any (a user
+    who needs the memory gives up that much speed)."""
+    if not fastest.peak_gib > PEAK_GIB:
+        return ""
+    same_run = rows[(rows.device == fastest.device) & (rows.git_sha == fastest.git_sha) & (rows.cuda_graphs != "-")]
+    within = same_run[same_run.peak_gib <= PEAK_GIB]
+    if within.empty:
+        return ""
+    best = within.loc[within.step_ms.idxmin()]
+    return f"; within {PEAK_GIB:g} GiB in that run: {best.peak_gib:.2f} GiB at {best.step_ms:.1f} ms ({_mode(best)})"
 
 
 def _mode(row) -> str:

@@ -760,6 +760,11 @@ def test_targets_pair_rows_of_one_run_only(tmp_path):
     assert ("4.20 GiB (CUDA graphs: whole step, norms whole-tensor); capture 2.70, graphs' pool 2.40, held 4.30 GiB"
             == {r["target"]: r for r in targets.step_targets(parts)}["SegResMamba peak <= 3 GiB (fastest mode)"]["measured"])
     assert got["SegMamba step <= 93.5 ms (half of 187)"]["met"] == "yes"
+    # over the limit, the fastest graphed row of the same run within it is named (not an eager one, nor another run's)
+    leaner = pd.concat([steps, pd.DataFrame([row("segresmamba", "a" * 40, 30.5, graphs="whole step", peak=2.95),
+                                             row("segresmamba", "b" * 40, 29.0, graphs="whole step", peak=2.5)])], ignore_index=True)
+    peak_row = {r["target"]: r for r in targets.step_targets(leaner)}["SegResMamba peak <= 3 GiB (fastest mode)"]
+    assert peak_row["met"] == "no" and peak_row["measured"].endswith("; within 3 GiB in that run: 2.95 GiB at 30.5 ms (CUDA graphs: whole step)")
 
     def scan_row(backend, sha, ms, variant=None):
         return {"device": "NVIDIA H200", "kind": "tom", "case": "C48 64^3 b1", "backend": backend, "precision": "bf16",
