@@ -164,7 +164,7 @@ def test_warm_up_leaves_nothing_alive_and_no_grad():
 
 def test_make_graphs_captures_after_its_own_warm_up(monkeypatch):
     """The capture is asked for no warm-up of its own, and when it starts none of the warm-up's tensors is alive
-    (torch's warm-up keeps its last pass's outputs and gradients through the capture)."""
+    (torch's warm-up keeps its last pass's outputs and gradients through the forward's capture)."""
     seen = {}
 
     def capture(callables, samples, num_warmup_iters, allow_unused_input):

@@ -319,7 +319,7 @@ def test_capture_hands_the_warm_up_cache_back():
 @pytest.mark.gpu
 def test_capture_starts_without_the_warm_up(monkeypatch):
     """When the forward's capture begins, nothing of the eager warm-up is alive: with torch's own warm-up a copy of
-    every parameter gradient is (``make_graphed_callables`` keeps its last pass's results through the capture)."""
+    every parameter gradient is (``make_graphed_callables`` keeps its last pass's results through the forward's capture)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from segresmamba import step_graphs

@@ -136,10 +136,11 @@ def make_graphs(callables, samples: tuple, warmup: int, allow_unused_input: bool
     """``torch.cuda.make_graphed_callables(callables, samples)`` after a warm-up of ``warmup`` passes run here
     (:func:`warm_up`, on a side stream between synchronisations, as torch runs its own).
 
-    torch's own warm-up keeps its last pass's outputs and gradients referenced through the captures (torch 2.11 to
-    2.13 end it with ``for v in [...]: del v``, which drops the loop variable only): for a whole training step those
-    are a copy of every parameter gradient, alive next to the capture's peak. Here they are gone before the first
-    capture starts, and torch's warm-up is asked for none."""
+    torch's own warm-up keeps its last pass's outputs and gradients referenced through the forward's capture (torch
+    2.11 to 2.13 end it with ``for v in [...]: del v``, which drops the loop variable only, and rebind those names
+    before the backward's capture): for a whole training step those are a copy of every parameter gradient, alive at
+    the end of the forward, where the capture's memory peaks. Here they are gone before the first capture starts,
+    and torch's warm-up is asked for none."""
     pairs = zip(callables, samples) if isinstance(callables, tuple) else [(callables, samples)]
     torch.cuda.synchronize()
     with torch.cuda.stream(torch.cuda.Stream()):
