@@ -643,6 +643,18 @@ def test_fused_tom_under_interpreter(nslices, orientations, batch, layout, monke
     check_fused_tom("cpu", 4, (4, 4, 4), nslices, orientations, batch, layout)
 
 
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("batch,layout", [(2, torch.contiguous_format), (1, torch.channels_last_3d)])
+def test_fused_tom_branch_by_branch_under_interpreter(batch, layout, monkeypatch):
+    """The backward run one branch at a time (as for large layers) gives the same gradients; chunks of 16 tokens, so
+    that each branch's chunk-entering states matter."""
+    _interpreter_index_patch(monkeypatch)
+    monkeypatch.setattr(fused_tom, "PER_BRANCH_BACKWARD_ELEMENTS", 1)
+    monkeypatch.setitem(fused_tom.TUNING, "chunk", 16)
+    monkeypatch.setattr(fused_tom, "SPLIT_K_PIECE", 24)
+    check_fused_tom("cpu", 4, (4, 4, 4), None, ("forward", "reverse", "slice"), batch, layout)
+
+
 @pytest.mark.gpu
 def test_fused_tom_matches_torch_backend(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -651,6 +663,8 @@ def test_fused_tom_matches_torch_backend(monkeypatch):
     check_fused_tom("cuda", 16, (8, 8, 8))
     check_fused_tom("cuda", 16, (8, 8, 8), batch=1)
     check_fused_tom("cuda", 16, (8, 8, 8), layout=torch.channels_last_3d)
+    monkeypatch.setattr(fused_tom, "PER_BRANCH_BACKWARD_ELEMENTS", 1)  # the branches' backward one at a time
+    check_fused_tom("cuda", 16, (8, 8, 8))
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")

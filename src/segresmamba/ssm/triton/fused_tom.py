@@ -37,7 +37,7 @@ import torch
 from torch._utils import _flatten_dense_tensors
 
 from segresmamba.ssm.orientations import orientation_codes
-from segresmamba.ssm.triton.autograd import codes_on, last_dim_unit, scan_backward, scan_forward, sum_partials
+from segresmamba.ssm.triton.autograd import ScanSaved, codes_on, last_dim_unit, scan_backward, scan_forward, sum_partials
 from segresmamba.ssm.triton.kernels import (
     _conv_bwd_dx_kernel,
     _conv_bwd_pre_kernel,
@@ -268,6 +268,55 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
 
+# a branch's (b, d, L) elements from which the fused layer's backward runs its branches one at a time: SegResMamba's
+# first ToM layer on BraTS patches (96 channels x 64^3 tokens, 25 M) is above, its 32^3 layers (6.3 M) below
+PER_BRANCH_BACKWARD_ELEMENTS = 1 << 24
+
+
+def _branch_group_backward(scan: ScanSaved, group: slice, b: int, grad_ysum: torch.Tensor, x: torch.Tensor,
+                           x_dbl: torch.Tensor, conv_w, conv_b, w_x, w_dt, scan_rest: list, dt_rank: int) -> tuple:
+    """The backward of the branches ``group`` of :class:`TriOrientedMixFn`, from the gradient every branch's scan
+    output receives (``grad_ysum``, (b, d, L)) down to x: their u and delta recomputed (the forward keeps neither),
+    their scans' backward, the x and dt projections', and their conv's. Returns dx (b, d, L; these branches' share)
+    and these branches' parameter gradients by kind, each (branches in the group, ...)."""
+    codes, nb, nslices = scan.layout
+    codes = codes[group]
+    branches = len(codes)
+    rows = slice(group.start * b, group.stop * b)
+    _, d, length = grad_ysum.shape
+    rb = branches * b
+    A, B, C, D, z, delta_bias, entering = scan_rest
+    # every branch receives the sum's gradient: a stride-0 broadcast over the branches where b == 1
+    grad_y = grad_ysum.unsqueeze(0).expand(branches, b, d, length).reshape(rb, d, length)
+    conv_w, conv_b, w_x, w_dt, x_dbl = conv_w[group], conv_b[group], w_x[group], w_dt[group], x_dbl[group]
+    u = conv_silu_forward(x, conv_w, conv_b, codes, nslices)  # (R, b, d, L)
+    dt = x_dbl[:, :, :dt_rank]
+    delta = torch.matmul(w_dt.unsqueeze(1), dt)
+    tensors = (_rows(u), _rows(delta), A[group], B[rows], C[rows], None if D is None else D[group], z,
+               None if delta_bias is None else delta_bias[group], entering[rows])
+    du, ddelta, dA, dB, dC, dD, _, dbias = scan_backward(scan._replace(tensors=tensors, layout=(codes, nb, nslices)), grad_y)
+    # each tensor is dropped where it is last read: under CUDA graphs the tensors alive at once set the size of the
+    # graphs' memory pool
+    del grad_y, delta, tensors
+
+    def four(t):  # (R b, c, L) -> (R, b, c, L)
+        return t.view(branches, b, *t.shape[1:])
+
+    d_dt = torch.matmul(w_dt.transpose(1, 2).unsqueeze(1), four(ddelta))  # (R, b, rank, L)
+    dw_dt = _weight_grad(four(ddelta), dt)
+    del ddelta
+    d_xdbl = torch.cat([d_dt, four(dB), four(dC)], dim=2)  # (R, b, rank + 2N, L)
+    del d_dt, dB, dC
+    # du += W_x^T d_xdbl, accumulated by the GEMM itself (beta = 1): no product of du's size beside it
+    w_x_t = w_x.transpose(1, 2).unsqueeze(1).expand(branches, b, d, w_x.shape[1]).reshape(rb, d, -1)
+    du.baddbmm_(w_x_t, d_xdbl.view(rb, -1, length))
+    dw_x = _weight_grad(d_xdbl, u)
+    del d_xdbl, u
+    dx, dconv_w, dconv_b = conv_silu_backward(x, conv_w, conv_b, codes, nslices, four(du))
+    return dx, {"conv_weight": dconv_w, "conv_bias": dconv_b, "x_proj": dw_x, "dt_weight": dw_dt, "dt_bias": dbias,
+                "A_log": dA * A[group], "D": dD}  # dA_log = dA * A, A = -exp(A_log)
+
+
 class TriOrientedMixFn(torch.autograd.Function):
     """The ToM layer between its LayerNorm and its residual sum as one autograd node: the input projection, per
     branch r the causal conv along its scan order with SiLU, the x and dt projections, the selective scan, the sum
@@ -339,7 +388,7 @@ class TriOrientedMixFn(torch.autograd.Function):
         tokens_dtype, w_in_dtype, w_out_dtype = ctx.dtypes
         branches = len(codes)
         b, length, d2 = xz.shape
-        d, rb = d2 // 2, branches * b
+        d = d2 // 2
         x, z = xz[..., :d].transpose(1, 2), xz[..., d:].transpose(1, 2)
         grad_out = grad_out.to(w_out_c.dtype)
         grad_summed = torch.matmul(w_out_c.t(), grad_out)  # (b, d, L), whatever grad_out's layout
@@ -347,39 +396,22 @@ class TriOrientedMixFn(torch.autograd.Function):
         del grad_summed
         dw_out = _weight_grad(grad_out.unsqueeze(0), summed.unsqueeze(0))[0]  # (C, d), fp32
         del summed
-        # every branch receives the sum's gradient: a stride-0 broadcast over the branches where b == 1
-        grad_y = grad_ysum.unsqueeze(0).expand(branches, b, d, length).reshape(rb, d, length)
-        # the forward's u and delta again (not kept by the forward)
-        u = conv_silu_forward(x, conv_w, conv_b, codes, nslices)  # (R, b, d, L)
-        dt = x_dbl[:, :, :dt_rank]
-        delta = torch.matmul(w_dt.unsqueeze(1), dt)
-        du, ddelta, dA, dB, dC, dD, _, dbias = scan_backward(ctx.scan._replace(tensors=(_rows(u), _rows(delta), *scan_rest)), grad_y)
-        # each tensor is dropped where it is last read: under CUDA graphs the tensors alive at once set the size of
-        # the graphs' memory pool
-        del grad_ysum, grad_y, delta
-        dA_log = dA * scan_rest[0]  # A = -exp(A_log)
-
-        def four(t):  # (R b, c, L) -> (R, b, c, L)
-            return t.view(branches, b, *t.shape[1:])
-
-        d_dt = torch.matmul(w_dt.transpose(1, 2).unsqueeze(1), four(ddelta))  # (R, b, rank, L)
-        dw_dt = _weight_grad(four(ddelta), dt)
-        del ddelta
-        d_xdbl = torch.cat([d_dt, four(dB), four(dC)], dim=2)  # (R, b, rank + 2N, L)
-        del d_dt, dB, dC
-        # du += W_x^T d_xdbl, accumulated by the GEMM itself (beta = 1): no product of du's size beside it
-        w_x_t = w_x.transpose(1, 2).unsqueeze(1).expand(branches, b, d, w_x.shape[1]).reshape(rb, d, -1)
-        du.baddbmm_(w_x_t, d_xdbl.view(rb, -1, length))
-        dw_x = _weight_grad(d_xdbl, u)
-        del d_xdbl, u
-        dx, dconv_w, dconv_b = conv_silu_backward(x, conv_w, conv_b, codes, nslices, four(du))
-        del du
+        # the branches one at a time where a branch's (b, d, L) tensors are large: the backward's temporaries are then
+        # one branch's (a third of them), at the cost of three times this layer's backward launches
+        one_by_one = branches > 1 and b * d * length >= PER_BRANCH_BACKWARD_ELEMENTS
+        groups = [slice(r, r + 1) for r in range(branches)] if one_by_one else [slice(0, branches)]
+        dx, parts = None, []
+        for group in groups:
+            dx_part, grads = _branch_group_backward(ctx.scan, group, b, grad_ysum, x, x_dbl, conv_w, conv_b, w_x, w_dt, scan_rest, dt_rank)
+            dx = dx_part if dx is None else dx.add_(dx_part)
+            parts.append(grads)
+            del dx_part
+        del grad_ysum
+        by_kind = {kind: parts[0][kind] if len(parts) == 1 else torch.cat([g[kind] for g in parts]) for kind in parts[0]}
         dxz_t = torch.cat([dx, dz], dim=1)  # (b, 2 d, L): the gradient of xz, transposed
         del dx, dz
         d_tokens = torch.matmul(dxz_t.transpose(1, 2), w_in_c) if ctx.needs_input_grad[0] else None  # (b, L, C)
         dw_in = _weight_grad(dxz_t.unsqueeze(0), tokens_c.transpose(1, 2).unsqueeze(0))[0]  # (2 d, C), fp32
-        by_kind = {"conv_weight": dconv_w, "conv_bias": dconv_b, "x_proj": dw_x, "dt_weight": dw_dt, "dt_bias": dbias,
-                   "A_log": dA_log, "D": dD}
         grads = [g for kind in PARAMETER_KINDS for g in by_kind[kind].unbind(0)]
         params = [
             None if not needed else _as_parameter(g, shape, dtype)
