@@ -879,10 +879,14 @@ def test_tom_traces_the_per_branch_path(monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("shape,dim", [((3, 4096, 6, 4), 1), ((2, 3, 97, 5), 2), ((3, 1, 4), 1), ((3, 36, 2), 1)])
-def test_sum_partials_is_the_sum(shape, dim):
-    """Two reductions over sqrt(K)-sized pieces (K a prime or 1 included: one reduction) give the plain sum."""
+@pytest.mark.parametrize("split_from", [1, None])  # every K split (a prime K or 1: one reduction), or the default
+def test_sum_partials_is_the_sum(shape, dim, split_from, monkeypatch):
+    """Two reductions over sqrt(K)-sized pieces give the plain sum."""
+    from segresmamba.ssm.triton import autograd
     from segresmamba.ssm.triton.autograd import sum_partials
 
+    if split_from is not None:
+        monkeypatch.setattr(autograd, "SPLIT_SUM_ROWS", split_from)
     parts = torch.randn(shape, dtype=torch.float64)
     got = sum_partials(parts, dim)
     assert got.shape == parts.sum(dim).shape

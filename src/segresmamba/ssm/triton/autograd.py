@@ -62,12 +62,17 @@ def last_dim_unit(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+SPLIT_SUM_ROWS = 1024  # partial rows from which sum_partials reduces in two steps
+
+
 def sum_partials(parts: torch.Tensor, dim: int) -> torch.Tensor:
     """``parts.sum(dim)`` as two reductions over about sqrt(K) rows each (K = ``parts.shape[dim]``), the same sum
     up to its order. One reduction over a long axis with few outputs makes torch split each output across thread
     blocks, through a global buffer of its own: 133 MiB measured for the dA partials of a ToM layer's scans on
     64^3 tokens (H200), at the top of SegResMamba's memory during its backward."""
     k = parts.shape[dim]
+    if k < SPLIT_SUM_ROWS:  # short enough for one pass; the second reduction would only cost the host
+        return parts.sum(dim)
     rows = next(f for f in range(int(k**0.5), 0, -1) if k % f == 0)
     return parts.unflatten(dim, (k // rows, rows)).sum(dim + 1).sum(dim) if rows > 1 else parts.sum(dim)
 

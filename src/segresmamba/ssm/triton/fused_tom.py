@@ -280,6 +280,11 @@ def _branch_group_backward(scan: ScanSaved, group: slice, b: int, grad_ysum: tor
     their scans' backward, the x and dt projections', and their conv's. Returns dx (b, d, L; these branches' share)
     and these branches' parameter gradients by kind, each (branches in the group, ...)."""
     codes, nb, nslices = scan.layout
+    whole = group.stop - group.start == len(codes)
+
+    def take(t, part=group):  # these branches' part of a per-branch tensor (the tensor itself for all: a view less)
+        return t if whole or t is None else t[part]
+
     codes = codes[group]
     branches = len(codes)
     rows = slice(group.start * b, group.stop * b)
@@ -288,12 +293,11 @@ def _branch_group_backward(scan: ScanSaved, group: slice, b: int, grad_ysum: tor
     A, B, C, D, z, delta_bias, entering = scan_rest
     # every branch receives the sum's gradient: a stride-0 broadcast over the branches where b == 1
     grad_y = grad_ysum.unsqueeze(0).expand(branches, b, d, length).reshape(rb, d, length)
-    conv_w, conv_b, w_x, w_dt, x_dbl = conv_w[group], conv_b[group], w_x[group], w_dt[group], x_dbl[group]
+    conv_w, conv_b, w_x, w_dt, x_dbl, A = take(conv_w), take(conv_b), take(w_x), take(w_dt), take(x_dbl), take(A)
     u = conv_silu_forward(x, conv_w, conv_b, codes, nslices)  # (R, b, d, L)
     dt = x_dbl[:, :, :dt_rank]
     delta = torch.matmul(w_dt.unsqueeze(1), dt)
-    tensors = (_rows(u), _rows(delta), A[group], B[rows], C[rows], None if D is None else D[group], z,
-               None if delta_bias is None else delta_bias[group], entering[rows])
+    tensors = (_rows(u), _rows(delta), A, take(B, rows), take(C, rows), take(D), z, take(delta_bias), take(entering, rows))
     du, ddelta, dA, dB, dC, dD, _, dbias = scan_backward(scan._replace(tensors=tensors, layout=(codes, nb, nslices)), grad_y)
     # each tensor is dropped where it is last read: under CUDA graphs the tensors alive at once set the size of the
     # graphs' memory pool
@@ -314,7 +318,7 @@ def _branch_group_backward(scan: ScanSaved, group: slice, b: int, grad_ysum: tor
     del d_xdbl, u
     dx, dconv_w, dconv_b = conv_silu_backward(x, conv_w, conv_b, codes, nslices, four(du))
     return dx, {"conv_weight": dconv_w, "conv_bias": dconv_b, "x_proj": dw_x, "dt_weight": dw_dt, "dt_bias": dbias,
-                "A_log": dA * A[group], "D": dD}  # dA_log = dA * A, A = -exp(A_log)
+                "A_log": dA * A, "D": dD}  # dA_log = dA * A, A = -exp(A_log)
 
 
 class TriOrientedMixFn(torch.autograd.Function):
