@@ -649,10 +649,22 @@ def test_fused_tom_branch_by_branch_under_interpreter(batch, layout, monkeypatch
     """The backward run one branch at a time (as for large layers) gives the same gradients; chunks of 16 tokens, so
     that each branch's chunk-entering states matter."""
     _interpreter_index_patch(monkeypatch)
-    monkeypatch.setattr(fused_tom, "PER_BRANCH_BACKWARD_ELEMENTS", 1)
+    monkeypatch.setattr(fused_tom, "one_branch_at_a_time", lambda branches, elements, device: True)
     monkeypatch.setitem(fused_tom.TUNING, "chunk", 16)
     monkeypatch.setattr(fused_tom, "SPLIT_K_PIECE", 24)
     check_fused_tom("cpu", 4, (4, 4, 4), None, ("forward", "reverse", "slice"), batch, layout)
+
+
+@needs_triton
+def test_branch_by_branch_backward_in_captures_of_large_layers_only(monkeypatch):
+    cuda, big = torch.device("cuda"), fused_tom.PER_BRANCH_BACKWARD_ELEMENTS
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert fused_tom.one_branch_at_a_time(3, big, cuda)
+    assert not fused_tom.one_branch_at_a_time(3, big - 1, cuda)  # a small layer: its launches matter more
+    assert not fused_tom.one_branch_at_a_time(1, big, cuda)
+    assert not fused_tom.one_branch_at_a_time(3, big, torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert not fused_tom.one_branch_at_a_time(3, big, cuda)  # eager: each launch costs the host
 
 
 @pytest.mark.gpu
@@ -663,7 +675,7 @@ def test_fused_tom_matches_torch_backend(monkeypatch):
     check_fused_tom("cuda", 16, (8, 8, 8))
     check_fused_tom("cuda", 16, (8, 8, 8), batch=1)
     check_fused_tom("cuda", 16, (8, 8, 8), layout=torch.channels_last_3d)
-    monkeypatch.setattr(fused_tom, "PER_BRANCH_BACKWARD_ELEMENTS", 1)  # the branches' backward one at a time
+    monkeypatch.setattr(fused_tom, "one_branch_at_a_time", lambda branches, elements, device: True)  # as in a capture
     check_fused_tom("cuda", 16, (8, 8, 8))
 
 

@@ -273,6 +273,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 PER_BRANCH_BACKWARD_ELEMENTS = 1 << 24
 
 
+def one_branch_at_a_time(branches: int, elements: int, device: torch.device) -> bool:
+    """Whether the backward runs the branches one at a time: for a layer whose branch tensors have at least
+    :data:`PER_BRANCH_BACKWARD_ELEMENTS` elements, while a CUDA graph is being captured. There the tensors alive at
+    once set the size of the graphs' memory pool for the whole run, and a replay's extra launches cost nothing; an
+    eager step pays each launch on the host, and its memory is given back after the step."""
+    return (branches > 1 and elements >= PER_BRANCH_BACKWARD_ELEMENTS and device.type == "cuda"
+            and torch.cuda.is_current_stream_capturing())
+
+
 def _branch_group_backward(scan: ScanSaved, group: slice, b: int, grad_ysum: torch.Tensor, x: torch.Tensor,
                            x_dbl: torch.Tensor, conv_w, conv_b, w_x, w_dt, scan_rest: list, dt_rank: int) -> tuple:
     """The backward of the branches ``group`` of :class:`TriOrientedMixFn`, from the gradient every branch's scan
@@ -400,10 +409,9 @@ class TriOrientedMixFn(torch.autograd.Function):
         del grad_summed
         dw_out = _weight_grad(grad_out.unsqueeze(0), summed.unsqueeze(0))[0]  # (C, d), fp32
         del summed
-        # the branches one at a time where a branch's (b, d, L) tensors are large: the backward's temporaries are then
-        # one branch's (a third of them), at the cost of three times this layer's backward launches
-        one_by_one = branches > 1 and b * d * length >= PER_BRANCH_BACKWARD_ELEMENTS
-        groups = [slice(r, r + 1) for r in range(branches)] if one_by_one else [slice(0, branches)]
+        # the branches one at a time (the backward's temporaries are then one branch's, a third of them) or together
+        groups = ([slice(r, r + 1) for r in range(branches)] if one_branch_at_a_time(branches, b * d * length, xz.device)
+                  else [slice(0, branches)])
         dx, parts = None, []
         for group in groups:
             dx_part, grads = _branch_group_backward(ctx.scan, group, b, grad_ysum, x, x_dbl, conv_w, conv_b, w_x, w_dt, scan_rest, dt_rank)
