@@ -195,10 +195,17 @@ def test_capture_reuses_the_measured_scan_backend(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("net,recipe,channels_last", [("segresmamba", "paper", False), ("nnunet", "nnunet", False), ("segresmamba", "nnunet", True)])
-def test_step_graph_matches_eager(net, recipe, channels_last, autocast, graph_check):
+@pytest.mark.parametrize("net,recipe,channels_last,branchwise", [
+    ("segresmamba", "paper", False, False), ("nnunet", "nnunet", False, False), ("segresmamba", "nnunet", True, False),
+    ("segresmamba", "paper", False, True),  # every ToM layer's backward captured branch by branch (eagerly: together)
+])
+def test_step_graph_matches_eager(net, recipe, channels_last, branchwise, autocast, graph_check, monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    if branchwise:
+        from segresmamba.ssm.triton import fused_tom
+
+        monkeypatch.setattr(fused_tom, "PER_BRANCH_BACKWARD_ELEMENTS", 1)
     torch.backends.cudnn.deterministic = True
     side = 48 if net == "segresmamba" else 32
     b = batch(side, "cuda")
