@@ -87,7 +87,7 @@ def measure(models: tuple[str, ...], source: Path, modes: tuple[str, ...] = MODE
             return  # and no net is built to ask what it holds
         chosen = [m for m in models if holding is None or _holds(m, holding)]
         if chosen:
-            written = profile(chosen, ["brats"], out=source / mode, **common, **options)
+            written = profile(chosen, ["brats"], out=source / mode, with_charts=False, **common, **options)
             tables.append(next(p for p in written if p.suffix == ".csv"))
 
     run("eager")

@@ -23,9 +23,21 @@ def test_profiler_cpu_rows(tmp_path):
         assert (df[col] == "not measured").all(), col
     assert df.paper_macs_g.notna().any()  # the paper's columns sit beside ours
     assert "CPU" in df.device.iloc[0] and df.git_sha.notna().all()
+    # its MACs chart is drawn beside it; a CPU table has no peaks to chart
+    assert csv.with_name("macs_spleen.png") in written and csv.with_name("macs_spleen.png").stat().st_size > 0
+    assert not csv.with_name("memory_spleen.png").exists()
     # a second invocation adds its rows and keeps the others
     efficiency.main(["--configs", "spleen", "--models", "unet", "--patch", "32", "--out", str(tmp_path), "--skip-macs", "--skip-cpu-times"])
     assert sorted(pd.read_csv(csv).model) == ["segresnet", "unet"]
+
+
+def test_efficiency_charts_of_measured_figures_only(tmp_path):
+    rows = pd.DataFrame({"model": ["unet", "nnunet"], "device": ["NVIDIA H200"] * 2, "torch": ["2.11.0"] * 2, "git_sha": ["a" * 40] * 2,
+                         "gmacs": [13.4, 484.0], "train_peak_gib_fp32": [0.58, "not measured"], "train_peak_gib_bf16": [0.44, 2.68]})
+    rows.to_csv(tmp_path / "brats.csv", index=False)
+    assert efficiency.charts(tmp_path / "brats.csv", tmp_path) == [tmp_path / "macs_brats.png", tmp_path / "memory_brats.png"]
+    rows.assign(gmacs=None, train_peak_gib_fp32="not measured", train_peak_gib_bf16="not measured").to_csv(tmp_path / "btcv.csv", index=False)
+    assert efficiency.charts(tmp_path / "btcv.csv", tmp_path) == []
 
 
 def test_profiler_times_the_tasks_training_step(monkeypatch):
@@ -345,6 +357,7 @@ def test_model_step_measure_passes_each_modes_settings(tmp_path, monkeypatch):
     calls = {}
 
     def fake_profile(models, configs, out, **options):
+        assert options.pop("with_charts") is False  # the mode tables are sources of model_step.md, not charted
         calls[out.name] = (list(models), {k: v for k, v in options.items() if k not in ("macs", "cpu_step")})
         return [out / "brats.csv"]
 

@@ -70,7 +70,7 @@ from segresmamba.ssm.cuda_graphs import graph_tom_layers, release_tom_graphs
 from segresmamba.ssm.scan import auto_choices, auto_failures, resolve_backend
 from segresmamba.step_graphs import TrainingGraph
 
-__all__ = ["profile_model", "profile", "write_tables", "card_slug", "time_steps", "release_graphs", "PROFILED_DATASETS"]
+__all__ = ["charts", "profile_model", "profile", "write_tables", "card_slug", "time_steps", "release_graphs", "PROFILED_DATASETS"]
 
 RESULTS = Path("results") / "efficiency"
 GIB = 1024**3
@@ -371,8 +371,10 @@ def profile_model(
     return row
 
 
-def write_tables(rows: list[dict], out_dir: Path, meta: dict, specs: dict[str, DatasetSpec] = DATASETS) -> list[Path]:
-    """``<out>/<device>/<config>.csv`` and ``.md``, with the paper's columns and provenance."""
+def write_tables(rows: list[dict], out_dir: Path, meta: dict, specs: dict[str, DatasetSpec] = DATASETS, *,
+                 with_charts: bool = True) -> list[Path]:
+    """``<out>/<device>/<config>.csv`` and ``.md``, with the paper's columns and provenance, and their
+    :func:`charts` unless ``with_charts`` is False."""
     written = []
     df = pd.DataFrame(rows)
     for cfg_name, part in df.groupby("config"):
@@ -411,8 +413,26 @@ def write_tables(rows: list[dict], out_dir: Path, meta: dict, specs: dict[str, D
         ]
         md += [f"- {r.model}: {r.uncounted_ops}" for r in part.itertuples() if isinstance(getattr(r, "uncounted_ops", None), str)]
         (dest / f"{cfg_name}.md").write_text("\n".join(md) + "\n")
-        written += [csv, dest / f"{cfg_name}.md"]
+        written += [csv, dest / f"{cfg_name}.md", *(charts(csv, dest) if with_charts else [])]
     return written
+
+
+def charts(csv: Path, dest: Path) -> list[Path]:
+    """The charts of an efficiency table beside it: MACs (``macs_<config>.png``) and peak training memory
+    (``memory_<config>.png``), each drawn where the table holds such figures (a CPU table has no peaks)."""
+    from segresmamba.bench.aggregate import plot_macs, plot_memory
+
+    table = pd.read_csv(csv)
+
+    def measured(*cols: str) -> bool:
+        return any(pd.to_numeric(table[c], errors="coerce").notna().any() for c in cols if c in table)
+
+    out = []
+    if measured("gmacs"):
+        out.append(plot_macs(csv, dest))
+    if measured("train_peak_gib_fp32", "train_peak_gib_bf16"):
+        out.append(plot_memory(csv, dest))
+    return out
 
 
 def _profile_in_subprocess(job: tuple[str, str], device: str | None, argv: list[str]) -> dict:
@@ -435,13 +455,15 @@ def profile(
     gpus: Sequence[str] | None = None,
     worker_argv: list[str] | None = None,
     note: str | None = None,
+    with_charts: bool = True,
     **options,
 ) -> list[Path]:
     """Profile every model at every dataset and write the tables (see :func:`write_tables`).
 
     Every (model, dataset) patch is checked first; ``gpus`` with several ids spreads the jobs over them, one
     process per job (:func:`segresmamba.bench.workers.run_on_devices`; ``worker_argv`` are the command-line
-    options each process profiles with). ``options`` go to :func:`profile_model`.
+    options each process profiles with). ``options`` go to :func:`profile_model`; ``with_charts``: draw the
+    tables' charts (:func:`charts`).
     """
     jobs = [(m, d) for d in datasets for m in models]
     bad = []
@@ -473,7 +495,7 @@ def profile(
         meta["note"] = f"patch overridden to {options['patch']}^3 (not the paper configuration)"
     if note:
         meta["note"] = note
-    return write_tables(rows, out, meta)
+    return write_tables(rows, out, meta, with_charts=with_charts)
 
 
 def fast_norms_choice(text: str) -> str:
