@@ -360,3 +360,45 @@ def test_capture_starts_without_the_warm_up(monkeypatch):
     theirs = allocated_at_capture(torch_warm_up)
     grad_bytes = sum(p.numel() * p.element_size() for p in small_task("segresmamba", "paper").parameters())
     assert theirs - ours >= grad_bytes, (ours, theirs, grad_bytes)
+
+
+def test_gradients_come_out_in_their_parameters_layouts():
+    """Inside the context, a channels_last_3d conv weight's gradient is channels_last_3d (on the CPU conv3d returns it
+    contiguous), so that autograd hands a graph's gradient buffer to .grad without cloning it; outside, as before."""
+    from segresmamba.step_graphs import gradients_in_parameter_layouts
+
+    conv = torch.nn.Conv3d(4, 8, 3)
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    pointwise = torch.nn.Conv3d(8, 2, 1)  # a 1x1x1 kernel is contiguous in both layouts
+    net = torch.nn.Sequential(conv, pointwise)
+    x = torch.randn(1, 4, 6, 6, 6)
+
+    def grads():
+        return torch.autograd.grad(net(x).square().sum(), list(net.parameters()))
+
+    plain = grads()
+    assert not plain[0].is_contiguous(memory_format=torch.channels_last_3d)  # what the hooks are for
+    with gradients_in_parameter_layouts(net):
+        conformed = grads()
+    assert conformed[0].is_contiguous(memory_format=torch.channels_last_3d) and conformed[2].is_contiguous()
+    assert all(torch.equal(a, b) for a, b in zip(plain, conformed))  # the same values
+    assert not grads()[0].is_contiguous(memory_format=torch.channels_last_3d)  # the hooks are gone
+
+
+@pytest.mark.gpu
+def test_channels_last_replay_hands_its_gradient_buffers_over():
+    """With channels_last, a replayed step's conv weight gradients are the graphs' own buffers in the weights' layout:
+    autograd hands them to .grad as they are, instead of cloning each one after every replay."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    task = small_task("segresmamba", "paper", channels_last=True).cuda().train()
+    b = batch(device="cuda")
+    task.step_graph = TrainingGraph(task, b["image"], b["label"], torch.bfloat16)
+    conv_bytes = sum(p.numel() * p.element_size() for p in task.parameters() if p.dim() == 5 and p.shape[2:].numel() > 1)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    task.training_step(b, 0).backward()
+    torch.cuda.synchronize()
+    grown = torch.cuda.memory_allocated() - before
+    assert all(p.grad.is_contiguous(memory_format=torch.channels_last_3d) for p in task.parameters() if p.dim() == 5)
+    assert grown < conv_bytes / 4, (grown, conv_bytes)

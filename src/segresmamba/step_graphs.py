@@ -27,6 +27,8 @@ graphs on the first training batch of a fit, under the trainer's autocast.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lightning as L
 import torch
@@ -37,6 +39,35 @@ from segresmamba.ssm.cuda_graphs import ToMCudaGraphs, capture_setting, graphed_
 log = logging.getLogger(__name__)
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def _layout_of(p: torch.Tensor) -> torch.memory_format:
+    """The memory format a parameter's gradient must have for autograd to hand the gradient over as it is (the
+    gradient layout contract of ``AccumulateGrad``): channels_last_3d for a 5-D parameter stored so (and not also
+    contiguous, as a 1x1x1 kernel is), contiguous otherwise."""
+    cl = p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
+    return torch.channels_last_3d if cl else torch.contiguous_format
+
+
+@contextmanager
+def gradients_in_parameter_layouts(module: nn.Module) -> Iterator[None]:
+    """Inside, the gradient that autograd computes for each parameter of ``module`` comes out in that parameter's
+    layout (tensor hooks; a copy only where the layouts differ).
+
+    For a capture: the graphs return their static gradient buffers, and autograd can hand a buffer to ``.grad`` only
+    if its layout is the parameter's; otherwise every replay clones it, outside the graphs' pool. cuDNN's weight
+    gradient of a channels_last_3d conv can come out contiguous, so with ``--model.channels_last`` that clone would be
+    the conv weights' size each step; captured here, the copy runs inside the graph into its pool, once allocated."""
+    handles = []
+    for p in module.parameters():
+        if p.requires_grad:
+            fmt = _layout_of(p)
+            handles.append(p.register_hook(lambda g, fmt=fmt: g if g.is_contiguous(memory_format=fmt) else g.contiguous(memory_format=fmt)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class _NetAndLoss(nn.Module):
@@ -85,7 +116,7 @@ class TrainingGraph:
         self.signature = self._signature(image, label)
         self.task = task
         module = _NetAndLoss(task)
-        with capture_setting(task.net, autocast_dtype):
+        with capture_setting(task.net, autocast_dtype), gradients_in_parameter_layouts(module):
             # allow_unused_input: parameters the training forward never reads (UNETR's unused ViT parts)
             # get no gradient, as in the eager step
             self._graphed = make_graphs(module, (image.detach().clone(), label.detach().clone()), warmup, allow_unused_input=True)
@@ -146,4 +177,4 @@ class StepCudaGraphs(L.Callback):
             pl_module.step_graph = None  # frees the graphs and their memory pool
 
 
-__all__ = ["StepCudaGraphs", "TrainingGraph"]
+__all__ = ["StepCudaGraphs", "TrainingGraph", "gradients_in_parameter_layouts"]
