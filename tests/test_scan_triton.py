@@ -903,3 +903,17 @@ def test_sum_partials_is_the_sum(shape, dim, split_from, monkeypatch):
     got = sum_partials(parts, dim)
     assert got.shape == parts.sum(dim).shape
     torch.testing.assert_close(got, parts.sum(dim), rtol=1e-12, atol=1e-12)
+
+
+@needs_triton
+def test_codes_made_inside_a_capture_are_filled_by_the_graph_and_not_cached(monkeypatch):
+    """A branch's code first asked for inside a capture (the branch-by-branch backward) is filled on the device by
+    the graph's own kernels, not copied from the host (which a capture refuses), and is not kept for eager calls."""
+    cpu = torch.device("cpu")
+    codes = (2, 0)
+    monkeypatch.setattr(triton_scan, "_code_tensors", {})
+    monkeypatch.setattr(triton_scan, "capturing", lambda device: True)
+    filled = triton_scan.codes_on(cpu, codes)
+    assert filled.dtype == torch.int32 and filled.tolist() == [2, 0] and not triton_scan._code_tensors
+    monkeypatch.setattr(triton_scan, "capturing", lambda device: False)
+    assert triton_scan.codes_on(cpu, codes).tolist() == [2, 0] and (cpu, codes) in triton_scan._code_tensors

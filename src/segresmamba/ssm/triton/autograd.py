@@ -103,7 +103,7 @@ def _scan_order_index(device: torch.device, codes: tuple[int, ...], nb: int, len
     tokens = torch.arange(length, device=device).view(1, 1, length)
     reorder = unorient if inverse else orient
     index = torch.cat([reorder(tokens, ORIENTATIONS[code], nslices) for code in codes]).repeat_interleave(nb, dim=0)
-    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if not capturing(device):
         _order_indices[key] = index
     return index
 
@@ -122,11 +122,26 @@ def _states_in_scan_order(t: torch.Tensor, codes: tuple[int, ...], nb: int, nsli
 _code_tensors: dict[tuple, torch.Tensor] = {}
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether work on ``device`` is being recorded into a CUDA graph now."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def codes_on(device: torch.device, codes: tuple[int, ...]) -> torch.Tensor:
-    """The orientation codes as an int32 tensor on ``device``, as the kernels read them (cached)."""
+    """The orientation codes as an int32 tensor on ``device``, as the kernels read them (cached).
+
+    Inside a CUDA-graph capture a set not seen before (one branch's code, where a capture runs the branches one at a
+    time) is filled on the device by the graph itself and not cached: a host-to-device copy cannot be captured, and a
+    tensor made in a capture holds its values only once the graph replays."""
     key = (device, codes)
-    if key not in _code_tensors:  # one small host-to-device copy per (device, orientation set)
-        _code_tensors[key] = torch.tensor(codes, dtype=torch.int32, device=device)
+    if key in _code_tensors:
+        return _code_tensors[key]
+    if capturing(device):
+        fresh = torch.empty(len(codes), dtype=torch.int32, device=device)
+        for i, code in enumerate(codes):
+            fresh[i].fill_(code)
+        return fresh
+    _code_tensors[key] = torch.tensor(codes, dtype=torch.int32, device=device)  # one small copy per (device, set)
     return _code_tensors[key]
 
 
@@ -369,5 +384,5 @@ def oriented_scan_triton(
     return y.view(branches, b, d, length)
 
 
-__all__ = ["MAX_CHUNKS", "ScanSaved", "SelectiveScanTritonFn", "launch_plan", "oriented_scan_triton", "scan_backward", "scan_forward", "sum_partials",
+__all__ = ["MAX_CHUNKS", "ScanSaved", "SelectiveScanTritonFn", "launch_plan", "oriented_scan_triton", "capturing", "scan_backward", "scan_forward", "sum_partials",
            "selective_scan_triton"]

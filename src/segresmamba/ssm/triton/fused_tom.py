@@ -37,7 +37,7 @@ import torch
 from torch._utils import _flatten_dense_tensors
 
 from segresmamba.ssm.orientations import orientation_codes
-from segresmamba.ssm.triton.autograd import ScanSaved, codes_on, last_dim_unit, scan_backward, scan_forward, sum_partials
+from segresmamba.ssm.triton.autograd import ScanSaved, capturing, codes_on, last_dim_unit, scan_backward, scan_forward, sum_partials
 from segresmamba.ssm.triton.kernels import (
     _conv_bwd_dx_kernel,
     _conv_bwd_pre_kernel,
@@ -278,8 +278,7 @@ def one_branch_at_a_time(branches: int, elements: int, device: torch.device) -> 
     :data:`PER_BRANCH_BACKWARD_ELEMENTS` elements, while a CUDA graph is being captured. There the tensors alive at
     once set the size of the graphs' memory pool for the whole run, and a replay's extra launches cost nothing; an
     eager step pays each launch on the host, and its memory is given back after the step."""
-    return (branches > 1 and elements >= PER_BRANCH_BACKWARD_ELEMENTS and device.type == "cuda"
-            and torch.cuda.is_current_stream_capturing())
+    return branches > 1 and elements >= PER_BRANCH_BACKWARD_ELEMENTS and capturing(device)
 
 
 def _branch_group_backward(scan: ScanSaved, group: slice, b: int, grad_ysum: torch.Tensor, x: torch.Tensor,
