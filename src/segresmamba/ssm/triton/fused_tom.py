@@ -37,6 +37,7 @@ import torch
 from torch._utils import _flatten_dense_tensors
 
 from segresmamba.ssm.orientations import orientation_codes
+from segresmamba.ssm.scan import timing_kernels_now
 from segresmamba.ssm.triton.autograd import ScanSaved, capturing, codes_on, last_dim_unit, scan_backward, scan_forward, sum_partials
 from segresmamba.ssm.triton.kernels import (
     _conv_bwd_dx_kernel,
@@ -275,10 +276,13 @@ PER_BRANCH_BACKWARD_ELEMENTS = 1 << 24
 
 def one_branch_at_a_time(branches: int, elements: int, device: torch.device) -> bool:
     """Whether the backward runs the branches one at a time: for a layer whose branch tensors have at least
-    :data:`PER_BRANCH_BACKWARD_ELEMENTS` elements, while a CUDA graph is being captured. There the tensors alive at
-    once set the size of the graphs' memory pool for the whole run, and a replay's extra launches cost nothing; an
-    eager step pays each launch on the host, and its memory is given back after the step."""
-    return branches > 1 and elements >= PER_BRANCH_BACKWARD_ELEMENTS and capturing(device)
+    :data:`PER_BRANCH_BACKWARD_ELEMENTS` elements, in work that CUDA graphs will replay (their warm-up and capture,
+    :func:`segresmamba.ssm.scan.timing_kernels`, or any capture). There the tensors alive at once set the size of the
+    graphs' memory pool for the whole run, and a replay's extra launches cost nothing; an eager step pays each launch
+    on the host, and its memory is given back after the step. The warm-up runs the same path as the capture, so
+    that the kernels it needs are compiled, and its small constants made, before the capture starts."""
+    return (branches > 1 and elements >= PER_BRANCH_BACKWARD_ELEMENTS and device.type == "cuda"
+            and (timing_kernels_now() or capturing(device)))
 
 
 def _branch_group_backward(scan: ScanSaved, group: slice, b: int, grad_ysum: torch.Tensor, x: torch.Tensor,
