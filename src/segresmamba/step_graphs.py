@@ -55,9 +55,10 @@ def gradients_in_parameter_layouts(module: nn.Module) -> Iterator[None]:
     layout (tensor hooks; a copy only where the layouts differ).
 
     For a capture: the graphs return their static gradient buffers, and autograd can hand a buffer to ``.grad`` only
-    if its layout is the parameter's; otherwise every replay clones it, outside the graphs' pool. cuDNN's weight
-    gradient of a channels_last_3d conv can come out contiguous, so with ``--model.channels_last`` that clone would be
-    the conv weights' size each step; captured here, the copy runs inside the graph into its pool, once allocated."""
+    if its layout is the parameter's; otherwise every replay clones it, outside the graphs' pool. A conv's weight
+    gradient need not come out in its weight's layout (PyTorch's CPU conv3d returns it contiguous for a
+    channels_last_3d weight), so with ``--model.channels_last`` those clones could add up to the conv weights' size
+    each step; captured here, the copies run inside the graph, into its pool."""
     handles = []
     for p in module.parameters():
         if p.requires_grad:
