@@ -57,6 +57,11 @@ def _launch_plan(b: int, d: int, n: int, length: int, chunk: int, max_group: int
     return T, nchunks, BN, group, warps
 
 
+def branch_rows(t: torch.Tensor) -> torch.Tensor:
+    """(R, b, c, L) -> (R b, c, L), the kernels' rows ``r * b + i``: a view when the first two dims are contiguous."""
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
 def last_dim_unit(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` with unit stride along its last (token) axis, copied only where it has none."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
@@ -374,15 +379,13 @@ def oriented_scan_triton(
         if tuple(t.shape) != want:
             raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
 
-    def rows(t):  # (R, b, c, L) -> (R b, c, L), a view when the first two dims are contiguous
-        return t.reshape(branches * b, *t.shape[2:])
-
     chunk = TUNING["chunk"] if chunk is None else chunk
     y = SelectiveScanTritonFn.apply(
-        rows(u), rows(delta), A, rows(B), rows(C), D, z, delta_bias, bool(delta_softplus), codes, b, nslices, chunk,
+        branch_rows(u), branch_rows(delta), A, branch_rows(B), branch_rows(C), D, z, delta_bias, bool(delta_softplus), codes, b,
+        nslices, chunk,
     )
     return y.view(branches, b, d, length)
 
 
-__all__ = ["MAX_CHUNKS", "ScanSaved", "SelectiveScanTritonFn", "launch_plan", "oriented_scan_triton", "capturing", "scan_backward", "scan_forward", "sum_partials",
-           "selective_scan_triton"]
+__all__ = ["MAX_CHUNKS", "ScanSaved", "SelectiveScanTritonFn", "branch_rows", "capturing", "launch_plan", "oriented_scan_triton",
+           "scan_backward", "scan_forward", "selective_scan_triton", "sum_partials"]

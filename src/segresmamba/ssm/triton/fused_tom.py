@@ -38,7 +38,7 @@ from torch._utils import _flatten_dense_tensors
 
 from segresmamba.ssm.orientations import orientation_codes
 from segresmamba.ssm.scan import timing_kernels_now
-from segresmamba.ssm.triton.autograd import ScanSaved, capturing, codes_on, last_dim_unit, scan_backward, scan_forward, sum_partials
+from segresmamba.ssm.triton.autograd import ScanSaved, branch_rows, capturing, codes_on, last_dim_unit, scan_backward, scan_forward, sum_partials
 from segresmamba.ssm.triton.kernels import (
     _conv_bwd_dx_kernel,
     _conv_bwd_pre_kernel,
@@ -264,11 +264,6 @@ def _as_parameter(grad: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> 
     return grad if grad.dtype == dtype else grad.to(dtype)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(R, b, c, L) -> (R b, c, L): a view, the first two dims being contiguous."""
-    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
-
-
 # a branch's (b, d, L) elements from which the fused layer's backward runs its branches one at a time: SegResMamba's
 # first ToM layer on BraTS patches (96 channels x 64^3 tokens, 25 M) is above, its 32^3 layers (6.3 M) below
 PER_BRANCH_BACKWARD_ELEMENTS = 1 << 24
@@ -309,7 +304,7 @@ def _branch_group_backward(scan: ScanSaved, group: slice, b: int, grad_ysum: tor
     u = conv_silu_forward(x, conv_w, conv_b, codes, nslices)  # (R, b, d, L)
     dt = x_dbl[:, :, :dt_rank]
     delta = torch.matmul(w_dt.unsqueeze(1), dt)
-    tensors = (_rows(u), _rows(delta), A, take(B, rows), take(C, rows), take(D), z, take(delta_bias), take(entering, rows))
+    tensors = (branch_rows(u), branch_rows(delta), A, take(B, rows), take(C, rows), take(D), z, take(delta_bias), take(entering, rows))
     du, ddelta, dA, dB, dC, dD, _, dbias = scan_backward(scan._replace(tensors=tensors, layout=(codes, nb, nslices)), grad_y)
     # each tensor is dropped where it is last read: under CUDA graphs the tensors alive at once set the size of the
     # graphs' memory pool
@@ -380,7 +375,8 @@ class TriOrientedMixFn(torch.autograd.Function):
             B, C = x_dbl[:, :, dt_rank:dt_rank + d_state], x_dbl[:, :, dt_rank + d_state:]
             # the scans run ungated; their sum is gated once (gate_forward)
             y, scan_saved = scan_forward(
-                _rows(u), _rows(delta), A, _rows(B), _rows(C), p["D"].float(), None, p["dt_bias"].float(), True, codes, b, nslices, chunk,
+                branch_rows(u), branch_rows(delta), A, branch_rows(B), branch_rows(C), p["D"].float(), None, p["dt_bias"].float(), True,
+                codes, b, nslices, chunk,
             )
             ysum, summed = gate_forward(y, z, branches)
             del y
