@@ -81,6 +81,7 @@ def test_doctor():
     out = subprocess.run([sys.executable, "-m", "segresmamba", "doctor"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "scan backends:" in out.stdout and "torch" in out.stdout and "segresmamba_notom" in out.stdout
+    assert "CPU bf16 conv3d weight gradient: relative error" in out.stdout
 
 
 @pytest.mark.parametrize(

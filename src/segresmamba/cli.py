@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from segresmamba.bench.configs import read_yaml
 from segresmamba.callbacks import PeakMemory, RunRecorder, StepTimer
+from segresmamba.cpu_bf16 import TOLERANCE, bf16_conv3d_weight_grad_error, bf16_fit_refusal
 from segresmamba.data.base import VolumeDataModule
 from segresmamba.errors import InputError, command_line, plain_message
 from segresmamba.prediction import NiftiMaskWriter
@@ -127,6 +128,10 @@ class SegResMambaCLI(LightningCLI):
                              f"got {config.trainer.accumulate_grad_batches}")
         if "16" in precision and "mixed" in precision and not torch.cuda.is_available():
             warnings.warn(f"precision {precision} on a CPU runs slowly and is not what the benchmark measures", stacklevel=1)
+        on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+        refusal = bf16_fit_refusal(precision, on_cpu) if self.subcommand == "fit" else None
+        if refusal:
+            raise InputError(refusal)
         logger = config.trainer.logger
         logger_path = getattr(logger, "class_path", "") if logger not in (None, True, False) else ""
         if "Wandb" in str(logger_path) and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
@@ -245,6 +250,9 @@ def doctor() -> int:
     advice = triton_advice(installed.get("triton"), torch.cuda.is_available())
     if advice:
         print(f"note: {advice}")
+    error = bf16_conv3d_weight_grad_error()
+    verdict = "ok" if error <= TOLERANCE else "WRONG: train on the CPU in 32-true (bf16-mixed fits are refused here)"
+    print(f"CPU bf16 conv3d weight gradient: relative error {error:.3g} on a 2x2x2 map ({verdict})")
     print("scan backends:")
     for name, status in backend_status().items():
         print(f"  {name:10s} {status}")
