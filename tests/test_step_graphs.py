@@ -157,6 +157,15 @@ def test_training_step_stops_on_a_non_finite_loss():
         task.training_step(b, 0)
 
 
+def test_a_non_finite_loss_outside_a_fit_names_the_callers_step():
+    """Without a trainer (the benchmarks' TrainingStep) the step is the caller's count, not Lightning's 0."""
+    task = small_task()
+    b = batch()
+    b["image"][0, 0, 0, 0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"at step 2;"):
+        task.training_step(b, 2)
+
+
 def test_capture_reuses_the_measured_tom_choice(monkeypatch):
     """Inside a capture (no measuring allowed) the ToM layer takes the path its warm-up measured fastest."""
     from segresmamba.ssm.tom import TriOrientedMamba

@@ -275,7 +275,8 @@ class SegmentationTask(L.LightningModule):
             loss = self.step_graph(image, label)
         else:
             loss = self._loss(self.net(image), label)
-        self._loss_watch.watch(loss, self.global_step)
+        # the optimiser step in a fit; the caller's step count where no trainer drives the task (the benchmarks)
+        self._loss_watch.watch(loss, self.global_step if self._trainer is not None else batch_idx)
         # The progress bar turns each value it shows into a Python number, a host-device synchronisation on every
         # refresh: a per-step loss in the bar would make the host wait for each step's last kernel before queueing
         # the next step. So the bar shows the epoch mean (read once an epoch); the per-step loss goes to the logger,
