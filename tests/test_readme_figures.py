@@ -1,0 +1,101 @@
+"""The README's BraTS efficiency and GPU-hours tables say what the committed result tables say.
+
+The README copies its figures from ``results/efficiency/nvidia-h200/``; a row measured again there and not copied,
+or copied wrong, fails here. A README figure agrees where it is the table's value rounded as shown (half a unit
+of its last digit)."""
+
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" / "efficiency" / "nvidia-h200"
+EFFICIENCY_HEADER = "| model | params (M) | GMACs | paper GMACs |"
+GPU_HOURS_HEADER = "| model | epoch (s) | total GPU h, 5 folds |"
+# README column -> the efficiency table's column
+EFFICIENCY_COLUMNS = {
+    "params (M)": "params_m", "GMACs": "gmacs", "paper GMACs": "paper_macs_g", "peak GiB fp32": "train_peak_gib_fp32",
+    "peak GiB bf16": "train_peak_gib_bf16", "paper GB": "paper_train_mem_gb", "step ms fp32 (sync)": "step_ms_fp32",
+    "step ms bf16 (sync)": "step_ms_bf16", "step ms bf16 (back to back)": "step_ms_pipelined_bf16",
+    "volume s bf16 (240x240x155)": "infer_volume_s_bf16", "host GEMM µs": "host_gemm_us",
+}
+GPU_HOURS_COLUMNS = {"epoch (s)": "epoch_s", "total GPU h, 5 folds": "total_gpu_h", "paper epoch (s, A100)": "paper_epoch_s",
+                     "paper 5-fold h": "paper_5fold_h"}
+NUMBER = re.compile(r"-?\d+(?:\.(\d+))?(?:e([+-]\d+))?")
+
+
+def readme_table(header: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The README's markdown table that starts with ``header``: its column names and its rows by model."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    names = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("*")] = cells
+    return names, rows
+
+
+def shown_value(cell: str) -> tuple[float, float] | None:
+    """The first number of a README cell and half a unit of its last shown digit; None for an empty cell."""
+    match = NUMBER.search(cell.replace("**", ""))
+    if match is None:
+        return None
+    decimals, exponent = len(match.group(1) or ""), int(match.group(2) or 0)
+    return float(match.group(0)), 0.5 * 10.0 ** (exponent - decimals)
+
+
+def test_shown_value_reads_the_rounding_of_a_cell():
+    assert shown_value("174 (8.1 in scans)") == (174.0, 0.5)
+    assert shown_value("1.39e+03") == (1390.0, 5.0)
+    assert shown_value("**43.4**") == (43.4, pytest.approx(0.05))
+    assert shown_value("") is None
+
+
+def _disagreements(names: list[str], rows: dict[str, list[str]], table: pd.DataFrame, columns: dict[str, str]) -> list[str]:
+    wrong = []
+    for model, cells in rows.items():
+        found = table[table.model == model]
+        if found.empty:
+            wrong.append(f"{model}: in the README, not in the results table")
+            continue
+        row = found.iloc[-1]
+        for name, cell in zip(names, cells):
+            if name not in columns:
+                continue
+            shown, value = shown_value(cell), row[columns[name]]
+            if shown is None or pd.isna(value):
+                if (shown is None) != pd.isna(value):
+                    wrong.append(f"{model} {name}: README {cell!r}, table {value}")
+                continue
+            if not math.isclose(shown[0], value, abs_tol=shown[1] * 1.001):
+                wrong.append(f"{model} {name}: README {cell!r}, table {value:.4g}")
+    return wrong
+
+
+def test_readme_brats_efficiency_table_matches_the_results():
+    names, rows = readme_table(EFFICIENCY_HEADER)
+    table = pd.read_csv(RESULTS / "brats.csv")
+    assert set(rows) == set(table.model), "the README's BraTS table and the results table list other models"
+    assert _disagreements(names, rows, table, EFFICIENCY_COLUMNS) == []
+    # the scan share beside the MACs of the Mamba models
+    for model, cells in rows.items():
+        scans = re.search(r"\(([\d.]+) in scans\)", cells[names.index("GMACs")])
+        if scans:
+            shown, half_unit = shown_value(scans.group(1))
+            assert math.isclose(shown, table[table.model == model].iloc[-1].scan_gmacs, abs_tol=half_unit * 1.001), model
+
+
+def test_readme_gpu_hours_table_matches_the_results():
+    names, rows = readme_table(GPU_HOURS_HEADER)
+    hours = pd.read_csv(RESULTS / "gpu_hours.csv")
+    brats = hours[hours.config == "brats"]
+    assert set(rows) == set(brats.model)
+    assert _disagreements(names, rows, brats, GPU_HOURS_COLUMNS) == []
+    total = re.search(r"All ten models on BraTS: about (\d+) H200 hours", (ROOT / "README.md").read_text())
+    assert total and abs(int(total.group(1)) - brats.total_gpu_h.sum()) <= 0.5
