@@ -1,7 +1,7 @@
-"""The README's BraTS efficiency and GPU-hours tables say what the committed result tables say.
+"""The README's BraTS efficiency, GPU-hours and robustness tables say what the committed result tables say.
 
-The README copies its figures from ``results/efficiency/nvidia-h200/``; a row measured again there and not copied,
-or copied wrong, fails here. A README figure agrees where it is the table's value rounded as shown (half a unit
+The README copies its figures from ``results/efficiency/nvidia-h200/`` and ``results/robustness/nvidia-h200/``; a
+row measured again there and not copied, or copied wrong, fails here. A README figure agrees where it is the table's value rounded as shown (half a unit
 of its last digit)."""
 
 import math
@@ -27,18 +27,23 @@ GPU_HOURS_COLUMNS = {"epoch (s)": "epoch_s", "total GPU h, 5 folds": "total_gpu_
 NUMBER = re.compile(r"-?\d+(?:\.(\d+))?(?:e([+-]\d+))?")
 
 
-def readme_table(header: str) -> tuple[list[str], dict[str, list[str]]]:
-    """The README's markdown table that starts with ``header``: its column names and its rows by model."""
+def readme_rows(header: str) -> tuple[list[str], list[list[str]]]:
+    """The README's markdown table that starts with ``header``: its column names and its rows' cells."""
     lines = (ROOT / "README.md").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(header))
     names = [c.strip() for c in lines[start].strip("|").split("|")]
-    rows = {}
+    rows = []
     for line in lines[start + 2:]:
         if not line.startswith("|"):
             break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0].strip("*")] = cells
+        rows.append([c.strip() for c in line.strip("|").split("|")])
     return names, rows
+
+
+def readme_table(header: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The README's table that starts with ``header``, its rows by model (the first cell, bold or not)."""
+    names, rows = readme_rows(header)
+    return names, {cells[0].strip("*"): cells for cells in rows}
 
 
 def shown_value(cell: str) -> tuple[float, float] | None:
@@ -99,3 +104,25 @@ def test_readme_gpu_hours_table_matches_the_results():
     assert _disagreements(names, rows, brats, GPU_HOURS_COLUMNS) == []
     total = re.search(r"All ten models on BraTS: about (\d+) H200 hours", (ROOT / "README.md").read_text())
     assert total and abs(int(total.group(1)) - brats.total_gpu_h.sum()) <= 0.5
+
+
+def test_readme_robustness_table_matches_the_results():
+    names, rows = readme_rows("| model | recipe | clean Dice |")
+    table = pd.read_csv(ROOT / "results" / "robustness" / "nvidia-h200" / "robustness.csv")
+    cells_by_run = {(cells[0], cells[1]): dict(zip(names, cells)) for cells in rows}
+    assert set(cells_by_run) == set(zip(table.model, table.recipe)), "the README's robustness table and the results list other runs"
+    wrong = []
+    for (model, recipe), cells in cells_by_run.items():
+        row = table[(table.model == model) & (table.recipe == recipe)].iloc[-1]
+        worst = re.fullmatch(r"(\w+) \(([\d.]+)\)", cells["worst shift"])
+        hd_clean, hd_shifted = cells["HD95 clean / shifted (mm)"].split(" / ")
+        checks = [(cells["clean Dice"], row.clean_dice), (cells["shifted Dice (mean of 7)"], row.shifted_dice),
+                  (cells["ratio"], row.ratio), (worst.group(2), row[f"dice_{row.worst_shift}"]),
+                  (hd_clean, row.clean_hd95_mm), (hd_shifted, row.shifted_hd95_mm)]
+        if worst.group(1) != row.worst_shift:
+            wrong.append(f"{model}/{recipe} worst shift: README {worst.group(1)}, table {row.worst_shift}")
+        for cell, value in checks:
+            shown, half_unit = shown_value(cell)
+            if not math.isclose(shown, value, abs_tol=half_unit * 1.001):
+                wrong.append(f"{model}/{recipe}: README {cell!r}, table {value:.4g}")
+    assert wrong == []
