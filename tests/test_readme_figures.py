@@ -126,3 +126,26 @@ def test_readme_robustness_table_matches_the_results():
             if not math.isclose(shown, value, abs_tol=half_unit * 1.001):
                 wrong.append(f"{model}/{recipe}: README {cell!r}, table {value:.4g}")
     assert wrong == []
+
+
+def _committed_paths(cell: str) -> list[str]:
+    """The glob patterns of the files a cell of the README's results table names: each backticked name, a bare one
+    in the folder of the cell's first path, ``<...>`` a wildcard, ``{a,b}`` each of its parts."""
+    names = re.findall(r"`([^`]+)`", cell)
+    folder = names[0].rsplit("/", 1)[0] + "/" if names and "/" in names[0] else ""
+    patterns = []
+    for name in names:
+        path = name if name.startswith("results/") else folder + name
+        path = re.sub(r"<[^>]+>", "*", path)
+        alternatives = re.search(r"\{([^}]+)\}", path)
+        patterns += ([path.replace(alternatives.group(0), part) for part in alternatives.group(1).split(",")]
+                     if alternatives else [path])
+    return patterns
+
+
+def test_every_file_the_results_table_names_is_committed():
+    _, rows = readme_rows("| file | what | command |")
+    patterns = [p for cells in rows for p in _committed_paths(cells[0])]
+    assert len(patterns) > 15
+    missing = [p for p in patterns if not any(ROOT.glob(p.rstrip("/")))]
+    assert missing == []
