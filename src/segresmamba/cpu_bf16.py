@@ -4,10 +4,10 @@
 On some x86 CPUs PyTorch's oneDNN bf16 convolution is wrong for degenerate shapes (pytorch/pytorch#163347, and
 #169688 for a strided forward). With torch 2.13.0 on an AMD EPYC host the weight gradient of a 3x3x3 conv3d
 (padding 1) over a 2x2x2 map is off by more than the gradient itself from 24 channels up (relative errors 0.9 to
-1e37, or NaN), while 1^3 and 3^3 maps, every fp32 case, and at 2^3 the forward, the input gradient and the weight
-gradients of strided, 1x1x1 and transposed convs are right (to bf16 rounding). A SegResMamba fit on 48^3 patches in bf16
-reaches such a map in its deepest stage: that conv's weights received gradients of about 1e34, and Adam turned
-them into NaN on the third step. The check runs the failing shape class in bf16 and in fp32 (about a millisecond)
+1e37, or NaN), while 1^3 and 3^3 maps, every fp32 case, and at 2^3 the forward, the input gradient and the
+weight gradients of strided, 1x1x1 and transposed convs are right (to bf16 rounding). A SegResMamba fit on 48^3
+patches in bf16 reaches such a map in its deepest stage: that conv's weights received gradients of about 1e34,
+and Adam turned them into NaN on the third step. The check runs the failing shape class in bf16 and in fp32 (about a millisecond)
 and compares the two gradients.
 """
 
