@@ -1,8 +1,9 @@
 """The README's BraTS efficiency, GPU-hours and robustness tables say what the committed result tables say.
 
 The README copies its figures from ``results/efficiency/nvidia-h200/`` and ``results/robustness/nvidia-h200/``; a
-row measured again there and not copied, or copied wrong, fails here. A README figure agrees where it is the table's value rounded as shown (half a unit
-of its last digit)."""
+row measured again there and not copied, or copied wrong, fails here. A README figure agrees where it is the
+table's value rounded as shown (half a unit of its last digit); the README's results table names only committed
+files."""
 
 import math
 import re

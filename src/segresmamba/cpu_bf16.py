@@ -7,8 +7,8 @@ On some x86 CPUs PyTorch's oneDNN bf16 convolution is wrong for degenerate shape
 1e37, or NaN), while 1^3 and 3^3 maps, every fp32 case, and at 2^3 the forward, the input gradient and the
 weight gradients of strided, 1x1x1 and transposed convs are right (to bf16 rounding). A SegResMamba fit on 48^3
 patches in bf16 reaches such a map in its deepest stage: that conv's weights received gradients of about 1e34,
-and Adam turned them into NaN on the third step. The check runs the failing shape class in bf16 and in fp32 (about a millisecond)
-and compares the two gradients.
+and Adam turned them into NaN on the third step. The check runs the failing shape class in bf16 and in fp32
+(about a millisecond) and compares the two gradients.
 """
 
 from __future__ import annotations
