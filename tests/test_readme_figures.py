@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "efficiency" / "nvidia-h200"
 EFFICIENCY_HEADER = "| model | params (M) | GMACs | paper GMACs |"
 GPU_HOURS_HEADER = "| model | epoch (s) | total GPU h, 5 folds |"
+ROBUSTNESS_HEADER = "| model | recipe | clean Dice |"
 # README column -> the efficiency table's column
 EFFICIENCY_COLUMNS = {
     "params (M)": "params_m", "GMACs": "gmacs", "paper GMACs": "paper_macs_g", "peak GiB fp32": "train_peak_gib_fp32",
@@ -56,6 +57,12 @@ def shown_value(cell: str) -> tuple[float, float] | None:
     return float(match.group(0)), 0.5 * 10.0 ** (exponent - decimals)
 
 
+def shown_agrees(cell: str, value: float) -> bool:
+    """Whether ``value`` rounds to the number ``cell`` shows (within half a unit of its last digit)."""
+    shown, half_unit = shown_value(cell)
+    return math.isclose(shown, value, abs_tol=half_unit * 1.001)
+
+
 def test_shown_value_reads_the_rounding_of_a_cell():
     assert shown_value("174 (8.1 in scans)") == (174.0, 0.5)
     assert shown_value("1.39e+03") == (1390.0, 5.0)
@@ -74,12 +81,12 @@ def _disagreements(names: list[str], rows: dict[str, list[str]], table: pd.DataF
         for name, cell in zip(names, cells):
             if name not in columns:
                 continue
-            shown, value = shown_value(cell), row[columns[name]]
-            if shown is None or pd.isna(value):
-                if (shown is None) != pd.isna(value):
+            value, empty = row[columns[name]], shown_value(cell) is None
+            if empty or pd.isna(value):
+                if empty != pd.isna(value):
                     wrong.append(f"{model} {name}: README {cell!r}, table {value}")
                 continue
-            if not math.isclose(shown[0], value, abs_tol=shown[1] * 1.001):
+            if not shown_agrees(cell, value):
                 wrong.append(f"{model} {name}: README {cell!r}, table {value:.4g}")
     return wrong
 
@@ -93,8 +100,7 @@ def test_readme_brats_efficiency_table_matches_the_results():
     for model, cells in rows.items():
         scans = re.search(r"\(([\d.]+) in scans\)", cells[names.index("GMACs")])
         if scans:
-            shown, half_unit = shown_value(scans.group(1))
-            assert math.isclose(shown, table[table.model == model].iloc[-1].scan_gmacs, abs_tol=half_unit * 1.001), model
+            assert shown_agrees(scans.group(1), table[table.model == model].iloc[-1].scan_gmacs), model
 
 
 def test_readme_gpu_hours_table_matches_the_results():
@@ -108,7 +114,7 @@ def test_readme_gpu_hours_table_matches_the_results():
 
 
 def test_readme_robustness_table_matches_the_results():
-    names, rows = readme_rows("| model | recipe | clean Dice |")
+    names, rows = readme_rows(ROBUSTNESS_HEADER)
     table = pd.read_csv(ROOT / "results" / "robustness" / "nvidia-h200" / "robustness.csv")
     cells_by_run = {(cells[0], cells[1]): dict(zip(names, cells)) for cells in rows}
     assert set(cells_by_run) == set(zip(table.model, table.recipe)), "the README's robustness table and the results list other runs"
@@ -123,8 +129,7 @@ def test_readme_robustness_table_matches_the_results():
         if worst.group(1) != row.worst_shift:
             wrong.append(f"{model}/{recipe} worst shift: README {worst.group(1)}, table {row.worst_shift}")
         for cell, value in checks:
-            shown, half_unit = shown_value(cell)
-            if not math.isclose(shown, value, abs_tol=half_unit * 1.001):
+            if not shown_agrees(cell, value):
                 wrong.append(f"{model}/{recipe}: README {cell!r}, table {value:.4g}")
     assert wrong == []
 
