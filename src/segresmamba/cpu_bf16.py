@@ -13,6 +13,7 @@ and Adam turned them into NaN on the third step. The check runs the failing shap
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -42,7 +43,7 @@ def bf16_conv3d_weight_grad_error(conv: Callable[..., torch.Tensor] = F.conv3d, 
             low = w.bfloat16().requires_grad_()
             conv(x.bfloat16(), low, None, 1, 1).backward(grad_out.bfloat16())
             error = ((low.grad.float() - exact.grad).abs().max() / exact.grad.abs().max()).item()
-            if error != error:  # NaN: the bf16 gradient is not finite
+            if math.isnan(error):  # the bf16 gradient is not finite
                 return error
             worst = max(worst, error)
     return worst
@@ -56,7 +57,7 @@ def bf16_fit_refusal(precision: str, on_cpu: bool, probe: Callable[[], float] = 
     error = probe()
     if error <= TOLERANCE:
         return None
-    how_wrong = "not finite" if error != error else f"off by {error:.3g} of the gradient's size"
+    how_wrong = "not finite" if math.isnan(error) else f"off by {error:.3g} of the gradient's size"
     return (f"trainer.precision {precision} on this CPU: PyTorch {torch.__version__} computes wrong bf16 conv3d weight "
             f"gradients here (a 3x3x3 conv over a 2x2x2 map: {how_wrong}; oneDNN, pytorch/pytorch#163347), and a "
             "network's deepest stage can reach such a map; train on the CPU with --trainer.precision 32-true")
