@@ -138,7 +138,7 @@ def host_sections(step, batch: dict) -> list[str]:
 
 
 def profile(model_name: str, config: str, precision: str, modes: list[str], steps: int, warmup: int, recipe: str = "paper",
-            fast_norms: bool | str = False, channels_last: bool = False) -> list[str]:
+            fast_norms: bool | str = False, channels_last: bool = False, top: int = TOP) -> list[str]:
     spec = get_dataset_spec(config)
     torch.backends.cudnn.benchmark = True  # as the training configs
     torch.manual_seed(0)
@@ -177,7 +177,7 @@ def profile(model_name: str, config: str, precision: str, modes: list[str], step
         sections += ["", f"## {mode}: kernel time by kind", "", "| kind | ms / step | share | launches |", "|---|---:|---:|---:|"]
         sections += [f"| {kind} | {k_ms:.2f} | {k_ms / total:.0%} | {n} |" for kind, k_ms, n in kinds_of(table)]
         sections += ["", f"## {mode}: largest kernels", "", "| kernel | ms / step | launches |", "|---|---:|---:|"]
-        sections += [f"| `{name[:90]}` | {k_ms:.2f} | {n} |" for name, k_ms, n in table[:TOP]]
+        sections += [f"| `{name[:90]}` | {k_ms:.2f} | {n} |" for name, k_ms, n in table[:top]]
         sections += ["", f"## {mode}: where the GPU waits for the host", "",
                      f"{idle['idle']:.1f} ms per step idle, {idle['busy']:.1f} ms busy ({idle['steps']} steps, each entered with the "
                      "GPU idle, modules labelled: the labels add host time). Each wait (from the step's start to its first "
@@ -198,13 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--top", type=int, default=TOP, help=f"kernels listed per mode, largest first (default {TOP})")
     args = p.parse_args(argv)
+    if args.top < 1:
+        raise SystemExit(f"error: --top must be at least 1, got {args.top}")
     if not torch.cuda.is_available():
         raise SystemExit("error: step_profile needs a GPU (CUDA is not available)")
     if args.model not in segresmamba.list_models():
         raise SystemExit(f"error: unknown model {args.model!r}; known models: {', '.join(segresmamba.list_models())}")
     lines = profile(args.model, args.config, args.precision, args.modes, args.steps, args.warmup, args.recipe, args.fast_norms,
-                    args.channels_last)
+                    args.channels_last, args.top)
     write_step_report(args, "step_profile", lines)
     return 0
 

@@ -470,6 +470,13 @@ def test_step_profile_refuses_a_cpu():
         step_profile.main(["--model", "segresmamba"])
 
 
+def test_step_profile_refuses_an_empty_kernel_list():
+    from perf import step_profile
+
+    with pytest.raises(SystemExit, match="--top must be at least 1, got 0"):
+        step_profile.main(["--model", "segresmamba", "--top", "0"])
+
+
 def test_step_profile_counts_every_norm_kernel_as_normalisation():
     """The whole-tensor norms' Triton kernels have generic names; each one of them is classed as normalisation."""
     import re
