@@ -872,6 +872,19 @@ def test_half_precision_under_interpreter(upcast, monkeypatch):
     check_kernels("cpu", 2, 3, 5, 37, 16, dtype=torch.float16, tol=1e-2)
 
 
+@needs_triton
+@pytest.mark.parametrize("rank,d_state,padded", [(3, 16, 8), (6, 16, 8), (12, 16, 16), (24, 16, 24), (1, 2, 5), (8, 0, 8)])
+def test_dt_weight_is_padded_to_aligned_gemms_with_zero_columns(rank, d_state, padded):
+    """The dt projection's weights get zero columns up to a multiple of 8 (never past B and C's rows); multiplied by as
+    many leading rows of x_dbl, they give the unpadded product (to the summation order's rounding), whatever B holds."""
+    torch.manual_seed(0)
+    w_dt = torch.randn(3, 10, rank, dtype=torch.float64)
+    x_dbl = torch.randn(3, 2, rank + 2 * d_state, 7, dtype=torch.float64) * 1e6
+    w = fused_tom.aligned_dt_weight(w_dt, d_state)
+    assert w.shape == (3, 10, padded) and torch.equal(w[..., :rank], w_dt) and not w[..., rank:].any()
+    torch.testing.assert_close(w.unsqueeze(1) @ x_dbl[:, :, :padded], w_dt.unsqueeze(1) @ x_dbl[:, :, :rank], rtol=1e-12, atol=0)
+
+
 def test_unknown_upcast_mode_is_refused(monkeypatch):
     monkeypatch.setitem(tuning.TUNING, "upcast", "half")
     with pytest.raises(ValueError, match="upcast"):

@@ -280,6 +280,23 @@ def one_branch_at_a_time(branches: int, elements: int, device: torch.device) -> 
             and (timing_kernels_now() or capturing(device)))
 
 
+GEMM_ALIGN = 8  # elements: cuBLAS runs its fast (vectorised) GEMM kernels on leading dimensions divisible by 8 (16 bytes)
+
+
+def aligned_dt_weight(w_dt: torch.Tensor, d_state: int) -> torch.Tensor:
+    """The dt projection's weights (R, d, rank) with zero columns appended up to a multiple of :data:`GEMM_ALIGN`
+    (at most rank + 2 d_state), to be multiplied with as many leading rows of x_dbl (the rank's, then B's first).
+
+    ``delta = W_dt dt`` and its two gradient products have a leading dimension of rank = ceil(C / 16) (3 for the
+    48-channel layers): cuBLAS then runs unvectorised kernels, about 80 µs for each such product of a 64^3 layer on
+    an H200 (results/perf/step_profile_*.md). With the padding the products read and write aligned memory; the
+    padded columns are zero, so B's rows add exact zeros to delta (B finite), and the backward drops the padding's
+    rows and columns of the gradients."""
+    rank = w_dt.shape[-1]
+    padded = min(-(-rank // GEMM_ALIGN) * GEMM_ALIGN, rank + 2 * d_state)
+    return w_dt if padded == rank else torch.nn.functional.pad(w_dt, (0, padded - rank))
+
+
 def _branch_group_backward(scan: ScanSaved, group: slice, b: int, grad_ysum: torch.Tensor, x: torch.Tensor,
                            x_dbl: torch.Tensor, conv_w, conv_b, w_x, w_dt, scan_rest: list, dt_rank: int) -> tuple:
     """The backward of the branches ``group`` of :class:`TriOrientedMixFn`, from the gradient every branch's scan
@@ -302,7 +319,7 @@ def _branch_group_backward(scan: ScanSaved, group: slice, b: int, grad_ysum: tor
     grad_y = grad_ysum.unsqueeze(0).expand(branches, b, d, length).reshape(rb, d, length)
     conv_w, conv_b, w_x, w_dt, x_dbl, A = take(conv_w), take(conv_b), take(w_x), take(w_dt), take(x_dbl), take(A)
     u = conv_silu_forward(x, conv_w, conv_b, codes, nslices)  # (R, b, d, L)
-    dt = x_dbl[:, :, :dt_rank]
+    dt = x_dbl[:, :, :w_dt.shape[-1]]  # the rank's rows and the padding's (see aligned_dt_weight)
     delta = torch.matmul(w_dt.unsqueeze(1), dt)
     tensors = (branch_rows(u), branch_rows(delta), A, take(B, rows), take(C, rows), take(D), z, take(delta_bias), take(entering, rows))
     du, ddelta, dA, dB, dC, dD, _, dbias = scan_backward(scan._replace(tensors=tensors, layout=(codes, nb, nslices)), grad_y)
@@ -313,8 +330,9 @@ def _branch_group_backward(scan: ScanSaved, group: slice, b: int, grad_ysum: tor
     def four(t):  # (R b, c, L) -> (R, b, c, L)
         return t.view(branches, b, *t.shape[1:])
 
-    d_dt = torch.matmul(w_dt.transpose(1, 2).unsqueeze(1), four(ddelta))  # (R, b, rank, L)
-    dw_dt = _weight_grad(four(ddelta), dt)
+    # the padding's rows and columns of these two products are dropped: zero, and B's gradient's share
+    d_dt = torch.matmul(w_dt.transpose(1, 2).unsqueeze(1), four(ddelta))[:, :, :dt_rank]  # (R, b, rank, L)
+    dw_dt = _weight_grad(four(ddelta), dt)[..., :dt_rank].contiguous()
     del ddelta
     d_xdbl = torch.cat([d_dt, four(dB), four(dC)], dim=2)  # (R, b, rank + 2N, L)
     del d_dt, dB, dC
@@ -366,10 +384,9 @@ class TriOrientedMixFn(torch.autograd.Function):
             u = conv_silu_forward(x, conv_w, conv_b, codes, nslices)  # (R, b, d, L)
             # weights on the left keep tokens last: dt, B, C and delta come out (R, b, ., L) with unit token
             # stride, as the scan reads them, so no transposed copy is made
-            w_x, w_dt = p["x_proj"].to(u.dtype), p["dt_weight"].to(u.dtype)
+            w_x, w_dt = p["x_proj"].to(u.dtype), aligned_dt_weight(p["dt_weight"].to(u.dtype), d_state)
             x_dbl = torch.matmul(w_x.unsqueeze(1), u)  # (R, b, rank + 2N, L)
-            dt = x_dbl[:, :, :dt_rank]
-            delta = torch.matmul(w_dt.unsqueeze(1), dt)  # (R, b, d, L)
+            delta = torch.matmul(w_dt.unsqueeze(1), x_dbl[:, :, :w_dt.shape[-1]])  # (R, b, d, L)
             A = torch.exp(p["A_log"].float()).neg_()
 
             B, C = x_dbl[:, :, dt_rank:dt_rank + d_state], x_dbl[:, :, dt_rank + d_state:]
