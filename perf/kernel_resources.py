@@ -126,7 +126,7 @@ def scan_cases() -> list[tuple[str, object, dict, dict, int]]:
             (f"fwd chunk state, T={chunk}", k._fwd_chunk_state_kernel, {**tile, **flags}, BF16_INPUTS, 1),
             (f"fwd output, T={chunk}", k._fwd_output_kernel, {**tile, **full}, BF16_INPUTS, 1),
             (f"bwd chunk state, T={chunk}", k._bwd_chunk_state_kernel, {**tile, "HAS_Z": True, **flags}, BF16_INPUTS, 1),
-            (f"bwd grad, T={chunk}", k._bwd_grad_kernel, {**tile, **full}, BF16_INPUTS, 1),
+            (f"bwd grad, T={chunk}", k._bwd_grad_kernel, {**tile, **full, "MIRROR": False}, BF16_INPUTS, 1),
         ]
     # the fused ToM layer's scans run ungated (its gate is applied once to the branches' sum, by the gate kernels)
     ungated = {**full, "HAS_Z": False}
@@ -134,7 +134,10 @@ def scan_cases() -> list[tuple[str, object, dict, dict, int]]:
     cases += [
         ("fwd output, T=64, ungated", k._fwd_output_kernel, {**tile, **ungated}, BF16_INPUTS, 1),
         ("bwd chunk state, T=64, ungated", k._bwd_chunk_state_kernel, {**tile, "HAS_Z": False, **flags}, BF16_INPUTS, 1),
-        ("bwd grad, T=64, ungated", k._bwd_grad_kernel, {**tile, **ungated}, BF16_INPUTS, 1),
+        ("bwd grad, T=64, ungated", k._bwd_grad_kernel, {**tile, **ungated, "MIRROR": False}, BF16_INPUTS, 1),
+        # the dh recurrence as a forward scan of the chunk read backwards (tuning.mirrored_backward)
+        ("bwd grad, T=64, mirrored", k._bwd_grad_kernel, {**tile, **full, "MIRROR": True}, BF16_INPUTS, 1),
+        ("bwd grad, T=64, ungated, mirrored", k._bwd_grad_kernel, {**tile, **ungated, "MIRROR": True}, BF16_INPUTS, 1),
         ("gate fwd", k._gate_fwd_kernel, {"R": 3, "BT": 128, "BD": 16}, GATE_INPUTS, 4),
         ("gate bwd", k._gate_bwd_kernel, {"BT": 128, "BD": 16}, GATE_INPUTS, 4),
     ]

@@ -53,7 +53,7 @@ ABLATIONS = {
 SETTINGS = {
     "bwd_maxnreg 128": {"bwd_maxnreg": 128}, "bwd_maxnreg 168": {"bwd_maxnreg": 168},
     "bwd_maxnreg 200": {"bwd_maxnreg": 200}, "max_group 4": {"max_group": 4}, "max_group 32": {"max_group": 32},
-    "bwd_warps 2": {"bwd_warps": 2},
+    "bwd_warps 2": {"bwd_warps": 2}, "mirrored": {"bwd_mirror": True},
 }
 
 
@@ -105,7 +105,8 @@ def measure(iters: int) -> list[dict]:
         for name, what, ablation, settings in _variants():
             autograd._bwd_grad_kernel = edited_kernel(ablation) if ablation else real_kernel
             tuning.TUNING.clear()
-            tuning.TUNING.update(real_tuning, **settings)
+            # the ablations edit the reverse-scan formulation of the dh recurrence, so every row runs it but "mirrored"
+            tuning.TUNING.update({**real_tuning, "bwd_mirror": False, **settings})
             row = {"variant": name, "what": what}
             for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                 row[f"{label}_ms"] = round(time_backward(dtype, iters), 3)
@@ -122,14 +123,17 @@ def static_counts() -> list[dict]:
     """Each ablation compiled for sm_90 at the suite's settings (one warp, 64-token chunks, bf16 inputs)."""
     from perf.kernel_resources import BF16_INPUTS, compile_for_sm90, resources
 
-    constexprs = {"T": 64, "BN": 16, "HAS_BIAS": True, "SOFTPLUS": True, "HAS_D": True, "HAS_Z": True}
+    # the ablations edit the reverse-scan formulation of the dh recurrence
+    constexprs = {"T": 64, "BN": 16, "HAS_BIAS": True, "SOFTPLUS": True, "HAS_D": True, "HAS_Z": True, "MIRROR": False}
     rows = []
     for name, what, ablation, settings in _variants():
         options = {"maxnreg": settings["bwd_maxnreg"]} if "bwd_maxnreg" in settings else {}
-        if ablation is None and not options:
+        mirror = settings.get("bwd_mirror", False)
+        if ablation is None and not options and not mirror:
             continue  # the other settings change the grid or the warps, not one warp's code
         kernel = edited_kernel(ablation) if ablation else edited_kernel("as is")
-        rows.append({"variant": name, "what": what, **resources(compile_for_sm90(kernel, constexprs, BF16_INPUTS, 1, **options))})
+        compiled = compile_for_sm90(kernel, {**constexprs, "MIRROR": mirror}, BF16_INPUTS, 1, **options)
+        rows.append({"variant": name, "what": what, **resources(compiled)})
     return rows
 
 

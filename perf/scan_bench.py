@@ -145,7 +145,7 @@ def scan_step(args, backend: str):
 # Triton launch settings compared by --tune on the largest scan (d_inner 96, 64^3 tokens, batch 1):
 # the default first, then one change each
 _TUNE_BASE = {"chunk": 64, "warps": 1, "bwd_warps": None, "bwd_maxnreg": None, "max_group": tuning.MAX_CHANNEL_GROUP,
-              "upcast": "none"}
+              "upcast": "none", "bwd_mirror": None}
 TUNE_VARIANTS = (
     _TUNE_BASE,
     {**_TUNE_BASE, "upcast": "states"},
@@ -158,12 +158,19 @@ TUNE_VARIANTS = (
     # program (results/perf/scan_notes.md, run 11): here they are timed on the whole scan, in both precisions
     {**_TUNE_BASE, "bwd_maxnreg": 168},
     {**_TUNE_BASE, "max_group": 32},
+    # the dh recurrence of the backward as a reverse scan or mirrored (the base: chosen by the Triton version)
+    {**_TUNE_BASE, "bwd_mirror": False},
+    {**_TUNE_BASE, "bwd_mirror": True},
 )
 TIE = 1.02  # settings within 2 % of the fastest count as tied; the one with the lower peak memory wins
 
 
 def describe(settings: dict) -> str:
-    return " ".join(f"{k}={settings.get(k)}" for k in ("chunk", "warps", "bwd_warps", "bwd_maxnreg", "max_group", "upcast"))
+    import triton
+
+    text = " ".join(f"{k}={settings.get(k)}" for k in ("chunk", "warps", "bwd_warps", "bwd_maxnreg", "max_group", "upcast"))
+    # named only where the backward runs mirrored: the rows measured before it could ran the reverse scan
+    return f"{text} bwd_mirror=True" if tuning.mirrored_under(settings, triton.__version__) else text
 
 
 def variant_error(batch: int = 2, d_inner: int = 16, length: int = 3001) -> float:

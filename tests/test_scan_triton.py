@@ -340,8 +340,10 @@ def test_tom_layer_triton_matches_torch_backend(monkeypatch):
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
 @pytest.mark.parametrize("b,d,n,length,chunk", [(1, 3, 4, 1, 16), (2, 3, 5, 37, 16), (1, 4, 16, 70, 32)])
 @pytest.mark.parametrize("softplus,full", [(True, True), (False, False)])
-def test_kernels_under_interpreter(b, d, n, length, chunk, softplus, full, monkeypatch):
+@pytest.mark.parametrize("mirror", [False, True])  # the backward's dh recurrence as a reverse scan, or mirrored
+def test_kernels_under_interpreter(b, d, n, length, chunk, softplus, full, mirror, monkeypatch):
     _interpreter_index_patch(monkeypatch)
+    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", mirror)
     check_kernels("cpu", b, d, n, length, chunk, softplus, full)
 
 
@@ -481,8 +483,10 @@ def test_states_reorder_inside_a_cuda_graph_capture_is_right_and_not_cached(monk
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
 @pytest.mark.parametrize("branches,b,d,n,length,nslices,chunk", ORIENTED_CASES)
-def test_oriented_scan_under_interpreter(branches, b, d, n, length, nslices, chunk, monkeypatch):
+@pytest.mark.parametrize("mirror", [False, True])
+def test_oriented_scan_under_interpreter(branches, b, d, n, length, nslices, chunk, mirror, monkeypatch):
     _interpreter_index_patch(monkeypatch)
+    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", mirror)
     check_oriented("cpu", branches, b, d, n, length, nslices, chunk)
 
 
@@ -647,8 +651,9 @@ def test_fused_tom_under_interpreter(nslices, orientations, batch, layout, monke
 @pytest.mark.parametrize("batch,layout", [(2, torch.contiguous_format), (1, torch.channels_last_3d)])
 def test_fused_tom_branch_by_branch_under_interpreter(batch, layout, monkeypatch):
     """The backward run one branch at a time (as for large layers) gives the same gradients; chunks of 16 tokens, so
-    that each branch's chunk-entering states matter."""
+    that each branch's chunk-entering states matter; the scan backward mirrored (as under Triton < 3.9)."""
     _interpreter_index_patch(monkeypatch)
+    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", True)
     monkeypatch.setattr(fused_tom, "one_branch_at_a_time", lambda branches, elements, device: True)
     monkeypatch.setitem(fused_tom.TUNING, "chunk", 16)
     monkeypatch.setattr(fused_tom, "SPLIT_K_PIECE", 24)
@@ -883,6 +888,22 @@ def test_dt_weight_is_padded_to_aligned_gemms_with_zero_columns(rank, d_state, p
     w = fused_tom.aligned_dt_weight(w_dt, d_state)
     assert w.shape == (3, 10, padded) and torch.equal(w[..., :rank], w_dt) and not w[..., rank:].any()
     torch.testing.assert_close(w.unsqueeze(1) @ x_dbl[:, :, :padded], w_dt.unsqueeze(1) @ x_dbl[:, :, :rank], rtol=1e-12, atol=0)
+
+
+def test_backward_is_mirrored_where_tritons_reverse_scan_flips_tiles(monkeypatch):
+    """By default the dh recurrence runs mirrored under Triton 3.6-3.8 (whose reverse scan flips four tiles across the
+    lanes) and as a reverse scan from 3.9 on; an explicit setting wins; anything else is refused."""
+    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", None)
+    for version, mirrored in [("3.6.0", True), ("3.7.1", True), ("3.8.0", True), ("3.9.0", False), ("3.10.0+git1a2b", False),
+                              ("4.0.0", False), ("2.3.1", True)]:
+        assert tuning.mirrored_backward(version) is mirrored, version
+    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", False)
+    assert not tuning.mirrored_backward("3.6.0")
+    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", True)
+    assert tuning.mirrored_backward("3.9.0")
+    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", "yes")
+    with pytest.raises(ValueError, match="bwd_mirror.*true, false or null, got 'yes'"):
+        tuning.mirrored_backward("3.9.0")
 
 
 def test_unknown_upcast_mode_is_refused(monkeypatch):

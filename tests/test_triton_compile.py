@@ -28,15 +28,17 @@ def _scan_cases():
         ("carry", k._carry_kernel, {"ROWS": 64, "BLOCK": 32, "REVERSE": True}, None, 4),
         ("fwd output", k._fwd_output_kernel, {**tile, **flags, "HAS_D": True, "HAS_Z": True}, bf16_inputs, 1),
         ("bwd chunk state", k._bwd_chunk_state_kernel, {**tile, "HAS_Z": True, **flags}, bf16_inputs, 1),
-        ("bwd grad", k._bwd_grad_kernel, {**tile, **flags, "HAS_D": True, "HAS_Z": True}, bf16_inputs, 1),
+        ("bwd grad", k._bwd_grad_kernel, {**tile, **flags, "HAS_D": True, "HAS_Z": True, "MIRROR": False}, bf16_inputs, 1),
+        ("bwd grad, mirrored", k._bwd_grad_kernel, {**tile, **flags, "HAS_D": True, "HAS_Z": True, "MIRROR": True}, bf16_inputs, 1),
         # the longer chunks a sequence past the grid limit gets (autograd.MAX_CHUNKS), at the tuned one warp
         ("fwd output, 128-token chunks", k._fwd_output_kernel, {**tile, "T": 128, **flags, "HAS_D": True, "HAS_Z": True}, bf16_inputs, 1),
-        ("bwd grad, 128-token chunks", k._bwd_grad_kernel, {**tile, "T": 128, **flags, "HAS_D": True, "HAS_Z": True}, bf16_inputs, 1),
+        ("bwd grad, 128-token chunks", k._bwd_grad_kernel, {**tile, "T": 128, **flags, "HAS_D": True, "HAS_Z": True, "MIRROR": True}, bf16_inputs, 1),
         ("conv fwd", k._conv_fwd_kernel, {"K": 4, "BT": 128, "BD": 16, "NEAR": True}, {"x_ptr": "*bf16", "u_ptr": "*bf16"}, 4),
         ("conv bwd pre", k._conv_bwd_pre_kernel, {"K": 4, "BT": 128, "BD": 16, "NEAR": True}, {"x_ptr": "*bf16", "gu_ptr": "*bf16"}, 4),
         ("conv bwd dx", k._conv_bwd_dx_kernel, {"K": 4, "BT": 128, "BD": 16, "NEAR": True}, {"dx_ptr": "*bf16"}, 4),
         # the fused ToM layer's scans run ungated, and its gate is a kernel of its own
-        ("bwd grad, ungated", k._bwd_grad_kernel, {**tile, **flags, "HAS_D": True, "HAS_Z": False}, bf16_inputs, 1),
+        ("bwd grad, ungated", k._bwd_grad_kernel, {**tile, **flags, "HAS_D": True, "HAS_Z": False, "MIRROR": False}, bf16_inputs, 1),
+        ("bwd grad, ungated, mirrored", k._bwd_grad_kernel, {**tile, **flags, "HAS_D": True, "HAS_Z": False, "MIRROR": True}, bf16_inputs, 1),
         ("gate fwd", k._gate_fwd_kernel, {"R": 3, "BT": 128, "BD": 16}, {"y_ptr": "*bf16", "z_ptr": "*bf16", "ysum_ptr": "*bf16", "out_ptr": "*bf16"}, 4),
         ("gate bwd", k._gate_bwd_kernel, {"BT": 128, "BD": 16}, {n: "*bf16" for n in ("g_ptr", "ysum_ptr", "z_ptr", "gy_ptr", "dz_ptr", "out_ptr")}, 4),
     ]
@@ -143,7 +145,7 @@ def test_scan_ablations_apply_to_the_kernel_source_and_compile():
     from perf.kernel_resources import BF16_INPUTS, resources
 
     kernels = {name: scan_ablation.edited_kernel(name) for name in scan_ablation.ABLATIONS}
-    constexprs = {"T": 64, "BN": 16, "HAS_BIAS": True, "SOFTPLUS": True, "HAS_D": True, "HAS_Z": True}
+    constexprs = {"T": 64, "BN": 16, "HAS_BIAS": True, "SOFTPLUS": True, "HAS_D": True, "HAS_Z": True, "MIRROR": False}
     as_is = resources(compile_for_sm90(kernels["as is"], constexprs, BF16_INPUTS, 1))
     no_scans = resources(compile_for_sm90(kernels["no scans"], constexprs, BF16_INPUTS, 1))
     assert no_scans["loop_shfl"] < as_is["loop_shfl"] and no_scans["loop_instructions"] < as_is["loop_instructions"]

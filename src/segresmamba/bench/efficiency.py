@@ -355,9 +355,13 @@ def profile_model(
                 print(f"warning: {model}: scan backends failed while auto measured them and were not used: "
                       f"{row['scan_auto_failures']}", file=sys.stderr)
             if has_scan and "triton" in str(row["scan_backend"]):
-                from segresmamba.ssm.triton.tuning import TUNING
+                import triton
 
-                row["triton_scan_settings"] = json.dumps(TUNING, sort_keys=True)  # launch settings, env overrides included
+                from segresmamba.ssm.triton.tuning import TUNING, mirrored_backward
+
+                # launch settings, env overrides included, with the backward's formulation as this Triton resolves it
+                settings = {**TUNING, "bwd_mirror": mirrored_backward(triton.__version__)}
+                row["triton_scan_settings"] = json.dumps(settings, sort_keys=True)
         else:
             for precision in precisions:
                 for key in ("train_peak_gib", "train_reserved_gib", "step_ms", "step_ms_spread", "step_ms_pipelined", "infer_patch_ms",

@@ -17,6 +17,7 @@ import functools
 from typing import NamedTuple
 
 import torch
+import triton
 
 from segresmamba.ssm.orientations import ORIENTATIONS, orient, orientation_codes, unorient
 from segresmamba.ssm.scan_torch import _check_inputs
@@ -27,7 +28,7 @@ from segresmamba.ssm.triton.kernels import (
     _fwd_chunk_state_kernel,
     _fwd_output_kernel,
 )
-from segresmamba.ssm.triton.tuning import CARRY_LANES, CARRY_ROWS, TUNING, cdiv, kernel_inputs, next_power_of_2
+from segresmamba.ssm.triton.tuning import CARRY_LANES, CARRY_ROWS, TUNING, cdiv, kernel_inputs, mirrored_backward, next_power_of_2
 
 
 MAX_CHUNKS = 65535  # the scan kernels put the chunks on grid axis 1, which CUDA stops at 65535
@@ -259,7 +260,7 @@ def scan_backward(saved: ScanSaved, grad_y: torch.Tensor) -> tuple:
         A.stride(0), A.stride(1), A.stride(2), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
         D.stride(0) if has_d else 0, sbias,
         GROUP=group, T=T, BN=BN, HAS_D=has_d, HAS_Z=has_z, HAS_BIAS=has_bias, SOFTPLUS=saved.delta_softplus,
-        num_warps=TUNING["bwd_warps"] or warps,
+        MIRROR=mirrored_backward(triton.__version__), num_warps=TUNING["bwd_warps"] or warps,
         **({"maxnreg": TUNING["bwd_maxnreg"]} if TUNING["bwd_maxnreg"] else {}),
     )
     del into_end, B, C, grad_y  # the caller's peak comes after: these would live through the casts and reorders below

@@ -274,7 +274,7 @@ def _bwd_grad_kernel(
     D_CH, L, N, NCHUNKS, NB, S, M,
     su_b, su_d, sd_b, sd_d, sz_b, sz_d, sg_b, sg_d, so_b, so_d, sA_o, sA_d, sA_n, sB_b, sB_n, sC_b, sC_n, sD_o, sbias_o,
     GROUP, T: tl.constexpr, BN: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, MIRROR: tl.constexpr,
 ):
     """Backward pass 3: recompute h, scan dh from the carried-in gradient, write every gradient.
 
@@ -305,6 +305,8 @@ def _bwd_grad_kernel(
     Ct = tl.load(C_ptr + bb64 * sC_b + offs_n[:, None] * sC_n + offs_t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
     first = tok[None, :] == 0
     last = tok[None, :] == T - 1
+    if MIRROR:
+        C_m = tl.flip(Ct, 1)  # the chunk read backwards, once per program (C natural serves only the gate's dz)
     dB_acc = tl.zeros([BN, T], dtype=tl.float32)
     dC_acc = tl.zeros([BN, T], dtype=tl.float32)
     part = bb64 * NCHUNKS + k
@@ -348,8 +350,16 @@ def _bwd_grad_kernel(
         # a_{t+1}; 1 past the chunk or the sequence (dt_next masked to 0), where nothing reads it: the chunk's last
         # token starts the right-to-left scan, and past the sequence beta and dh are 0
         a_next = tl.math.exp2(dt_next[None, :] * A2[:, None])
-        beta = g[None, :] * Ct + tl.where(last, g_end[:, None], 0.0)
-        _, dh = tl.associative_scan((a_next, beta), 1, _combine, reverse=True)
+        if MIRROR:
+            # on the chunk read backwards the right-to-left recurrence is a forward scan: its operands are built from
+            # two flipped token rows and the flipped C, and only its result is flipped back
+            a_next = tl.math.exp2(tl.flip(dt_next, 0)[None, :] * A2[:, None])
+            beta = tl.flip(g, 0)[None, :] * C_m + tl.where(first, g_end[:, None], 0.0)
+            _, dh = tl.associative_scan((a_next, beta), 1, _combine)
+            dh = tl.flip(dh, 1)
+        else:
+            beta = g[None, :] * Ct + tl.where(last, g_end[:, None], 0.0)
+            _, dh = tl.associative_scan((a_next, beta), 1, _combine, reverse=True)
 
         dh_B = tl.sum(dh * Bt, axis=0)
         dh_dp = dh * decayed_prev

@@ -16,10 +16,16 @@ fast and need more chunk-state memory).
 8.2 ms with "none", 6.5 ms with "all": 16-bit tiles are laid out 8 tokens per thread and the backward needed
 more registers); with one warp over 64 tokens "none" is as fast (5.09 vs 5.15 ms) and needs no copies
 (0.54 vs 0.85 GiB). Outputs and gradients keep the inputs' dtypes, and copies live only while the kernels run.
+
+``bwd_mirror``: how the scan backward runs its right-to-left dh recurrence. False: a reverse
+``tl.associative_scan``; True: a forward scan of the chunk read backwards, whose operands are built from two flipped
+token rows and a C flipped once per program, and whose result is flipped back; None (the default): mirrored where the
+Triton version's reverse scan is the costlier (:func:`mirrored_backward`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -31,7 +37,8 @@ CARRY_LANES = 32  # (channel, state) lanes per carry program
 UPCAST_MODES = ("all", "states", "none")
 TUNING_ENV = "SEGRESMAMBA_TRITON_SCAN"
 
-TUNING = {"chunk": 64, "warps": 1, "bwd_warps": None, "bwd_maxnreg": None, "max_group": MAX_CHANNEL_GROUP, "upcast": "none"}
+TUNING = {"chunk": 64, "warps": 1, "bwd_warps": None, "bwd_maxnreg": None, "max_group": MAX_CHANNEL_GROUP, "upcast": "none",
+          "bwd_mirror": None}
 
 
 def _read_environment() -> None:
@@ -48,6 +55,36 @@ def _read_environment() -> None:
 
 
 _read_environment()
+
+
+# Triton versions before this one lower a reverse tl.associative_scan by flipping its two operand tiles and its two
+# result tiles across a warp's lanes: 480 shuffles more than a forward scan of a 16 x 64 tile pair in one warp under
+# 3.6.0, 3.7.1 and 3.8.0, 96 more under 3.9.0 (sm_90 SASS, results/perf/scan_notes.md, run 23)
+FLIPPING_REVERSE_SCAN_BEFORE = (3, 9)
+
+
+def mirrored_backward(triton_version: str) -> bool:
+    """Whether the scan backward runs its dh recurrence mirrored (``TUNING["bwd_mirror"]``; None: where Triton
+    ``triton_version`` is older than :data:`FLIPPING_REVERSE_SCAN_BEFORE`). Compiled for sm_90 by Triton 3.6 the
+    mirrored loop of the fused layer's backward has 1,697 instructions against 2,262 (218 shuffles against 582) at
+    the same registers and spills; by Triton 3.9, 1,411 against 1,379."""
+    return mirrored_under(TUNING, triton_version)
+
+
+def mirrored_under(settings: dict, triton_version: str) -> bool:
+    """:func:`mirrored_backward` for the launch settings ``settings`` (a dict like :data:`TUNING`)."""
+    choice = settings.get("bwd_mirror")
+    if choice is None:
+        return _release(triton_version) < FLIPPING_REVERSE_SCAN_BEFORE
+    if not isinstance(choice, bool):
+        raise ValueError(f"TUNING['bwd_mirror'] must be true, false or null, got {choice!r}")
+    return choice
+
+
+@functools.lru_cache(maxsize=8)
+def _release(version: str) -> tuple[int, int]:
+    # cached: the scan's backward asks on every call, and each call is host time
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
 
 
 def autocast_dtype_or(device_type: str, default: torch.dtype) -> torch.dtype:
@@ -80,5 +117,5 @@ def kernel_inputs(u, delta, B, C, grad_y=None) -> tuple:
     return up(u, every), up(delta, every), up(B, mode != "none"), up(C, mode != "none"), up(grad_y, every)
 
 
-__all__ = ["CARRY_LANES", "CARRY_ROWS", "MAX_CHANNEL_GROUP", "TUNING", "TUNING_ENV", "UPCAST_MODES", "cdiv", "kernel_inputs",
-           "next_power_of_2"]
+__all__ = ["CARRY_LANES", "CARRY_ROWS", "FLIPPING_REVERSE_SCAN_BEFORE", "MAX_CHANNEL_GROUP", "TUNING", "TUNING_ENV", "UPCAST_MODES",
+           "cdiv", "kernel_inputs", "mirrored_backward", "mirrored_under", "next_power_of_2"]
