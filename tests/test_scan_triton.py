@@ -347,6 +347,26 @@ def test_kernels_under_interpreter(b, d, n, length, chunk, softplus, full, mirro
     check_kernels("cpu", b, d, n, length, chunk, softplus, full)
 
 
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("reverse", [False, True])
+def test_carry_over_several_blocks_under_interpreter(reverse, monkeypatch):
+    """The scan over chunks against a loop: 150 chunks cross three of the carry kernel's 64-chunk blocks, the last one
+    partly masked; forward, row k + 1 leaves chunk k; reverse, row k enters chunk k from the right, row nchunks is 0."""
+    _interpreter_index_patch(monkeypatch)
+    g = torch.Generator().manual_seed(7)
+    b, nchunks, d, n = 2, 150, 3, 5
+    decay = torch.rand(b, nchunks, d, n, generator=g) * 0.5 + 0.5
+    local = torch.randn(b, nchunks, d, n, generator=g)
+    got = triton_scan._run_carry(decay, local, reverse)
+    want = torch.zeros(b, nchunks + 1, d, n, dtype=torch.float64)
+    for k in (range(nchunks - 1, -1, -1) if reverse else range(nchunks)):
+        if reverse:
+            want[:, k] = decay[:, k].double() * want[:, k + 1] + local[:, k].double()
+        else:
+            want[:, k + 1] = decay[:, k].double() * want[:, k] + local[:, k].double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_launch_plan_keeps_the_chunks_within_the_grid():
     from segresmamba.ssm.triton.autograd import MAX_CHUNKS, launch_plan
