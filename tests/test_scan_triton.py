@@ -340,10 +340,19 @@ def test_tom_layer_triton_matches_torch_backend(monkeypatch):
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
 @pytest.mark.parametrize("b,d,n,length,chunk", [(1, 3, 4, 1, 16), (2, 3, 5, 37, 16), (1, 4, 16, 70, 32)])
 @pytest.mark.parametrize("softplus,full", [(True, True), (False, False)])
-@pytest.mark.parametrize("mirror", [False, True])  # the backward's dh recurrence as a reverse scan, or mirrored
-def test_kernels_under_interpreter(b, d, n, length, chunk, softplus, full, mirror, monkeypatch):
+def test_kernels_under_interpreter(b, d, n, length, chunk, softplus, full, monkeypatch):
     _interpreter_index_patch(monkeypatch)
-    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", mirror)
+    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", False)  # the dh recurrence as a reverse scan
+    check_kernels("cpu", b, d, n, length, chunk, softplus, full)
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("b,d,n,length,chunk,softplus,full", [(2, 3, 5, 37, 16, True, True), (1, 4, 16, 70, 32, False, False)])
+def test_mirrored_backward_under_interpreter(b, d, n, length, chunk, softplus, full, monkeypatch):
+    """The dh recurrence mirrored (the default under Triton < 3.9): a ragged last chunk, d_state not a power of two, and
+    the plain scan without softplus, D or z."""
+    _interpreter_index_patch(monkeypatch)
+    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", True)
     check_kernels("cpu", b, d, n, length, chunk, softplus, full)
 
 
@@ -503,10 +512,10 @@ def test_states_reorder_inside_a_cuda_graph_capture_is_right_and_not_cached(monk
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
 @pytest.mark.parametrize("branches,b,d,n,length,nslices,chunk", ORIENTED_CASES)
-@pytest.mark.parametrize("mirror", [False, True])
-def test_oriented_scan_under_interpreter(branches, b, d, n, length, nslices, chunk, mirror, monkeypatch):
+def test_oriented_scan_under_interpreter(branches, b, d, n, length, nslices, chunk, monkeypatch):
     _interpreter_index_patch(monkeypatch)
-    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", mirror)
+    # the reverse-scan formulation for the first case, the mirrored one for the others (both index the orders alike)
+    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", (branches, b, d, n, length, nslices, chunk) != ORIENTED_CASES[0])
     check_oriented("cpu", branches, b, d, n, length, nslices, chunk)
 
 
@@ -671,9 +680,8 @@ def test_fused_tom_under_interpreter(nslices, orientations, batch, layout, monke
 @pytest.mark.parametrize("batch,layout", [(2, torch.contiguous_format), (1, torch.channels_last_3d)])
 def test_fused_tom_branch_by_branch_under_interpreter(batch, layout, monkeypatch):
     """The backward run one branch at a time (as for large layers) gives the same gradients; chunks of 16 tokens, so
-    that each branch's chunk-entering states matter; the scan backward mirrored (as under Triton < 3.9)."""
+    that each branch's chunk-entering states matter."""
     _interpreter_index_patch(monkeypatch)
-    monkeypatch.setitem(tuning.TUNING, "bwd_mirror", True)
     monkeypatch.setattr(fused_tom, "one_branch_at_a_time", lambda branches, elements, device: True)
     monkeypatch.setitem(fused_tom.TUNING, "chunk", 16)
     monkeypatch.setattr(fused_tom, "SPLIT_K_PIECE", 24)
