@@ -1,6 +1,7 @@
 """The CLI as a user runs it: fit a few steps, resume from a checkpoint, test, in a temporary folder."""
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -82,6 +83,8 @@ def test_doctor():
     assert out.returncode == 0, out.stderr
     assert "scan backends:" in out.stdout and "torch" in out.stdout and "segresmamba_notom" in out.stdout
     assert "CPU bf16 conv3d weight gradient: relative error" in out.stdout
+    if importlib.util.find_spec("triton"):
+        assert "the Triton scan's backward runs its right-to-left recurrence as" in out.stdout
 
 
 @pytest.mark.parametrize(

@@ -923,7 +923,7 @@ def test_backward_is_mirrored_where_tritons_reverse_scan_flips_tiles(monkeypatch
     lanes) and as a reverse scan from 3.9 on; an explicit setting wins; anything else is refused."""
     monkeypatch.setitem(tuning.TUNING, "bwd_mirror", None)
     for version, mirrored in [("3.6.0", True), ("3.7.1", True), ("3.8.0", True), ("3.9.0", False), ("3.10.0+git1a2b", False),
-                              ("4.0.0", False), ("2.3.1", True)]:
+                              ("4.0.0", False), ("2.3.1", True), ("3.5.0.dev20250101", True), ("nightly", False)]:
         assert tuning.mirrored_backward(version) is mirrored, version
     monkeypatch.setitem(tuning.TUNING, "bwd_mirror", False)
     assert not tuning.mirrored_backward("3.6.0")

@@ -228,7 +228,8 @@ def triton_advice(triton_version: str | None, on_gpu: bool) -> str | None:
     if installed >= FASTER_TRITON:
         return None
     return (f"triton {triton_version}: the ToM layer's Triton kernels ran 0.81x as long compiled by Triton "
-            f"{'.'.join(map(str, FASTER_TRITON))} (torch 2.13) on an H200 (results/perf/triton_ab.md); a newer torch trains faster")
+            f"{'.'.join(map(str, FASTER_TRITON))} (torch 2.13) on an H200 (results/perf/triton_ab.md, before the mirrored scan "
+            "backward closed part of that gap); a newer torch trains faster")
 
 
 def doctor() -> int:
@@ -256,6 +257,11 @@ def doctor() -> int:
     print("scan backends:")
     for name, status in backend_status().items():
         print(f"  {name:10s} {status}")
+    if installed.get("triton"):
+        from segresmamba.ssm.triton.tuning import mirrored_backward
+
+        how = "mirrored, a forward scan of each chunk read backwards" if mirrored_backward(installed["triton"]) else "a reverse scan"
+        print(f"  the Triton scan's backward runs its right-to-left recurrence as {how} (TUNING['bwd_mirror'])")
     print(f"models: {', '.join(segresmamba.list_models())}")
     return 0
 

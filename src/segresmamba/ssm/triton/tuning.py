@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 
 import torch
 
@@ -83,8 +84,10 @@ def mirrored_under(settings: dict, triton_version: str) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _release(version: str) -> tuple[int, int]:
-    # cached: the scan's backward asks on every call, and each call is host time
-    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+    # cached: the scan's backward asks on every call, and each call is host time. A version that does not start with
+    # major.minor (a local build's own name) counts as newer than any release
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else (1 << 30, 0)
 
 
 def autocast_dtype_or(device_type: str, default: torch.dtype) -> torch.dtype:
