@@ -280,12 +280,15 @@ def _bwd_grad_kernel(
     du, ddelta, dz are contiguous (rows, d, L), dz one row per branch and batch element; dB, dC fp32
     (rows, n, L) accumulated atomically; dA/dD/ddelta_bias partials are one row per (row, chunk).
 
-    Triton lowers the reverse scan of dh by flipping its two operand tiles and its two result tiles across the
-    warp's lanes: 480 of this kernel's 598 shuffles per channel (sm_90 SASS, one warp over 64 tokens). Running the
-    dh side on the chunk read backwards instead (a forward scan; B and C flipped once per program, one tile and
-    four token rows per channel) cut them to 252 but measured slower on an H200 (fp32 5.10 against 4.96 ms, bf16
-    6.07 against 5.08 ms, the scan of d 96 over 64^3 tokens, fwd+bwd, git f55e222): with more registers spilled
-    and B and C read again per channel, the shuffles were not what bounds this kernel.
+    The dh recurrence runs right to left. Triton before 3.9 lowers a reverse ``tl.associative_scan`` by flipping its
+    two operand tiles and its two result tiles across the warp's lanes: 480 of this kernel's 598 shuffles per
+    channel under 3.6 (sm_90 SASS, one warp over 64 tokens). With MIRROR (:func:`~segresmamba.ssm.triton.tuning.
+    mirrored_backward`) the recurrence is a forward scan of the chunk read backwards: its operands come from two
+    flipped token rows and from C flipped once per program, and only dh is flipped back, so the rest of the kernel,
+    its registers and its spills are unchanged (the fused layer's loop: 1,697 instructions against 2,262 under
+    Triton 3.6; on an H200 the scan of d 96 over 64^3 tokens, bf16 fwd+bwd, 4.0 against 4.3 ms, git bd8b6f3). An
+    earlier mirrored form (git f55e222) flipped a tile of the h side and four rows per channel and kept B and C both
+    ways; it spilled more and measured slower.
     """
     pid_g, k, bb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bb64 = bb.to(tl.int64)
@@ -348,7 +351,6 @@ def _bwd_grad_kernel(
         decayed_prev = h - x  # a_t h_{t-1}, without dividing by a_t
         # a_{t+1}; 1 past the chunk or the sequence (dt_next masked to 0), where nothing reads it: the chunk's last
         # token starts the right-to-left scan, and past the sequence beta and dh are 0
-        a_next = tl.math.exp2(dt_next[None, :] * A2[:, None])
         if MIRROR:
             # on the chunk read backwards the right-to-left recurrence is a forward scan: its operands are built from
             # two flipped token rows and the flipped C, and only its result is flipped back
@@ -357,6 +359,7 @@ def _bwd_grad_kernel(
             _, dh = tl.associative_scan((a_next, beta), 1, _combine)
             dh = tl.flip(dh, 1)
         else:
+            a_next = tl.math.exp2(dt_next[None, :] * A2[:, None])
             beta = g[None, :] * Ct + tl.where(last, g_end[:, None], 0.0)
             _, dh = tl.associative_scan((a_next, beta), 1, _combine, reverse=True)
 
