@@ -934,6 +934,18 @@ def test_backward_is_mirrored_where_tritons_reverse_scan_flips_tiles(monkeypatch
         tuning.mirrored_backward("3.9.0")
 
 
+@pytest.mark.parametrize("value", ['"yes"', "1", "[true]"])
+def test_tuning_environment_refuses_a_non_boolean_mirror(value, monkeypatch):
+    """A bad ``bwd_mirror`` in SEGRESMAMBA_TRITON_SCAN is named when the settings are read, not inside a backward."""
+    monkeypatch.setattr(tuning, "TUNING", dict(tuning.TUNING))
+    monkeypatch.setenv(tuning.TUNING_ENV, '{"bwd_mirror": %s}' % value)
+    with pytest.raises(ValueError, match="SEGRESMAMBA_TRITON_SCAN: bwd_mirror must be true, false or null"):
+        tuning._read_environment()
+    monkeypatch.setenv(tuning.TUNING_ENV, '{"bwd_mirror": false}')
+    tuning._read_environment()
+    assert tuning.TUNING["bwd_mirror"] is False
+
+
 def test_unknown_upcast_mode_is_refused(monkeypatch):
     monkeypatch.setitem(tuning.TUNING, "upcast", "half")
     with pytest.raises(ValueError, match="upcast"):

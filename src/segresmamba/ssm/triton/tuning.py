@@ -52,6 +52,9 @@ def _read_environment() -> None:
         raise ValueError(f"{TUNING_ENV} must be a JSON object such as '{{\"chunk\": 128}}', got {text!r}: {err}") from err
     if not isinstance(override, dict) or set(override) - set(TUNING):
         raise ValueError(f"{TUNING_ENV} must be a JSON object with keys from {sorted(TUNING)}, got {text!r}")
+    mirror = override.get("bwd_mirror")
+    if mirror is not None and not isinstance(mirror, bool):
+        raise ValueError(f"{TUNING_ENV}: bwd_mirror must be true, false or null, got {mirror!r}")
     TUNING.update(override)
 
 
