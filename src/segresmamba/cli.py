@@ -221,11 +221,9 @@ def triton_advice(triton_version: str | None, on_gpu: bool) -> str | None:
     newer one would (measured), else None."""
     if not on_gpu or not triton_version:
         return None
-    try:
-        installed = tuple(int(part) for part in triton_version.split(".")[:2])
-    except ValueError:
-        return None
-    if installed >= FASTER_TRITON:
+    from segresmamba.ssm.triton.tuning import triton_release
+
+    if triton_release(triton_version) >= FASTER_TRITON:  # an unparsable version counts as the newest
         return None
     return (f"triton {triton_version}: the ToM layer's Triton kernels ran 0.81x as long compiled by Triton "
             f"{'.'.join(map(str, FASTER_TRITON))} (torch 2.13) on an H200 (results/perf/triton_ab.md, before the mirrored scan "

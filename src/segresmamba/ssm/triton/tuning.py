@@ -52,10 +52,15 @@ def _read_environment() -> None:
         raise ValueError(f"{TUNING_ENV} must be a JSON object such as '{{\"chunk\": 128}}', got {text!r}: {err}") from err
     if not isinstance(override, dict) or set(override) - set(TUNING):
         raise ValueError(f"{TUNING_ENV} must be a JSON object with keys from {sorted(TUNING)}, got {text!r}")
-    mirror = override.get("bwd_mirror")
-    if mirror is not None and not isinstance(mirror, bool):
-        raise ValueError(f"{TUNING_ENV}: bwd_mirror must be true, false or null, got {mirror!r}")
+    _checked_mirror(override.get("bwd_mirror"), TUNING_ENV)
     TUNING.update(override)
+
+
+def _checked_mirror(choice, source: str):
+    """``choice`` where it is a valid ``bwd_mirror`` (true, false or null), else a ValueError naming ``source``."""
+    if choice is not None and not isinstance(choice, bool):
+        raise ValueError(f"{source}: bwd_mirror must be true, false or null, got {choice!r}")
+    return choice
 
 
 _read_environment()
@@ -77,18 +82,14 @@ def mirrored_backward(triton_version: str) -> bool:
 
 def mirrored_under(settings: dict, triton_version: str) -> bool:
     """:func:`mirrored_backward` for the launch settings ``settings`` (a dict like :data:`TUNING`)."""
-    choice = settings.get("bwd_mirror")
-    if choice is None:
-        return _release(triton_version) < FLIPPING_REVERSE_SCAN_BEFORE
-    if not isinstance(choice, bool):
-        raise ValueError(f"TUNING['bwd_mirror'] must be true, false or null, got {choice!r}")
-    return choice
+    choice = _checked_mirror(settings.get("bwd_mirror"), "TUNING")
+    return triton_release(triton_version) < FLIPPING_REVERSE_SCAN_BEFORE if choice is None else choice
 
 
 @functools.lru_cache(maxsize=8)
-def _release(version: str) -> tuple[int, int]:
-    # cached: the scan's backward asks on every call, and each call is host time. A version that does not start with
-    # major.minor (a local build's own name) counts as newer than any release
+def triton_release(version: str) -> tuple[int, int]:
+    """(major, minor) of a Triton version string; one that does not start with major.minor (a local build's own
+    name) counts as newer than any release. Cached: the scan's backward asks on every call."""
     found = re.match(r"(\d+)\.(\d+)", version)
     return (int(found[1]), int(found[2])) if found else (1 << 30, 0)
 
@@ -124,4 +125,4 @@ def kernel_inputs(u, delta, B, C, grad_y=None) -> tuple:
 
 
 __all__ = ["CARRY_LANES", "CARRY_ROWS", "FLIPPING_REVERSE_SCAN_BEFORE", "MAX_CHANNEL_GROUP", "TUNING", "TUNING_ENV", "UPCAST_MODES",
-           "cdiv", "kernel_inputs", "mirrored_backward", "mirrored_under", "next_power_of_2"]
+           "cdiv", "kernel_inputs", "mirrored_backward", "mirrored_under", "next_power_of_2", "triton_release"]
