@@ -27,8 +27,20 @@ from segresmamba.ssm.triton.reference import chunked_scan_reference, chunked_sca
 
 HAS_TRITON = triton_available()
 if HAS_TRITON:  # the modules that import Triton
+    import triton
+    import triton.language as tl
+
     from segresmamba.ssm.triton import autograd as triton_scan
     from segresmamba.ssm.triton import fused_tom
+    from segresmamba.ssm.triton.kernels import _softplus
+
+    @triton.jit
+    def _softplus_rows(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        """The scan kernels' softplus over a vector (:func:`check_softplus`)."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+        tl.store(y_ptr + offs, _softplus(x), mask=offs < n)
+
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 
@@ -257,6 +269,29 @@ def test_kernels_strided_inputs(b, d, n, length, chunk):
 def test_kernels_half_precision(dtype, b, d, n, length, chunk):
     # state and sums in fp32; the error is the rounding of y and of the gradients to 8 (11) bits
     check_kernels("cuda", b, d, n, length, chunk, dtype=dtype, tol=1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def check_softplus(device):
+    """The scans' softplus of the step sizes against log(1 + e^x) in float64, relatively: from the far negative
+    steps (where 1 + e^x rounds to 1 in fp32, so the formula log(1 + exp(x)) gives 0) through x = 0 to past the
+    threshold of 20 where softplus(x) = x is usual."""
+    x = torch.cat([torch.linspace(-60, 30, 9001), torch.linspace(-1, 1, 2001), torch.tensor([0.0, -17.5, 20.0, 20.5])])
+    x = x.to(device)
+    y = torch.empty_like(x)
+    _softplus_rows[((x.numel() + 1023) // 1024,)](x, y, x.numel(), BLOCK=1024)
+    want = torch.logaddexp(torch.zeros_like(x, dtype=torch.float64), x.double()).cpu()
+    rel = ((y.double().cpu() - want).abs() / want).max().item()
+    assert rel < 1e-5, rel
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
+def test_softplus_under_interpreter():
+    check_softplus("cpu")
+
+
+@pytest.mark.gpu
+def test_softplus_on_gpu():
+    check_softplus("cuda")
 
 
 MAMBA_CASES = [

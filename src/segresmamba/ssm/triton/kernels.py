@@ -99,13 +99,30 @@ def _chunk_tile(k, code, L, N, S, M, T: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def _softplus(x):
+    """log(1 + exp(x)) = max(x, 0) + log1p(t), t = exp(-|x|) in (0, 1], with log1p(t) = 2 atanh(s) for
+    s = t / (2 + t) in (0, 1/3] summed to s^13 (the next term is below 2e-8 of the sum).
+
+    One exponential and one division, accurate to a few ulp everywhere, also where 1 + exp(x) rounds to 1 (x below
+    about -17, where log(1 + exp(x)) gives 0). That formula's logarithm is a polynomial of about 20 sm_90
+    instructions, and Triton 3.6 evaluates the step sizes in the (state x token) tile's layout, 8 tokens per thread
+    where 3.9 takes 2: this form took 86 of the output kernel's 709 loop instructions and 171 of the mirrored
+    backward's 1,697 under 3.6 (`perf.kernel_resources`)."""
+    t = tl.math.exp2(-tl.abs(x) * LOG2E)
+    s = t / (2.0 + t)
+    w = s * s
+    series = 1.0 + w * (1.0 / 3.0 + w * (1.0 / 5.0 + w * (1.0 / 7.0 + w * (1.0 / 9.0 + w * (1.0 / 11.0 + w * (1.0 / 13.0))))))
+    return tl.maximum(x, 0.0) + 2.0 * s * series
+
+
+@triton.jit
 def _load_steps(delta_row, bias_ptr, ch, offs_t, mask_t, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """(raw, dt) for one channel's chunk; dt = 0 outside the sequence so padding is inert."""
     raw = tl.load(delta_row + offs_t, mask=mask_t, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw = raw + tl.load(bias_ptr + ch).to(tl.float32)
     if SOFTPLUS:
-        dt = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw)
+        dt = _softplus(raw)
     else:
         dt = raw
     dt = tl.where(mask_t, dt, 0.0)
