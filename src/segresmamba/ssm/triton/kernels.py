@@ -103,11 +103,12 @@ def _softplus(x):
     """log(1 + exp(x)) = max(x, 0) + log1p(t), t = exp(-|x|) in (0, 1], with log1p(t) = 2 atanh(s) for
     s = t / (2 + t) in (0, 1/3] summed to s^13 (the next term is below 2e-8 of the sum).
 
-    One exponential and one division, accurate to a few ulp everywhere, also where 1 + exp(x) rounds to 1 (x below
+    One exponential and one division. Relative error within 4e-6 of float64 from x = -60 up (a float32 emulation;
+    the tests hold it to 1e-5 on the GPU and under the interpreter), also where 1 + exp(x) rounds to 1 (x below
     about -17, where log(1 + exp(x)) gives 0). That formula's logarithm is a polynomial of about 20 sm_90
     instructions, and Triton 3.6 evaluates the step sizes in the (state x token) tile's layout, 8 tokens per thread
-    where 3.9 takes 2: this form took 86 of the output kernel's 709 loop instructions and 171 of the mirrored
-    backward's 1,697 under 3.6 (`perf.kernel_resources`)."""
+    where 3.9 takes 2: replacing it cut the output kernel's loop from 709 to 623 instructions and the mirrored
+    backward's from 1,697 to 1,526 under 3.6 (`perf.kernel_resources`)."""
     t = tl.math.exp2(-tl.abs(x) * LOG2E)
     s = t / (2.0 + t)
     w = s * s
