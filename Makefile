@@ -33,7 +33,7 @@ install: $(STAMP) ## create .venv and install the suite (CPU torch without a GPU
 
 test: $(STAMP) ## run the fast test suite (CPU, a few minutes), then the Triton kernels through Triton's interpreter
 	$(PY) -m pytest -q
-	@if $(PY) -c "import triton" 2>/dev/null; then TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_scan_triton.py tests/test_group_norm.py -k interpreter; \
+	@if $(PY) -c "import triton" 2>/dev/null; then TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_scan_triton.py tests/test_group_norm.py tests/test_upsample.py -k interpreter; \
 	else echo "triton not installed: the kernel tests under its interpreter are skipped"; fi
 
 test-slow: $(STAMP) ## run the slow CPU tests too (long-sequence scan, longer fits)

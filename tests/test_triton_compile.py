@@ -91,7 +91,21 @@ def _token_norm_cases():
     return cases
 
 
-CASES = _scan_cases() + _norm_cases() + _token_norm_cases()
+def _upsample_cases():
+    from segresmamba.models import upsample_kernels as k
+
+    cases = []
+    for channels in (48, 8):  # a SegResMamba decoder level's channel block, and one of a narrow net
+        bs, bc = k._blocks(channels)
+        tile = {"BLOCK_S": bs, "BLOCK_C": bc}
+        cases += [
+            (f"upsample fwd C={channels}", k._fwd_kernel, tile, {"x_ptr": "*bf16", "y_ptr": "*fp32"}, 4),
+            (f"upsample bwd C={channels}", k._bwd_kernel, tile, {"g_ptr": "*fp32", "dx_ptr": "*bf16"}, 4),
+        ]
+    return cases
+
+
+CASES = _scan_cases() + _norm_cases() + _token_norm_cases() + _upsample_cases()
 
 
 @pytest.mark.parametrize("name,kernel,constexprs,pointer_types,num_warps", CASES, ids=[c[0] for c in CASES])
