@@ -48,11 +48,15 @@ class _GraphCheck:
         return losses
 
     @staticmethod
-    def assert_within_eager_spread(names, first, second, graph, autocast):
-        # the scan sums dB and dC by atomic adds, and the normalisation layers amplify those last bits upstream
+    def assert_within_eager_spread(names, first, others, graph, autocast):
+        """``graph``'s gradients lie within 4x the spread of the eager runs: ``first`` against each run of ``others``
+        (a list of runs), the largest difference per parameter. The scan sums dB and dC by atomic adds, and the
+        normalisation layers amplify those last bits upstream; two runs can happen to land close for one parameter,
+        so several runs give a steadier spread than one pair."""
         floor = (2e-2 if autocast else 1e-5) * torch.cat([g.flatten() for g in first]).norm()
-        for name, a, b, g in zip(names, first, second, graph):
-            assert (g - a).norm() <= 4 * (b - a).norm() + floor, name
+        for i, (name, a, g) in enumerate(zip(names, first, graph)):
+            spread = max((run[i] - a).norm() for run in others)
+            assert (g - a).norm() <= 4 * spread + floor, name
 
 
 @pytest.fixture

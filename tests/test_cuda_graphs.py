@@ -78,7 +78,7 @@ def test_graphed_training_matches_eager(autocast, graph_check):
 
     # one step's gradients: the graphs compute what the eager layers compute, to within the spread of two eager runs
     first, second, graph = (graph_check.step_grads(m.parameters(), loss_of(m), autocast)[1] for m in (eager, eager, graphed))
-    graph_check.assert_within_eager_spread([n for n, _ in eager.named_parameters()], first, second, graph, autocast)
+    graph_check.assert_within_eager_spread([n for n, _ in eager.named_parameters()], first, [second], graph, autocast)
     # then training: the graphs read the parameters the optimizer updates in place. The scan's dB and dC
     # are summed by atomic adds, so two runs differ in the last bits and Adam carries that along.
     want = train_steps(eager, x, 3)
