@@ -185,3 +185,35 @@ def test_make_graphs_captures_after_its_own_warm_up(monkeypatch):
     module = _Recorded()
     assert cuda_graphs.make_graphs(module, (torch.randn(3, 6),), 2, allow_unused_input=True) == "graphed"
     assert seen == {"warmup": 0, "alive": [False, False], "unused": True}
+
+
+def test_capture_runs_after_a_collection_with_the_collector_paused(monkeypatch):
+    """An unreachable cycle (a dropped TrainingGraph and its task hold each other, and with them CUDA graphs and a
+    memory pool) is collected before the capture, and no collection can fall inside it: destroying graphs or giving
+    back their memory while another capture records invalidates that capture."""
+    import contextlib
+    import gc
+
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+    freed, seen = [], {}
+
+    def fake_make_graphed_callables(callables, samples, **kwargs):
+        seen.update(collector_on=gc.isenabled(), freed_before=list(freed))
+        return callables
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_make_graphed_callables)
+    cycle = Cycle()
+    weakref.finalize(cycle, freed.append, "cycle")
+    del cycle
+    assert freed == []  # only the cyclic collector frees it
+    assert gc.isenabled()
+    func = torch.nn.Linear(2, 2)
+    assert cuda_graphs.make_graphs(func, (torch.zeros(1, 2),), warmup=1) is func
+    assert seen == {"collector_on": False, "freed_before": ["cycle"]}
+    assert gc.isenabled()

@@ -90,8 +90,12 @@ def small_tiles(monkeypatch):
 
 
 @interpreter
-@pytest.mark.parametrize("shape", [(2, 3, 4, 5, 6), (1, 70, 3, 2, 2), (1, 2, 1, 3, 1), (1, 1, 7, 1, 5)])
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("shape,layout", [
+    ((2, 3, 3, 4, 5), torch.contiguous_format),
+    ((1, 70, 3, 2, 2), torch.channels_last_3d),  # two channel blocks, the second ragged
+    ((1, 2, 1, 3, 1), torch.contiguous_format),  # axes of one voxel: both neighbours clamped
+    ((2, 5, 1, 7, 3), torch.channels_last_3d),
+])
 def test_kernels_under_interpreter_match_pytorch(shape, layout, small_tiles):
     x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_()
     assert up_mod._use_kernels(x)

@@ -24,6 +24,7 @@ Lightning callback that captures them before a fit's first training step.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Iterator
@@ -132,9 +133,31 @@ def warm_up(func, args: tuple, steps: int, allow_unused: bool = False) -> None:
         del outputs
 
 
+@contextmanager
+def garbage_collected_first() -> Iterator[None]:
+    """Python's cyclic garbage collected now, and the collector paused until the block ends.
+
+    An unreachable cycle can hold CUDA graphs and their memory pool: a dropped :class:`~segresmamba.step_graphs.
+    TrainingGraph` and its task refer to each other. If the collector frees such a cycle while another capture is
+    recording, destroying the graphs and giving back their memory are calls a capture does not allow, and CUDA
+    invalidates the capture (``cudaErrorStreamCaptureInvalidated``, and the CUDA generator is left in capture state).
+    ``torch.cuda.graph`` once collected before every capture; torch 2.11 to 2.13 do so only under
+    ``torch.compiler.config.force_cudagraph_gc``, so whether a collection falls inside a capture depends on what the
+    process ran before."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def make_graphs(callables, samples: tuple, warmup: int, allow_unused_input: bool = False):
     """``torch.cuda.make_graphed_callables(callables, samples)`` after a warm-up of ``warmup`` passes run here
-    (:func:`warm_up`, on a side stream between synchronisations, as torch runs its own).
+    (:func:`warm_up`, on a side stream between synchronisations, as torch runs its own), with the garbage collected
+    before the capture and none collected during it (:func:`garbage_collected_first`).
 
     torch's own warm-up keeps its last pass's outputs and gradients referenced through the forward's capture (torch
     2.11 to 2.13 end it with ``for v in [...]: del v``, which drops the loop variable only, and rebind those names
@@ -147,7 +170,8 @@ def make_graphs(callables, samples: tuple, warmup: int, allow_unused_input: bool
         for func, args in pairs:
             warm_up(func, args, warmup, allow_unused_input)
     torch.cuda.synchronize()
-    return torch.cuda.make_graphed_callables(callables, samples, num_warmup_iters=0, allow_unused_input=allow_unused_input)
+    with garbage_collected_first():
+        return torch.cuda.make_graphed_callables(callables, samples, num_warmup_iters=0, allow_unused_input=allow_unused_input)
 
 
 def graph_tom_layers(
