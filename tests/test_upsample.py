@@ -45,6 +45,17 @@ def test_use_fast_upsample_on_suite_nets(name, expected):
     assert state.keys() == net.state_dict().keys()
 
 
+def test_task_switches_its_nets_upsampling():
+    """Every net the task builds gets the kernels (SegResMamba's and SegResNet's decoders alike, so the comparison
+    between them stays even)."""
+    from segresmamba.task import SegmentationTask
+
+    for net in ("segresmamba", "segresnet"):
+        task = SegmentationTask(net=net, in_channels=4, out_channels=3, img_size=64)
+        kinds = [type(m) for m in task.net.modules() if isinstance(m, nn.Upsample)]
+        assert kinds == [TrilinearUpsample2x] * 3, net
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the CPU path without the interpreter")
 def test_cpu_falls_back_to_nn_upsample_exactly():
     ref = nn.Upsample(scale_factor=2, mode="trilinear")
