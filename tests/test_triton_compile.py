@@ -95,12 +95,14 @@ def _upsample_cases():
     from segresmamba.models import upsample_kernels as k
 
     cases = []
-    for channels in (48, 8):  # a SegResMamba decoder level's channel block, and one of a narrow net
-        bs, bc = k._blocks(channels)
+    # a SegResMamba decoder level's channel block and one of a narrow net (channels-last), and the NCDHW tile
+    for channels, channels_last in ((48, True), (8, True), (48, False)):
+        bs, bc = k._blocks(channels, channels_last)
         tile = {"BLOCK_S": bs, "BLOCK_C": bc}
+        name = f"C={channels}{' channels-last' if channels_last else ''}"
         cases += [
-            (f"upsample fwd C={channels}", k._fwd_kernel, tile, {"x_ptr": "*bf16", "y_ptr": "*fp32"}, 4),
-            (f"upsample bwd C={channels}", k._bwd_kernel, tile, {"g_ptr": "*fp32", "dx_ptr": "*bf16"}, 4),
+            (f"upsample fwd {name}", k._fwd_kernel, tile, {"x_ptr": "*bf16", "y_ptr": "*fp32"}, 4),
+            (f"upsample bwd {name}", k._bwd_kernel, tile, {"g_ptr": "*fp32", "dx_ptr": "*bf16"}, 4),
         ]
     return cases
 

@@ -17,8 +17,9 @@ scattered: input k receives outputs 2k - 1, 2k, 2k + 1, 2k + 2 with weights 1/4,
 (PyTorch's CUDA backward adds with atomics).
 
 Tensors go in as (N, C, D, H, W) with their own strides, so NCDHW and channels-last (NDHWC) maps are read in place;
-a program walks a (voxel block x channel block) tile. All arithmetic in fp32; each output is stored in its
-tensor's dtype.
+a program walks a (voxel block x channel block) tile whose shape follows the layout (:func:`_blocks`): the threads
+of a warp must step through neighbouring addresses, channels in NDHWC, voxels in NCDHW. All arithmetic in fp32;
+each output is stored in its tensor's dtype.
 """
 
 from __future__ import annotations
@@ -119,8 +120,13 @@ def _bwd_kernel(g_ptr, dx_ptr, C, D, H, W,
     tl.store(dx_ptr + n * sxn + (c * sxc)[None, :] + x_offset[:, None], acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(channels: int) -> tuple[int, int]:
-    """(voxels, channels) of a program's tile: up to 64 channels, voxels filling the rest of ``TILE``."""
+def _blocks(channels: int, channels_last: bool) -> tuple[int, int]:
+    """(voxels, channels) of a program's tile of ``TILE`` elements. Consecutive threads take consecutive elements of
+    the tile's last axis, so that axis must be the one whose neighbours lie together in memory: up to 64 channels of a
+    channels-last map, voxels filling the rest; one channel of an NCDHW map, whose voxels along W are contiguous (a
+    tile across its channels would put consecutive threads a whole map apart)."""
+    if not channels_last:
+        return TILE, 1
     bc = min(next_power_of_2(channels), 64)
     return max(TILE // bc, 16), bc
 
@@ -132,11 +138,12 @@ def _strides(t: torch.Tensor) -> tuple[int, ...]:
 def upsample_forward(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """(N, C, D, H, W) -> (N, C, 2D, 2H, 2W) in ``out_dtype``: channels-last for a channels-last ``x``, else NCDHW."""
     n, c, d, h, w = x.shape
-    fmt = torch.channels_last_3d if is_channels_last(x) else torch.contiguous_format
+    channels_last = is_channels_last(x)
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     y = torch.empty((n, c, 2 * d, 2 * h, 2 * w), dtype=out_dtype, device=x.device, memory_format=fmt)
     if y.numel() == 0:
         return y
-    bs, bc = _blocks(c)
+    bs, bc = _blocks(c, channels_last)
     grid = (cdiv(8 * d * h * w, bs), cdiv(c, bc), n)
     _fwd_kernel[grid](x, y, c, d, h, w, *_strides(x), *_strides(y), BLOCK_S=bs, BLOCK_C=bc)
     return y
@@ -148,7 +155,7 @@ def upsample_backward(grad: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     n, c, d, h, w = dx.shape
     if dx.numel() == 0:
         return dx
-    bs, bc = _blocks(c)
+    bs, bc = _blocks(c, is_channels_last(dx))
     grid = (cdiv(d * h * w, bs), cdiv(c, bc), n)
     _bwd_kernel[grid](grad, dx, c, d, h, w, *_strides(grad), *_strides(dx), BLOCK_S=bs, BLOCK_C=bc)
     return dx
