@@ -66,6 +66,18 @@ def test_cpu_falls_back_to_nn_upsample_exactly():
     assert torch.equal(ours(x), ref(x))
 
 
+def test_kernel_path_only_within_its_limits(monkeypatch):
+    """32-bit offsets within a sample and the launch grid's axes: outside them nn.Upsample's own path runs."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(up_mod, "_kernels", lambda: object())  # Triton present, whatever this machine has
+    assert up_mod._use_kernels(torch.empty(2, 3, 4, 4, 4))
+    assert not up_mod._use_kernels(torch.empty(2, 3, 4, 4, 4, dtype=torch.float64))
+    assert not up_mod._use_kernels(torch.empty(2, 3, 4, 4))
+    assert not up_mod._use_kernels(torch.empty(1, 65536, 1, 1, 1))  # one program column per channel (NCDHW)
+    assert not up_mod._use_kernels(torch.empty(65536, 1, 1, 1, 1))
+    assert not up_mod._use_kernels(torch.empty(1, 1, 1024, 1024, 256, device="meta"))  # 2^31 upsampled voxels
+
+
 def test_trace_records_aten_upsample(monkeypatch):
     """fvcore counts MACs from a jit trace: the traced graph must hold PyTorch's op, not a Python Function."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernel path would be taken, were it not for the trace

@@ -33,6 +33,7 @@ __all__ = ["TrilinearUpsample2x", "TrilinearUpsample2xFunction", "use_fast_upsam
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_GRID_AXIS_LIMIT = 65535  # programs along a CUDA grid's y and z axes (channel blocks, samples)
 
 
 @functools.cache
@@ -47,11 +48,13 @@ def _kernels():
 
 def _use_kernels(x: torch.Tensor) -> bool:
     """The Triton path: a 5-D fp32 / bf16 / fp16 tensor on CUDA (or under Triton's interpreter), each sample's
-    upsampled map under 2^31 elements (the kernels' 32-bit offsets), Triton present."""
+    upsampled map under 2^31 elements (the kernels' 32-bit offsets), batch and channels within the launch grid's
+    second and third axes (65,535), Triton present."""
     on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     if not on_device or x.dim() != 5 or x.dtype not in _KERNEL_DTYPES or torch.jit.is_tracing():
         return False
-    return 8 * x[0].numel() < 2**31 and _kernels() is not None
+    fits = 8 * x[0].numel() < 2**31 and max(x.shape[0], x.shape[1]) <= _GRID_AXIS_LIMIT
+    return fits and _kernels() is not None
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
