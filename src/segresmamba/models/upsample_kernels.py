@@ -36,6 +36,14 @@ TILE = 1024
 
 
 @triton.jit
+def _voxel(s, H, W):
+    """Flat voxel indices ``s`` of a (D, H, W) grid, W fastest -> their (d, h, w)."""
+    w = s % W
+    h = (s // W) % H
+    return s // (W * H), h, w
+
+
+@triton.jit
 def _fwd_taps(o, n):
     """Output index ``o`` of an axis with ``n`` inputs -> (lower input, upper input, lower weight)."""
     k = o // 2
@@ -66,9 +74,7 @@ def _fwd_kernel(x_ptr, y_ptr, C, D, H, W,
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (s < 2 * D * Ho * Wo)[:, None] & (c < C)[None, :]
-    ow = s % Wo
-    oh = (s // Wo) % Ho
-    od = s // (Wo * Ho)
+    od, oh, ow = _voxel(s, Ho, Wo)
     d0, d1, wd = _fwd_taps(od, D)
     h0, h1, wh = _fwd_taps(oh, H)
     w0, w1, ww = _fwd_taps(ow, W)
@@ -100,9 +106,7 @@ def _bwd_kernel(g_ptr, dx_ptr, C, D, H, W,
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (s < D * H * W)[:, None] & (c < C)[None, :]
-    kw = s % W
-    kh = (s // W) % H
-    kd = s // (W * H)
+    kd, kh, kw = _voxel(s, H, W)
     g_base = g_ptr + n * sgn + (c * sgc)[None, :]
     acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
     for i in tl.static_range(4):
