@@ -3,9 +3,15 @@
 An eager training step of a 3D network issues a few thousand kernel launches. Where the GPU finishes many of
 them in microseconds (SegResMamba's small ToM layers, the deep decoder levels), the step waits on the host's
 Python and launch overhead rather than on the GPU. :class:`TrainingGraph` records one training forward, the
-task's loss (deep supervision included) and the backward once, as two CUDA graphs
-(``torch.cuda.make_graphed_callables``), and replays them: two launches per step instead of thousands. The
-optimiser step, gradient clipping, loss scaling and DDP's gradient all-reduce stay eager, outside the graphs.
+task's loss (deep supervision included) and the backward once, as two CUDA graphs, and replays them: two launches
+per step instead of thousands. The optimiser step, gradient clipping, loss scaling and DDP's gradient all-reduce
+stay eager, outside the graphs.
+
+The capture follows ``torch.cuda.make_graphed_callables`` (one memory pool, the forward captured before the
+backward, the parameters as the inputs of one autograd node), with two differences that matter to a whole step.
+The forward graph is replayed before that node is built, so its host work over every parameter (a few hundred
+microseconds) overlaps the forward's kernels instead of delaying the first one; and the image is copied into the
+captured input in the captured layout, so a channels-last step needs no conversion of its own.
 
 Constraints (those of CUDA graphs, checked where they can be):
 
@@ -34,7 +40,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from segresmamba.ssm.cuda_graphs import ToMCudaGraphs, capture_setting, graphed_tom_layers, make_graphs
+from torch.autograd.function import once_differentiable
+
+from segresmamba.ssm.cuda_graphs import ToMCudaGraphs, capture_setting, garbage_collected_first, graphed_tom_layers, warm_up_apart
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +92,34 @@ class _NetAndLoss(nn.Module):
         return self.loss_of(self.net(image), label)
 
 
+class _ReplayedStep(torch.autograd.Function):
+    """The loss of a training step whose forward graph has just replayed, as an autograd node over the parameters:
+    its backward replays the backward graph and hands autograd the gradients in the graph's buffers, so DDP's hooks
+    and ``.grad`` accumulation see them as after an eager step."""
+
+    @staticmethod
+    def forward(ctx, graph: "TrainingGraph", *params: torch.Tensor) -> torch.Tensor:
+        ctx.graph = graph
+        return graph._loss.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple:
+        graph = ctx.graph
+        if grad_loss.data_ptr() != graph._grad_loss.data_ptr():
+            graph._grad_loss.copy_(grad_loss)
+        graph._backward.replay()
+        # new tensors on the buffers (not the buffers themselves, which this graph keeps referring to): autograd then
+        # hands each to .grad as it is instead of cloning it
+        return (None, *(g.detach() if g is not None else None for g in graph._grads))
+
+
 class TrainingGraph:
     """A task's training forward + loss + backward recorded as CUDA graphs for one batch signature.
 
-    Calling it with a batch of the captured shapes returns the loss (with a ``grad_fn`` whose backward replays
-    the backward graph and hands the parameter gradients to autograd, so DDP's hooks and ``.grad``
-    accumulation see them as usual).
+    Calling it with a batch of the captured shapes copies the batch into the captured inputs, replays the forward
+    graph and returns the loss, with a ``grad_fn`` whose backward replays the backward graph and hands the parameter
+    gradients to autograd (so DDP's hooks and ``.grad`` accumulation see them as usual).
 
     Args:
         task: a :class:`~segresmamba.task.SegmentationTask` on a CUDA device.
@@ -110,17 +140,30 @@ class TrainingGraph:
             raise ValueError(f"warmup must be >= 1, got {warmup}")
         if graphed_tom_layers(task.net):
             raise ValueError("the ToM layers already replay their own CUDA graphs (ToMCudaGraphs); use one of the two modes")
-        if getattr(task.hparams, "channels_last", False):
-            # captured in the layout SegmentationTask.training_step hands it: a replay's copy into the static input
-            # is then a plain copy, and the first conv reads NDHWC as in the eager step
-            image = image.contiguous(memory_format=torch.channels_last_3d)
+        module = _NetAndLoss(task)
+        self._params = tuple(p for p in module.parameters() if p.requires_grad)
+        if not self._params:
+            raise ValueError("the network has no trainable parameters: there is no training step to capture")
         self.signature = self._signature(image, label)
         self.task = task
-        module = _NetAndLoss(task)
+        # the captured inputs, in the layout SegmentationTask.training_step would hand the net: with channels_last a
+        # replay's copy into the image converts the loader's NCDHW batch, and the first conv reads NDHWC as eagerly
+        layout = torch.channels_last_3d if getattr(task.hparams, "channels_last", False) else torch.contiguous_format
+        self._image = image.detach().clone(memory_format=layout)
+        self._label = label.detach().clone()
+        self._forward, self._backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with capture_setting(task.net, autocast_dtype), gradients_in_parameter_layouts(module):
-            # allow_unused_input: parameters the training forward never reads (UNETR's unused ViT parts)
-            # get no gradient, as in the eager step
-            self._graphed = make_graphs(module, (image.detach().clone(), label.detach().clone()), warmup, allow_unused_input=True)
+            warm_up_apart([(module, (self._image, self._label))], warmup, allow_unused=True)
+            pool = torch.cuda.graph_pool_handle()
+            with garbage_collected_first():
+                with torch.cuda.graph(self._forward, pool=pool):
+                    loss = module(self._image, self._label)
+                self._grad_loss = torch.empty_like(loss)
+                with torch.cuda.graph(self._backward, pool=pool):
+                    # allow_unused: parameters the training forward never reads (UNETR's unused ViT parts) get no
+                    # gradient, as in the eager step
+                    self._grads = torch.autograd.grad(loss, self._params, self._grad_loss, allow_unused=True)
+        self._loss = loss.detach()
         # the warm-up ran the step eagerly: its activations' blocks stay cached in the allocator's default pool, where
         # the replays (which write into the graphs' own pool) never reuse them. Hand them back to the device, or the
         # process holds an eager step's memory and the graphs' for the whole run
@@ -136,7 +179,12 @@ class TrainingGraph:
                 and self._signature(image, label) == self.signature)
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        return self._graphed(image, label)
+        for captured, given in ((self._image, image), (self._label, label)):
+            if captured.data_ptr() != given.data_ptr():
+                captured.copy_(given)
+        # the forward's kernels first, the autograd node after: its work over every parameter then overlaps them
+        self._forward.replay()
+        return _ReplayedStep.apply(self, *self._params)
 
 
 class StepCudaGraphs(L.Callback):

@@ -272,11 +272,11 @@ class SegmentationTask(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image, label = batch["image"], batch["label"]
-        if self.hparams.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last_3d)
         if self.step_graph is not None and self.step_graph.matches(image, label):
-            loss = self.step_graph(image, label)
+            loss = self.step_graph(image, label)  # copies the batch into its captured inputs, in their layout
         else:
+            if self.hparams.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last_3d)
             loss = self._loss(self.net(image), label)
         # the optimiser step in a fit; the caller's step count where no trainer drives the task (the benchmarks)
         self._loss_watch.watch(loss, self.global_step if self._trainer is not None else batch_idx)

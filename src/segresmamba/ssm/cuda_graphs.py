@@ -133,6 +133,16 @@ def warm_up(func, args: tuple, steps: int, allow_unused: bool = False) -> None:
         del outputs
 
 
+def warm_up_apart(pairs, steps: int, allow_unused: bool = False) -> None:
+    """:func:`warm_up` of each ``(func, args)`` pair on a side stream, between device synchronisations (as
+    ``make_graphed_callables`` runs its own): the capture that follows starts from an idle device."""
+    torch.cuda.synchronize()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        for func, args in pairs:
+            warm_up(func, args, steps, allow_unused)
+    torch.cuda.synchronize()
+
+
 @contextmanager
 def garbage_collected_first() -> Iterator[None]:
     """Python's cyclic garbage collected now, and the collector paused until the block ends.
@@ -165,11 +175,7 @@ def make_graphs(callables, samples: tuple, warmup: int, allow_unused_input: bool
     the end of the forward, where the capture's memory peaks. Here they are gone before the first capture starts,
     and torch's warm-up is asked for none."""
     pairs = zip(callables, samples) if isinstance(callables, tuple) else [(callables, samples)]
-    torch.cuda.synchronize()
-    with torch.cuda.stream(torch.cuda.Stream()):
-        for func, args in pairs:
-            warm_up(func, args, warmup, allow_unused_input)
-    torch.cuda.synchronize()
+    warm_up_apart(pairs, warmup, allow_unused_input)
     with garbage_collected_first():
         return torch.cuda.make_graphed_callables(callables, samples, num_warmup_iters=0, allow_unused_input=allow_unused_input)
 
@@ -282,4 +288,4 @@ class ToMCudaGraphs(L.Callback):
 
 
 __all__ = ["DEFAULT_MAX_TOKENS", "ToMCudaGraphs", "graph_tom_layers", "graphed_tom_layers", "make_graphs", "release_tom_graphs",
-           "tom_input_shapes", "warm_up"]
+           "tom_input_shapes", "warm_up", "warm_up_apart"]
