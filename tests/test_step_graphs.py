@@ -227,6 +227,9 @@ def test_step_graph_matches_eager(net, recipe, channels_last, branchwise, autoca
     graphed = copy.deepcopy(eager)
     graphed.step_graph = TrainingGraph(graphed, b["image"], b["label"], torch.bfloat16 if autocast else None)
     assert graphed.step_graph.matches(b["image"], b["label"])
+    # under autocast the graphs cast the convolutions' and linear layers' weights in one copy (param_casts)
+    assert (len(graphed.step_graph.casts) > 0) if autocast else graphed.step_graph.casts is None
+
     def grads(task):
         return graph_check.step_grads(task.parameters(), lambda: task.training_step(b, 0), autocast)
 

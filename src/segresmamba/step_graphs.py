@@ -11,7 +11,9 @@ The capture follows ``torch.cuda.make_graphed_callables`` (one memory pool, the 
 backward, the parameters as the inputs of one autograd node), with two differences that matter to a whole step.
 The forward graph is replayed before that node is built, so its host work over every parameter (a few hundred
 microseconds) overlaps the forward's kernels instead of delaying the first one; and the image is copied into the
-captured input in the captured layout, so a channels-last step needs no conversion of its own.
+captured input in the captured layout, so a channels-last step needs no conversion of its own. Under autocast the
+graphs cast the convolution and linear weights in one multi-tensor copy each way (:mod:`segresmamba.param_casts`)
+instead of two kernels per parameter: the same values.
 
 Constraints (those of CUDA graphs, checked where they can be):
 
@@ -39,9 +41,9 @@ from contextlib import contextmanager
 import lightning as L
 import torch
 from torch import nn
-
 from torch.autograd.function import once_differentiable
 
+from segresmamba.param_casts import ParameterCasts, castable_parameters
 from segresmamba.ssm.cuda_graphs import ToMCudaGraphs, capture_setting, garbage_collected_first, graphed_tom_layers, warm_up_apart
 
 log = logging.getLogger(__name__)
@@ -80,16 +82,19 @@ def gradients_in_parameter_layouts(module: nn.Module) -> Iterator[None]:
 
 
 class _NetAndLoss(nn.Module):
-    """The task's network and loss as one module: its parameters are the network's (and the loss's, if any)."""
+    """The task's network and loss as one module: its parameters are the network's (and the loss's, if any). With
+    ``casts`` the network runs on its parameters' autocast casts made in one copy (:mod:`segresmamba.param_casts`)."""
 
     def __init__(self, task) -> None:
         super().__init__()
         self.net = task.net
         self.loss_fn = task.loss_fn
         self.loss_of = task._loss  # deep-supervision weighting + the recipe's loss, as the eager step runs it
+        self.casts: ParameterCasts | None = None
 
     def forward(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        return self.loss_of(self.net(image), label)
+        logits = self.net(image) if self.casts is None else self.casts.forward(self.net, image)
+        return self.loss_of(logits, label)
 
 
 class _ReplayedStep(torch.autograd.Function):
@@ -152,8 +157,14 @@ class TrainingGraph:
         self._image = image.detach().clone(memory_format=layout)
         self._label = label.detach().clone()
         self._forward, self._backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        self.casts: ParameterCasts | None = None  # the parameters cast in one copy, under autocast
         with capture_setting(task.net, autocast_dtype), gradients_in_parameter_layouts(module):
             warm_up_apart([(module, (self._image, self._label))], warmup, allow_unused=True)
+            if autocast_dtype is not None:
+                # after the warm-up, which made the scan's auto choices: the traced forward takes the captured path
+                names = castable_parameters(task.net, lambda: task.net(self._image), autocast_dtype)
+                module.casts = self.casts = ParameterCasts(task.net, names, autocast_dtype)
+                warm_up_apart([(module, (self._image, self._label))], 1, allow_unused=True)
             pool = torch.cuda.graph_pool_handle()
             with garbage_collected_first():
                 with torch.cuda.graph(self._forward, pool=pool):
