@@ -199,6 +199,35 @@ def test_capture_reuses_the_measured_scan_backend(monkeypatch):
     assert calls == ["triton", scan_mod.resolve_backend("auto", u.device)]
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_capture_casts_the_parameters_in_one_copy_or_warns(fails, monkeypatch):
+    """The capture's cast path (on a CPU, its warm-up run by the plain warm-up): the casts are chosen and run once;
+    where choosing them fails, a warning names the error and the step keeps autocast's own casts."""
+    from segresmamba import step_graphs
+    from segresmamba.ssm.cuda_graphs import warm_up
+
+    task = small_task("nnunet", "nnunet", 32)
+    module = step_graphs._NetAndLoss(task)
+    graph = TrainingGraph.__new__(TrainingGraph)
+    b = batch(32)
+    graph._image, graph._label = b["image"], b["label"]
+    ran = []
+    monkeypatch.setattr(step_graphs, "warm_up_apart", lambda pairs, steps, allow_unused=False: ran.extend(
+        warm_up(func, args, steps, allow_unused) for func, args in pairs))
+    if fails:
+        def broken(*args):
+            raise RuntimeError("no dispatch here")
+        monkeypatch.setattr(step_graphs, "castable_parameters", broken)
+        with pytest.warns(UserWarning, match="RuntimeError: no dispatch here"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+                assert graph._cast_in_one_copy(module, torch.bfloat16) is None
+        assert module.casts is None and not ran
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            casts = graph._cast_in_one_copy(module, torch.bfloat16)
+        assert module.casts is casts and len(casts) > 0 and ran == [None]
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 

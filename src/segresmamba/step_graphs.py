@@ -35,6 +35,7 @@ graphs on the first training batch of a fit, under the trainer's autocast.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -161,10 +162,7 @@ class TrainingGraph:
         with capture_setting(task.net, autocast_dtype), gradients_in_parameter_layouts(module):
             warm_up_apart([(module, (self._image, self._label))], warmup, allow_unused=True)
             if autocast_dtype is not None:
-                # after the warm-up, which made the scan's auto choices: the traced forward takes the captured path
-                names = castable_parameters(task.net, lambda: task.net(self._image), autocast_dtype)
-                module.casts = self.casts = ParameterCasts(task.net, names, autocast_dtype)
-                warm_up_apart([(module, (self._image, self._label))], 1, allow_unused=True)
+                self.casts = module.casts = self._cast_in_one_copy(module, autocast_dtype)
             pool = torch.cuda.graph_pool_handle()
             with garbage_collected_first():
                 with torch.cuda.graph(self._forward, pool=pool):
@@ -179,6 +177,21 @@ class TrainingGraph:
         # the replays (which write into the graphs' own pool) never reuse them. Hand them back to the device, or the
         # process holds an eager step's memory and the graphs' for the whole run
         torch.cuda.empty_cache()
+
+    def _cast_in_one_copy(self, module: _NetAndLoss, dtype: torch.dtype) -> ParameterCasts | None:
+        """The parameters' autocast casts in one copy (:mod:`segresmamba.param_casts`), their path run once eagerly
+        before the capture; where that fails, a warning, and autocast casts each parameter as in the eager step."""
+        try:
+            # after the warm-up, which made the scan's auto choices: the traced forward takes the captured path
+            casts = ParameterCasts(module.net, castable_parameters(module.net, lambda: module.net(self._image), dtype), dtype)
+            module.casts = casts
+            warm_up_apart([(module, (self._image, self._label))], 1, allow_unused=True)
+            return casts
+        except (RuntimeError, TypeError, ValueError) as err:
+            module.casts = None
+            warnings.warn(f"the parameters' autocast casts in one copy failed and are not used ({type(err).__name__}: {err}); "
+                          "the graphs cast each parameter where it is read, as the eager step", stacklevel=3)
+            return None
 
     @staticmethod
     def _signature(image: torch.Tensor, label: torch.Tensor) -> tuple:
