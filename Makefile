@@ -31,13 +31,31 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the suite (CPU torch without a GPU, keeps an existing torch)
 
-test: $(STAMP) ## run the fast test suite (CPU, a few minutes), then the Triton kernels through Triton's interpreter
-	$(PY) -m pytest -q
-	@if $(PY) -c "import triton" 2>/dev/null; then TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_scan_triton.py tests/test_group_norm.py tests/test_upsample.py -k interpreter; \
-	else echo "triton not installed: the kernel tests under its interpreter are skipped"; fi
+# the Triton kernels' tests through Triton's interpreter (TRITON_INTERPRET=1; on a CPU)
+INTERPRETED := tests/test_scan_triton.py tests/test_group_norm.py tests/test_upsample.py
 
-test-slow: $(STAMP) ## run the slow CPU tests too (long-sequence scan, longer fits)
-	$(PY) -m pytest -q -m "slow or not slow"
+# the suite's largest file (child processes: fits, sweeps, the DDP check), run in the second process below
+ALONGSIDE := tests/test_benchmarks.py
+
+# $(call suite,MARKS): the CPU tests in two processes at once, each mostly one core's Python or child processes:
+# the suite but $(ALONGSIDE), and the Triton kernels through Triton's interpreter followed by $(ALONGSIDE), whose
+# report follows the first's; fails if either fails. One OpenMP thread each (unless set): the tests' tensors are
+# small, and two processes' spinning thread pools on the same cores cost more than they give
+define suite
+	@export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1}; log=$$(mktemp); \
+	( rc=0; if $(PY) -c "import triton" 2>/dev/null; then TRITON_INTERPRET=1 $(PY) -m pytest -q $(1) $(INTERPRETED) -k interpreter || rc=1; \
+	  else echo "triton not installed: the kernel tests under its interpreter are skipped"; fi; \
+	  $(PY) -m pytest -q $(1) $(ALONGSIDE) || rc=1; exit $$rc ) > $$log 2>&1 & second=$$!; \
+	$(PY) -m pytest -q $(1) --ignore=$(ALONGSIDE); first=$$?; \
+	wait $$second; other=$$?; echo "--- the Triton kernels through Triton's interpreter, then $(ALONGSIDE):"; cat $$log; \
+	rm -f $$log; [ $$first -eq 0 ] && [ $$other -eq 0 ]
+endef
+
+test: $(STAMP) ## run the fast test suite (CPU, a few minutes), the Triton kernels through Triton's interpreter alongside
+	$(call suite,)
+
+test-slow: $(STAMP) ## run the slow CPU tests too (long-sequence scan, longer fits, the larger interpreter cases)
+	$(call suite,-m "slow or not slow")
 
 test-gpu: $(STAMP) ## run the CUDA tests (needs a GPU)
 	$(PY) -m pytest -q -m gpu

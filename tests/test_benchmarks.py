@@ -263,6 +263,7 @@ def test_aggregation_keeps_recipes_apart(tmp_path):
         aggregate.aggregate(tmp_path / "empty")
 
 
+@pytest.mark.slow  # submitit's local executor spawns a process per run; the in-process sweep runs by default
 def test_sweep_through_submitit_local_executor(tmp_path, capsys):
     pytest.importorskip("submitit")
     path = _write_sweep(tmp_path, ["unet"], ["paper"], [0], trainer={"max_epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1,
@@ -371,6 +372,7 @@ def test_model_step_measure_passes_each_modes_settings(tmp_path, monkeypatch):
     assert calls["step_cl_fn"] == (["unet"], {"graphs": "step", "channels_last": True, "fast_norms": True, **bf16})
 
 
+@pytest.mark.slow  # two gloo processes and one, about 40 s on 2 cores; the CLI's DDP test runs by default
 def test_ddp_check_two_gloo_processes_vs_one(tmp_path):
     """The DDP check as on a 2-GPU host, on 2 CPU processes (gloo): same init, Dice compared to the seed spread."""
     from perf import ddp_check

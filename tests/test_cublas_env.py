@@ -38,8 +38,11 @@ def _run(env_value: str | None, extra: str = "", monai_first: bool = False) -> l
     [
         (None, "", False, [":4096:8", "None"]),  # MONAI set it, nobody asked: dropped when the task is built
         (":4096:8", "", False, [":4096:8", ":4096:8"]),  # the user set MONAI's value: kept
-        (None, "torch.use_deterministic_algorithms(True)", False, [":4096:8", ":4096:8"]),  # determinism needs it
-        (None, "", True, [":4096:8", ":4096:8"]),  # MONAI imported before this package: who set it is unknown
+        # each case is a fresh interpreter (about 8 s on 2 cores): these two run with the slow tests
+        pytest.param(None, "torch.use_deterministic_algorithms(True)", False, [":4096:8", ":4096:8"],  # determinism needs it
+                     marks=pytest.mark.slow),
+        pytest.param(None, "", True, [":4096:8", ":4096:8"],  # MONAI imported before this package: who set it is unknown
+                     marks=pytest.mark.slow),
     ],
 )
 def test_monai_cublas_config_dropped_only_where_unasked(env_value, extra, monai_first, want):

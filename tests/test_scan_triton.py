@@ -700,7 +700,9 @@ def check_fused_tom(device, dim, shape, nslices=None, orientations=("forward", "
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
 @pytest.mark.parametrize("nslices,orientations,batch,layout", [
-    (None, ("forward", "reverse", "slice"), 2, torch.contiguous_format),
+    # under the interpreter each case takes 15-30 s on 2 cores: the NCDHW batch of 2 (covered by the NDHWC one and the
+    # NCDHW batch of 1) runs with the slow tests
+    pytest.param(None, ("forward", "reverse", "slice"), 2, torch.contiguous_format, marks=pytest.mark.slow),
     (None, ("forward", "reverse", "slice"), 1, torch.contiguous_format),  # one broadcast output gradient (row stride 0)
     (2, ("slice", "forward"), 2, torch.contiguous_format),
     (None, ("forward", "reverse", "slice"), 2, torch.channels_last_3d),  # --model.channels_last: an NDHWC map
@@ -712,7 +714,9 @@ def test_fused_tom_under_interpreter(nslices, orientations, batch, layout, monke
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
-@pytest.mark.parametrize("batch,layout", [(2, torch.contiguous_format), (1, torch.channels_last_3d)])
+@pytest.mark.parametrize("batch,layout", [
+    pytest.param(2, torch.contiguous_format, marks=pytest.mark.slow),  # 35 s under the interpreter on 2 cores
+    (1, torch.channels_last_3d)])
 def test_fused_tom_branch_by_branch_under_interpreter(batch, layout, monkeypatch):
     """The backward run one branch at a time (as for large layers) gives the same gradients; chunks of 16 tokens, so
     that each branch's chunk-entering states matter."""
@@ -750,9 +754,11 @@ def test_fused_tom_matches_torch_backend(monkeypatch):
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
-def test_auto_times_fused_under_autocast_under_interpreter(monkeypatch):
-    """Under bf16 autocast the measurement runs the fused node's backward inside the autocast region (fp32
-    weights, bf16 activations): the fused backend must be timed there, not dropped with a warning."""
+def test_auto_times_fused_against_per_branch_under_interpreter(monkeypatch):
+    """``auto`` times the fused node against the per-branch path once per signature (a warm-up and AUTO_REPEATS timed
+    calls each), keeps the faster and leaves no gradients. Under bf16 autocast the measurement runs the fused node's
+    backward inside the autocast region (fp32 weights, bf16 activations): the fused backend must be timed there, not
+    dropped with a warning."""
     from segresmamba.ssm import TriOrientedMamba
 
     _interpreter_index_patch(monkeypatch)
@@ -761,31 +767,17 @@ def test_auto_times_fused_under_autocast_under_interpreter(monkeypatch):
     monkeypatch.setattr(fused_tom, "SPLIT_K_PIECE", 16)  # the weight gradients in token pieces, as at full size
     layer = TriOrientedMamba(4, scan_backend="auto")
     x = torch.randn(1, 4, 4, 4, 4, requires_grad=True)
-    with warnings.catch_warnings(record=True) as caught, torch.autocast("cpu", dtype=torch.bfloat16):
-        warnings.simplefilter("always")
-        layer._choose_fused(x, 4)
-    assert not [str(w.message) for w in caught if "failed while auto measured" in str(w.message)]
-    (choice,) = scan_mod.auto_choices().values()
-    assert set(choice["ms"]) == {"triton_fused", "per_branch"}
-
-
-@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 and triton")
-def test_auto_times_fused_against_per_branch_under_interpreter(monkeypatch):
-    from segresmamba.ssm import TriOrientedMamba
-
-    _interpreter_index_patch(monkeypatch)
-    monkeypatch.setattr(scan_mod, "_AUTO_CHOICES", {})
-    monkeypatch.setattr(scan_mod, "AUTO_REPEATS", 1)
-    layer = TriOrientedMamba(4, scan_backend="auto")
-    x = torch.randn(1, 4, 4, 4, 4, requires_grad=True)
     calls = []
     mix = layer._mix
     monkeypatch.setattr(layer, "_mix", lambda a, n, fused: calls.append(fused) or mix(a, n, fused))
-    first = layer._choose_fused(x, 4)
-    assert calls.count(True) == calls.count(False) == 2  # a warm-up and AUTO_REPEATS timed calls each
+    with warnings.catch_warnings(record=True) as caught, torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("always")
+        first = layer._choose_fused(x, 4)
+        assert layer._choose_fused(x, 4) == first  # cached for this signature
+    assert not [str(w.message) for w in caught if "failed while auto measured" in str(w.message)]
+    assert calls.count(True) == calls.count(False) == 2 and len(calls) == 4
     (choice,) = scan_mod.auto_choices().values()
     assert choice["backend"] == ("triton_fused" if first else "per_branch") and set(choice["ms"]) == {"triton_fused", "per_branch"}
-    assert layer._choose_fused(x, 4) == first and len(calls) == 4  # cached for this signature
     assert all(p.grad is None for p in layer.parameters()) and x.grad is None  # measuring leaves no gradients
 
 
