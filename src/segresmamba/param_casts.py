@@ -61,12 +61,12 @@ def castable_parameters(net: nn.Module, run, dtype: torch.dtype) -> list[str]:
     named = {name: p for name, p in net.named_parameters(remove_duplicate=False)}
     candidates = [name for name, p in named.items()
                   if p.requires_grad and counted[id(p)] == 1 and type(owners[name]) in CAST_BY_AUTOCAST]
-    calls = {id(owners[name]): 0 for name in candidates}
+    modules = {id(owners[name]): owners[name] for name in candidates}
+    calls = dict.fromkeys(modules, 0)
 
     def count(module, args):
         calls[id(module)] += 1
 
-    modules = {id(owners[name]): owners[name] for name in candidates}
     hooks = [module.register_forward_pre_hook(count) for module in modules.values()]
     reads = _ParameterReads([named[name] for name in candidates], dtype)
     try:
@@ -84,7 +84,7 @@ class _CastAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dtype: torch.dtype, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.meta = [(p.shape, p.dtype, p.device, p.stride()) for p in params]
+        ctx.save_for_backward(*params)
         casts = [torch.empty_like(p, dtype=dtype) for p in params]  # each parameter's layout (channels_last kept)
         torch._foreach_copy_(casts, list(params))
         return tuple(casts)
@@ -94,9 +94,9 @@ class _CastAll(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor) -> tuple:
         present = [i for i, g in enumerate(grads) if g is not None]
         out: list[torch.Tensor | None] = [None] * len(grads)
-        for i in present:
-            shape, dtype, device, stride = ctx.meta[i]
-            out[i] = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        for i, p in enumerate(ctx.saved_tensors):
+            if grads[i] is not None:
+                out[i] = torch.empty_like(p)  # the parameter's strides: a dense tensor's layout is preserved
         if present:
             torch._foreach_copy_([out[i] for i in present], [grads[i] for i in present])
         return (None, *out)

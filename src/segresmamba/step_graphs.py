@@ -158,11 +158,10 @@ class TrainingGraph:
         self._image = image.detach().clone(memory_format=layout)
         self._label = label.detach().clone()
         self._forward, self._backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        self.casts: ParameterCasts | None = None  # the parameters cast in one copy, under autocast
         with capture_setting(task.net, autocast_dtype), gradients_in_parameter_layouts(module):
             warm_up_apart([(module, (self._image, self._label))], warmup, allow_unused=True)
             if autocast_dtype is not None:
-                self.casts = module.casts = self._cast_in_one_copy(module, autocast_dtype)
+                self._cast_in_one_copy(module, autocast_dtype)
             pool = torch.cuda.graph_pool_handle()
             with garbage_collected_first():
                 with torch.cuda.graph(self._forward, pool=pool):
@@ -173,25 +172,24 @@ class TrainingGraph:
                     # gradient, as in the eager step
                     self._grads = torch.autograd.grad(loss, self._params, self._grad_loss, allow_unused=True)
         self._loss = loss.detach()
+        self.casts: ParameterCasts | None = module.casts  # the parameters cast in one copy, under autocast
         # the warm-up ran the step eagerly: its activations' blocks stay cached in the allocator's default pool, where
         # the replays (which write into the graphs' own pool) never reuse them. Hand them back to the device, or the
         # process holds an eager step's memory and the graphs' for the whole run
         torch.cuda.empty_cache()
 
-    def _cast_in_one_copy(self, module: _NetAndLoss, dtype: torch.dtype) -> ParameterCasts | None:
-        """The parameters' autocast casts in one copy (:mod:`segresmamba.param_casts`), their path run once eagerly
-        before the capture; where that fails, a warning, and autocast casts each parameter as in the eager step."""
+    def _cast_in_one_copy(self, module: _NetAndLoss, dtype: torch.dtype) -> None:
+        """``module.casts``: the parameters' autocast casts in one copy (:mod:`segresmamba.param_casts`), their path
+        run once eagerly before the capture; where that fails, a warning, and None (autocast casts each parameter as
+        in the eager step)."""
         try:
             # after the warm-up, which made the scan's auto choices: the traced forward takes the captured path
-            casts = ParameterCasts(module.net, castable_parameters(module.net, lambda: module.net(self._image), dtype), dtype)
-            module.casts = casts
+            module.casts = ParameterCasts(module.net, castable_parameters(module.net, lambda: module.net(self._image), dtype), dtype)
             warm_up_apart([(module, (self._image, self._label))], 1, allow_unused=True)
-            return casts
         except (RuntimeError, TypeError, ValueError) as err:
             module.casts = None
             warnings.warn(f"the parameters' autocast casts in one copy failed and are not used ({type(err).__name__}: {err}); "
                           "the graphs cast each parameter where it is read, as the eager step", stacklevel=3)
-            return None
 
     @staticmethod
     def _signature(image: torch.Tensor, label: torch.Tensor) -> tuple:
