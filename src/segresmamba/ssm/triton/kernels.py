@@ -127,7 +127,26 @@ def _load_steps(delta_row, bias_ptr, ch, offs_t, mask_t, HAS_BIAS: tl.constexpr,
     else:
         dt = raw
     dt = tl.where(mask_t, dt, 0.0)
-    return raw, dt
+    return raw, _kept_in_row_layout(dt)
+
+
+@triton.jit
+def _kept_in_row_layout(x):
+    """``x`` unchanged, behind a loop that runs once.
+
+    A token row such as the step sizes is loaded 2 tokens per thread of the warp, but the (state x token) tiles
+    that use it hold 8 tokens per thread, the same 8 on each of the tile's 4 thread rows. Triton 3.6 then
+    recomputes the whole chain that made the row (load, bias, softplus) in the tile's layout, 4 times over, rather
+    than move the finished row; its layout pass does not rematerialise through an ``scf.while``, so behind one the
+    row is computed once and moved (as Triton 3.9 chooses by itself). Compiled for sm_90 by Triton 3.6.0
+    (`perf.kernel_resources`), the loops of the fused layer's output kernel fall from 623 to 464 instructions and
+    of its mirrored backward from 1,526 to 1,328; under Triton 3.9.0 within 4 instructions of before. Adding 0.0
+    changes no value (at most -0.0 into 0.0) and makes the loop carry the row."""
+    once = 0
+    while once < 1:
+        x = x + 0.0
+        once += 1
+    return x
 
 
 @triton.jit(do_not_specialize=SIZE_ARGS)
