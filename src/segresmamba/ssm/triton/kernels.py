@@ -132,19 +132,24 @@ def _load_steps(delta_row, bias_ptr, ch, offs_t, mask_t, HAS_BIAS: tl.constexpr,
 
 @triton.jit
 def _kept_in_row_layout(x):
-    """``x`` unchanged, behind a loop that runs once.
+    """``x`` unchanged, behind a loop that runs once, so that Triton computes it in its own layout and moves it.
 
-    A token row such as the step sizes is loaded 2 tokens per thread of the warp, but the (state x token) tiles
-    that use it hold 8 tokens per thread, the same 8 on each of the tile's 4 thread rows. Triton 3.6 then
-    recomputes the whole chain that made the row (load, bias, softplus) in the tile's layout, 4 times over, rather
-    than move the finished row; its layout pass does not rematerialise through an ``scf.while``, so behind one the
-    row is computed once and moved (as Triton 3.9 chooses by itself). Compiled for sm_90 by Triton 3.6.0
-    (`perf.kernel_resources`), the loops of the fused layer's output kernel fall from 623 to 464 instructions and
-    of its mirrored backward from 1,526 to 1,328; under Triton 3.9.0 within 4 instructions of before. Adding 0.0
-    changes no value (at most -0.0 into 0.0) and makes the loop carry the row."""
+    A token row is loaded a few tokens per thread, but the (rows x token) tiles that use it hold more tokens per
+    thread, the same ones on several threads: the scan's (state x token) tiles hold 8 tokens per thread, repeated on
+    4 thread rows; Triton 3.6 lays the oriented conv's (channel x token) loads out along the channels, 16 tokens per
+    thread, repeated on 16 threads. Triton 3.6 then
+    recomputes the whole chain that made the row (for the steps: load, bias, softplus; for a conv tap: its address
+    and validity) in the tile's layout, rather than move the finished row. Its layout pass does not rematerialise
+    through an ``scf.while``, so behind one the row is computed once and moved (as Triton 3.9 chooses by itself
+    for the steps). Compiled for sm_90 (`perf.kernel_resources`), Triton 3.6.0: the loops of the fused layer's
+    output kernel fall from 623 to 464 instructions and of its mirrored backward from 1,526 to 1,328; the conv
+    forward from 1,736 to 1,176 instructions, its pre-activation backward from 2,712 to 2,408. Triton 3.9.0: the
+    scan kernels within 4 instructions of before, the conv kernels 944 -> 888 and 1,648 -> 1,600. ``once`` is 0
+    where it is added: it changes no value (at most -0.0 into 0.0) and makes the loop carry the row, where a
+    constant would fold away."""
     once = 0
     while once < 1:
-        x = x + 0.0
+        x = x + once
         once += 1
     return x
 
@@ -432,7 +437,7 @@ def _tap(n, frame, p, j, code, L, S, M, NEAR: tl.constexpr):
         idx = _tap_index(n, j, frame, L)
     else:
         idx = _token_index(q, code, L, S, M)
-    return idx, valid
+    return _kept_in_row_layout(idx), _kept_in_row_layout(valid.to(tl.int32)) != 0
 
 
 @triton.jit
