@@ -134,19 +134,21 @@ def _load_steps(delta_row, bias_ptr, ch, offs_t, mask_t, HAS_BIAS: tl.constexpr,
 def _kept_in_row_layout(x):
     """``x`` unchanged, behind a loop that runs once, so that Triton computes it in its own layout and moves it.
 
-    A token row is loaded a few tokens per thread, but the (rows x token) tiles that use it hold more tokens per
-    thread, the same ones on several threads: the scan's (state x token) tiles hold 8 tokens per thread, repeated on
-    4 thread rows; Triton 3.6 lays the oriented conv's (channel x token) loads out along the channels, 16 tokens per
-    thread, repeated on 16 threads. Triton 3.6 then
-    recomputes the whole chain that made the row (for the steps: load, bias, softplus; for a conv tap: its address
-    and validity) in the tile's layout, rather than move the finished row. Its layout pass does not rematerialise
-    through an ``scf.while``, so behind one the row is computed once and moved (as Triton 3.9 chooses by itself
-    for the steps). Compiled for sm_90 (`perf.kernel_resources`), Triton 3.6.0: the loops of the fused layer's
-    output kernel fall from 623 to 464 instructions and of its mirrored backward from 1,526 to 1,328; the conv
-    forward from 1,736 to 1,176 instructions, its pre-activation backward from 2,712 to 2,408. Triton 3.9.0: the
-    scan kernels within 4 instructions of before, the conv kernels 944 -> 888 and 1,648 -> 1,600. ``once`` is 0
-    where it is added: it changes no value (at most -0.0 into 0.0) and makes the loop carry the row, where a
-    constant would fold away."""
+    A token row is loaded a few tokens per thread, but the tiles that use it hold more tokens per thread, the same
+    ones on several threads: the scan's (state x token) tiles 8 tokens per thread, repeated on 4 thread rows;
+    Triton 3.6 lays the oriented conv's (channel x token) loads out along the channels, 16 tokens per thread,
+    repeated on 16 threads. Triton 3.6 then recomputes the whole chain that made the row (for the step sizes: load,
+    bias, softplus; for a conv tap: its address and validity) in the tile's layout, rather than move the finished
+    row. Its layout pass does not rematerialise through an ``scf.while``, so behind one the row is computed once and
+    moved, as Triton 3.9 chooses by itself for the step sizes.
+
+    Compiled for sm_90 by Triton 3.6.0 (`perf.kernel_resources`): the fused layer's output kernel loop 623 -> 464
+    instructions, its mirrored backward 1,526 -> 1,328, the conv forward 1,736 -> 1,176; under Triton 3.9.0 the
+    scan kernels stay within 4 instructions and the conv forward falls 944 -> 888. On H200s under Triton 3.6
+    (`results/perf/scan_notes.md`, run 29): the scan backward and output kernels 7.85 -> 6.60 and 2.31 -> 1.91 ms
+    per BraTS training step (two machines), the conv forward 0.44 -> 0.37 ms for a C48 ToM layer on 64^3 tokens
+    (one machine). ``once`` is 0 where it is added: it changes no
+    value (at most -0.0 into 0.0) and makes the loop carry the row, where a constant would fold away."""
     once = 0
     while once < 1:
         x = x + once
@@ -427,26 +429,31 @@ def _bwd_grad_kernel(
 
 
 @triton.jit
-def _tap(n, frame, p, j, code, L, S, M, NEAR: tl.constexpr):
+def _tap(n, frame, p, j, code, L, S, M, NEAR: tl.constexpr, MOVED: tl.constexpr):
     """The token j scan positions from natural token n (at scan position p; ``frame``: :func:`_tap_frame`): its
     address and whether it exists (a position in [0, L), and n itself inside the sequence). ``NEAR``: |j| < S
-    holds, so :func:`_tap_index` finds it without dividing."""
+    holds, so :func:`_tap_index` finds it without dividing. ``MOVED``: both computed once per token and moved to
+    the loads' layout (:func:`_kept_in_row_layout`); on an H200 under Triton 3.6 that made the forward kernel
+    faster (0.44 -> 0.37 ms for a C48 ToM layer on 64^3 tokens) and both backward kernels slower (0.52 -> 0.60 and
+    0.61 -> 0.65 ms), so only the forward moves them."""
     q = p + j
     valid = (q >= 0) & (q < L) & (n < L)
     if NEAR:
         idx = _tap_index(n, j, frame, L)
     else:
         idx = _token_index(q, code, L, S, M)
-    return _kept_in_row_layout(idx), _kept_in_row_layout(valid.to(tl.int32)) != 0
+    if MOVED:
+        return _kept_in_row_layout(idx), _kept_in_row_layout(valid.to(tl.int32)) != 0
+    return idx, valid
 
 
 @triton.jit
 def _conv_pre(x_row, w_row, bias_row, n, frame, p, ch, mask_d, code, L, S, M, sx_d, sx_l, sw_d,
-              K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, NEAR: tl.constexpr):
+              K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, NEAR: tl.constexpr, MOVED: tl.constexpr):
     """Pre-activation (BD channels x BT natural tokens n, at scan positions p) of one branch's causal conv, in fp32."""
     acc = tl.zeros([BD, BT], dtype=tl.float32) + tl.load(bias_row + ch, mask=mask_d, other=0.0).to(tl.float32)[:, None]
     for k in tl.static_range(K):
-        idx, valid = _tap(n, frame, p, k - (K - 1), code, L, S, M, NEAR)
+        idx, valid = _tap(n, frame, p, k - (K - 1), code, L, S, M, NEAR, MOVED)
         xv = tl.load(x_row + ch[:, None] * sx_d + idx[None, :] * sx_l, mask=mask_d[:, None] & valid[None, :], other=0.0)
         wk = tl.load(w_row + ch * sw_d + k, mask=mask_d, other=0.0).to(tl.float32)
         acc += wk[:, None] * xv.to(tl.float32)
@@ -483,7 +490,7 @@ def _conv_fwd_kernel(
     ch = pid_d * BD + tl.arange(0, BD)
     mask_d = ch < D_CH
     acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, n, _tap_frame(slice_of_n, code, S, M, K),
-                    p, ch, mask_d, code, L, S, M, sx_d, sx_l, sw_d, K, BT, BD, NEAR)
+                    p, ch, mask_d, code, L, S, M, sx_d, sx_l, sw_d, K, BT, BD, NEAR, True)
     out = acc * tl.sigmoid(acc)
     mask = mask_d[:, None] & (n < L)[None, :]
     tl.store(u_ptr + row.to(tl.int64) * su_r + ch[:, None] * su_d + n[None, :], out, mask=mask)
@@ -510,7 +517,7 @@ def _conv_bwd_pre_kernel(
     ch = pid_d * BD + tl.arange(0, BD)
     mask_d = ch < D_CH
     acc = _conv_pre(x_ptr + xb * sx_b, w_ptr + branch * sw_o, bias_ptr + branch * sb_o, n, frame, p, ch, mask_d, code,
-                    L, S, M, sx_d, sx_l, sw_d, K, BT, BD, NEAR)
+                    L, S, M, sx_d, sx_l, sw_d, K, BT, BD, NEAR, False)
     sig = tl.sigmoid(acc)
     mask = mask_d[:, None] & (n < L)[None, :]
     g = tl.load(gu_ptr + row64 * sg_r + ch[:, None] * sg_d + n[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -519,7 +526,7 @@ def _conv_bwd_pre_kernel(
     part = (row64 * NT + pid_t) * D_CH + ch
     tl.store(db_part_ptr + part, tl.sum(gp, axis=1), mask=mask_d)
     for k in tl.static_range(K):
-        idx, valid = _tap(n, frame, p, k - (K - 1), code, L, S, M, NEAR)
+        idx, valid = _tap(n, frame, p, k - (K - 1), code, L, S, M, NEAR, False)
         xv = tl.load(x_ptr + xb * sx_b + ch[:, None] * sx_d + idx[None, :] * sx_l, mask=mask_d[:, None] & valid[None, :], other=0.0)
         tl.store(dw_part_ptr + part * K + k, tl.sum(gp * xv.to(tl.float32), axis=1), mask=mask_d)
 
@@ -545,7 +552,7 @@ def _conv_bwd_dx_kernel(
         q = _scan_position(n, slice_of_n, code, L, S, M)
         frame = _tap_frame(slice_of_n, code, S, M, K)
         for k in range(K):  # not unrolled: the four taps' tiles live at once took about twice the registers
-            idx, valid = _tap(n, frame, q, (K - 1) - k, code, L, S, M, NEAR)
+            idx, valid = _tap(n, frame, q, (K - 1) - k, code, L, S, M, NEAR, False)
             gp = tl.load(gp_ptr + row64 * L * D_CH + ch[:, None] * L + idx[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0).to(tl.float32)
             wk = tl.load(w_ptr + branch * sw_o + ch * sw_d + k, mask=mask_d, other=0.0).to(tl.float32)
             acc += wk[:, None] * gp
