@@ -147,8 +147,8 @@ def _kept_in_row_layout(x):
     scan kernels stay within 4 instructions and the conv forward falls 944 -> 888. On H200s under Triton 3.6
     (`results/perf/scan_notes.md`, run 29): the scan backward and output kernels 7.85 -> 6.60 and 2.31 -> 1.91 ms
     per BraTS training step (two machines), the conv forward 0.44 -> 0.37 ms for a C48 ToM layer on 64^3 tokens
-    (one machine). ``once`` is 0 where it is added: it changes no
-    value (at most -0.0 into 0.0) and makes the loop carry the row, where a constant would fold away."""
+    (one machine). ``once`` is 0 where it is added: it changes no value (at most -0.0 into 0.0) and makes the
+    loop carry the row, where a constant would fold away."""
     once = 0
     while once < 1:
         x = x + once
