@@ -12,6 +12,10 @@ the Python and dispatcher work that enqueues its kernels. These measures say whi
 - :func:`host_ops`: the host's time per operator (the dispatcher's self time, torch.profiler's CPU events,
   forward and backward together) and how often each runs per step; time spent in Python between operators is
   not in any operator's self time.
+- :func:`host_python`: the host's time per Python function (cProfile's self time: a function's own lines,
+  without the functions it calls; a C function such as an operator's binding counts as one), and the same
+  summed by where the code lives (the suite, Triton, torch, ...): it shows the Python that the operator view leaves
+  out, such as a kernel launcher's argument handling inside an autograd function's forward.
 - :func:`gpu_idle`: where, inside synchronised steps, the GPU waits for the host: each gap between two kernels
   (and from the step's start to its first kernel) goes to what the host was running when it launched the kernel
   that ended the gap (the innermost module of the forward, the autograd node of the backward, the optimiser), from
@@ -37,7 +41,7 @@ import torch
 
 from segresmamba.profiling.host import host_costs, host_costs_text, sync_device
 
-__all__ = ["forward_host_by_module", "gpu_idle", "host_ops", "idle_by_context", "phase_host_ms"]
+__all__ = ["forward_host_by_module", "gpu_idle", "host_ops", "host_python", "idle_by_context", "phase_host_ms", "python_origin"]
 
 STEP_LABEL, MODULE_PREFIX, PHASE_PREFIX = "segresmamba::step", "module::", "phase::"
 AUTOGRAD_PREFIX = "autograd::engine::evaluate_function: "
@@ -160,6 +164,49 @@ def host_ops(step, batch: dict, steps: int = 3) -> tuple[list[tuple[str, float, 
     rows = [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in prof.key_averages()]
     rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
     return rows, sum(r[1] for r in rows)
+
+
+# where a Python function's code lives, by a directory in its file's path (the first that matches); C functions
+# (``{built-in method ...}``) are "builtins"
+ORIGINS = (("segresmamba", "/segresmamba/"), ("perf", "/perf/"), ("triton", "/triton/"), ("torch", "/torch/"),
+           ("lightning", "/lightning"), ("monai", "/monai/"))
+
+
+def python_origin(filename: str) -> str:
+    """Where the code of a profiled function lives: the suite, its perf tools, Triton, torch, Lightning, MONAI,
+    ``builtins`` (C functions, cProfile's ``~``), or ``other`` (the standard library and the rest)."""
+    if filename == "~":
+        return "builtins"
+    path = filename.replace("\\", "/")
+    return next((name for name, part in ORIGINS if part in path), "other")
+
+
+def host_python(step, batch: dict, steps: int = 3) -> tuple[list[tuple[str, str, float, float, int]], dict[str, float]]:
+    """The host's time per Python function over whole steps (cProfile, after a warm-up step; the device is synchronised
+    after the profiled steps, outside the window): [(function, origin, self ms per step, cumulative ms per step,
+    calls per step)], largest self time first, and the self time per step summed by origin (:func:`python_origin`),
+    largest first. cProfile adds its own cost to every call it sees, so the figures are relative, not absolute."""
+    import cProfile
+    import pstats
+
+    step(batch)
+    sync_device(step.device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        for _ in range(steps):
+            step(batch)
+    finally:
+        profiler.disable()
+    sync_device(step.device)
+    rows, origins = [], defaultdict(float)
+    for (filename, line, name), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items():
+        origin = python_origin(filename)
+        where = name if filename == "~" else f"{Path(filename).name}:{line}({name})"
+        rows.append((where, origin, own * 1e3 / steps, cumulative * 1e3 / steps, calls // steps))
+        origins[origin] += own * 1e3 / steps
+    rows.sort(key=lambda r: -r[2])
+    return rows, dict(sorted(origins.items(), key=lambda kv: -kv[1]))
 
 
 def _module_ranges(net: torch.nn.Module):

@@ -14,7 +14,7 @@ backward replaying CUDA graphs, :mod:`segresmamba.step_graphs`), the median wall
 kernel time and launches per step (torch.profiler), the kernel time by kind and the largest kernels.
 Per mode it also records the host's time to enqueue a step by phase, where in the step the GPU waits for the host
 (:func:`perf.host_time.gpu_idle`), and for ``eager`` the forward's host time by module class and the host's time by
-operator (:mod:`perf.host_time`), to show where a host-bound step spends it.
+operator and by Python function (:mod:`perf.host_time`), to show where a host-bound step spends it.
 ``--fast-norms`` profiles the nets with ``fast_norms`` (the fastest mode is ``step_graphs`` with it) and writes
 ``step_profile_<model>_<config>_fast_norms.md``; ``--fast-norms group`` with ``fast_norms="group"`` (GroupNorm only),
 ``step_profile_<model>_<config>_fast_group_norms.md``. ``--channels-last`` keeps the 3D conv weights and the input in
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import segresmamba
-from perf.host_time import forward_host_by_module, gpu_idle, host_ops, phase_host_ms
+from perf.host_time import forward_host_by_module, gpu_idle, host_ops, host_python, phase_host_ms
 from perf.scan_bench import kernel_breakdown
 from segresmamba.bench.efficiency import PROFILED_DATASETS, fast_norms_choice, release_graphs
 from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
@@ -123,7 +123,8 @@ def wall_ms(step, batch: dict, steps: int) -> float:
 
 
 def host_sections(step, batch: dict) -> list[str]:
-    """The eager step's host time by module class of the forward and by operator (:mod:`perf.host_time`)."""
+    """The eager step's host time by module class of the forward, by operator and by Python function
+    (:mod:`perf.host_time`)."""
     by_module = forward_host_by_module(step, batch)
     ops, ops_total = host_ops(step, batch)
     out = ["", "## eager: the forward's host time by module class (exclusive of children; forward hooks)", "",
@@ -134,6 +135,13 @@ def host_sections(step, batch: dict) -> list[str]:
             f"{ops_total:.1f} ms per step of operator self time in all, under the profiler (which adds its own cost "
             "per event).", "", "| operator | host ms / step | calls / step |", "|---|---:|---:|"]
     out += [f"| `{name[:90]}` | {ms:.2f} | {n} |" for name, ms, n in ops[:HOST_TOP]]
+    functions, origins = host_python(step, batch)
+    out += ["", "## eager: the host's Python time by function (cProfile self time, forward, backward and optimiser)", "",
+            f"{sum(origins.values()):.1f} ms per step of self time in all, under cProfile (which adds its own cost per "
+            "call); by where the code lives: " + ", ".join(f"{origin} {ms:.1f}" for origin, ms in origins.items()) + " ms.",
+            "", "| function | code | self ms / step | cumulative ms / step | calls / step |", "|---|---|---:|---:|---:|"]
+    out += [f"| `{name[:90]}` | {origin} | {own:.2f} | {cumulative:.2f} | {n} |"
+            for name, origin, own, cumulative, n in functions[:HOST_TOP]]
     return out
 
 

@@ -601,6 +601,39 @@ def test_host_time_splits_the_step_by_phase_module_and_operator():
     assert total == pytest.approx(sum(ms for _, ms, _ in ops)) and all(n >= 1 for _, _, n in ops)
 
 
+def test_host_python_splits_the_steps_python_by_function_and_origin():
+    """cProfile over whole steps: the suite's training step and torch's optimiser are among the functions, each with
+    its calls per step; the origins' self times add up to the functions'; no profiler is left running."""
+    import sys
+
+    from perf.host_time import host_python, python_origin
+    from segresmamba.bench.step import TrainingStep, build_task, synthetic_batch
+    from segresmamba.data.spec import get_dataset_spec
+
+    assert python_origin("/x/site-packages/segresmamba/task.py") == "segresmamba"
+    assert python_origin("/x/site-packages/triton/runtime/jit.py") == "triton"
+    assert python_origin("~") == "builtins" and python_origin("/usr/lib/python3.11/functools.py") == "other"
+    spec = get_dataset_spec("spleen")
+    step = TrainingStep(build_task("unet", spec, patch=32), "fp32", torch.device("cpu"))
+    batch = synthetic_batch(spec, (32, 32, 32), torch.device("cpu"))
+    functions, origins = host_python(step, batch, steps=2)
+    by_name = {name: (origin, own, cumulative, calls) for name, origin, own, cumulative, calls in functions}
+    training_step = [v for name, v in by_name.items() if name.startswith("task.py:") and name.endswith("(training_step)")]
+    assert len(training_step) == 1 and training_step[0][0] == "segresmamba" and training_step[0][3] == 1
+    assert training_step[0][2] >= training_step[0][1] > 0  # cumulative holds its own lines
+    assert any(origin == "torch" for origin, *_ in by_name.values())
+    assert sum(origins.values()) == pytest.approx(sum(own for _, _, own, _, _ in functions))
+    assert list(origins.values()) == sorted(origins.values(), reverse=True)
+    assert sys.getprofile() is None
+    # the step profile's eager host sections carry the table, one row per function, largest self time first
+    from perf.step_profile import HOST_TOP, host_sections
+
+    lines = host_sections(step, batch)
+    start = lines.index("## eager: the host's Python time by function (cProfile self time, forward, backward and optimiser)")
+    rows = [line for line in lines[start:] if line.startswith("| `")]
+    assert len(rows) == min(HOST_TOP, len(functions)) and "segresmamba" in lines[start + 2]
+
+
 def test_tom_host_counts_the_fused_layers_launches_and_operators_without_running_its_kernels(tmp_path):
     """perf.tom_host runs the fused ToM path on the CPU with every Triton launch a counter: one forward launches the
     norm, the conv, the three scan passes and the gate, the backward seven more; the kernels and TRITON_INTERPRET are put
