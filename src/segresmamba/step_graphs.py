@@ -160,9 +160,11 @@ class TrainingGraph:
         self._forward, self._backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with capture_setting(task.net, autocast_dtype), gradients_in_parameter_layouts(module):
             warm_up_apart([(module, (self._image, self._label))], warmup, allow_unused=True)
-            # each eager pass runs on a stream of its own, and the allocator hands a cached block only to the stream
-            # it was made on: what one pass left cached is dead weight beside the next one and beside the graphs'
-            # pool (the casts' pass once doubled the capture's peak reserved memory, 3.0 -> 6.0 GiB for the BraTS net)
+            # the eager passes before the capture (this warm-up; the casts' traced forward and their warm-up) each run
+            # on a stream of their own, and the allocator hands a cached block only to the stream it was made on:
+            # what one pass left cached is dead weight beside the next one and beside the graphs' pool (the casts'
+            # passes once doubled the capture's peak reserved memory, 3.0 -> 6.0 GiB for the BraTS net), so each
+            # hands its cache back before the next
             torch.cuda.empty_cache()
             if autocast_dtype is not None:
                 self._cast_in_one_copy(module, autocast_dtype)
@@ -190,6 +192,7 @@ class TrainingGraph:
         try:
             # after the warm-up, which made the scan's auto choices: the traced forward takes the captured path
             module.casts = ParameterCasts(module.net, castable_parameters(module.net, lambda: module.net(self._image), dtype), dtype)
+            torch.cuda.empty_cache()  # the traced forward ran on the current stream, the warm-up runs on another
             warm_up_apart([(module, (self._image, self._label))], 1, allow_unused=True)
         except (RuntimeError, TypeError, ValueError) as err:
             module.casts = None
