@@ -187,6 +187,30 @@ def test_make_graphs_captures_after_its_own_warm_up(monkeypatch):
     assert seen == {"warmup": 0, "alive": [False, False], "unused": True}
 
 
+def test_warm_up_apart_hands_the_cache_back_before_and_after(monkeypatch):
+    """The warm-up runs on a side stream between synchronisations, with the allocator's cache handed back before it
+    (the caller's stream's blocks) and after it (its own stream's): neither is held beside the next pass."""
+    calls = []
+
+    class SideStream:
+        def __enter__(self):
+            calls.append("side stream")
+            return self
+
+        def __exit__(self, *exc):
+            calls.append("back")
+            return False
+
+    module = _Recorded()
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: SideStream())
+    monkeypatch.setattr(cuda_graphs, "warm_up", lambda func, args, steps, allow_unused: calls.append(("warm_up", steps)))
+    cuda_graphs.warm_up_apart([(module, (torch.randn(3, 6),))], 2)
+    assert calls == ["synchronize", "empty_cache", "side stream", ("warm_up", 2), "back", "synchronize", "empty_cache"]
+
+
 def test_capture_runs_after_a_collection_with_the_collector_paused(monkeypatch):
     """An unreachable cycle (a dropped TrainingGraph and its task hold each other, and with them CUDA graphs and a
     memory pool) is collected before the capture, and no collection can fall inside it: destroying graphs or giving

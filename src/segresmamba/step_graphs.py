@@ -159,16 +159,11 @@ class TrainingGraph:
         self._label = label.detach().clone()
         self._forward, self._backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with capture_setting(task.net, autocast_dtype), gradients_in_parameter_layouts(module):
+            # each eager pass before the capture hands the allocator's cache back (warm_up_apart), so none is held
+            # beside the next: this warm-up, the casts' traced forward and their warm-up
             warm_up_apart([(module, (self._image, self._label))], warmup, allow_unused=True)
-            # the eager passes before the capture (this warm-up; the casts' traced forward and their warm-up) each run
-            # on a stream of their own, and the allocator hands a cached block only to the stream it was made on:
-            # what one pass left cached is dead weight beside the next one and beside the graphs' pool (the casts'
-            # passes once doubled the capture's peak reserved memory, 3.0 -> 6.0 GiB for the BraTS net), so each
-            # hands its cache back before the next
-            torch.cuda.empty_cache()
             if autocast_dtype is not None:
                 self._cast_in_one_copy(module, autocast_dtype)
-                torch.cuda.empty_cache()
             pool = torch.cuda.graph_pool_handle()
             with garbage_collected_first():
                 with torch.cuda.graph(self._forward, pool=pool):
@@ -180,9 +175,8 @@ class TrainingGraph:
                     self._grads = torch.autograd.grad(loss, self._params, self._grad_loss, allow_unused=True)
         self._loss = loss.detach()
         self.casts: ParameterCasts | None = module.casts  # the parameters cast in one copy, under autocast
-        # the warm-up ran the step eagerly: its activations' blocks stay cached in the allocator's default pool, where
-        # the replays (which write into the graphs' own pool) never reuse them. Hand them back to the device, or the
-        # process holds an eager step's memory and the graphs' for the whole run
+        # the replays write into the graphs' own pool and never reuse a block cached in the default one: whatever the
+        # capture left cached there is handed back, so the process holds the graphs' memory and the tensors in use
         torch.cuda.empty_cache()
 
     def _cast_in_one_copy(self, module: _NetAndLoss, dtype: torch.dtype) -> None:
@@ -192,7 +186,6 @@ class TrainingGraph:
         try:
             # after the warm-up, which made the scan's auto choices: the traced forward takes the captured path
             module.casts = ParameterCasts(module.net, castable_parameters(module.net, lambda: module.net(self._image), dtype), dtype)
-            torch.cuda.empty_cache()  # the traced forward ran on the current stream, the warm-up runs on another
             warm_up_apart([(module, (self._image, self._label))], 1, allow_unused=True)
         except (RuntimeError, TypeError, ValueError) as err:
             module.casts = None
